@@ -1,0 +1,1 @@
+"""HEALNet multimodal survival library."""

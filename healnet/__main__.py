@@ -1,0 +1,5 @@
+import sys
+
+from healnet.cli import main
+
+sys.exit(main())

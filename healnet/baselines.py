@@ -1,0 +1,157 @@
+"""Classical survival baselines for cross-validation: CoxNet and a random survival forest.
+
+Both see the omics through the same `OmicsTransform` as HEALNet (impute with the training median,
+log1p for count-like tables, z-score, variance filter, top-k by variance), fitted on the training fold
+only and flattened into one feature matrix. CoxNet's penalty is chosen by an inner K-fold CV on the
+training fold; the forest uses fixed, modest defaults.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import pandas as pd
+from einops import rearrange
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import StratifiedKFold
+from sksurv.ensemble import RandomSurvivalForest
+from sksurv.linear_model import CoxnetSurvivalAnalysis
+from sksurv.util import Surv
+
+from healnet.preprocess.omics import OmicsConfig, OmicsTransform
+from healnet.survival import harrell_c
+
+
+class BaselineError(ValueError):
+    """A baseline that cannot be fitted on the given fold; the message says why."""
+
+
+@dataclass(frozen=True)
+class CoxNetConfig:
+    l1_ratio: float = 0.5  # elastic net: half lasso, half ridge
+    n_alphas: int = 30  # penalties on the path, from the smallest one that zeroes every weight
+    alpha_min_ratio: float = 0.02  # the smallest penalty relative to the largest one
+    inner_folds: int = 5
+    max_iter: int = 100_000
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ForestConfig:
+    n_estimators: int = 100
+    min_samples_leaf: int = 15
+    max_features: str | float = "sqrt"
+    n_jobs: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class OmicsMatrix:
+    """The omics of a set of patients as one (patients, features) matrix, transform fitted on training ids."""
+
+    def __init__(self, transform: OmicsTransform):
+        self.transform = transform
+
+    @classmethod
+    def fit(
+        cls, omics: Mapping[str, pd.DataFrame], train_ids: Sequence[str], config: OmicsConfig
+    ) -> OmicsMatrix:
+        train = set(train_ids)
+        frames = {name: frame[frame.index.isin(train)] for name, frame in omics.items()}
+        return cls(OmicsTransform.fit(frames, replace(config, combine=True, tokens="single")))
+
+    @property
+    def feature_names(self) -> list[str]:
+        return self.transform.feature_names["omic"]
+
+    def __call__(self, omics: Mapping[str, pd.DataFrame], patient_ids: Sequence[str]) -> np.ndarray:
+        tokens = self.transform.transform(omics, patient_ids)["omic"].values
+        return rearrange(tokens, "n 1 c -> n c").astype(np.float64)
+
+
+def _surv(times: np.ndarray, events: np.ndarray) -> np.ndarray:
+    return Surv.from_arrays(np.asarray(events).astype(bool), np.asarray(times, dtype=np.float64))
+
+
+@dataclass
+class CoxNetFit:
+    model: CoxnetSurvivalAnalysis
+    alpha: float
+    inner_c_index: np.ndarray  # mean inner-CV Harrell C per alpha of `alphas`
+    alphas: np.ndarray
+
+    def risk(self, x: np.ndarray) -> np.ndarray:
+        return self.model.predict(x, alpha=self.alpha)
+
+    @property
+    def n_nonzero(self) -> int:
+        column = int(np.flatnonzero(np.isclose(self.alphas, self.alpha))[0])
+        return int(np.count_nonzero(self.model.coef_[:, column]))
+
+
+def _coxnet(config: CoxNetConfig, alphas: np.ndarray | None = None) -> CoxnetSurvivalAnalysis:
+    return CoxnetSurvivalAnalysis(
+        l1_ratio=config.l1_ratio,
+        n_alphas=config.n_alphas,
+        alpha_min_ratio=config.alpha_min_ratio,
+        alphas=alphas,
+        max_iter=config.max_iter,
+        normalize=False,
+    )
+
+
+def _fit_quietly(model, x: np.ndarray, y: np.ndarray):
+    """Fit, turning sksurv's numerical failures into a BaselineError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        try:
+            return model.fit(x, y)
+        except ArithmeticError as error:
+            raise BaselineError(f"{type(model).__name__} failed on {x.shape} features: {error}") from error
+
+
+def fit_coxnet(
+    x: np.ndarray, times: np.ndarray, events: np.ndarray, config: CoxNetConfig = CoxNetConfig(), seed: int = 0
+) -> CoxNetFit:
+    """Elastic-net Cox model; the penalty alpha maximises Harrell's C in an inner stratified K-fold CV.
+
+    The alpha path comes from a first fit on all of `x`; each inner fold then fits that same path once
+    (warm-started along it, the same optimum as one fit per alpha) and scores every alpha on its held-out part.
+    Only the training fold is ever seen here.
+    """
+    times, events = np.asarray(times, dtype=np.float64), np.asarray(events).astype(int)
+    if events.sum() < config.inner_folds:
+        raise BaselineError(f"CoxNet inner CV needs at least {config.inner_folds} events, got {events.sum()}")
+    y = _surv(times, events)
+    alphas = _fit_quietly(_coxnet(config), x, y).alphas_
+    scores = np.zeros((config.inner_folds, len(alphas)))
+    inner = StratifiedKFold(config.inner_folds, shuffle=True, random_state=seed)
+    for k, (fit_rows, score_rows) in enumerate(inner.split(x, events)):
+        path = _fit_quietly(_coxnet(config, alphas), x[fit_rows], y[fit_rows])
+        for j, alpha in enumerate(alphas):
+            risk = path.predict(x[score_rows], alpha=alpha)
+            scores[k, j] = harrell_c(times[score_rows], events[score_rows], risk)
+    mean = scores.mean(axis=0)
+    best = float(alphas[int(np.argmax(mean))])
+    return CoxNetFit(_fit_quietly(_coxnet(config, alphas), x, y), best, mean, np.asarray(alphas))
+
+
+def fit_forest(
+    x: np.ndarray, times: np.ndarray, events: np.ndarray, config: ForestConfig = ForestConfig(), seed: int = 0
+) -> RandomSurvivalForest:
+    """Random survival forest with fixed defaults; `predict` gives the risk (expected deaths)."""
+    forest = RandomSurvivalForest(
+        n_estimators=config.n_estimators,
+        min_samples_leaf=config.min_samples_leaf,
+        max_features=config.max_features,
+        n_jobs=config.n_jobs,
+        random_state=seed,
+        low_memory=True,
+    )
+    return forest.fit(x, _surv(times, events))

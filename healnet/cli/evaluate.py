@@ -1,0 +1,34 @@
+"""`healnet evaluate`: metrics and a Kaplan-Meier plot for a trained checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "Evaluate a checkpoint on a cohort split: print a metrics table and write a Kaplan-Meier PNG."
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--run", type=Path, required=True, help="run folder of `healnet train` (or a checkpoint folder)"
+    )
+    parser.add_argument("--cohort", type=Path, required=True, help="canonical cohort folder")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default: RUN/evaluation)")
+    parser.add_argument(
+        "--features", type=Path, default=None, help="patch-feature folder (default: COHORT/features)"
+    )
+    parser.add_argument(
+        "--role", choices=["train", "val", "test"], default="test", help="which split to evaluate"
+    )
+    parser.add_argument("--split-repeat", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    from healnet.evaluate import evaluate_checkpoint, format_table
+
+    checkpoint = args.run / "checkpoint" if (args.run / "checkpoint").is_dir() else args.run
+    out = args.out or args.run / "evaluation"
+    result = evaluate_checkpoint(checkpoint, args.cohort, out, args.features, args.role, args.split_repeat)
+    print(format_table({k: v for k, v in result.items() if k != "kaplan_meier_png"}))
+    print(f"Kaplan-Meier plot: {result['kaplan_meier_png']}")
+    return 0

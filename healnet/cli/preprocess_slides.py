@@ -1,0 +1,80 @@
+"""`healnet preprocess-slides`: whole-slide images → per-slide patch feature files."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+HELP = (
+    "Tile whole-slide images into tissue patches at a fixed µm/px, encode each patch and write "
+    "OUT/<slide>.parquet (x, y, f_0..f_{d-1}), a thumbnail with the tissue mask and report.json."
+)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' with 0 <= i < n, e.g. '1/4'."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not int(match[1]) < int(match[2]):
+        raise argparse.ArgumentTypeError(f"--shard must be i/n with 0 <= i < n (e.g. 1/4), got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "inputs",
+        metavar="SLIDE_DIR_OR_MANIFEST",
+        help="a folder of slides (.svs, .tif, .tiff, .ndpi, .mrxs, ...), a manifest (.csv or .parquet "
+        "with columns slide_id, path; relative paths are resolved against its folder) or one slide file",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder for the feature files")
+    parser.add_argument(
+        "--encoder",
+        default="stats",
+        help="'stats' (colour and texture statistics, no weights) or 'torchscript:PATH' (a TorchScript "
+        "patch encoder such as a ResNet50/UNI/CONCH export; runs on CUDA when available)",
+    )
+    parser.add_argument("--target-mpp", type=float, default=1.0, help="patch resolution in µm per pixel")
+    parser.add_argument("--patch-size", type=int, default=224, help="patch side in pixels at --target-mpp")
+    parser.add_argument(
+        "--min-tissue",
+        type=float,
+        default=0.5,
+        help="keep patches whose tissue fraction (from the thumbnail's tissue mask) is at least this",
+    )
+    parser.add_argument(
+        "--shard",
+        type=parse_shard,
+        default="0/1",
+        help="process only shard i of n: the sorted slide list [i::n] (for parallel workers)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from healnet.preprocess.wsi import TilingConfig, preprocess_slides, shard_file_name
+
+    try:
+        config = TilingConfig(
+            target_mpp=args.target_mpp, patch_size=args.patch_size, min_tissue_fraction=args.min_tissue
+        )
+        report = preprocess_slides(
+            args.inputs, args.out, args.encoder, config, args.shard, progress=not args.no_progress
+        )
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    print(f"processed {len(report.processed)} slide(s), {report.n_patches} patches -> {args.out}")
+    if report.quarantined:
+        print(f"quarantined {len(report.quarantined)} slide(s):")
+        for slide, reason in report.quarantined:
+            print(f"  {slide}: {reason}")
+    print(f"report: {args.out / shard_file_name('report.json', args.shard)}")
+    if report.quarantined and not report.processed:
+        print("error: every slide was quarantined", file=sys.stderr)
+        return 1
+    if not report.processed:
+        print(f"shard {args.shard[0]}/{args.shard[1]} holds no slides")
+    return 0

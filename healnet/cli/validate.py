@@ -1,0 +1,42 @@
+"""`healnet validate`: Great Expectations checks of a cohort, with a JSON and a Markdown report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = (
+    "Validate a cohort (clinical table, omics, slide files, quarantine accounting) with Great Expectations; "
+    "writes validation.json and validation.md and exits 1 when an expectation fails."
+)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "input",
+        type=Path,
+        help="canonical cohort folder, or a raw input ingested on the fly "
+        "(PORPOISE table file, cBioPortal folder, GDC clinical.tsv)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("validation"), help="folder for validation.json and validation.md"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from healnet.data.cohort import CohortFormatError
+    from healnet.validation import validate
+
+    try:
+        report = validate(args.input, args.out)
+    except CohortFormatError as error:
+        print(f"healnet validate: {error}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    if report.success:
+        return 0
+    print(f"healnet validate: {len(report.failures())} expectation(s) failed:", file=sys.stderr)
+    for message in report.failures():
+        print(f"  - {message}", file=sys.stderr)
+    return 1

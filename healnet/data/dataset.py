@@ -1,0 +1,128 @@
+"""Torch dataset over a cohort: omic tokens and padded patch bags with presence masks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from healnet.preprocess.state import WSI, Preprocessor
+
+
+def load_wsi_bags(cohort, features_dir: Path) -> dict[str, np.ndarray]:
+    """Concatenate the patch features of every slide of each patient that has slide features.
+
+    A slide listed in the manifest with a file but without features is an error, not a silent gap.
+    """
+    from healnet.preprocess.wsi import feature_file_name, read_slide_features
+
+    features_dir = Path(features_dir)
+    bags: dict[str, list[np.ndarray]] = {}
+    missing = []
+    for row in cohort.slides.itertuples():
+        if not isinstance(row.path, str) or not row.path:
+            continue
+        path = features_dir / feature_file_name(row.slide_id)
+        if not path.exists():
+            missing.append(row.slide_id)
+            continue
+        features, _ = read_slide_features(path)
+        if len(features):
+            bags.setdefault(row.patient_id, []).append(features)
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} slide(s) have no features in {features_dir} (first: {missing[0]}); "
+            f"run `healnet preprocess-slides {cohort.root}/slides.parquet --out {features_dir}` first"
+        )
+    return {pid: np.concatenate(parts).astype(np.float32) for pid, parts in bags.items()}
+
+
+@dataclass
+class Targets:
+    times: np.ndarray
+    events: np.ndarray
+    labels: np.ndarray
+
+
+class SurvivalDataset(Dataset):
+    """One item per patient: omic tokens per modality, a patch bag, and survival targets."""
+
+    def __init__(
+        self,
+        patient_ids: Sequence[str],
+        preprocessor: Preprocessor,
+        omic_frames: Mapping[str, object],
+        wsi_bags: Mapping[str, np.ndarray],
+        targets: Targets,
+        modalities: Sequence[str],
+        max_patches: int | None = None,
+        seed: int = 0,
+    ):
+        self.patient_ids = list(patient_ids)
+        self.modalities = list(modalities)
+        self.targets = targets
+        self.max_patches = max_patches
+        self.rng = np.random.default_rng(seed)
+        omic_names = [m for m in self.modalities if m != WSI]
+        tokens = preprocessor.omic_tokens(omic_frames, self.patient_ids) if omic_names else {}
+        self.omics = {name: tokens[name] for name in omic_names}
+        self.bags = (
+            [preprocessor.scale_wsi(wsi_bags[pid]) if pid in wsi_bags else None for pid in self.patient_ids]
+            if WSI in self.modalities
+            else None
+        )
+        self.wsi_dim = preprocessor.wsi_dim if WSI in self.modalities else 0
+
+    def __len__(self) -> int:
+        return len(self.patient_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        item = {
+            "omics": {
+                name: (tok.values[index], bool(tok.present[index])) for name, tok in self.omics.items()
+            },
+            "time": self.targets.times[index],
+            "event": self.targets.events[index],
+            "label": self.targets.labels[index],
+        }
+        if self.bags is not None:
+            bag = self.bags[index]
+            if bag is not None and self.max_patches and len(bag) > self.max_patches:
+                bag = bag[np.sort(self.rng.choice(len(bag), self.max_patches, replace=False))]
+            item["wsi"] = bag
+        return item
+
+    def collate(self, items: list[dict]) -> dict:
+        return collate_cases(items, self.wsi_dim)
+
+
+def collate_cases(items: list[dict], wsi_dim: int) -> dict:
+    """Stack omic tokens and pad patch bags; absent modalities are zero-filled and flagged."""
+    inputs, present, token_mask = {}, {}, {}
+    for name in items[0]["omics"]:
+        inputs[name] = torch.from_numpy(np.stack([item["omics"][name][0] for item in items]))
+        present[name] = torch.tensor([item["omics"][name][1] for item in items])
+    if "wsi" in items[0]:
+        bags = [item["wsi"] for item in items]
+        longest = max([len(bag) for bag in bags if bag is not None], default=1)
+        padded = np.zeros((len(items), longest, wsi_dim), dtype=np.float32)
+        mask = np.zeros((len(items), longest), dtype=bool)
+        for i, bag in enumerate(bags):
+            if bag is not None:
+                padded[i, : len(bag)] = bag
+                mask[i, : len(bag)] = True
+        inputs[WSI] = torch.from_numpy(padded)
+        token_mask[WSI] = torch.from_numpy(mask)
+        present[WSI] = token_mask[WSI].any(1)
+    return {
+        "inputs": inputs,
+        "present": present,
+        "token_mask": token_mask,
+        "times": torch.tensor(np.array([item["time"] for item in items]), dtype=torch.float32),
+        "events": torch.tensor(np.array([item["event"] for item in items]), dtype=torch.float32),
+        "labels": torch.tensor(np.array([item["label"] for item in items]), dtype=torch.long),
+    }

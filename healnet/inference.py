@@ -1,0 +1,115 @@
+"""Prediction for single cases with any subset of modalities, through the training preprocessing."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from healnet.checkpoint import Checkpoint, load_checkpoint
+from healnet.data.dataset import collate_cases
+from healnet.preprocess.state import WSI
+from healnet.survival import survival_from_logits
+
+
+@dataclass
+class Case:
+    """One patient: omics by table and feature name, and/or a bag of patch features."""
+
+    omics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    wsi_features: np.ndarray | None = None
+
+
+@dataclass
+class Prediction:
+    risk: float
+    survival: list[float]
+    hazards: list[float]
+    bin_edges_months: list[float | None]
+    modalities_used: list[str]
+    modalities_missing: list[str]
+    imputed_fraction: float
+    unknown_features: list[str]
+    attention: dict[str, list[float]] | None = None
+
+
+class Predictor:
+    """A loaded checkpoint that turns cases into survival predictions; built once, used per request."""
+
+    def __init__(self, checkpoint: Checkpoint, device: str = "cpu"):
+        self.checkpoint = checkpoint
+        self.device = torch.device(device)
+        self.model = checkpoint.build_model().to(self.device)
+        self.preprocessor = checkpoint.preprocessor
+        self.modalities = [spec.name for spec in checkpoint.model_config.modalities]
+        self.omic_modalities = [m for m in self.modalities if m != WSI]
+
+    @classmethod
+    def from_dir(cls, checkpoint_dir: Path, device: str = "cpu") -> Predictor:
+        return cls(load_checkpoint(checkpoint_dir), device)
+
+    @property
+    def wsi_dim(self) -> int | None:
+        return self.preprocessor.wsi_dim if WSI in self.modalities else None
+
+    def prepare(self, case: Case) -> tuple[dict, float, list[str]]:
+        """The dataset item for a case, its imputed-feature fraction and its unknown feature names."""
+        omics, unknown, imputed = {}, [], 0.0
+        if self.omic_modalities:
+            tokens, unknown = self.preprocessor.omics.transform_records(
+                {name: dict(values) for name, values in case.omics.items()}
+            )
+            omics = {
+                name: (tokens[name].values[0], bool(tokens[name].present[0])) for name in self.omic_modalities
+            }
+            present = [tokens[name] for name in self.omic_modalities if tokens[name].present[0]]
+            if present:
+                imputed = float(np.mean([tok.imputed_fraction[0] for tok in present]))
+        item = {"omics": omics, "time": 0.0, "event": 0.0, "label": 0}
+        if WSI in self.modalities:
+            bag = case.wsi_features
+            item[WSI] = None if bag is None or len(bag) == 0 else self.preprocessor.scale_wsi(bag)
+        return item, imputed, unknown
+
+    @torch.no_grad()
+    def predict(self, cases: Sequence[Case], return_attention: bool = False) -> list[Prediction]:
+        prepared = [self.prepare(case) for case in cases]
+        batch = collate_cases([item for item, _, _ in prepared], self.wsi_dim or 0)
+        inputs = {k: v.to(self.device) for k, v in batch["inputs"].items()}
+        present = {k: v.to(self.device) for k, v in batch["present"].items()}
+        token_mask = {k: v.to(self.device) for k, v in batch["token_mask"].items()}
+        out = self.model(inputs, present, token_mask, return_attention=return_attention)
+        logits, attention = out if return_attention else (out, None)
+        hazards, survival, risk = (t.float().cpu().numpy() for t in survival_from_logits(logits.float()))
+        edges = [None if not np.isfinite(e) else float(e) for e in self.checkpoint.bins.edges]
+        results = []
+        for i, (_, imputed, unknown) in enumerate(prepared):
+            used = [m for m in self.modalities if bool(present[m][i])]
+            results.append(
+                Prediction(
+                    risk=float(risk[i]),
+                    survival=survival[i].tolist(),
+                    hazards=hazards[i].tolist(),
+                    bin_edges_months=edges,
+                    modalities_used=used,
+                    modalities_missing=[m for m in self.modalities if m not in used],
+                    imputed_fraction=imputed,
+                    unknown_features=unknown,
+                    attention=self._attention(attention, i, token_mask) if attention else None,
+                )
+            )
+        return results
+
+    @staticmethod
+    def _attention(attention: dict, index: int, token_mask: dict) -> dict[str, list[float]]:
+        """Per-token attention of one case: mean over layers, heads and latents, padding removed."""
+        summary = {}
+        for name, layers in attention.items():
+            weights = torch.stack([layer[index].float() for layer in layers]).mean(dim=(0, 1, 2))
+            if name in token_mask:
+                weights = weights[token_mask[name][index]]
+            summary[name] = weights.cpu().tolist()
+        return summary

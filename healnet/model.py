@@ -1,0 +1,409 @@
+"""HEALNet: one shared latent array, updated by cross-attention to each modality in turn.
+
+Layout follows lucidrains' perceiver-pytorch. Shapes: b batch, n latents, d latent dim, j context tokens,
+h heads, c channels. Missing modalities and padded tokens are handled per sample: their inputs are zeroed
+before any arithmetic, padded tokens are masked out of attention, and a missing modality's update is
+discarded by position (`torch.where`), so their values can never reach that sample's output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from einops.layers.torch import Reduce
+from torch import Tensor, nn
+
+
+class ModelInputError(ValueError):
+    """Inputs, masks or a configuration that the model cannot accept."""
+
+
+@dataclass
+class ModalitySpec:
+    name: str
+    channels: int  # features per token
+    input_axis: int = 1  # 1: (batch, tokens, channels); 2: (batch, h, w, channels)
+    num_freq_bands: int = 0  # Fourier position features; 0 disables them
+    max_freq: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.name or "." in self.name:
+            raise ModelInputError(f"modality name {self.name!r} must be non-empty and contain no '.'")
+        if self.channels < 1:
+            raise ModelInputError(f"modality {self.name!r}: channels must be >= 1, got {self.channels}")
+        if self.input_axis not in (1, 2):
+            raise ModelInputError(f"modality {self.name!r}: input_axis must be 1 or 2, got {self.input_axis}")
+        if self.num_freq_bands < 0:
+            raise ModelInputError(f"modality {self.name!r}: num_freq_bands must be >= 0")
+        if self.num_freq_bands > 0 and self.max_freq <= 2:
+            raise ModelInputError(f"modality {self.name!r}: max_freq must be > 2, got {self.max_freq}")
+
+    @property
+    def context_dim(self) -> int:
+        """Channels seen by the cross-attention: the features plus the Fourier position features."""
+        if self.num_freq_bands == 0:
+            return self.channels
+        return self.channels + self.input_axis * (2 * self.num_freq_bands + 1)
+
+
+_POSITIVE_SIZES = (
+    "n_bins",
+    "depth",
+    "n_latents",
+    "latent_dim",
+    "cross_heads",
+    "cross_dim_head",
+    "latent_heads",
+    "latent_dim_head",
+    "ff_mult",
+)
+
+
+@dataclass
+class HEALNetConfig:
+    modalities: list[ModalitySpec]
+    n_bins: int = 4
+    depth: int = 2
+    n_latents: int = 16
+    latent_dim: int = 64
+    cross_heads: int = 1
+    cross_dim_head: int = 64
+    latent_heads: int = 4
+    latent_dim_head: int = 32
+    self_per_cross_attn: int = 0
+    ff_mult: int = 2
+    attn_dropout: float = 0.0
+    ff_dropout: float = 0.0
+    weight_tying: bool = False
+    snn: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.modalities:
+            raise ModelInputError("the config needs at least one modality")
+        names = [spec.name for spec in self.modalities]
+        if len(set(names)) != len(names):
+            raise ModelInputError(f"modality names must be unique, got {names}")
+        for name in _POSITIVE_SIZES:
+            if getattr(self, name) < 1:
+                raise ModelInputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.self_per_cross_attn < 0:
+            raise ModelInputError(f"self_per_cross_attn must be >= 0, got {self.self_per_cross_attn}")
+        for name in ("attn_dropout", "ff_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ModelInputError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> HEALNetConfig:
+        _check_keys(cls, data)
+        for spec in data.get("modalities", []):
+            _check_keys(ModalitySpec, spec)
+        modalities = [ModalitySpec(**spec) for spec in data.get("modalities", [])]
+        return cls(**{**data, "modalities": modalities})
+
+
+def _check_keys(cls: type, data: dict) -> None:
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ModelInputError(f"unknown {cls.__name__} keys: {unknown}")
+
+
+# position features
+
+
+def fourier_encode(positions: Tensor, max_freq: float, num_bands: int) -> Tensor:
+    """(..., axes) positions in [-1, 1] -> (..., axes * (2 * num_bands + 1)) sin/cos features."""
+    positions = rearrange(positions, "... a -> ... a 1")
+    scales = torch.logspace(
+        1.0, math.log2(max_freq / 2), num_bands, base=2, device=positions.device, dtype=positions.dtype
+    )
+    angles = positions * scales * math.pi
+    features = torch.cat((angles.sin(), angles.cos(), positions), dim=-1)
+    return rearrange(features, "... a f -> ... (a f)")
+
+
+def sample_positions(token_mask: Tensor) -> Tensor:
+    """(b, *axes) mask -> (b, *axes, len(axes)) grid coordinates in [-1, 1].
+
+    Each axis spans [-1, 1] over the sample's own extent (up to its last real token), so the
+    coordinates of real tokens do not depend on how far the batch was padded.
+    """
+    axes = token_mask.shape[1:]
+    coordinates = []
+    for axis, size in enumerate(axes, start=1):
+        others = tuple(d for d in range(1, token_mask.ndim) if d != axis)
+        occupied = token_mask.any(dim=others) if others else token_mask  # (b, size)
+        index = torch.arange(size, device=token_mask.device)
+        extent = torch.where(occupied, index + 1, 0).amax(dim=-1, keepdim=True)  # (b, 1)
+        coordinate = index / (extent - 1).clamp(min=1) * 2 - 1  # (b, size)
+        view = [token_mask.shape[0]] + [1] * len(axes)
+        view[axis] = size
+        coordinates.append(coordinate.view(view).expand(token_mask.shape))
+    return torch.stack(coordinates, dim=-1)
+
+
+# building blocks
+
+
+class GEGLU(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        x, gates = x.chunk(2, dim=-1)
+        return x * F.gelu(gates)
+
+
+class FeedForward(nn.Module):
+    """Pre-norm feed-forward: GEGLU, or SELU with AlphaDropout (self-normalising) when `snn`."""
+
+    def __init__(self, dim: int, mult: int, dropout: float, snn: bool):
+        super().__init__()
+        hidden = dim * mult
+        self.norm = nn.LayerNorm(dim)
+        if snn:
+            self.net = nn.Sequential(
+                nn.Linear(dim, hidden), nn.SELU(), nn.AlphaDropout(dropout), nn.Linear(hidden, dim)
+            )
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):  # LeCun normal init keeps SELU self-normalising
+                    nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
+                    nn.init.zeros_(layer.bias)
+        else:
+            self.net = nn.Sequential(
+                nn.Linear(dim, hidden * 2), GEGLU(), nn.Dropout(dropout), nn.Linear(hidden, dim)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.norm(x))
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries x (b, n, d) to context (b, j, c); self-attention without context."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int, dropout: float):
+        super().__init__()
+        inner_dim = heads * dim_head
+        self.heads = heads
+        self.scale = dim_head**-0.5
+        self.dropout = dropout
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_kv = nn.Linear(context_dim, inner_dim * 2, bias=False)
+        self.to_out = nn.Linear(inner_dim, query_dim)
+
+    def forward(
+        self, x: Tensor, context: Tensor, key_mask: Tensor | None = None, return_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """key_mask (b, j): True = attend. Returns the output and, if asked, the weights (b, h, n, j)."""
+        q = self.to_q(x)
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+        q, k, v = (rearrange(t, "b n (h e) -> b h n e", h=self.heads) for t in (q, k, v))
+        mask = None if key_mask is None else rearrange(key_mask, "b j -> b 1 1 j")
+        dropout = self.dropout if self.training else 0.0
+
+        weights = None
+        if return_weights:
+            sim = torch.einsum("b h i e, b h j e -> b h i j", q, k) * self.scale
+            if mask is not None:
+                sim = sim.masked_fill(~mask, torch.finfo(sim.dtype).min)
+            weights = sim.softmax(dim=-1)
+            out = torch.einsum("b h i j, b h j e -> b h i e", F.dropout(weights, dropout), v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return self.to_out(rearrange(out, "b h n e -> b n (h e)")), weights
+
+
+class CrossAttentionBlock(nn.Module):
+    """One modality's update of the latents: pre-norm cross-attention then feed-forward, both residual."""
+
+    def __init__(self, config: HEALNetConfig, spec: ModalitySpec):
+        super().__init__()
+        self.norm_latents = nn.LayerNorm(config.latent_dim)
+        self.norm_context = nn.LayerNorm(spec.context_dim)
+        self.attn = Attention(
+            config.latent_dim,
+            spec.context_dim,
+            config.cross_heads,
+            config.cross_dim_head,
+            config.attn_dropout,
+        )
+        self.ff = FeedForward(config.latent_dim, config.ff_mult, config.ff_dropout, config.snn)
+
+    def forward(
+        self, latents: Tensor, context: Tensor, key_mask: Tensor, return_weights: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        out, weights = self.attn(
+            self.norm_latents(latents), self.norm_context(context), key_mask, return_weights
+        )
+        latents = latents + out
+        return latents + self.ff(latents), weights
+
+
+class LatentSelfAttentionBlock(nn.Module):
+    """Pre-norm self-attention among the latents then feed-forward, both residual."""
+
+    def __init__(self, config: HEALNetConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.latent_dim)
+        self.attn = Attention(
+            config.latent_dim,
+            config.latent_dim,
+            config.latent_heads,
+            config.latent_dim_head,
+            config.attn_dropout,
+        )
+        self.ff = FeedForward(config.latent_dim, config.ff_mult, config.ff_dropout, config.snn)
+
+    def forward(self, latents: Tensor) -> Tensor:
+        normed = self.norm(latents)
+        latents = latents + self.attn(normed, normed)[0]
+        return latents + self.ff(latents)
+
+
+class HEALNetLayer(nn.Module):
+    """One depth step: a cross-attention block per modality, then the latent self-attention blocks."""
+
+    def __init__(self, config: HEALNetConfig):
+        super().__init__()
+        self.cross = nn.ModuleDict(
+            {spec.name: CrossAttentionBlock(config, spec) for spec in config.modalities}
+        )
+        self.latent = nn.ModuleList(
+            LatentSelfAttentionBlock(config) for _ in range(config.self_per_cross_attn)
+        )
+
+
+# the model
+
+
+class HEALNet(nn.Module):
+    """Hybrid early-fusion attention network: logits (batch, n_bins) from any subset of modalities."""
+
+    def __init__(self, config: HEALNetConfig):
+        super().__init__()
+        self.config = config
+        self.specs = {spec.name: spec for spec in config.modalities}
+        self.latents = nn.Parameter(torch.randn(config.n_latents, config.latent_dim))
+        # weight tying as in the reference HEALNet: layer 0 has its own weights, layers >= 1 share one set
+        first = HEALNetLayer(config)
+        if config.weight_tying and config.depth > 1:
+            shared = HEALNetLayer(config)
+            self.layers = nn.ModuleList([first] + [shared] * (config.depth - 1))
+        else:
+            self.layers = nn.ModuleList([first] + [HEALNetLayer(config) for _ in range(config.depth - 1)])
+        self.to_logits = nn.Sequential(
+            Reduce("b n d -> b d", "mean"),
+            nn.LayerNorm(config.latent_dim),
+            nn.Linear(config.latent_dim, config.n_bins),
+        )
+
+    @property
+    def modality_names(self) -> list[str]:
+        return list(self.specs)
+
+    def forward(
+        self,
+        inputs: dict[str, Tensor],
+        present: dict[str, Tensor] | None = None,
+        token_mask: dict[str, Tensor] | None = None,
+        return_attention: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[str, list[Tensor]]]:
+        """Logits (batch, n_bins); with `return_attention`, also the cross-attention weights.
+
+        present[name] (batch,) bool: the sample has that modality (absent key: all present).
+        token_mask[name] (batch, tokens) or (batch, h, w) bool: True = real token, False = padding.
+        Attention weights: {name: [(batch, cross_heads, n_latents, tokens) per layer]} for each modality
+        given in `inputs`; zero on padding and for samples missing the modality.
+        """
+        present, token_mask = present or {}, token_mask or {}
+        batch = self._check_inputs(inputs, present, token_mask)
+        contexts = {
+            name: self._encode(name, data, present.get(name), token_mask.get(name))
+            for name, data in inputs.items()
+        }
+
+        latents = repeat(self.latents, "n d -> b n d", b=batch)
+        any_present = torch.zeros(batch, dtype=torch.bool, device=latents.device)
+        for _, _, has in contexts.values():
+            any_present = any_present | has
+        attention: dict[str, list[Tensor]] = {name: [] for name in contexts}
+
+        for layer in self.layers:
+            for name in self.modality_names:
+                if name not in contexts:
+                    continue
+                context, key_mask, has = contexts[name]
+                updated, weights = layer.cross[name](latents, context, key_mask, return_attention)
+                latents = torch.where(rearrange(has, "b -> b 1 1"), updated, latents)
+                if weights is not None:
+                    attention[name].append(torch.where(rearrange(has, "b -> b 1 1 1"), weights, 0.0))
+            for block in layer.latent:  # samples without any modality keep the untouched latents
+                latents = torch.where(rearrange(any_present, "b -> b 1 1"), block(latents), latents)
+
+        logits = self.to_logits(latents)
+        return (logits, attention) if return_attention else logits
+
+    def _encode(
+        self, name: str, data: Tensor, present: Tensor | None, token_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """-> context (b, j, c), attention key mask (b, j), modality present per sample (b,)."""
+        spec = self.specs[name]
+        if token_mask is None:
+            token_mask = torch.ones(data.shape[:-1], dtype=torch.bool, device=data.device)
+        if present is None:
+            present = torch.ones(data.shape[0], dtype=torch.bool, device=data.device)
+        if spec.num_freq_bands > 0:
+            positions = fourier_encode(sample_positions(token_mask), spec.max_freq, spec.num_freq_bands)
+            data = torch.cat((data, positions.to(data.dtype)), dim=-1)
+        data = rearrange(data, "b ... c -> b (...) c")
+        real = rearrange(token_mask, "b ... -> b (...)") & rearrange(present, "b -> b 1")
+        has = real.any(dim=-1)
+        # padded tokens and missing samples are zeroed before any arithmetic; a missing sample attends to
+        # all its (zero) tokens so that no softmax row is empty (some SDPA kernels give NaN there), and its
+        # update is discarded afterwards
+        context = torch.where(rearrange(real, "b j -> b j 1"), data, 0.0)
+        key_mask = real | rearrange(~has, "b -> b 1")
+        return context, key_mask, has
+
+    def _check_inputs(
+        self, inputs: dict[str, Tensor], present: dict[str, Tensor], token_mask: dict[str, Tensor]
+    ) -> int:
+        """Raise ModelInputError on anything malformed; return the batch size."""
+        for what, given in (("inputs", inputs), ("present", present), ("token_mask", token_mask)):
+            unknown = sorted(set(given) - set(self.specs))
+            if unknown:
+                raise ModelInputError(
+                    f"unknown modalities in {what}: {unknown}; the model has {self.modality_names}"
+                )
+        if not inputs:
+            raise ModelInputError(f"inputs hold no modality; the model has {self.modality_names}")
+        batches = {name: data.shape[0] for name, data in inputs.items()}
+        if len(set(batches.values())) != 1:
+            raise ModelInputError(f"modalities disagree on the batch size: {batches}")
+        batch = next(iter(batches.values()))
+        for name, data in inputs.items():
+            spec = self.specs[name]
+            if data.ndim != spec.input_axis + 2:
+                raise ModelInputError(
+                    f"modality {name!r}: expected {spec.input_axis + 2} dims "
+                    f"(batch, {'tokens' if spec.input_axis == 1 else 'h, w'}, channels), got shape {tuple(data.shape)}"
+                )
+            if data.shape[-1] != spec.channels:
+                raise ModelInputError(
+                    f"modality {name!r}: expected {spec.channels} channels, got {data.shape[-1]}"
+                )
+            if name in token_mask:
+                _check_mask(f"token_mask[{name!r}]", token_mask[name], tuple(data.shape[:-1]))
+        for name, mask in present.items():
+            _check_mask(f"present[{name!r}]", mask, (batch,))
+        return batch
+
+
+def _check_mask(what: str, mask: Tensor, shape: tuple[int, ...]) -> None:
+    if mask.dtype != torch.bool:
+        raise ModelInputError(f"{what} must be a bool tensor, got {mask.dtype}")
+    if tuple(mask.shape) != shape:
+        raise ModelInputError(f"{what}: expected shape {shape}, got {tuple(mask.shape)}")

@@ -1,0 +1,314 @@
+"""Omics transform: fitted on the training split, saved with the model, applied by serving.
+
+Steps per feature: impute with the training median, log1p (raw-RSEM-like modalities), z-score with
+the training mean/std, keep features by variance (min_std, then top-k), group into tokens.
+Training, evaluation and serving all go through `OmicsTransform.transform`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+from einops import rearrange
+
+COMBINED_MODALITY = "omic"
+STATE_FORMAT_VERSION = 1
+# "auto" log1p: every observed value is >= 0 and the maximum exceeds this (raw RSEM counts).
+AUTO_LOG1P_MIN_MAX = 100.0
+LOG1P_MODES = ("auto", "always", "never")
+
+
+class OmicsTransformError(ValueError):
+    """Bad omics input or configuration; the message names the modality and feature."""
+
+
+@dataclass(frozen=True)
+class OmicsConfig:
+    log1p: str = "auto"  # "auto" | "always" | "never"
+    top_k: int | None = None  # keep the k highest-variance features per input modality
+    min_std: float = 1e-6  # drop (near-)constant features
+    combine: bool = False  # concatenate all omic modalities into one modality named "omic"
+    tokens: str = "single"  # "single" | "features" | "groups:N"
+
+    def __post_init__(self) -> None:
+        if self.log1p not in LOG1P_MODES:
+            raise OmicsTransformError(f"log1p must be one of {LOG1P_MODES}, got {self.log1p!r}")
+        if self.top_k is not None and self.top_k < 1:
+            raise OmicsTransformError(f"top_k must be a positive integer or None, got {self.top_k}")
+        if self.min_std < 0:
+            raise OmicsTransformError(f"min_std must be >= 0, got {self.min_std}")
+        self.channels_per_token(1)  # validates the tokens string
+
+    def channels_per_token(self, n_features: int) -> int:
+        """Channels of one token for a modality with `n_features` kept features."""
+        if self.tokens == "single":
+            return n_features
+        if self.tokens == "features":
+            return 1
+        prefix, _, size = self.tokens.partition(":")
+        if prefix == "groups" and size.isdigit() and int(size) > 0:
+            return int(size)
+        raise OmicsTransformError(
+            f"tokens must be 'single', 'features' or 'groups:N' (N > 0), got {self.tokens!r}"
+        )
+
+
+@dataclass(frozen=True)
+class OmicsTokens:
+    values: np.ndarray  # float32 (n, tokens, channels); zeros where not present
+    present: np.ndarray  # bool (n,): the patient has a row in the modality's frame(s)
+    imputed_fraction: np.ndarray  # float (n,): kept features imputed for present patients; 0 when absent
+
+
+@dataclass(frozen=True)
+class _FeatureStats:
+    """Fitted statistics of the kept features of one input modality."""
+
+    log1p: bool
+    features: list[str]
+    median: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+
+    def apply(self, raw: np.ndarray) -> np.ndarray:
+        """Impute, log1p and z-score raw values (n, features); NaN marks missing."""
+        values = np.where(np.isnan(raw), self.median, raw)
+        if self.log1p:
+            values = np.log1p(np.clip(values, 0.0, None))  # counts cannot be negative
+        return (values - self.mean) / self.std
+
+
+class OmicsTransform:
+    def __init__(self, config: OmicsConfig, stats: dict[str, _FeatureStats]):
+        self.config = config
+        self._stats = stats
+        self.input_modalities = list(stats)
+        self.output_modalities = [COMBINED_MODALITY] if config.combine else list(stats)
+        self.feature_names = {
+            out: [f for m in self._inputs_of(out) for f in stats[m].features]
+            for out in self.output_modalities
+        }
+        self._modality_of_feature = {f: m for m, s in stats.items() for f in s.features}
+
+    @classmethod
+    def fit(cls, frames: dict[str, pd.DataFrame], config: OmicsConfig = OmicsConfig()) -> OmicsTransform:
+        """Fit on training frames (index patient_id, numeric feature columns), one per modality."""
+        if not frames:
+            raise OmicsTransformError("no omics modality to fit the transform on")
+        stats = {name: _fit_modality(name, frame, config) for name, frame in frames.items()}
+        if config.combine:
+            names = [f for s in stats.values() for f in s.features]
+            duplicated = sorted({f for f in names if names.count(f) > 1})
+            if duplicated:
+                raise OmicsTransformError(
+                    f"combine=True needs unique feature names across modalities; repeated: {duplicated[:5]}"
+                )
+        for out in [COMBINED_MODALITY] if config.combine else list(stats):
+            inputs = list(stats) if config.combine else [out]
+            if not any(stats[m].features for m in inputs):
+                raise OmicsTransformError(
+                    f"modality {out!r} has no feature left after the variance filter (min_std={config.min_std})"
+                )
+        return cls(config, stats)
+
+    def _inputs_of(self, output_modality: str) -> list[str]:
+        if output_modality not in self.output_modalities:
+            raise OmicsTransformError(
+                f"unknown omics modality {output_modality!r}; known: {self.output_modalities}"
+            )
+        return self.input_modalities if self.config.combine else [output_modality]
+
+    def token_shape(self, modality: str) -> tuple[int, int]:
+        """(n_tokens, channels) of one patient's tokens for an output modality."""
+        self._inputs_of(modality)  # rejects unknown modalities
+        n_features = len(self.feature_names[modality])
+        channels = self.config.channels_per_token(n_features)
+        return math.ceil(n_features / channels), channels
+
+    def transform(
+        self, frames: Mapping[str, pd.DataFrame], patient_ids: Sequence[str]
+    ) -> dict[str, OmicsTokens]:
+        """Tokens per output modality for `patient_ids`; extra modalities and columns are ignored."""
+        patient_ids = list(patient_ids)
+        scaled, present, missing = {}, {}, {}
+        for name, stats in self._stats.items():
+            raw, present[name] = _raw_values(name, frames.get(name), stats.features, patient_ids)
+            missing[name] = np.isnan(raw)
+            scaled[name] = stats.apply(raw)
+        tokens = {}
+        for out in self.output_modalities:
+            inputs = self._inputs_of(out)
+            is_present = np.logical_or.reduce([present[m] for m in inputs])
+            values = np.concatenate([scaled[m] for m in inputs], axis=1)
+            values[~is_present] = 0.0
+            n_missing = np.concatenate([missing[m] for m in inputs], axis=1).sum(axis=1)
+            imputed = np.where(is_present, n_missing / values.shape[1], 0.0)
+            tokens[out] = OmicsTokens(self._group(out, values), is_present, imputed)
+        return tokens
+
+    def _group(self, modality: str, values: np.ndarray) -> np.ndarray:
+        n_tokens, channels = self.token_shape(modality)
+        padded = np.zeros((len(values), n_tokens * channels), dtype=np.float32)
+        padded[:, : values.shape[1]] = values
+        return rearrange(padded, "n (t c) -> n t c", t=n_tokens, c=channels)
+
+    def transform_records(
+        self, records: Mapping[str, Mapping[str, float]]
+    ) -> tuple[dict[str, OmicsTokens], list[str]]:
+        """Tokens for one case given features by name per modality, and the names the model does not use.
+
+        With combine=True the features may also come under the combined name ("omic"). A modality
+        absent from `records` is not present; a given modality with missing features is imputed.
+        """
+        rows: dict[str, dict[str, float]] = {}
+        unknown: list[str] = []
+        for modality, features in records.items():
+            for feature, value in features.items():
+                owner = self._owner(modality, feature)
+                if owner is None:
+                    unknown.append(feature)
+                else:
+                    rows.setdefault(owner, {})[feature] = _as_float(modality, feature, value)
+            targets = (
+                self.input_modalities if self.config.combine and modality == COMBINED_MODALITY else [modality]
+            )
+            for target in targets:
+                if target in self._stats:
+                    rows.setdefault(target, {})
+        case_id = "case"
+        frames = {m: pd.DataFrame([row], index=[case_id], dtype="float64") for m, row in rows.items()}
+        return self.transform(frames, [case_id]), unknown
+
+    def _owner(self, modality: str, feature: str) -> str | None:
+        """The input modality whose kept feature this is, or None when the model does not use it."""
+        owner = self._modality_of_feature.get(feature)
+        if owner is None:
+            return None
+        if modality == owner or (self.config.combine and modality == COMBINED_MODALITY):
+            return owner
+        return None
+
+    def state_dict(self) -> dict:
+        """JSON-serialisable state; floats survive json.dumps/loads exactly."""
+        return {
+            "format_version": STATE_FORMAT_VERSION,
+            "config": asdict(self.config),
+            "modalities": {
+                name: {
+                    "log1p": s.log1p,
+                    "features": list(s.features),
+                    "median": s.median.tolist(),
+                    "mean": s.mean.tolist(),
+                    "std": s.std.tolist(),
+                }
+                for name, s in self._stats.items()
+            },
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping) -> OmicsTransform:
+        if state.get("format_version") != STATE_FORMAT_VERSION:
+            raise OmicsTransformError(
+                f"omics transform state format {state.get('format_version')!r} is not supported (expected {STATE_FORMAT_VERSION})"
+            )
+        stats = {
+            name: _FeatureStats(
+                log1p=bool(s["log1p"]),
+                features=list(s["features"]),
+                median=np.asarray(s["median"], dtype=np.float64),
+                mean=np.asarray(s["mean"], dtype=np.float64),
+                std=np.asarray(s["std"], dtype=np.float64),
+            )
+            for name, s in state["modalities"].items()
+        }
+        return cls(OmicsConfig(**state["config"]), stats)
+
+
+def _as_float(modality: str, feature: str, value: object) -> float:
+    """A record value as float; None means missing."""
+    if value is None:
+        return np.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise OmicsTransformError(
+            f"modality {modality!r}: feature {feature!r} has non-numeric value {value!r}"
+        ) from None
+
+
+def _numeric_matrix(name: str, frame: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+    """float64 values of `columns` (absent columns are NaN); rejects text and infinite values."""
+    non_numeric = [
+        c for c in frame.columns if c in set(columns) and not pd.api.types.is_numeric_dtype(frame[c])
+    ]
+    if non_numeric:
+        raise OmicsTransformError(f"modality {name!r}: non-numeric feature columns {non_numeric[:5]}")
+    values = frame.reindex(columns=list(columns)).to_numpy(dtype=np.float64, na_value=np.nan)
+    infinite = np.isinf(values)
+    if infinite.any():
+        row, col = np.argwhere(infinite)[0]
+        raise OmicsTransformError(
+            f"modality {name!r}: {int(infinite.sum())} infinite value(s), e.g. feature {columns[col]!r} "
+            f"of patient {frame.index[row]!r}; use NaN for missing values"
+        )
+    return values
+
+
+def _check_unique(name: str, frame: pd.DataFrame) -> None:
+    for axis, labels in (("patient ids", frame.index), ("feature names", frame.columns)):
+        if labels.has_duplicates:
+            repeated = labels[labels.duplicated()].unique()[:5].tolist()
+            raise OmicsTransformError(f"modality {name!r}: duplicated {axis} {repeated}")
+
+
+def _fit_modality(name: str, frame: pd.DataFrame, config: OmicsConfig) -> _FeatureStats:
+    _check_unique(name, frame)
+    if len(frame) == 0:
+        raise OmicsTransformError(f"modality {name!r}: no training rows to fit on")
+    features = [str(c) for c in frame.columns]
+    raw = _numeric_matrix(name, frame, features)
+    median = _nanmedian_or_zero(raw)
+    observed = raw[~np.isnan(raw)]
+    if config.log1p == "always":
+        log1p = True
+    elif config.log1p == "never":
+        log1p = False
+    else:
+        log1p = observed.size > 0 and observed.min() >= 0 and observed.max() > AUTO_LOG1P_MIN_MAX
+    unscaled = _FeatureStats(log1p, features, median, np.zeros(len(features)), np.ones(len(features)))
+    values = unscaled.apply(raw)
+    std = values.std(axis=0)
+    keep = np.flatnonzero((std > 0) & (std >= config.min_std))
+    if config.top_k is not None and len(keep) > config.top_k:
+        keep = np.sort(keep[np.argsort(-std[keep], kind="stable")[: config.top_k]])
+    return _FeatureStats(
+        log1p=bool(log1p),
+        features=[features[i] for i in keep],
+        median=median[keep],
+        mean=values.mean(axis=0)[keep],
+        std=std[keep],
+    )
+
+
+def _nanmedian_or_zero(raw: np.ndarray) -> np.ndarray:
+    """Median per column ignoring NaN; 0 for columns with no observed value (dropped later as constant)."""
+    observed = ~np.isnan(raw).all(axis=0)
+    median = np.zeros(raw.shape[1])
+    median[observed] = np.nanmedian(raw[:, observed], axis=0)
+    return median
+
+
+def _raw_values(
+    name: str, frame: pd.DataFrame | None, features: Sequence[str], patient_ids: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw values (n, features) with NaN for missing, and whether each patient has a row."""
+    if frame is None:
+        return np.full((len(patient_ids), len(features)), np.nan), np.zeros(len(patient_ids), dtype=bool)
+    _check_unique(name, frame)
+    present = frame.index.isin(patient_ids)
+    rows = frame.loc[present].reindex(index=patient_ids)
+    return _numeric_matrix(name, rows, features), np.isin(patient_ids, frame.index)

@@ -1,0 +1,179 @@
+"""Training: device choice, seeding, the epoch loop with OneCycleLR, L1 and early stopping."""
+
+from __future__ import annotations
+
+import copy
+import random
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from healnet.survival import harrell_c, nll_loss, survival_from_logits
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 40
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    l1: float = 1e-5
+    alpha: float = 0.4
+    patience: int = 8
+    monitor: str = "c_index"
+    max_patches: int | None = 1024
+    bin_weights: bool = False
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.monitor not in {"loss", "c_index"}:
+            raise ValueError(f"monitor must be 'loss' or 'c_index', got {self.monitor!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError("epochs and batch_size must be positive")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_score: float
+    history: list[dict] = field(default_factory=list)
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """CUDA when present (or asked for), else CPU."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(preference)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but no CUDA device is available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    def move(value):
+        if isinstance(value, dict):
+            return {key: move(item) for key, item in value.items()}
+        return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+
+    return move(batch)
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, device: torch.device, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        collate_fn=dataset.collate,
+        pin_memory=device.type == "cuda",
+        generator=generator,
+    )
+
+
+def forward(model, batch: dict, device: torch.device, return_attention: bool = False):
+    with autocast(device):
+        out = model(batch["inputs"], batch["present"], batch["token_mask"], return_attention=return_attention)
+    if return_attention:
+        return out[0].float(), out[1]
+    return out.float()
+
+
+@torch.no_grad()
+def predict_logits(model, loader: DataLoader, device: torch.device) -> np.ndarray:
+    model.eval()
+    chunks = [forward(model, to_device(batch, device), device).cpu() for batch in loader]
+    return torch.cat(chunks).numpy()
+
+
+def evaluate_loader(model, loader: DataLoader, device: torch.device, alpha: float) -> dict:
+    logits = predict_logits(model, loader, device)
+    targets = loader.dataset.targets
+    loss = nll_loss(
+        torch.from_numpy(logits),
+        torch.from_numpy(targets.labels),
+        torch.from_numpy(targets.events).float(),
+        alpha,
+    ).item()
+    risk = survival_from_logits(torch.from_numpy(logits))[2].numpy()
+    c_index = harrell_c(targets.times, targets.events, risk) if targets.events.any() else float("nan")
+    return {"loss": loss, "c_index": c_index}
+
+
+def fit(
+    model: torch.nn.Module,
+    train_set,
+    val_set,
+    config: TrainConfig,
+    bins=None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train with Adam + OneCycleLR; restore a deep copy of the best weights on the validation set."""
+    seed_everything(config.seed)
+    device = select_device(config.device)
+    model.to(device)
+    train_loader = make_loader(train_set, config.batch_size, True, device, config.seed)
+    val_loader = make_loader(val_set, config.batch_size, False, device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, epochs=config.epochs, steps_per_epoch=len(train_loader)
+    )
+    bin_weights = None
+    if config.bin_weights:
+        if bins is None:
+            raise ValueError("bin_weights=True needs the fitted SurvivalBins")
+        bin_weights = torch.as_tensor(bins.inverse_frequency_weights(train_set.targets.labels), device=device)
+
+    sign = -1.0 if config.monitor == "c_index" else 1.0
+    best_score, best_epoch, best_state, waited = float("inf"), -1, None, 0
+    history = []
+    bar = tqdm(range(config.epochs), desc="train", disable=not progress, unit="epoch")
+    for epoch in bar:
+        model.train()
+        total, count = 0.0, 0
+        for batch in train_loader:
+            batch = to_device(batch, device)
+            logits = forward(model, batch, device)
+            loss = nll_loss(logits, batch["labels"], batch["events"], config.alpha, bin_weights)
+            if config.l1:
+                loss = loss + config.l1 * sum(p.abs().sum() for p in model.parameters() if p.requires_grad)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += loss.item() * len(batch["labels"])
+            count += len(batch["labels"])
+        val = evaluate_loader(model, val_loader, device, config.alpha)
+        history.append(
+            {"epoch": epoch, "train_loss": total / count, **{f"val_{k}": v for k, v in val.items()}}
+        )
+        score = sign * val[config.monitor]
+        if np.isfinite(score) and score < best_score:
+            best_score, best_epoch, waited = score, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            waited += 1
+        bar.set_postfix(loss=f"{total / count:.3f}", val_c=f"{val['c_index']:.3f}", best=best_epoch)
+        if waited >= config.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return TrainResult(best_epoch=best_epoch, best_score=sign * best_score, history=history)

@@ -1,0 +1,35 @@
+"""Data-validation thresholds, versioned in one place: bump `version` whenever a value changes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    version: str = "1.0.0"
+    min_patients: int = 1
+    event_rate_min: float = 0.02
+    event_rate_max: float = 0.95
+    age_min: float = 0.0
+    age_max: float = 110.0
+    age_max_missing_fraction: float = 0.2
+    omics_max_missing_fraction: float = 0.2  # per feature, over the patients that have the modality
+    omics_min_std: float = 0.0  # a feature's std must be strictly above this
+    max_examples: int = 5  # unexpected example rows kept per failed expectation
+
+    def __post_init__(self) -> None:
+        for name in ("age_max_missing_fraction", "omics_max_missing_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.event_rate_min < self.event_rate_max <= 1.0:
+            raise ValueError(
+                f"need 0 <= event_rate_min < event_rate_max <= 1, got {self.event_rate_min}, {self.event_rate_max}"
+            )
+        if self.age_min >= self.age_max:
+            raise ValueError(f"age_min must be below age_max, got {self.age_min}, {self.age_max}")
+        if self.max_examples < 1 or self.min_patients < 0:
+            raise ValueError("max_examples must be >= 1 and min_patients >= 0")
+
+
+DEFAULT_THRESHOLDS = Thresholds()

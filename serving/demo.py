@@ -1,0 +1,105 @@
+"""A small HEALNet trained on random data and registered as champion: for tests, the load benchmark
+and local smoke runs of `bentoml serve` without a real cohort (`python -m serving.demo`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+OMIC_TABLES = ("mut", "cnv", "rnaseq")
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    patients: int = 48
+    features_per_table: int = 8
+    wsi_dim: int = 8
+    patches: tuple[int, int] = (4, 12)  # patches per bag, drawn uniformly in [low, high)
+    epochs: int = 2
+    model_options: tuple[tuple[str, int], ...] = (
+        ("depth", 1),
+        ("n_latents", 4),
+        ("latent_dim", 16),
+        ("cross_dim_head", 8),
+        ("latent_heads", 2),
+        ("latent_dim_head", 8),
+    )
+    seed: int = 0
+
+
+def demo_feature_names(spec: DemoSpec) -> dict[str, list[str]]:
+    """Feature names per omic table, unique across tables (GENE_table) as the combined grouping needs."""
+    return {table: [f"G{i}_{table}" for i in range(spec.features_per_table)] for table in OMIC_TABLES}
+
+
+def demo_cohort(spec: DemoSpec):
+    """Random clinical table, omic tables and patch bags for `spec.patients` TCGA-like patients."""
+    from healnet.experiment import CohortData
+
+    rng = np.random.default_rng(spec.seed)
+    ids = [f"TCGA-{rng.integers(10, 99)}-{i:04d}" for i in range(spec.patients)]
+    clinical = pd.DataFrame(
+        {"survival_months": rng.uniform(1.0, 120.0, spec.patients), "event": rng.integers(0, 2, spec.patients)},
+        index=pd.Index(ids, name="patient_id"),
+    )
+    omics = {
+        table: pd.DataFrame(rng.normal(size=(spec.patients, len(names))), index=clinical.index, columns=names)
+        for table, names in demo_feature_names(spec).items()
+    }
+    bags = {
+        pid: rng.normal(size=(int(rng.integers(*spec.patches)), spec.wsi_dim)).astype(np.float32) for pid in ids
+    }
+    return CohortData(clinical, omics, bags)
+
+
+def train_demo_checkpoint(out_dir: Path, spec: DemoSpec = DemoSpec(), metadata: dict | None = None) -> Path:
+    """Train on 75 % of the random patients, validate on the rest, save the checkpoint to `out_dir`."""
+    from healnet.checkpoint import save_checkpoint
+    from healnet.experiment import reference_risk_quantiles, train_model
+    from healnet.train import TrainConfig
+
+    data = demo_cohort(spec)
+    ids = list(data.clinical.index)
+    split = int(len(ids) * 0.75)
+    trained = train_model(
+        data,
+        ids[:split],
+        ids[split:],
+        modalities=["omic", "wsi"],
+        train_config=TrainConfig(epochs=spec.epochs, batch_size=16, seed=spec.seed, device="cpu"),
+        model_options=dict(spec.model_options),
+        progress=False,
+    )
+    quantiles = reference_risk_quantiles(trained, data, ids[:split])
+    save_checkpoint(out_dir, trained.to_checkpoint({"reference_risk_quantiles": quantiles, **(metadata or {})}))
+    return Path(out_dir)
+
+
+def register_demo_champion(spec: DemoSpec = DemoSpec()) -> str:
+    """Train a demo model, register it in the current BentoML store and make it the champion; returns its tag."""
+    from healnet.registry import register_model, set_champion
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = train_demo_checkpoint(Path(tmp) / "checkpoint", spec)
+        tag = register_model(checkpoint, labels={"source": "serving.demo"}, metadata={})
+    set_champion(tag, "demo model trained on random data")
+    return tag
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--epochs", type=int, default=DemoSpec.epochs)
+    args = parser.parse_args()
+    tag = register_demo_champion(DemoSpec(epochs=args.epochs))
+    print(f"registered {tag} as champion in {os.environ.get('BENTOML_HOME', '~/bentoml')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,23 @@
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """`../shared/data` beside the checkout; tests that need it skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} is absent: the real TCGA tables and slides are not available here")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def blca_table(shared_data: Path) -> Path:
+    path = shared_data / "tcga" / "tcga_blca_all_clean.csv.gz"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    return path

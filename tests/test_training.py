@@ -1,0 +1,163 @@
+"""Training, checkpointing and inference on a small in-memory cohort with a known signal."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from healnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, verify_checkpoint
+from healnet.experiment import CohortData, TrainedModel, train_model
+from healnet.inference import Case, Predictor
+from healnet.preprocess.omics import OmicsConfig
+from healnet.train import TrainConfig, evaluate_loader, make_loader, select_device
+
+MODEL = {"depth": 1, "n_latents": 8, "latent_dim": 32, "cross_dim_head": 16, "latent_dim_head": 16}
+
+
+def make_data(n: int = 160, seed: int = 0) -> CohortData:
+    """Omics carry one risk factor, patch bags another; times follow their sum."""
+    rng = np.random.default_rng(seed)
+    ids = [f"TCGA-AA-{i:04d}" for i in range(n)]
+    z_omic, z_wsi = rng.normal(size=n), rng.normal(size=n)
+    event_time = rng.exponential(30 * np.exp(-2 * (z_omic + z_wsi)))
+    censor_time = rng.uniform(10, 120, n)
+    clinical = pd.DataFrame(
+        {
+            "survival_months": np.maximum(np.minimum(event_time, censor_time), 0.1),
+            "event": (event_time <= censor_time).astype(int),
+        },
+        index=pd.Index(ids, name="patient_id"),
+    )
+    rna = rng.normal(size=(n, 30))
+    rna[:, :5] += 1.5 * z_omic[:, None]
+    mut = (rng.random((n, 10)) < 0.2).astype(float)
+    omics = {
+        "rnaseq": pd.DataFrame(rna, index=clinical.index, columns=[f"G{i}_rnaseq" for i in range(30)]),
+        "mut": pd.DataFrame(mut, index=clinical.index, columns=[f"G{i}_mut" for i in range(10)]),
+    }
+    bags = {}
+    for i, pid in enumerate(ids):
+        patches = rng.normal(size=(int(rng.integers(5, 20)), 6)).astype(np.float32)
+        patches[:, 0] += 1.5 * z_wsi[i]
+        bags[pid] = patches
+    return CohortData(clinical, omics, bags)
+
+
+@pytest.fixture(scope="module")
+def data() -> CohortData:
+    return make_data()
+
+
+@pytest.fixture(scope="module")
+def split(data):
+    ids = list(data.clinical.index)
+    return ids[:90], ids[90:120], ids[120:]
+
+
+@pytest.fixture(scope="module")
+def trained(data, split) -> TrainedModel:
+    torch.set_num_threads(1)
+    config = TrainConfig(epochs=25, batch_size=16, lr=3e-3, patience=25, seed=0)
+    return train_model(data, split[0], split[1], model_options=MODEL, train_config=config, progress=False)
+
+
+def test_training_learns_the_signal(trained, data, split):
+    metrics = trained.evaluate(data, split[2], split[0])
+    assert trained.modalities == ["omic", "wsi"]
+    assert metrics["c_index"] > 0.75
+    assert 0.0 <= metrics["integrated_brier_score"] <= 1.0
+
+
+def test_early_stopping_restores_the_best_weights(trained, data, split):
+    history = trained.result.history
+    best = history[trained.result.best_epoch]
+    assert trained.result.best_score == pytest.approx(max(row["val_c_index"] for row in history))
+    device = select_device("cpu")
+    loader = make_loader(trained.dataset(data, split[1]), 16, False, device)
+    assert evaluate_loader(trained.model, loader, device, 0.4)["c_index"] == pytest.approx(best["val_c_index"])
+
+
+def test_bins_are_fit_on_training_patients_only(data, split):
+    config = TrainConfig(epochs=1, seed=0)
+    shifted = CohortData(data.clinical.copy(), data.omics, data.wsi_bags)
+    shifted.clinical.loc[split[2], "survival_months"] *= 50
+    a = train_model(data, split[0], split[1], ["omic"], model_options=MODEL, train_config=config, progress=False)
+    b = train_model(shifted, split[0], split[1], ["omic"], model_options=MODEL, train_config=config, progress=False)
+    np.testing.assert_array_equal(a.bins.edges, b.bins.edges)
+
+
+def test_unknown_modality_is_rejected(data, split):
+    with pytest.raises(ValueError, match="not all in this cohort"):
+        train_model(data, split[0], split[1], ["radiology"], progress=False)
+
+
+def test_checkpoint_round_trip_gives_identical_predictions(trained, data, split, tmp_path):
+    sha = save_checkpoint(tmp_path / "ckpt", trained.to_checkpoint({"note": "test"}))
+    manifest = json.loads((tmp_path / "ckpt" / "checkpoint.json").read_text())
+    assert manifest["sha256"] == sha == verify_checkpoint(tmp_path / "ckpt")
+    restored = TrainedModel.from_checkpoint(load_checkpoint(tmp_path / "ckpt"))
+    np.testing.assert_array_equal(restored.predict(data, split[2]), trained.predict(data, split[2]))
+    np.testing.assert_array_equal(restored.bins.edges, trained.bins.edges)
+    assert restored.metadata["note"] == "test"
+
+
+def test_corrupted_checkpoint_is_refused(trained, tmp_path):
+    directory = tmp_path / "ckpt"
+    save_checkpoint(directory, trained.to_checkpoint())
+    weights = directory / "model.pt"
+    raw = bytearray(weights.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="corrupted: sha256"):
+        load_checkpoint(directory)
+    (directory / "checkpoint.json").unlink()
+    with pytest.raises(CheckpointError, match="checkpoint.json is missing"):
+        load_checkpoint(directory)
+
+
+def test_predictor_matches_training_path_and_handles_missing_modalities(trained, data, split):
+    predictor = Predictor(trained.to_checkpoint())
+    pid = split[2][0]
+    case = Case(
+        omics={name: frame.loc[pid].to_dict() for name, frame in data.omics.items()},
+        wsi_features=data.wsi_bags[pid],
+    )
+    full, omic_only, wsi_only = predictor.predict(
+        [case, Case(omics=case.omics), Case(wsi_features=case.wsi_features)], return_attention=True
+    )
+    expected_risk = -torch.cumprod(1 - torch.sigmoid(torch.from_numpy(trained.predict(data, [pid]))), 1).sum()
+    assert full.risk == pytest.approx(float(expected_risk), abs=1e-5)
+    assert full.modalities_missing == [] and omic_only.modalities_missing == ["wsi"]
+    assert wsi_only.modalities_used == ["wsi"]
+    assert len(full.attention["wsi"]) == len(case.wsi_features)
+    assert sum(full.attention["wsi"]) == pytest.approx(1.0, abs=1e-4)
+    assert full.survival == sorted(full.survival, reverse=True)
+    assert full.bin_edges_months[0] == 0.0 and full.bin_edges_months[-1] is None
+
+
+def test_predictor_reports_imputed_and_unknown_features(trained, data, split):
+    predictor = Predictor(trained.to_checkpoint())
+    pid = split[2][1]
+    rnaseq = data.omics["rnaseq"].loc[pid].to_dict()
+    del rnaseq["G0_rnaseq"]
+    case = Case(omics={"rnaseq": {**rnaseq, "NOTAGENE_rnaseq": 1.0}, "mut": data.omics["mut"].loc[pid].to_dict()})
+    (prediction,) = predictor.predict([case])
+    assert prediction.unknown_features == ["NOTAGENE_rnaseq"]
+    assert prediction.imputed_fraction == pytest.approx(1 / 40)
+
+
+def test_per_table_omics_become_separate_modalities(data, split):
+    config = TrainConfig(epochs=1, seed=0)
+    model = train_model(
+        data,
+        split[0],
+        split[1],
+        ["omic"],
+        OmicsConfig(combine=False),
+        model_options=MODEL,
+        train_config=config,
+        progress=False,
+    )
+    assert sorted(model.modalities) == ["mut", "rnaseq"]
