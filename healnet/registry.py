@@ -60,10 +60,15 @@ def register_model(
 def list_versions() -> list[dict]:
     """Every registered version, newest first, with its labels, metadata and champion flag."""
     import bentoml
+    from bentoml.exceptions import NotFound
 
     champion = get_champion()
+    try:
+        models = bentoml.models.list(MODEL_NAME)
+    except NotFound:  # nothing registered yet
+        models = []
     rows = []
-    for model in bentoml.models.list(MODEL_NAME):
+    for model in models:
         info = model.info
         rows.append(
             {

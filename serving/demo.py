@@ -4,6 +4,8 @@ and local smoke runs of `bentoml serve` without a real cohort (`python -m servin
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import os
 import tempfile
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ OMIC_TABLES = ("mut", "cnv", "rnaseq")
 class DemoSpec:
     patients: int = 48
     features_per_table: int = 8
-    wsi_dim: int = 8
+    wsi_dim: int = 31  # the width of the "stats" patch encoder, so that tile requests work too
     patches: tuple[int, int] = (4, 12)  # patches per bag, drawn uniformly in [low, high)
     epochs: int = 2
     model_options: tuple[tuple[str, int], ...] = (
@@ -45,7 +47,10 @@ def demo_cohort(spec: DemoSpec):
     rng = np.random.default_rng(spec.seed)
     ids = [f"TCGA-{rng.integers(10, 99)}-{i:04d}" for i in range(spec.patients)]
     clinical = pd.DataFrame(
-        {"survival_months": rng.uniform(1.0, 120.0, spec.patients), "event": rng.integers(0, 2, spec.patients)},
+        {
+            "survival_months": rng.uniform(1.0, 120.0, spec.patients),
+            "event": rng.integers(0, 2, spec.patients),
+        },
         index=pd.Index(ids, name="patient_id"),
     )
     omics = {
@@ -53,7 +58,8 @@ def demo_cohort(spec: DemoSpec):
         for table, names in demo_feature_names(spec).items()
     }
     bags = {
-        pid: rng.normal(size=(int(rng.integers(*spec.patches)), spec.wsi_dim)).astype(np.float32) for pid in ids
+        pid: rng.normal(size=(int(rng.integers(*spec.patches)), spec.wsi_dim)).astype(np.float32)
+        for pid in ids
     }
     return CohortData(clinical, omics, bags)
 
@@ -77,8 +83,44 @@ def train_demo_checkpoint(out_dir: Path, spec: DemoSpec = DemoSpec(), metadata: 
         progress=False,
     )
     quantiles = reference_risk_quantiles(trained, data, ids[:split])
-    save_checkpoint(out_dir, trained.to_checkpoint({"reference_risk_quantiles": quantiles, **(metadata or {})}))
+    save_checkpoint(
+        out_dir, trained.to_checkpoint({"reference_risk_quantiles": quantiles, **(metadata or {})})
+    )
     return Path(out_dir)
+
+
+def demo_payload(
+    spec: DemoSpec = DemoSpec(),
+    modalities: tuple[str, ...] = ("omic", "wsi"),
+    patches: int = 8,
+    seed: int = 0,
+) -> dict:
+    """A /predict body with every omic feature of the demo model and/or `patches` random patch features."""
+    rng = np.random.default_rng(seed)
+    payload: dict = {}
+    if "omic" in modalities:
+        payload["omics"] = {
+            table: {name: round(float(rng.normal()), 4) for name in names}
+            for table, names in demo_feature_names(spec).items()
+        }
+    if "wsi" in modalities:
+        payload["wsi_features"] = rng.normal(size=(patches, spec.wsi_dim)).round(4).tolist()
+    return payload
+
+
+def demo_tiles(count: int, size: int = 64, seed: int = 0, image_format: str = "PNG") -> list[str]:
+    """Random RGB tiles as base64-encoded images, as /predict accepts them in wsi_tiles."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    tiles = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+            buffer, format=image_format
+        )
+        tiles.append(base64.b64encode(buffer.getvalue()).decode())
+    return tiles
 
 
 def register_demo_champion(spec: DemoSpec = DemoSpec()) -> str:

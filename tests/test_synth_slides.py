@@ -77,7 +77,9 @@ def test_tumour_fraction_is_visible_in_mean_stats_features(tmp_path):
     out = tmp_path / "features"
     report = preprocess_slides(slides, out, "stats", TilingConfig(), progress=False)
     assert [result.slide_id for result in report.processed] == [path.name for path in slides]
-    slide_means = np.stack([read_slide_features(result.features_path)[0].mean(0) for result in report.processed])
+    slide_means = np.stack(
+        [read_slide_features(result.features_path)[0].mean(0) for result in report.processed]
+    )
     for name in ("haematoxylin_mean", "dark_fraction", "od_mean_r"):
         rho = spearmanr(fractions, slide_means[:, STATS_FEATURE_NAMES.index(name)]).statistic
         assert rho > 0.9, name

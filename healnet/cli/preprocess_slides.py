@@ -28,10 +28,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="a folder of slides (.svs, .tif, .tiff, .ndpi, .mrxs, ...), a manifest (.csv or .parquet "
         "with columns slide_id, path; relative paths are resolved against its folder) or one slide file",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder for the feature files")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="output folder for the feature files, thumbnails and report",
+    )
     parser.add_argument(
         "--encoder",
         default="stats",
+        metavar="SPEC",
         help="'stats' (colour and texture statistics, no weights) or 'torchscript:PATH' (a TorchScript "
         "patch encoder such as a ResNet50/UNI/CONCH export; runs on CUDA when available)",
     )
@@ -47,6 +55,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--shard",
         type=parse_shard,
         default="0/1",
+        metavar="i/n",
         help="process only shard i of n: the sorted slide list [i::n] (for parallel workers)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")

@@ -30,6 +30,7 @@ class SynthConfig:
     omic_effect: float = 1.0
     wsi_effect: float = 1.0
     median_survival_months: float = 30.0
+    slide_px: int = 1792
 
     def __post_init__(self) -> None:
         if self.patients < 20:
@@ -133,6 +134,7 @@ def synthesize_cohort(out_dir: Path, config: SynthConfig = SynthConfig(), progre
                     slide_dir / slide_id,
                     float(tumour_fraction[i]),
                     seed=config.seed * 100_003 + i * 7 + number,
+                    size_px=config.slide_px,
                 )
             rows.append(
                 {

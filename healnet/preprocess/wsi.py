@@ -29,7 +29,8 @@ SLIDE_SUFFIXES = frozenset(
 )
 MPP_TOLERANCE = 0.02  # a level counts as "finer than target" up to 2 % coarser (0.499 × 2 vs 1.0)
 MIN_TISSUE_SATURATION = 0.05  # below it a pixel is glass whatever Otsu says (blank slides)
-THUMBNAIL_PX_PER_PATCH = 16  # a thumbnail finer than this per patch only costs time
+THUMBNAIL_PX_PER_PATCH = 16  # a finer tissue mask only costs time ...
+MIN_THUMBNAIL = 256  # ... but the thumbnail stays large enough to look at
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
@@ -48,8 +49,9 @@ class TileError(ValueError):
 
 @dataclass(frozen=True)
 class TilingConfig:
-    """Patch grid settings. The thumbnail (tissue mask) is at most `thumbnail_max` px on its long side
-    and at most `THUMBNAIL_PX_PER_PATCH` px per patch; `batch_size` patches go to the encoder at once."""
+    """Patch grid settings. The thumbnail (tissue mask) is at most `thumbnail_max` px on its long side,
+    and no finer than `THUMBNAIL_PX_PER_PATCH` px per patch unless that is under `MIN_THUMBNAIL` px;
+    `batch_size` patches go to the encoder at once."""
 
     target_mpp: float = 1.0
     patch_size: int = 224
@@ -214,7 +216,12 @@ class TorchScriptEncoder:
         self.model = torch.jit.load(str(path), map_location=self.device).eval()
         self.name = f"torchscript:{path.name}"
         probe = np.zeros((1, 224, 224, 3), dtype=np.uint8)  # a 224 px probe tells the feature width
-        self.dim = self._forward(probe).shape[1]
+        try:
+            self.dim = self._forward(probe).shape[1]
+        except RuntimeError as error:
+            raise ValueError(
+                f"TorchScript encoder {path} fails on a (1, 3, 224, 224) batch: {error}"
+            ) from error
 
     def _forward(self, patches: np.ndarray) -> np.ndarray:
         import torch
@@ -414,7 +421,7 @@ def _preprocess_open_slide(
             f"slide level {level} ({level_width}×{level_height} px) is smaller than one {read_size} px patch"
         )
 
-    side = min(config.thumbnail_max, THUMBNAIL_PX_PER_PATCH * max(n_rows, n_cols))
+    side = min(config.thumbnail_max, max(MIN_THUMBNAIL, THUMBNAIL_PX_PER_PATCH * max(n_rows, n_cols)))
     thumbnail = np.asarray(slide.get_thumbnail((side, side)).convert("RGB"))
     mask = tissue_mask(thumbnail)
     fractions = cell_tissue_fractions(mask, slide.dimensions, read_size * downsample, n_rows, n_cols)
@@ -524,11 +531,12 @@ def read_feature_metadata(path: Path) -> dict:
 # Many slides
 
 
-def resolve_slide_inputs(inputs: str | Path | Iterable[str | Path]) -> list[tuple[str, Path]]:
+def resolve_slide_inputs(inputs: str | Path | Iterable[str | Path]) -> list[tuple[str, Path | None]]:
     """(slide_id, path) pairs sorted by slide id, from a folder, a manifest, one slide or a list of paths.
 
-    A manifest is a .csv or .parquet with columns slide_id and path; relative paths are resolved
-    against the manifest's folder. Folder slides and listed paths use the file name as slide id.
+    A manifest is a .csv or .parquet with columns slide_id and path (a cohort's slides.parquet is one);
+    relative paths are resolved against the manifest's folder, and an empty path (a slide listed
+    without a file) gives None. Folder slides and listed paths use the file name as slide id.
     """
     if isinstance(inputs, str | Path):
         source = Path(inputs)
@@ -547,10 +555,10 @@ def resolve_slide_inputs(inputs: str | Path | Iterable[str | Path]) -> list[tupl
             )
     else:
         pairs = [(Path(p).name, Path(p)) for p in inputs]
-    return sorted(pairs, key=lambda pair: (pair[0], str(pair[1])))
+    return sorted(pairs, key=lambda pair: (pair[0], str(pair[1] or "")))
 
 
-def read_manifest(manifest: Path) -> list[tuple[str, Path]]:
+def read_manifest(manifest: Path) -> list[tuple[str, Path | None]]:
     if not manifest.is_file():
         raise SlideInputError(f"manifest not found: {manifest}")
     table = pd.read_parquet(manifest) if manifest.suffix.lower() == ".parquet" else pd.read_csv(manifest)
@@ -559,11 +567,11 @@ def read_manifest(manifest: Path) -> list[tuple[str, Path]]:
         raise SlideInputError(
             f"manifest {manifest} lacks column(s) {sorted(missing)}; it has {list(table.columns)}"
         )
-    empty = table.index[table["slide_id"].isna() | table["path"].isna()].tolist()
-    if empty:
-        raise SlideInputError(f"manifest {manifest}: rows {empty[:10]} have an empty slide_id or path")
+    unnamed = table.index[table["slide_id"].isna() | (table["slide_id"].astype(str) == "")].tolist()
+    if unnamed:
+        raise SlideInputError(f"manifest {manifest}: rows {unnamed[:10]} have an empty slide_id")
     return [
-        (str(slide_id), manifest.parent / str(path))
+        (str(slide_id), manifest.parent / path if isinstance(path, str) and path else None)
         for slide_id, path in zip(table["slide_id"], table["path"], strict=True)
     ]
 
@@ -597,14 +605,18 @@ def preprocess_slides(
     if not entries:
         raise SlideInputError(f"no slides found in {inputs}")
     first_owner: dict[str, tuple[str, Path]] = {}  # feature file name -> the entry that writes it
-    for entry in entries:
-        first_owner.setdefault(feature_file_name(entry[0]), entry)
+    for slide_id, path in entries:
+        if path is not None:
+            first_owner.setdefault(feature_file_name(slide_id), (slide_id, path))
     encoder = make_encoder(encoder) if isinstance(encoder, str) else encoder
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     report = PreprocessReport()
     for slide_id, path in tqdm(entries[index::count], desc="slides", unit="slide", disable=not progress):
+        if path is None:
+            report.quarantined.append((slide_id, "no file: the manifest gives no path for this slide"))
+            continue
         owner_id, owner_path = first_owner[feature_file_name(slide_id)]
         if (owner_id, owner_path) != (slide_id, path):
             reason = (

@@ -1,0 +1,234 @@
+"""Load benchmark of the HEALNet service against the same model called in-process.
+
+Starts `bentoml serve` on loopback with a demo model in a temporary registry (or targets --url, whose
+model must be the champion, or --tag, of the local registry), sends a bounded load at each concurrency
+(httpx async client), and runs `Predictor.predict` on the same payloads in a loop. Prints a Markdown
+table and whether the targets are met: p50 overhead over in-process < 5 ms at concurrency 1, and
+>= 70 % of the in-process throughput at concurrency 8.
+
+    python benchmarks/serve_load.py --requests 200 --concurrency 1 4 8 --json build/serve_load.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager, suppress
+from pathlib import Path
+
+import numpy as np
+
+from serving.demo import DemoSpec, demo_payload
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+P50_OVERHEAD_TARGET_MS = 5.0
+THROUGHPUT_TARGET = 0.7
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--url", help="benchmark this running service instead of starting one")
+    parser.add_argument("--tag", help="with --url: the model it serves (default: the registry's champion)")
+    parser.add_argument("--requests", type=int, default=200, help="requests per concurrency level")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8], help="concurrency levels")
+    parser.add_argument("--patches", type=int, default=64, help="WSI patches per request")
+    parser.add_argument("--features", type=int, default=100, help="omic features per table of the demo model")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, in the server and in-process")
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    return parser.parse_args()
+
+
+def percentiles(latencies: list[float], elapsed: float) -> dict:
+    ms = np.asarray(latencies) * 1000
+    return {
+        "requests": len(latencies),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "rps": len(latencies) / elapsed,
+    }
+
+
+def in_process(checkpoint_dir: Path, payloads: list[dict], threads: int) -> dict:
+    """`Predictor.predict` on each payload in turn, one case per call."""
+    import torch
+
+    from healnet.inference import Case, Predictor
+
+    torch.set_num_threads(threads)
+    predictor = Predictor.from_dir(checkpoint_dir)
+    cases = [
+        Case(p.get("omics", {}), np.asarray(p["wsi_features"], np.float32) if "wsi_features" in p else None)
+        for p in payloads
+    ]
+    predictor.predict(cases[:1])
+    latencies = []
+    start = time.perf_counter()
+    for case in cases:
+        begin = time.perf_counter()
+        predictor.predict([case])
+        latencies.append(time.perf_counter() - begin)
+    return percentiles(latencies, time.perf_counter() - start)
+
+
+async def over_http(url: str, payloads: list[dict], concurrency: int) -> dict:
+    """POST each payload to /predict with at most `concurrency` requests in flight."""
+    import httpx
+
+    bodies = [json.dumps(p).encode() for p in payloads]
+    latencies: list[float] = []
+    pending = iter(bodies)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+
+        async def worker() -> None:
+            for body in pending:
+                begin = time.perf_counter()
+                response = await client.post(
+                    "/predict", content=body, headers={"content-type": "application/json"}
+                )
+                latencies.append(time.perf_counter() - begin)
+                response.raise_for_status()
+
+        await worker_round(client, bodies[: min(20, len(bodies))])  # warm-up, not measured
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return percentiles(latencies, elapsed)
+
+
+async def worker_round(client, bodies: list[bytes]) -> None:
+    for body in bodies:
+        (
+            await client.post("/predict", content=body, headers={"content-type": "application/json"})
+        ).raise_for_status()
+
+
+@contextmanager
+def demo_service(spec: DemoSpec, threads: int):
+    """A temporary registry with a demo champion, served by `bentoml serve`; yields (url, checkpoint).
+
+    The registry location goes to the environment before BentoML is first used in this process.
+    """
+    import httpx
+
+    from healnet.registry import register_model, set_champion
+    from serving.demo import train_demo_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
+        os.environ["BENTOML_HOME"] = os.environ["HEALNET_REGISTRY_DIR"] = str(Path(tmp) / "home")
+        checkpoint = train_demo_checkpoint(Path(tmp) / "checkpoint", spec)
+        set_champion(
+            register_model(checkpoint, labels={"source": "benchmark"}, metadata={}), "load benchmark"
+        )
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        url = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "BENTOML_DO_NOT_TRACK": "True"}
+        command = [sys.executable, "-m", "bentoml", "serve", "serving.service:HEALNetService"]
+        log_path = Path(tmp) / "serve.log"
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen(
+                [*command, "--host", "127.0.0.1", "--port", str(port)],
+                cwd=REPO_ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            deadline = time.monotonic() + 180
+            while process.poll() is None and time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.25)
+            else:
+                raise RuntimeError(f"bentoml serve did not start:\n{log_path.read_text()[-3000:]}")
+            yield url, checkpoint
+        finally:
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            finally:
+                with suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| mode | concurrency | requests | p50 ms | p95 ms | p99 ms | req/s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['mode']} | {row['concurrency']} | {row['requests']} | {row['p50_ms']:.2f} | "
+            f"{row['p95_ms']:.2f} | {row['p99_ms']:.2f} | {row['rps']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    args = parse_args()
+    spec = DemoSpec(features_per_table=args.features, patches=(args.patches, args.patches + 1), epochs=1)
+    payloads = [demo_payload(spec, ("omic", "wsi"), args.patches, seed) for seed in range(args.requests)]
+    with ExitStack() as stack:
+        if args.url:
+            from healnet.registry import resolve
+
+            url, checkpoint = args.url.rstrip("/"), resolve(args.tag)[1]
+        else:
+            url, checkpoint = stack.enter_context(demo_service(spec, args.threads))
+        rows = [{"mode": "in-process", "concurrency": 1, **in_process(checkpoint, payloads, args.threads)}]
+        for concurrency in args.concurrency:
+            rows.append(
+                {
+                    "mode": "HTTP /predict",
+                    "concurrency": concurrency,
+                    **asyncio.run(over_http(url, payloads, concurrency)),
+                }
+            )
+
+    baseline = rows[0]
+    by_concurrency = {row["concurrency"]: row for row in rows[1:]}
+    results = {"rows": rows, "load_average": os.getloadavg(), "cpus": os.cpu_count(), "patches": args.patches}
+    if 1 in by_concurrency:
+        results["p50_overhead_ms"] = by_concurrency[1]["p50_ms"] - baseline["p50_ms"]
+    if 8 in by_concurrency:
+        results["throughput_ratio_at_8"] = by_concurrency[8]["rps"] / baseline["rps"]
+    print(table(rows))
+    print()
+    if "p50_overhead_ms" in results:
+        met = results["p50_overhead_ms"] < P50_OVERHEAD_TARGET_MS
+        print(
+            f"p50 overhead at concurrency 1: {results['p50_overhead_ms']:.2f} ms (target < 5 ms: {'met' if met else 'NOT met'})"
+        )
+    if "throughput_ratio_at_8" in results:
+        met = results["throughput_ratio_at_8"] >= THROUGHPUT_TARGET
+        print(
+            f"throughput at concurrency 8: {results['throughput_ratio_at_8']:.0%} of in-process (target >= 70 %: {'met' if met else 'NOT met'})"
+        )
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

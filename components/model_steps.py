@@ -1,0 +1,103 @@
+"""Model steps: training (on the GPU image) and evaluation on the held-out test patients."""
+
+from kfp import dsl
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+from components.images import HEALNET_GPU_IMAGE, HEALNET_IMAGE
+
+
+@dsl.component(base_image=HEALNET_GPU_IMAGE, packages_to_install=[], install_kfp_package=False)
+def train(
+    cohort_dir: str,
+    data_hash: str,
+    split_repeat: int,
+    epochs: int,
+    batch_size: int,
+    patience: int,
+    seed: int,
+    slide_features: Input[list[Dataset]],
+    omics_transform: Input[Artifact],
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """Train HEALNet on the holdout split's training patients (early stopping on the validation ones).
+
+    The model folder holds `checkpoint/` (weights sealed by sha256), `metrics.json` and `history.json`.
+    """
+    import json
+    import math
+    import tempfile
+    from pathlib import Path
+
+    from components.support import merge_feature_shards
+    from healnet.experiment import run_training
+    from healnet.preprocess.omics import OmicsTransform
+    from healnet.train import TrainConfig
+
+    features_dir = Path(tempfile.mkdtemp(prefix="features-"))
+    merge_feature_shards([artifact.path for artifact in slide_features], features_dir)
+    state = json.loads(Path(omics_transform.path).read_text())
+    result = run_training(
+        Path(cohort_dir),
+        Path(model.path),
+        features_dir=features_dir,
+        split_repeat=split_repeat,
+        train_config=TrainConfig(epochs=epochs, batch_size=batch_size, patience=patience, seed=seed),
+        omics_transform=OmicsTransform.from_state_dict(state) if state is not None else None,
+        progress=False,
+    )
+    model.metadata.update(
+        {
+            "sha256": result["sha256"],
+            "modalities": result["modalities"],
+            "best_epoch": result["best_epoch"],
+            "device": result["device"],
+            "data_hash": data_hash,
+        }
+    )
+    for name, value in result["val"].items():
+        if math.isfinite(value):
+            metrics.log_metric(f"val_{name}", value)
+        else:
+            print(f"validation {name} is {value}: not logged as a metric")
+    metrics.log_metric("epochs_run", result["epochs_run"])
+    Path(metrics.path).write_text(json.dumps(metrics.metadata))  # the file too, not only the metadata
+
+
+@dsl.component(base_image=HEALNET_IMAGE, packages_to_install=[], install_kfp_package=False)
+def evaluate(
+    cohort_dir: str,
+    data_hash: str,
+    split_repeat: int,
+    model: Input[Model],
+    slide_features: Input[list[Dataset]],
+    metrics: Output[Metrics],
+    report: Output[HTML],
+):
+    """Evaluate the model on the held-out test patients: c-index, IPCW c-index and integrated Brier
+    score as metrics, and an HTML report embedding the Kaplan-Meier plot of the risk groups."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from components.support import evaluation_html, finite_metrics, merge_feature_shards
+    from healnet.evaluate import evaluate_checkpoint
+
+    features_dir = Path(tempfile.mkdtemp(prefix="features-"))
+    merge_feature_shards([artifact.path for artifact in slide_features], features_dir)
+    evaluation = evaluate_checkpoint(
+        Path(model.path) / "checkpoint",
+        Path(cohort_dir),
+        Path(tempfile.mkdtemp(prefix="evaluation-")),
+        features_dir=features_dir,
+        role="test",
+        split_repeat=split_repeat,
+    )
+    scores = finite_metrics(evaluation, ("c_index", "c_index_ipcw", "integrated_brier_score"))
+    for name, value in scores.items():
+        metrics.log_metric(name, value)
+    metrics.log_metric("test_patients", evaluation["patients"])
+    metrics.log_metric("test_events", evaluation["events"])
+    Path(metrics.path).write_text(json.dumps(metrics.metadata))  # the file too, not only the metadata
+    report_rows = {**evaluation, "data_hash": data_hash}
+    Path(report.path).write_text(evaluation_html(report_rows, "HEALNet evaluation: held-out test patients"))

@@ -1,0 +1,1 @@
+"""The HEALNet Kubeflow pipeline definition and its command line (`python -m pipelines`)."""

@@ -1,0 +1,91 @@
+"""Run the pipeline on this machine with `kfp.local` (SubprocessRunner in the current interpreter) and
+collect what a person wants to see afterwards: metrics, the gate decision, the model tag, reports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.options import DEFAULT_OPTIONS, ClusterOptions
+
+# Report artifacts, copied next to the run with a file extension so they open in a browser/editor.
+REPORTS = {
+    "validation.md": ("validate", "report"),
+    "evaluation.html": ("evaluate", "report"),
+    "gate.md": ("gate", "report"),
+    "promotion.md": ("promote", "report"),
+    "rejection.md": ("reject", "report"),
+}
+
+
+@dataclass
+class LocalRun:
+    run_dir: Path
+    succeeded: bool
+    error: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    decision: str | None = None
+    model_tag: str | None = None
+    reports: dict[str, Path] = field(default_factory=dict)
+
+
+def run_local(
+    arguments: dict, pipeline_root: Path, options: ClusterOptions = DEFAULT_OPTIONS, cache: bool = False
+) -> LocalRun:
+    """Run the pipeline with `arguments` under `pipeline_root`; a failed step ends the run (reported,
+    not raised) after the exit handler has run. With `cache`, steps whose inputs are unchanged reuse
+    the outputs of an earlier run under the same root (validation and the release steps always run)."""
+    from kfp import local
+
+    from pipelines.pipeline import PIPELINE_NAME, build_pipeline
+
+    pipeline_root = Path(pipeline_root).resolve()
+    pipeline_root.mkdir(parents=True, exist_ok=True)
+    before = set(pipeline_root.glob(f"{PIPELINE_NAME}-*"))
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), enable_caching=cache
+    )
+    error = ""
+    with warnings.catch_warnings():
+        # kfp.local warns that the cluster images and the Kubernetes/resource settings are ignored here
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
+        try:
+            build_pipeline(options)(**arguments)
+        except RuntimeError as failure:  # kfp.local raises when a task fails
+            error = str(failure)
+    new_runs = sorted(set(pipeline_root.glob(f"{PIPELINE_NAME}-*")) - before)
+    if len(new_runs) != 1:
+        raise RuntimeError(
+            f"expected one new run folder in {pipeline_root}, found {[p.name for p in new_runs]}"
+        )
+    return collect(new_runs[0], error)
+
+
+def _executor_output(run_dir: Path, task: str) -> dict | None:
+    path = run_dir / task / "executor_output.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def collect(run_dir: Path, error: str = "") -> LocalRun:
+    """Read a finished local run folder (one subfolder per task)."""
+    result = LocalRun(run_dir, succeeded=not error, error=error)
+    evaluation = _executor_output(run_dir, "evaluate")
+    if evaluation:
+        result.metrics = evaluation["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    decided = _executor_output(run_dir, "gate")
+    if decided:
+        result.decision = decided["parameterValues"]["Output"]
+        # a cached evaluation has no folder in this run; the gate recorded the metrics it judged
+        result.metrics = result.metrics or decided["artifacts"]["report"]["artifacts"][0]["metadata"]["candidate_metrics"]
+    promoted = _executor_output(run_dir, "promote")
+    if promoted:
+        result.model_tag = promoted["parameterValues"]["Output"]
+    for name, (task, artifact) in REPORTS.items():
+        source = run_dir / task / artifact
+        if source.is_file():
+            result.reports[name] = Path(shutil.copyfile(source, run_dir / name))
+    return result

@@ -1,0 +1,81 @@
+"""Compile-time cluster options and `--param key=value` parsing shared by every CLI command."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+PARAMETER_TYPES = {"String": str, "Integer": int, "Float": float, "Boolean": bool}
+
+
+class ParamError(ValueError):
+    """A `--param` that is malformed, unknown or of the wrong type."""
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """Kubernetes settings fixed when the pipeline is compiled (ignored by `kfp.local`)."""
+
+    gpu_node_label: str = "nvidia.com/gpu.present"  # node selector on the training step
+    gpu_node_value: str = "true"
+    gpu_taint_key: str = "nvidia.com/gpu"  # toleration on the training step (operator Exists)
+    gpu_taint_effect: str = "NoSchedule"
+    gpu_count: int = 1
+    train_cpu: str = "4"
+    train_memory: str = "16Gi"
+    train_shm: str = "2Gi"  # /dev/shm for DataLoader workers (memory-backed emptyDir)
+    train_timeout_s: int = 6 * 3600
+    step_cpu: str = "1"
+    step_memory: str = "4Gi"
+    retries: int = 2  # on the data, training and evaluation steps
+    retry_backoff: str = "30s"
+    shard_parallelism: int = 4
+    cohort_pvc: str = ""  # when set, mounted at cohort_mount on the steps that read the cohort
+    cohort_mount: str = "/data"
+    registry_pvc: str = ""  # when set, the BentoML store (BENTOML_HOME) is this PVC at registry_mount
+    registry_mount: str = "/registry"
+
+
+DEFAULT_OPTIONS = ClusterOptions()
+OPTION_NAMES = tuple(field.name for field in dataclasses.fields(ClusterOptions))
+
+
+def split_params(pairs: list[str]) -> dict[str, str]:
+    """`["a=1", "b=x=y"]` -> `{"a": "1", "b": "x=y"}`."""
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ParamError(f"--param expects KEY=VALUE, got {pair!r}")
+        params[key.strip()] = value
+    return params
+
+
+def convert(name: str, raw: str, kind: type) -> str | int | float | bool:
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered not in {"true", "false", "1", "0", "yes", "no"}:
+            raise ParamError(f"{name} expects true or false, got {raw!r}")
+        return lowered in {"true", "1", "yes"}
+    try:
+        return kind(raw)
+    except ValueError as error:
+        raise ParamError(f"{name} expects {kind.__name__}, got {raw!r}") from error
+
+
+def parse_params(pairs: list[str], pipeline_inputs: dict[str, type]) -> tuple[ClusterOptions, dict]:
+    """Sort `--param` pairs into cluster options and typed pipeline arguments; unknown keys are errors."""
+    option_types = {field.name: field.type for field in dataclasses.fields(ClusterOptions)}
+    options: dict = {}
+    arguments: dict = {}
+    for name, raw in split_params(pairs).items():
+        if name in option_types:
+            options[name] = convert(name, raw, int if option_types[name] == "int" else str)
+        elif name in pipeline_inputs:
+            arguments[name] = convert(name, raw, pipeline_inputs[name])
+        else:
+            raise ParamError(
+                f"unknown parameter {name!r}; pipeline parameters: {', '.join(sorted(pipeline_inputs))}; "
+                f"cluster options: {', '.join(OPTION_NAMES)}"
+            )
+    return ClusterOptions(**options), arguments

@@ -1,0 +1,46 @@
+"""Serving settings from environment variables (documented in docs/serving.md)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """An environment variable of the service holds an invalid value."""
+
+
+def _env_number(name: str, default: float, kind: type = int, low: float = 0.0, high: float | None = None):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return kind(default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a valid {kind.__name__}") from None
+    if value < low or (high is not None and value > high):
+        raise ConfigError(f"{name}={raw!r} must be in [{low}, {high if high is not None else 'inf'}]")
+    return value
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_batch_cases: int = 64
+    max_patches: int = 8192
+    max_tiles: int = 256
+    max_tile_pixels: int = 4096 * 4096
+    max_unknown_feature_fraction: float = 0.5
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        return cls(
+            max_body_bytes=_env_number("HEALNET_MAX_BODY_BYTES", cls.max_body_bytes, low=1),
+            max_batch_cases=_env_number("HEALNET_MAX_BATCH_CASES", cls.max_batch_cases, low=1),
+            max_patches=_env_number("HEALNET_MAX_PATCHES", cls.max_patches, low=1),
+            max_tiles=_env_number("HEALNET_MAX_TILES", cls.max_tiles, low=1),
+            max_tile_pixels=_env_number("HEALNET_MAX_TILE_PIXELS", cls.max_tile_pixels, low=1),
+            max_unknown_feature_fraction=_env_number(
+                "HEALNET_MAX_UNKNOWN_FEATURE_FRACTION", cls.max_unknown_feature_fraction, float, 0.0, 1.0
+            ),
+        )

@@ -1,0 +1,113 @@
+"""Prometheus metrics of the service, named as in docs/architecture.md ("Serving metrics").
+
+Created with prometheus_client at import: BentoML workers start with PROMETHEUS_MULTIPROC_DIR already
+set, so these land in the multiprocess files that BentoML's /metrics aggregates. Labels are bounded:
+modality names, presence patterns, pipeline stages and the fixed rejection reasons, never case data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from itertools import combinations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+VALIDATION_REASONS = (
+    "no_modality",
+    "wrong_dimensions",
+    "non_finite",
+    "unknown_features",
+    "too_large",
+    "invalid_schema",
+    "bad_image",
+)
+STAGES = ("preprocess", "forward")
+RISK_BUCKETS = tuple(-4.0 + 0.25 * i for i in range(17))
+IMPUTED_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+REQUESTS = Counter(
+    "healnet_requests_total", "Predicted cases by the modalities present, in the model's order.", ["pattern"]
+)
+MISSING_MODALITY = Counter(
+    "healnet_missing_modality_total", "Predicted cases lacking a modality.", ["modality"]
+)
+IMPUTED_FRACTION = Histogram(
+    "healnet_imputed_feature_fraction",
+    "Share of omic features imputed, per predicted case that has omics.",
+    buckets=IMPUTED_BUCKETS,
+)
+RISK_SCORE = Histogram(
+    "healnet_risk_score", "Risk score per predicted case (-sum of survival).", buckets=RISK_BUCKETS
+)
+INFERENCE_DURATION = Histogram(
+    "healnet_inference_duration_seconds",
+    "Seconds per request in each stage: preprocess (decoding, validation, omics transform) and forward.",
+    ["stage"],
+    buckets=DURATION_BUCKETS,
+)
+# Gauges: every worker holds the same value; "livemax" exports it once, without a pid label.
+MODEL_INFO = Gauge(
+    "healnet_model_info",
+    "The model version served (always 1).",
+    ["version", "tag"],
+    multiprocess_mode="livemax",
+)
+REFERENCE_RISK = Gauge(
+    "healnet_reference_risk_score",
+    "Risk quantiles on the model's training split: the reference for drift alerts.",
+    ["quantile"],
+    multiprocess_mode="livemax",
+)
+VALIDATION_ERRORS = Counter("healnet_validation_errors_total", "Rejected requests by reason.", ["reason"])
+
+for _reason in VALIDATION_REASONS:
+    VALIDATION_ERRORS.labels(_reason)
+for _stage in STAGES:
+    INFERENCE_DURATION.labels(_stage)
+
+
+def presence_patterns(modalities: Sequence[str]) -> list[str]:
+    """Every non-empty subset of the modalities, joined by '+' in the model's order."""
+    return [
+        "+".join(subset)
+        for size in range(1, len(modalities) + 1)
+        for subset in combinations(modalities, size)
+    ]
+
+
+def model_loaded(
+    tag: str, modalities: Sequence[str], reference_quantiles: Mapping[str, float] | None
+) -> None:
+    """Publish the served model and create its label values at zero, so rates start from the first scrape."""
+    MODEL_INFO.labels(version=tag.partition(":")[2], tag=tag).set(1)
+    for quantile, value in (reference_quantiles or {}).items():
+        REFERENCE_RISK.labels(quantile).set(float(value))
+    for pattern in presence_patterns(modalities):
+        REQUESTS.labels(pattern)
+    for modality in modalities:
+        MISSING_MODALITY.labels(modality)
+
+
+def record_prediction(
+    modalities_used: Sequence[str],
+    modalities_missing: Sequence[str],
+    imputed_fraction: float | None,
+    risk: float,
+) -> None:
+    REQUESTS.labels("+".join(modalities_used)).inc()
+    for modality in modalities_missing:
+        MISSING_MODALITY.labels(modality).inc()
+    if imputed_fraction is not None:
+        IMPUTED_FRACTION.observe(imputed_fraction)
+    RISK_SCORE.observe(risk)
+
+
+def record_rejection(reason: str) -> None:
+    if reason not in VALIDATION_REASONS:
+        raise ValueError(f"unknown rejection reason {reason!r}; expected one of {VALIDATION_REASONS}")
+    VALIDATION_ERRORS.labels(reason).inc()
+
+
+def record_stage(stage: str, seconds: float) -> None:
+    INFERENCE_DURATION.labels(stage).observe(seconds)

@@ -1,0 +1,104 @@
+"""The served model: which version to load, the loaded predictor with its contract, and stage timing."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from healnet.checkpoint import load_checkpoint
+from healnet.inference import Case, Prediction, Predictor
+from healnet.preprocess.wsi import make_encoder
+from healnet.registry import resolve
+from healnet.train import select_device
+from serving.validation import ModelContract
+
+MODEL_TAG_ENV = "HEALNET_MODEL_TAG"
+DEVICE_ENV = "HEALNET_DEVICE"
+logger = logging.getLogger("healnet.serving")
+
+
+def resolve_served_model(packed_tag: str | None = None) -> tuple[str, Path]:
+    """Tag and sha256-verified checkpoint to serve: $HEALNET_MODEL_TAG, else the model packed into the
+    Bento, else the registry's champion. Raises RegistryError or CheckpointError."""
+    return resolve(os.environ.get(MODEL_TAG_ENV) or packed_tag)
+
+
+class _StageTimer(threading.local):
+    prepare_seconds = 0.0
+
+
+class TimedPredictor(Predictor):
+    """Predictor whose `predict_timed` splits the time of `predict` into input preparation and forward pass."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._timer = _StageTimer()
+
+    def prepare(self, case: Case):
+        start = time.perf_counter()
+        try:
+            return super().prepare(case)
+        finally:
+            self._timer.prepare_seconds += time.perf_counter() - start
+
+    def predict_timed(
+        self, cases: Sequence[Case], return_attention: bool = False
+    ) -> tuple[list[Prediction], float, float]:
+        """Predictions, seconds spent preparing inputs, seconds in the forward pass and post-processing."""
+        self._timer.prepare_seconds = 0.0
+        start = time.perf_counter()
+        predictions = self.predict(cases, return_attention)
+        prepare = self._timer.prepare_seconds
+        return predictions, prepare, time.perf_counter() - start - prepare
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    tag: str
+    predictor: TimedPredictor
+    contract: ModelContract
+    reference_risk_quantiles: dict[str, float] | None
+
+    @classmethod
+    def load(cls, tag: str, checkpoint_dir: Path) -> ServedModel:
+        """Load weights and preprocessing, build the tile encoder, and run one warm-up prediction."""
+        checkpoint = load_checkpoint(checkpoint_dir)
+        device = select_device(os.environ.get(DEVICE_ENV, "auto"))
+        predictor = TimedPredictor(checkpoint, device=str(device))
+        contract = ModelContract.from_predictor(predictor, _tile_encoder(predictor, str(device)))
+        warm_up = Case(
+            omics={table: {} for table in contract.omic_tables},
+            wsi_features=None if contract.wsi_dim is None else np.zeros((1, contract.wsi_dim), np.float32),
+        )
+        predictor.predict([warm_up])
+        return cls(tag, predictor, contract, checkpoint.metadata.get("reference_risk_quantiles"))
+
+
+def _tile_encoder(predictor: Predictor, device: str):
+    """The checkpoint's patch encoder, or None (tile requests are then refused) when it cannot be built here."""
+    if predictor.wsi_dim is None:
+        return None
+    spec = predictor.preprocessor.wsi_encoder
+    try:
+        encoder = make_encoder(spec, device)
+    except (OSError, ValueError, RuntimeError) as error:
+        logger.warning(
+            "patch encoder %r unavailable, requests with wsi_tiles will be refused: %s", spec, error
+        )
+        return None
+    if encoder.dim != predictor.wsi_dim:
+        logger.warning(
+            "patch encoder %r gives %d features but the model expects %d: requests with wsi_tiles will be refused",
+            spec,
+            encoder.dim,
+            predictor.wsi_dim,
+        )
+        return None
+    return encoder

@@ -1,0 +1,155 @@
+"""BentoML service of the champion HEALNet: `bentoml serve` from the repository root (bentofile.yaml).
+
+Start-up: the `bentoml serve` process verifies the model's sha256 before any worker starts and exits
+non-zero on a missing or corrupted model. Each worker then loads the model in a background thread,
+so /livez answers at once and /readyz (and the APIs) answer 503 until the model is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import bentoml
+from starlette.responses import JSONResponse
+
+from healnet.inference import Case
+from serving import metrics
+from serving.config import Limits
+from serving.middleware import REJECTION_HEADER, RequestGuard
+from serving.runtime import ServedModel, resolve_served_model
+from serving.schemas import ErrorResponse, PredictRequest, PredictResponse
+from serving.validation import RejectedRequest, to_case
+
+logger = logging.getLogger("healnet.serving")
+# `bentoml build --arg model_tag=healnet:VERSION` packs that version into the Bento (and its image).
+PACKED_MODEL_TAG: str | None = getattr(bentoml.use_arguments(), "model_tag", None)
+
+
+def _error(status: int, reason: str, message: str) -> JSONResponse:
+    headers = {REJECTION_HEADER: reason} if status < 500 else {}
+    return JSONResponse(
+        ErrorResponse(error=message, reason=reason).model_dump(), status_code=status, headers=headers
+    )
+
+
+@bentoml.service(name="healnet", traffic={"timeout": 60})
+class HEALNetService:
+    if PACKED_MODEL_TAG:
+        packed_model = bentoml.models.BentoModel(PACKED_MODEL_TAG)
+
+    @bentoml.on_deployment
+    def verify_model() -> None:
+        """Runs once in the `bentoml serve` process before workers start: no model, no server."""
+        try:
+            Limits.from_env()
+            tag, _ = resolve_served_model(PACKED_MODEL_TAG)
+        except Exception as error:
+            logger.critical("refusing to start: %s", error)
+            raise
+        logger.info("serving model %s", tag)
+
+    def __init__(self) -> None:
+        self.model: ServedModel | None = None
+        self.load_error: str | None = None
+        self.limits = Limits.from_env()
+        tag, checkpoint_dir = resolve_served_model(PACKED_MODEL_TAG)
+        threading.Thread(
+            target=self._load, args=(tag, checkpoint_dir), name="healnet-load", daemon=True
+        ).start()
+
+    def _load(self, tag: str, checkpoint_dir: Path) -> None:
+        start = time.perf_counter()
+        try:
+            model = ServedModel.load(tag, checkpoint_dir)
+        except Exception as error:  # whatever stops loading: the worker reports itself dead via /livez
+            self.load_error = f"model {tag} failed to load: {error}"
+            logger.critical(self.load_error, exc_info=True)
+            return
+        metrics.model_loaded(tag, model.contract.modalities, model.reference_risk_quantiles)
+        self.model = model
+        logger.info("model %s loaded in %.1f s", tag, time.perf_counter() - start)
+
+    def __is_ready__(self) -> bool:
+        return self.model is not None
+
+    def __is_alive__(self) -> bool:
+        return self.load_error is None
+
+    @bentoml.api(route="/predict")
+    def predict(self, request: PredictRequest, /) -> PredictResponse:
+        """Survival prediction for one case with any subset of modalities."""
+        answer = self._answer([request], batch=False)
+        return answer[0] if isinstance(answer, list) else answer
+
+    @bentoml.api(route="/predict_batch")
+    def predict_batch(self, cases: list[PredictRequest], /) -> list[PredictResponse]:
+        """Survival predictions for a list of cases in one forward pass; one invalid case rejects the request."""
+        return self._answer(cases, batch=True)
+
+    def _answer(self, requests: list[PredictRequest], batch: bool) -> list[PredictResponse] | JSONResponse:
+        model = self.model
+        if model is None:
+            return _error(503, "not_ready", self.load_error or "the model is still loading")
+        start = time.perf_counter()
+        try:
+            cases = self._cases(requests, model, batch)
+        except RejectedRequest as rejection:
+            metrics.record_rejection(rejection.reason)
+            return _error(rejection.status, rejection.reason, str(rejection))
+        decoding = time.perf_counter() - start
+        attention = any(request.return_attention for request in requests)
+        predictions, preparing, forward = model.predictor.predict_timed(cases, return_attention=attention)
+        metrics.record_stage("preprocess", decoding + preparing)
+        metrics.record_stage("forward", forward)
+        responses = []
+        for request, prediction in zip(requests, predictions, strict=True):
+            has_omics = any(
+                modality in model.contract.feature_names for modality in prediction.modalities_used
+            )
+            metrics.record_prediction(
+                prediction.modalities_used,
+                prediction.modalities_missing,
+                prediction.imputed_fraction if has_omics else None,
+                prediction.risk,
+            )
+            responses.append(
+                PredictResponse(
+                    risk=prediction.risk,
+                    survival=prediction.survival,
+                    hazards=prediction.hazards,
+                    bin_edges_months=prediction.bin_edges_months,
+                    modalities_used=prediction.modalities_used,
+                    modalities_missing=prediction.modalities_missing,
+                    imputed_features=model.contract.imputed_features(
+                        request.omics, prediction.modalities_used, prediction.unknown_features
+                    ),
+                    imputed_fraction=prediction.imputed_fraction,
+                    unknown_features=prediction.unknown_features,
+                    model_version=model.tag,
+                    attention=prediction.attention if request.return_attention else None,
+                )
+            )
+        return responses
+
+    def _cases(self, requests: list[PredictRequest], model: ServedModel, batch: bool) -> list[Case]:
+        if batch and not requests:
+            raise RejectedRequest("no_modality", "the batch holds no case")
+        if len(requests) > self.limits.max_batch_cases:
+            raise RejectedRequest(
+                "too_large", f"{len(requests)} cases exceed the limit of {self.limits.max_batch_cases}"
+            )
+        cases = []
+        for index, request in enumerate(requests):
+            try:
+                cases.append(to_case(request, model.contract, self.limits))
+            except RejectedRequest as rejection:
+                if batch:
+                    raise RejectedRequest(rejection.reason, f"cases[{index}]: {rejection}") from None
+                raise
+        return cases
+
+
+HEALNetService.add_asgi_middleware(RequestGuard, paths=("/predict", "/predict_batch"))

@@ -1,0 +1,174 @@
+"""Turn a request into a healnet `Case`, or reject it with a reason from the bounded set of metrics.py."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from healnet.inference import Case, Predictor
+from healnet.preprocess.omics import COMBINED_MODALITY
+from healnet.preprocess.wsi import PatchEncoder, encode_tiles
+from serving.config import Limits
+from serving.schemas import PredictRequest
+
+IMAGE_FORMATS = ("PNG", "JPEG")
+DEFAULT_PATCH_SIZE = 224
+HTTP_STATUS = {"too_large": 413, "invalid_schema": 400}  # every other reason: 422 Unprocessable Content
+
+
+class RejectedRequest(Exception):
+    """A request the model cannot answer; `reason` is its metric label, the message names the problem."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.status = HTTP_STATUS.get(reason, 422)
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """What the loaded model accepts: omic tables and feature names, slide feature width, tile encoder."""
+
+    modalities: list[str]
+    omic_tables: frozenset[str]
+    feature_names: dict[str, list[str]]  # per omic model modality
+    wsi_dim: int | None
+    encoder: PatchEncoder | None
+    patch_size: int
+
+    @classmethod
+    def from_predictor(cls, predictor: Predictor, encoder: PatchEncoder | None) -> ModelContract:
+        omics = predictor.preprocessor.omics
+        tables = set(omics.input_modalities) if omics else set()
+        if omics and omics.config.combine:
+            tables.add(COMBINED_MODALITY)
+        return cls(
+            modalities=list(predictor.modalities),
+            omic_tables=frozenset(tables),
+            feature_names=dict(omics.feature_names) if omics else {},
+            wsi_dim=predictor.wsi_dim,
+            encoder=encoder,
+            patch_size=int(predictor.preprocessor.tiling.get("patch_size", DEFAULT_PATCH_SIZE)),
+        )
+
+    @property
+    def known_features(self) -> frozenset[str]:
+        return frozenset(name for names in self.feature_names.values() for name in names)
+
+    def imputed_features(
+        self, omics: Mapping[str, Mapping[str, float | None]], used: list[str], unknown: list[str]
+    ) -> int:
+        """Features of the present omic modalities that the request did not give (or gave as null)."""
+        given = {f for features in omics.values() for f, value in features.items() if value is not None}
+        given -= set(unknown)
+        return sum(
+            len(set(names) - given) for modality, names in self.feature_names.items() if modality in used
+        )
+
+
+def to_case(request: PredictRequest, contract: ModelContract, limits: Limits) -> Case:
+    """Validate one request against the model and the limits; raises RejectedRequest."""
+    if not request.omics and request.wsi_features is None and request.wsi_tiles is None:
+        raise RejectedRequest(
+            "no_modality", "the case has no modality: give omics, wsi_features or wsi_tiles"
+        )
+    _check_omics(request.omics, contract, limits)
+    bag = None
+    if request.wsi_features is not None or request.wsi_tiles is not None:
+        if contract.wsi_dim is None:
+            raise RejectedRequest(
+                "invalid_schema", "this model was trained without slides: leave out wsi input"
+            )
+        if request.wsi_features is not None:
+            bag = _patch_features(request.wsi_features, contract.wsi_dim, limits)
+        else:
+            bag = _encode_tiles(request.wsi_tiles, contract, limits)
+    return Case(omics=request.omics, wsi_features=bag)
+
+
+def _check_omics(
+    omics: Mapping[str, Mapping[str, float | None]], contract: ModelContract, limits: Limits
+) -> None:
+    given = unknown = 0
+    known = contract.known_features
+    for table, features in omics.items():
+        for feature, value in features.items():
+            if value is not None and not math.isfinite(value):
+                raise RejectedRequest(
+                    "non_finite", f"omics[{table!r}][{feature!r}] is {value}: use null for missing"
+                )
+            given += 1
+            unknown += table not in contract.omic_tables or feature not in known
+    if given and unknown / given > limits.max_unknown_feature_fraction:
+        unknown_tables = sorted(set(omics) - contract.omic_tables)
+        hint = (
+            f"; tables {unknown_tables} are not among {sorted(contract.omic_tables)}"
+            if unknown_tables
+            else ""
+        )
+        raise RejectedRequest(
+            "unknown_features",
+            f"{unknown} of {given} omic features are unknown to the model, above the allowed fraction "
+            f"{limits.max_unknown_feature_fraction}{hint}",
+        )
+
+
+def _patch_features(rows: list[list[float]], wsi_dim: int, limits: Limits) -> np.ndarray:
+    if len(rows) > limits.max_patches:
+        raise RejectedRequest("too_large", f"{len(rows)} patches exceed the limit of {limits.max_patches}")
+    for index, row in enumerate(rows):
+        if len(row) != wsi_dim:
+            raise RejectedRequest(
+                "wrong_dimensions",
+                f"wsi_features row {index} has {len(row)} values, the model expects {wsi_dim}",
+            )
+    with np.errstate(over="ignore"):
+        bag = np.asarray(rows, dtype=np.float32)
+    if not np.isfinite(bag).all():
+        row, column = np.argwhere(~np.isfinite(bag))[0]
+        raise RejectedRequest(
+            "non_finite", f"wsi_features[{row}][{column}] = {rows[row][column]} is not finite in float32"
+        )
+    return bag
+
+
+def _encode_tiles(tiles: list[str], contract: ModelContract, limits: Limits) -> np.ndarray:
+    if contract.encoder is None:
+        raise RejectedRequest(
+            "bad_image", "this deployment has no patch encoder for the model: send wsi_features"
+        )
+    if len(tiles) > limits.max_tiles:
+        raise RejectedRequest("too_large", f"{len(tiles)} tiles exceed the limit of {limits.max_tiles}")
+    images = [decode_tile(index, tile, limits.max_tile_pixels) for index, tile in enumerate(tiles)]
+    return encode_tiles(images, contract.encoder, contract.patch_size)
+
+
+def decode_tile(index: int, data: str, max_pixels: int) -> np.ndarray:
+    """A base64 PNG/JPEG tile as an RGB uint8 array (h, w, 3)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise RejectedRequest("bad_image", f"wsi_tiles[{index}] is not valid base64: {error}") from None
+    try:
+        image = Image.open(io.BytesIO(raw))
+        if image.format not in IMAGE_FORMATS:
+            raise RejectedRequest("bad_image", f"wsi_tiles[{index}] is {image.format}, expected PNG or JPEG")
+        width, height = image.size
+        if width * height > max_pixels:
+            raise RejectedRequest(
+                "too_large",
+                f"wsi_tiles[{index}] has {width}x{height} pixels, above the limit of {max_pixels}",
+            )
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except Image.DecompressionBombError as error:
+        raise RejectedRequest("too_large", f"wsi_tiles[{index}]: {error}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise RejectedRequest("bad_image", f"wsi_tiles[{index}] cannot be decoded: {error}") from None

@@ -1,0 +1,307 @@
+"""Each pipeline component, called in-process through `.python_func` on a small synthetic cohort."""
+
+import base64
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model, PipelineTaskFinalStatus
+
+from components.data_steps import preprocess_omics, preprocess_slides, validate
+from components.model_steps import evaluate, train
+from components.release_steps import gate, notify, promote, reject
+from components.support import PipelineStepError, cohort_data_hash, merge_feature_shards
+from healnet.checkpoint import verify_checkpoint
+from healnet.data.cohort import Cohort
+from healnet.data.synth import SynthConfig, synthesize_cohort
+from healnet.preprocess.omics import OmicsTransform
+from healnet.registry import get_champion, list_versions
+
+SHARDS = 2
+
+
+def synth_validated_cohort(root: Path, patients: int, seed: int) -> Path:
+    """A synthetic cohort that passes validation. The generator writes some all-zero mutation columns,
+    which the validation suite rejects as constant features, so those columns are dropped here."""
+    synthesize_cohort(root, SynthConfig(patients=patients, seed=seed, missing_slide_fraction=0.5), progress=False)
+    for path in (root / "omics").glob("*.parquet"):
+        frame = pd.read_parquet(path)
+        numeric = frame.select_dtypes("number")
+        frame.drop(columns=[c for c in numeric.columns if numeric[c].std() == 0]).to_parquet(path)
+    return root
+
+
+def artifact(kind, folder: Path, name: str, metadata: dict | None = None):
+    return kind(name=name, uri=str(folder / name), metadata=dict(metadata or {}))
+
+
+@pytest.fixture(scope="module")
+def pipeline_outputs(tmp_path_factory):
+    """Run validate → slide shards → omics → train → evaluate once, as the pipeline would."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("components")
+    cohort = str(synth_validated_cohort(root / "cohort", patients=48, seed=3))
+    out = root / "outputs"
+    out.mkdir()
+    validation_report = artifact(Markdown, out, "validation.md")
+    shard_list = validate.python_func(
+        cohort_dir=cohort, slide_shards=SHARDS, report=validation_report, data_hash=str(out / "data_hash")
+    )
+    data_hash = (out / "data_hash").read_text()
+    shards = []
+    for index in shard_list:
+        shards.append(artifact(Dataset, out, f"features-{index}"))
+        preprocess_slides.python_func(
+            cohort_dir=cohort, shard_index=index, shard_count=SHARDS, data_hash=data_hash, features=shards[-1]
+        )
+    transform = artifact(Artifact, out, "omics_transform.json")
+    preprocess_omics.python_func(cohort_dir=cohort, split_repeat=0, data_hash=data_hash, transform=transform)
+    model, train_metrics = artifact(Model, out, "model"), artifact(Metrics, out, "train_metrics")
+    train.python_func(
+        cohort_dir=cohort,
+        data_hash=data_hash,
+        split_repeat=0,
+        epochs=2,
+        batch_size=16,
+        patience=2,
+        seed=0,
+        slide_features=shards,
+        omics_transform=transform,
+        model=model,
+        metrics=train_metrics,
+    )
+    test_metrics, report = artifact(Metrics, out, "metrics"), artifact(HTML, out, "evaluation.html")
+    evaluate.python_func(
+        cohort_dir=cohort,
+        data_hash=data_hash,
+        split_repeat=0,
+        model=model,
+        slide_features=shards,
+        metrics=test_metrics,
+        report=report,
+    )
+    torch.set_num_threads(threads)
+    return {
+        "cohort": cohort,
+        "out": out,
+        "shard_list": shard_list,
+        "validation_report": validation_report,
+        "data_hash": data_hash,
+        "shards": shards,
+        "transform": transform,
+        "model": model,
+        "train_metrics": train_metrics,
+        "metrics": test_metrics,
+        "report": report,
+    }
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    """A fresh BentoML home and champion pointer; the in-process BentoML singletons point at it."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models import ModelStore
+
+    home = tmp_path / "bentoml"
+    (home / "models").mkdir(parents=True)
+    monkeypatch.setenv("BENTOML_HOME", str(home))
+    monkeypatch.setenv("HEALNET_REGISTRY_DIR", str(home))
+    with (
+        BentoMLContainer.bentoml_home.patch(str(home)),
+        BentoMLContainer.model_store.patch(ModelStore(str(home / "models"))),
+    ):
+        yield home
+
+
+def test_validate_returns_the_shards_and_the_data_hash(pipeline_outputs):
+    assert pipeline_outputs["shard_list"] == list(range(SHARDS))
+    assert pipeline_outputs["data_hash"] == cohort_data_hash(pipeline_outputs["cohort"])
+    assert re.fullmatch(r"[0-9a-f]{64}", pipeline_outputs["data_hash"])
+    assert "Data validation: passed" in Path(pipeline_outputs["validation_report"].path).read_text()
+
+
+def test_validate_stops_on_a_failing_expectation(pipeline_outputs, tmp_path):
+    cohort = Path(pipeline_outputs["cohort"])
+    broken = tmp_path / "cohort"
+    broken.mkdir()
+    for item in cohort.iterdir():  # everything shared except the clinical table, which gets bad ages
+        if item.name != "clinical.parquet":
+            (broken / item.name).symlink_to(item)
+    clinical = pd.read_parquet(cohort / "clinical.parquet")
+    clinical.loc[clinical.index[:2], "age"] = 150.0
+    clinical.to_parquet(broken / "clinical.parquet")
+    report = artifact(Markdown, tmp_path, "report.md")
+    with pytest.raises(PipelineStepError, match="failed validation.*age"):
+        validate.python_func(cohort_dir=str(broken), slide_shards=2, report=report, data_hash=str(tmp_path / "h"))
+    assert "FAILED" in Path(report.path).read_text()
+    assert report.metadata["success"] is False
+    assert not (tmp_path / "h").exists()
+
+
+def test_slide_shards_split_the_slides_without_overlap(pipeline_outputs, tmp_path):
+    cohort = Cohort.load(Path(pipeline_outputs["cohort"]))
+    with_files = cohort.slides["path"].notna().sum()
+    processed = [shard.metadata["slides_processed"] for shard in pipeline_outputs["shards"]]
+    assert sum(processed) == with_files and all(processed)
+    assert all(shard.metadata["slides_quarantined"] == 0 for shard in pipeline_outputs["shards"])
+    merged = tmp_path / "merged"
+    assert merge_feature_shards([s.path for s in pipeline_outputs["shards"]], merged) == with_files
+    with pytest.raises(PipelineStepError, match="in two shards"):
+        merge_feature_shards([pipeline_outputs["shards"][0].path] * 2, tmp_path / "twice")
+
+
+def test_omics_transform_is_fitted_on_training_patients_only(pipeline_outputs):
+    state = json.loads(Path(pipeline_outputs["transform"].path).read_text())
+    fitted = OmicsTransform.from_state_dict(state)
+    cohort = Cohort.load(Path(pipeline_outputs["cohort"]))
+    train_ids = set(cohort.patients("holdout", 0, 0, "train"))
+    rnaseq = cohort.omics["rnaseq"]
+    feature = next(name for name in fitted.feature_names["omic"] if name.endswith("_rnaseq"))
+    train_mean = rnaseq.loc[rnaseq.index.isin(train_ids), feature].mean()
+    assert state["modalities"]["rnaseq"]["mean"][state["modalities"]["rnaseq"]["features"].index(feature)] == (
+        pytest.approx(train_mean, rel=1e-5)
+    )
+    assert rnaseq[feature].mean() != pytest.approx(train_mean, rel=1e-5)
+
+
+def test_train_writes_a_sealed_checkpoint(pipeline_outputs):
+    model = pipeline_outputs["model"]
+    checkpoint = Path(model.path) / "checkpoint"
+    assert verify_checkpoint(checkpoint) == model.metadata["sha256"]
+    assert set(model.metadata["modalities"]) == {"omic", "wsi"}
+    assert json.loads((Path(model.path) / "metrics.json").read_text())["epochs_run"] <= 2
+    assert pipeline_outputs["train_metrics"].metadata["epochs_run"] >= 1
+
+
+def test_evaluate_logs_test_metrics_and_embeds_the_kaplan_meier_plot(pipeline_outputs):
+    metrics = pipeline_outputs["metrics"].metadata
+    assert 0.0 <= metrics["c_index"] <= 1.0 and 0.0 <= metrics["c_index_ipcw"] <= 1.0
+    assert 0.0 < metrics["integrated_brier_score"] < 1.0
+    cohort = Cohort.load(Path(pipeline_outputs["cohort"]))
+    assert metrics["test_patients"] == len(cohort.patients("holdout", 0, 0, "test"))
+    html = Path(pipeline_outputs["report"].path).read_text()
+    encoded = re.search(r'src="data:image/png;base64,([^"]+)"', html).group(1)
+    assert base64.b64decode(encoded).startswith(b"\x89PNG")
+    assert pipeline_outputs["data_hash"] in html
+
+
+def test_gate_promotes_or_rejects_against_the_threshold(pipeline_outputs, registry, tmp_path):
+    c_index = pipeline_outputs["metrics"].metadata["c_index"]
+    for threshold, expected in ((0.0, "promote"), (1.01, "reject")):
+        report = artifact(Markdown, tmp_path, f"gate-{threshold}.md")
+        decision = gate.python_func(
+            metrics=pipeline_outputs["metrics"],
+            min_c_index=threshold,
+            tolerance=0.02,
+            dry_run=False,
+            registry_dir="",
+            report=report,
+        )
+        assert decision == expected
+        assert f"**{expected}**" in Path(report.path).read_text()
+        assert report.metadata["candidate_c_index"] == pytest.approx(c_index)
+
+
+def _gate_report(pipeline_outputs, folder: Path) -> Markdown:
+    report = artifact(Markdown, folder, "gate.md")
+    gate.python_func(
+        metrics=pipeline_outputs["metrics"], min_c_index=0.0, tolerance=0.02, dry_run=False, registry_dir="", report=report
+    )
+    return report
+
+
+def test_promote_registers_with_provenance_and_sets_the_champion(pipeline_outputs, registry, tmp_path):
+    report = artifact(Markdown, tmp_path, "promotion.md")
+    tag = promote.python_func(
+        cohort_dir=pipeline_outputs["cohort"],
+        data_hash=pipeline_outputs["data_hash"],
+        registry_dir="",
+        run_id="run-123",
+        run_name="healnet-training-test",
+        model=pipeline_outputs["model"],
+        metrics=pipeline_outputs["metrics"],
+        gate_report=_gate_report(pipeline_outputs, tmp_path),
+        report=report,
+    )
+    assert get_champion()["tag"] == tag
+    [row] = list_versions()
+    metadata = row["metadata"]
+    assert metadata["c_index"] == pytest.approx(pipeline_outputs["metrics"].metadata["c_index"])
+    assert metadata["data_hash"] == pipeline_outputs["data_hash"] and metadata["pipeline_run_id"] == "run-123"
+    assert metadata["weights_sha256"] == metadata["sha256"] == pipeline_outputs["model"].metadata["sha256"]
+    assert metadata["git_sha"] and metadata["gate_reasons"]
+    assert row["labels"]["pipeline_run_id"] == "run-123" and row["labels"]["data_hash"] == metadata["data_hash"][:12]
+    assert f"# Promoted {tag}" in Path(report.path).read_text()
+
+
+def test_promote_refuses_a_cohort_changed_during_the_run(pipeline_outputs, registry, tmp_path):
+    with pytest.raises(PipelineStepError, match="changed during the run"):
+        promote.python_func(
+            cohort_dir=pipeline_outputs["cohort"],
+            data_hash="0" * 64,
+            registry_dir="",
+            run_id="run-1",
+            run_name="",
+            model=pipeline_outputs["model"],
+            metrics=pipeline_outputs["metrics"],
+            gate_report=_gate_report(pipeline_outputs, tmp_path),
+            report=artifact(Markdown, tmp_path, "promotion.md"),
+        )
+    assert list_versions() == [] and get_champion() is None
+
+
+def test_reject_reports_the_kept_champion(pipeline_outputs, registry, tmp_path):
+    report = artifact(Markdown, tmp_path, "rejection.md")
+    reject.python_func(
+        registry_dir="",
+        metrics=pipeline_outputs["metrics"],
+        gate_report=_gate_report(pipeline_outputs, tmp_path),
+        report=report,
+    )
+    text = Path(report.path).read_text()
+    assert "Candidate rejected" in text and "no model is promoted yet" in text and "Promotion gate" in text
+    assert list_versions() == []
+
+
+def test_notify_posts_the_final_status_to_the_webhook(capsys):
+    received = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        status = PipelineTaskFinalStatus(
+            state="FAILED",
+            pipeline_job_resource_name="runs/42",
+            pipeline_task_name="healnet-run",
+            error_code=1,
+            error_message="validate failed",
+        )
+        notify.python_func(status=status, run_name="run-42", webhook_url=f"http://127.0.0.1:{server.server_port}/")
+    finally:
+        server.shutdown()
+    assert received == [
+        {
+            "pipeline_run": "run-42",
+            "pipeline_job": "runs/42",
+            "state": "FAILED",
+            "error_code": 1,
+            "error_message": "validate failed",
+        }
+    ]
+    assert "finished FAILED: validate failed" in capsys.readouterr().out

@@ -1,0 +1,131 @@
+"""A real Prometheus scraping a real `bentoml serve` every second: after a burst of mixed requests,
+PromQL through Prometheus's HTTP API returns the counts that were sent."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from serving.demo import DemoSpec, demo_payload
+
+pytest_plugins = ("serving_fixtures",)
+PROMETHEUS = shutil.which("prometheus")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        PROMETHEUS is None, reason="prometheus not found: install the Debian/Ubuntu package `prometheus`"
+    ),
+]
+SPEC = DemoSpec()
+JOB = "healnet-service"
+BURST = (
+    [(demo_payload(SPEC, ("omic", "wsi"), 4, seed), 200) for seed in range(10)]
+    + [(demo_payload(SPEC, ("omic",), seed=seed), 200) for seed in range(8)]
+    + [(demo_payload(SPEC, ("wsi",), 3, seed), 200) for seed in range(7)]
+    + [({}, 422)] * 3
+    + [({"wsi_features": [[1.0, 2.0]]}, 422)] * 2
+)
+
+
+@pytest.fixture(scope="module")
+def server(demo_registry, serve, tmp_path_factory):
+    with serve(demo_registry, tmp_path_factory.mktemp("serve") / "serve.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def prometheus(server, tmp_path_factory, poll):
+    from serving_fixtures import free_port, stop_server  # loaded as a plugin by now
+
+    folder = tmp_path_factory.mktemp("prometheus")
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [
+            {"job_name": JOB, "static_configs": [{"targets": [server.removeprefix("http://")]}]}
+        ],
+    }
+    (folder / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
+    port = free_port()
+    command = [
+        PROMETHEUS,
+        f"--config.file={folder / 'prometheus.yml'}",
+        f"--storage.tsdb.path={folder / 'data'}",
+    ]
+    command.append(f"--web.listen-address=127.0.0.1:{port}")
+    with open(folder / "prometheus.log", "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        up = poll(lambda: list(query(url, f'up{{job="{JOB}"}}').values()) == [1.0], 60, 0.25)
+        assert up, (folder / "prometheus.log").read_text()[-3000:]
+        yield url
+    finally:
+        stop_server(process)
+
+
+def query(url: str, promql: str) -> dict[tuple, float]:
+    """An instant PromQL query: {label values in key order: value}; empty on any failure."""
+    try:
+        response = httpx.get(f"{url}/api/v1/query", params={"query": promql}, timeout=5)
+    except httpx.TransportError:
+        return {}
+    if response.status_code != 200:
+        return {}
+    result = response.json()["data"]["result"]
+    return {
+        tuple(v for k, v in sorted(r["metric"].items()) if k != "__name__"): float(r["value"][1])
+        for r in result
+    }
+
+
+def test_promql_sees_the_burst(server, prometheus, metrics_of, poll, demo_registry):
+    before = metrics_of(server)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        responses = list(
+            pool.map(lambda item: httpx.post(f"{server}/predict", json=item[0], timeout=30), BURST)
+        )
+    assert [r.status_code for r in responses] == [status for _, status in BURST]
+    after = metrics_of(server)
+
+    def served(name: str) -> dict[tuple, float]:
+        """The service's own values of a counter with one label, keyed like `query` results."""
+        return {
+            (labels[0][1],): value for (metric, labels), value in after.items() if metric == name and labels
+        }
+
+    def sent(name: str, label: str) -> dict[tuple, float]:
+        return {
+            key: value - before.get((name, ((label, key[0]),)), 0.0) for key, value in served(name).items()
+        }
+
+    total = sum(served("healnet_requests_total").values())
+    assert poll(lambda: sum(query(prometheus, "healnet_requests_total").values()) == total, 30, 0.25)
+
+    patterns = Counter("+".join(r.json()["modalities_used"]) for r in responses if r.status_code == 200)
+    assert sent("healnet_requests_total", "pattern") == {("omic+wsi",): 10, ("omic",): 8, ("wsi",): 7}
+    assert patterns == {"omic+wsi": 10, "omic": 8, "wsi": 7}
+    assert sent("healnet_missing_modality_total", "modality") == {("omic",): 7, ("wsi",): 8}
+    errors = sent("healnet_validation_errors_total", "reason")
+    assert errors[("no_modality",)] == 3 and errors[("wrong_dimensions",)] == 2 and sum(errors.values()) == 5
+
+    assert query(prometheus, "sum by (modality) (healnet_missing_modality_total)") == served(
+        "healnet_missing_modality_total"
+    )
+    assert query(prometheus, "sum by (pattern) (healnet_requests_total)") == served("healnet_requests_total")
+    assert query(prometheus, "sum by (reason) (healnet_validation_errors_total)") == served(
+        "healnet_validation_errors_total"
+    )
+    metadata = json.loads((demo_registry.checkpoint / "checkpoint.json").read_text())["metadata"]
+    reference = {(q,): pytest.approx(v) for q, v in metadata["reference_risk_quantiles"].items()}
+    assert query(prometheus, "max by (quantile) (healnet_reference_risk_score)") == reference
+    (served_median,) = query(
+        prometheus, "histogram_quantile(0.5, sum by (le) (healnet_risk_score_bucket))"
+    ).values()
+    assert math.isfinite(served_median) and -4.0 <= served_median <= 0.0

@@ -1,0 +1,336 @@
+"""WSI preprocessing: patch grid, level choice, tissue mask, encoders, quarantine, shards and the CLI."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from conftest import FIXTURES
+from PIL import Image
+
+from healnet.cli import main
+from healnet.data.synth_slides import synthetic_he_image, write_synthetic_slide
+from healnet.preprocess.wsi import (
+    STATS_FEATURE_NAMES,
+    SlideInputError,
+    TileError,
+    TilingConfig,
+    choose_level,
+    encode_tiles,
+    feature_file_name,
+    make_encoder,
+    preprocess_slide,
+    preprocess_slides,
+    read_feature_metadata,
+    read_slide_features,
+    tissue_mask,
+)
+
+CMU = FIXTURES / "CMU-1-Small-Region.svs"
+CMU_SIZE = (2220, 2967)
+OUTLINE_GREEN = (0, 200, 0)
+
+
+def write_tiff(path: Path, image: np.ndarray, mpp: float | None, description: str | None = None) -> Path:
+    """A one-level tiled JPEG TIFF, with resolution tags only when `mpp` is given."""
+    resolution = {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": "CENTIMETER"} if mpp else {}
+    tifffile.imwrite(
+        path, image, photometric="rgb", tile=(256, 256), compression="jpeg", metadata=None,
+        description=description, **resolution,
+    )  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("slides")
+    return {
+        "good-a": write_synthetic_slide(folder / "good-a.tif", 0.2, seed=1),
+        "good-b": write_synthetic_slide(folder / "good-b.tif", 0.8, seed=2),
+        "fine": write_synthetic_slide(folder / "fine.tif", 0.5, seed=3, size_px=1792, mpp=0.5),
+    }
+
+
+@pytest.fixture()
+def corrupt_slide(tmp_path) -> Path:
+    path = tmp_path / "corrupt.svs"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    return path
+
+
+@pytest.fixture()
+def blank_slide(tmp_path) -> Path:
+    glass = np.random.default_rng(0).integers(240, 246, (768, 768, 3), dtype=np.uint8)
+    return write_tiff(tmp_path / "blank.tif", glass, mpp=1.0)
+
+
+# ----------------------------------------------------------------------------------------- grid
+
+
+def test_cmu_grid_at_one_micron(tmp_path):
+    read_size = round(224 * 1.0 / 0.499)  # 449 level-0 px per patch, resized to 224
+    full = preprocess_slide(CMU, tmp_path / "all", make_encoder(), TilingConfig(min_tissue_fraction=0.0))
+    assert (full.level, full.mpp, full.slide_id) == (0, pytest.approx(0.499), CMU.name)
+    assert full.n_patches == (CMU_SIZE[0] // read_size) * (CMU_SIZE[1] // read_size) == 24
+
+    tissue = preprocess_slide(CMU, tmp_path / "tissue", make_encoder())
+    features, coords = read_slide_features(tissue.features_path)
+    assert 0 < tissue.n_patches < full.n_patches
+    assert features.shape == (tissue.n_patches, len(STATS_FEATURE_NAMES)) and features.dtype == np.float32
+    assert np.all(coords % read_size == 0)
+    assert np.all(coords >= 0) and np.all(coords + read_size <= CMU_SIZE)
+    assert len({tuple(xy) for xy in coords}) == len(coords)
+    metadata = read_feature_metadata(tissue.features_path)
+    assert metadata["encoder"] == "stats" and metadata["patch_size"] == 224
+    assert metadata["target_mpp"] == 1.0 and metadata["slide_mpp"] == pytest.approx(0.499)
+    assert metadata["feature_names"] == list(STATS_FEATURE_NAMES)
+
+
+def test_lower_level_is_used_when_it_matches_the_target(slides, tmp_path):
+    result = preprocess_slide(slides["fine"], tmp_path, make_encoder(), TilingConfig(target_mpp=1.0))
+    _, coords = read_slide_features(result.features_path)
+    assert result.level == 1 and result.mpp == pytest.approx(0.5)
+    assert np.all(coords % 448 == 0)  # 224 px at level 1 = 448 level-0 px, no resizing
+    assert np.all(coords + 448 <= 1792)
+
+    finer = preprocess_slide(
+        slides["fine"], tmp_path / "finer", make_encoder(), TilingConfig(target_mpp=0.75)
+    )
+    assert finer.level == 0
+    assert np.all(read_slide_features(finer.features_path)[1] % 336 == 0)  # 224 × 0.75 / 0.5
+
+
+def test_choose_level_takes_the_closest_finer_level():
+    assert choose_level([0.25, 0.5, 1.0, 2.0], 1.0) == 2
+    assert choose_level([0.25, 0.5, 1.0, 2.0], 0.9) == 1
+    assert choose_level([0.499, 0.998, 3.992], 1.0) == 1
+    assert choose_level([0.252, 1.008, 4.03], 1.0) == 1  # within the 2 % tolerance
+
+
+def test_objective_power_fallback_and_missing_resolution(tmp_path):
+    image = synthetic_he_image(1024, 0.5, np.random.default_rng(0))
+    aperio = write_tiff(
+        tmp_path / "no-mpp.svs", image, mpp=None,
+        description="Aperio Image Library v10.0.0\n1024x1024 (256x256) JPEG/RGB Q=80|AppMag = 20",
+    )  # fmt: skip
+    result = preprocess_slide(aperio, tmp_path / "out", make_encoder(), TilingConfig(min_tissue_fraction=0.0))
+    assert result.mpp == pytest.approx(0.5) and result.n_patches == 4  # 448 px patches on 1024 px
+
+    write_tiff(tmp_path / "no-resolution.tif", image, mpp=None)
+    report = preprocess_slides([tmp_path / "no-resolution.tif"], tmp_path / "out", progress=False)
+    assert report.quarantined == [("no-resolution.tif", report.quarantined[0][1])]
+    assert "no resolution" in report.quarantined[0][1]
+
+
+def test_coarse_slide_is_quarantined(tmp_path):
+    image = synthetic_he_image(512, 0.5, np.random.default_rng(0))
+    write_tiff(tmp_path / "coarse.tif", image, mpp=2.0)
+    report = preprocess_slides(tmp_path, tmp_path / "out", progress=False)
+    assert len(report.quarantined) == 1 and "coarser than the target" in report.quarantined[0][1]
+
+
+# ----------------------------------------------------------------------------------------- mask
+
+
+def test_otsu_tissue_mask_finds_the_blob():
+    rng = np.random.default_rng(0)
+    image = rng.integers(238, 250, (200, 300, 3), dtype=np.uint8)  # glass with noise
+    yy, xx = np.mgrid[:200, :300]
+    blob = (yy - 100) ** 2 / 70**2 + (xx - 140) ** 2 / 90**2 < 1
+    stain = rng.normal([200, 120, 190], 12, (200, 300, 3)).clip(0, 255).astype(np.uint8)
+    image[blob] = stain[blob]
+    mask = tissue_mask(image)
+    assert mask.dtype == bool and mask.shape == (200, 300)
+    assert (mask & blob).sum() / (mask | blob).sum() > 0.97
+    assert not tissue_mask(rng.integers(238, 250, (64, 64, 3), dtype=np.uint8)).any()
+    with pytest.raises(TileError):
+        tissue_mask(image[..., 0])
+
+
+# ------------------------------------------------------------------------------------- encoders
+
+
+def test_stats_encoder_shape_dtype_finite_and_named():
+    encoder = make_encoder("stats")
+    patches = np.random.default_rng(0).integers(0, 256, (5, 224, 224, 3), dtype=np.uint8)
+    patches[0] = 255  # white glass
+    patches[1] = (60, 20, 110)  # a dark nucleus colour
+    features = encoder.encode(patches)
+    assert features.shape == (5, encoder.dim) == (5, len(STATS_FEATURE_NAMES)) == (5, 31)
+    assert features.dtype == np.float32 and np.isfinite(features).all()
+    named = dict(zip(STATS_FEATURE_NAMES, features.T, strict=True))
+    assert named["white_fraction"][0] == 1.0 and named["dark_fraction"][1] == 1.0
+    assert named["haematoxylin_mean"][1] > named["haematoxylin_mean"][0]
+    np.testing.assert_allclose(features[:, STATS_FEATURE_NAMES.index("grey_hist_0") :].sum(1), 1.0, rtol=1e-5)
+
+
+def test_encode_tiles_resizes_any_size():
+    encoder = make_encoder("stats")
+    rng = np.random.default_rng(0)
+    tiles = [
+        rng.integers(0, 256, shape, dtype=np.uint8) for shape in [(100, 150, 3), (224, 224, 3), (500, 300, 3)]
+    ]
+    features = encode_tiles(tiles, encoder, patch_size=224)
+    assert features.shape == (3, encoder.dim) and features.dtype == np.float32
+    np.testing.assert_array_equal(features[1], encoder.encode(tiles[1][None])[0])
+    flat_small = np.full((37, 91, 3), (180, 90, 160), dtype=np.uint8)
+    flat_full = np.full((224, 224, 3), (180, 90, 160), dtype=np.uint8)
+    np.testing.assert_allclose(*encode_tiles([flat_small, flat_full], encoder), atol=1e-6)
+    assert encode_tiles([], encoder).shape == (0, encoder.dim)
+    with pytest.raises(TileError, match="tile 1"):
+        encode_tiles([flat_full, flat_full.astype(np.float32)], encoder)
+
+
+def test_torchscript_encoder(tmp_path, slides):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.AdaptiveAvgPool2d(2))
+    path = tmp_path / "tiny.pt"
+    torch.jit.script(model).save(str(path))
+
+    encoder = make_encoder(f"torchscript:{path}", device="cpu")
+    assert encoder.dim == 16 and encoder.name == "torchscript:tiny.pt"
+    patches = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    expected_input = torch.tensor(((patches / 255 - mean) / std).transpose(0, 3, 1, 2), dtype=torch.float32)
+    with torch.no_grad():
+        expected = model(expected_input).flatten(1).numpy()
+    features = encoder.encode(patches)
+    assert features.dtype == np.float32
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
+
+    result = preprocess_slide(slides["good-a"], tmp_path / "out", encoder)
+    assert read_slide_features(result.features_path)[0].shape == (result.n_patches, 16)
+    assert read_feature_metadata(result.features_path)["encoder"] == "torchscript:tiny.pt"
+
+
+def test_make_encoder_errors(tmp_path):
+    with pytest.raises(ValueError, match="resnet"):
+        make_encoder("resnet")
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        make_encoder(f"torchscript:{tmp_path / 'missing.pt'}")
+
+
+# ------------------------------------------------------------------------------- many slides
+
+
+def test_bad_slides_are_quarantined_and_good_ones_processed(slides, corrupt_slide, blank_slide, tmp_path):
+    duplicate = tmp_path / "good-a.tiff"  # same feature file name as good-a.tif
+    duplicate.write_bytes(slides["good-a"].read_bytes())
+    inputs = [slides["good-a"], slides["good-b"], corrupt_slide, blank_slide, duplicate]
+    out = tmp_path / "out"
+    report = preprocess_slides(inputs, out, progress=False)
+
+    assert [result.slide_id for result in report.processed] == ["good-a.tif", "good-b.tif"]
+    reasons = dict(report.quarantined)
+    assert set(reasons) == {"corrupt.svs", "blank.tif", "good-a.tiff"}
+    assert "unreadable slide" in reasons["corrupt.svs"]
+    assert "no tissue" in reasons["blank.tif"]
+    assert "duplicate" in reasons["good-a.tiff"]
+    for result in report.processed:
+        assert result.features_path == out / feature_file_name(result.slide_id)
+        assert result.n_patches >= 24
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["n_patches"] == report.n_patches and len(summary["quarantined"]) == 3
+    assert set(pd.read_csv(out / "quarantine.csv")["slide"]) == set(reasons)
+
+
+def test_thumbnail_png_shows_the_mask_outline(slides, tmp_path):
+    result = preprocess_slide(slides["good-b"], tmp_path, make_encoder())
+    assert result.thumbnail_path == tmp_path / "good-b.thumbnail.png"
+    with Image.open(result.thumbnail_path) as image:
+        assert image.format == "PNG" and max(image.size) <= 1024
+        pixels = np.asarray(image.convert("RGB"))
+    assert (pixels == OUTLINE_GREEN).all(axis=2).sum() > 50
+
+
+def test_shards_partition_the_sorted_slides(slides, corrupt_slide, tmp_path):
+    inputs = [*slides.values(), corrupt_slide]
+    seen = []
+    for index in range(3):
+        report = preprocess_slides(inputs, tmp_path, shard=(index, 3), progress=False)
+        seen += [result.slide_id for result in report.processed] + [slide for slide, _ in report.quarantined]
+        assert (tmp_path / f"report.shard-{index}-of-3.json").exists()
+    assert sorted(seen) == sorted(path.name for path in inputs)
+    assert len(seen) == len(set(seen))
+    for bad in [(3, 3), (-1, 2), (0, 0)]:
+        with pytest.raises(ValueError, match="shard"):
+            preprocess_slides(inputs, tmp_path, shard=bad, progress=False)
+
+
+def test_manifest_and_folder_inputs(slides, tmp_path):
+    cohort = tmp_path / "cohort"
+    (cohort / "slides").mkdir(parents=True)
+    (cohort / "slides" / "scan.tif").write_bytes(slides["good-b"].read_bytes())
+    manifest = cohort / "slides.parquet"
+    ids = ["TCGA-A1-0001-01Z-00-DX1.5F3A.tif", "TCGA-A1-0002-01Z-00-DX1.77B0.tif"]
+    pd.DataFrame({"slide_id": ids, "path": ["slides/scan.tif", None]}).to_parquet(manifest)
+    report = preprocess_slides(manifest, tmp_path / "m", progress=False)  # path relative to the manifest
+    assert [result.slide_id for result in report.processed] == ids[:1]
+    assert (tmp_path / "m" / "TCGA-A1-0001-01Z-00-DX1.5F3A.parquet").exists()
+    assert report.quarantined == [(ids[1], "no file: the manifest gives no path for this slide")]
+
+    report = preprocess_slides(slides["good-a"].parent, tmp_path / "f", progress=False)
+    assert sorted(result.slide_id for result in report.processed) == sorted(p.name for p in slides.values())
+
+    pd.DataFrame({"slide": ["x"], "path": ["slides/scan.tif"]}).to_csv(cohort / "bad.csv", index=False)
+    with pytest.raises(SlideInputError, match="lacks column"):
+        preprocess_slides(cohort / "bad.csv", tmp_path / "b", progress=False)
+    pd.DataFrame({"slide_id": [None], "path": ["slides/scan.tif"]}).to_csv(
+        cohort / "unnamed.csv", index=False
+    )
+    with pytest.raises(SlideInputError, match="empty slide_id"):
+        preprocess_slides(cohort / "unnamed.csv", tmp_path / "b", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SlideInputError, match="no slides"):
+        preprocess_slides(tmp_path / "empty", tmp_path / "e", progress=False)
+
+
+def test_read_slide_features_rejects_foreign_parquet(tmp_path):
+    pd.DataFrame({"x": [0], "y": [0], "feature": [1.0]}).to_parquet(tmp_path / "foreign.parquet")
+    with pytest.raises(SlideInputError, match="columns"):
+        read_slide_features(tmp_path / "foreign.parquet")
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_end_to_end(slides, corrupt_slide, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for path in [slides["good-a"], corrupt_slide]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    out = tmp_path / "out"
+    code = main(["preprocess-slides", str(folder), "--out", str(out), "--min-tissue", "0.6", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "processed 1 slide(s)" in printed and "corrupt.svs: unreadable slide" in printed
+    assert read_slide_features(out / "good-a.parquet")[0].shape[1] == len(STATS_FEATURE_NAMES)
+    assert json.loads((out / "report.json").read_text())["config"]["min_tissue_fraction"] == 0.6
+
+    only_bad = tmp_path / "only-bad"
+    only_bad.mkdir()
+    (only_bad / "corrupt.svs").write_bytes(corrupt_slide.read_bytes())
+    assert main(["preprocess-slides", str(only_bad), "--out", str(out), "--no-progress"]) == 1
+    assert "every slide was quarantined" in capsys.readouterr().err
+
+    (tmp_path / "empty").mkdir()
+    assert main(["preprocess-slides", str(tmp_path / "empty"), "--out", str(out), "--no-progress"]) != 0
+    assert "no slides" in capsys.readouterr().err
+
+
+def test_cli_shard_option(slides, tmp_path, capsys):
+    folder = slides["good-a"].parent
+    assert (
+        main(["preprocess-slides", str(folder), "--out", str(tmp_path), "--shard", "1/3", "--no-progress"])
+        == 0
+    )
+    assert "processed 1 slide(s)" in capsys.readouterr().out
+    assert (tmp_path / "report.shard-1-of-3.json").exists()
+    for bad in ["1-4", "4/4", "a/b", "1/"]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["preprocess-slides", str(folder), "--out", str(tmp_path), "--shard", bad])
+        assert exit_info.value.code == 2
+        assert "--shard must be i/n" in capsys.readouterr().err
