@@ -17,7 +17,9 @@ from healnet.survival import nll_loss
 from healnet.train import autocast
 
 
-def measure(device: torch.device, steps: int, warmup: int, batch: int, patches: int, omic: int, wsi_dim: int) -> dict:
+def measure(
+    device: torch.device, steps: int, warmup: int, batch: int, patches: int, omic: int, wsi_dim: int
+) -> dict:
     torch.manual_seed(0)
     config = HEALNetConfig(modalities=[ModalitySpec("omic", omic), ModalitySpec("wsi", wsi_dim)])
     model = HEALNet(config).to(device)
@@ -48,7 +50,9 @@ def measure(device: torch.device, steps: int, warmup: int, batch: int, patches: 
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "batch": batch,
         "steps": steps,
@@ -58,7 +62,9 @@ def measure(device: torch.device, steps: int, warmup: int, batch: int, patches: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=4)
@@ -75,7 +81,9 @@ def main() -> None:
     print("| device | precision | batch | samples/s | ms/step |")
     print("| --- | --- | --- | --- | --- |")
     for row in results:
-        print(f"| {row['device']} | {row['precision']} | {row['batch']} | {row['samples_per_s']} | {row['ms_per_step']} |")
+        print(
+            f"| {row['device']} | {row['precision']} | {row['batch']} | {row['samples_per_s']} | {row['ms_per_step']} |"
+        )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

@@ -57,7 +57,9 @@ def test_synth_is_deterministic_for_a_seed(tmp_path):
 
 
 def test_synth_missing_fractions_and_signal(tmp_path):
-    config = SynthConfig(patients=200, seed=5, missing_slide_fraction=0.3, missing_omics_fraction=0.2, slide_px=512)
+    config = SynthConfig(
+        patients=200, seed=5, missing_slide_fraction=0.3, missing_omics_fraction=0.2, slide_px=512
+    )
     cohort = synthesize_cohort(tmp_path / "c", config, progress=False)
     availability = cohort.availability
     omics_present = availability[["mut", "cnv", "rnaseq"]].all(axis=1)
@@ -77,7 +79,12 @@ def test_synth_rejects_bad_fractions():
 
 def test_cli_preprocess_train_evaluate(cohort_dir, tmp_path, capsys):
     features = cohort_dir / "features"
-    assert main(["preprocess-slides", str(cohort_dir / "slides.parquet"), "--out", str(features), "--no-progress"]) == 0
+    assert (
+        main(
+            ["preprocess-slides", str(cohort_dir / "slides.parquet"), "--out", str(features), "--no-progress"]
+        )
+        == 0
+    )
     run = tmp_path / "run"
     args = ["train", "--cohort", str(cohort_dir), "--out", str(run), "--epochs", "3", "--no-progress"]
     assert main([*args, "--latents", "4", "--latent-dim", "16", "--depth", "1"]) == 0
@@ -98,7 +105,17 @@ def test_train_without_features_names_the_fix(tmp_path):
     cohort = tmp_path / "bare"
     assert main(["synth", "--out", str(cohort), "--patients", "20", "--seed", "1", "--no-progress"]) == 0
     with pytest.raises(FileNotFoundError, match="run `healnet preprocess-slides"):
-        main(["train", "--cohort", str(cohort), "--out", str(tmp_path / "run"), "--features", str(tmp_path / "none")])
+        main(
+            [
+                "train",
+                "--cohort",
+                str(cohort),
+                "--out",
+                str(tmp_path / "run"),
+                "--features",
+                str(tmp_path / "none"),
+            ]
+        )
 
 
 def test_help_explains_every_command(capsys):

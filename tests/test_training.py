@@ -76,15 +76,21 @@ def test_early_stopping_restores_the_best_weights(trained, data, split):
     assert trained.result.best_score == pytest.approx(max(row["val_c_index"] for row in history))
     device = select_device("cpu")
     loader = make_loader(trained.dataset(data, split[1]), 16, False, device)
-    assert evaluate_loader(trained.model, loader, device, 0.4)["c_index"] == pytest.approx(best["val_c_index"])
+    assert evaluate_loader(trained.model, loader, device, 0.4)["c_index"] == pytest.approx(
+        best["val_c_index"]
+    )
 
 
 def test_bins_are_fit_on_training_patients_only(data, split):
     config = TrainConfig(epochs=1, seed=0)
     shifted = CohortData(data.clinical.copy(), data.omics, data.wsi_bags)
     shifted.clinical.loc[split[2], "survival_months"] *= 50
-    a = train_model(data, split[0], split[1], ["omic"], model_options=MODEL, train_config=config, progress=False)
-    b = train_model(shifted, split[0], split[1], ["omic"], model_options=MODEL, train_config=config, progress=False)
+    a = train_model(
+        data, split[0], split[1], ["omic"], model_options=MODEL, train_config=config, progress=False
+    )
+    b = train_model(
+        shifted, split[0], split[1], ["omic"], model_options=MODEL, train_config=config, progress=False
+    )
     np.testing.assert_array_equal(a.bins.edges, b.bins.edges)
 
 
@@ -142,7 +148,9 @@ def test_predictor_reports_imputed_and_unknown_features(trained, data, split):
     pid = split[2][1]
     rnaseq = data.omics["rnaseq"].loc[pid].to_dict()
     del rnaseq["G0_rnaseq"]
-    case = Case(omics={"rnaseq": {**rnaseq, "NOTAGENE_rnaseq": 1.0}, "mut": data.omics["mut"].loc[pid].to_dict()})
+    case = Case(
+        omics={"rnaseq": {**rnaseq, "NOTAGENE_rnaseq": 1.0}, "mut": data.omics["mut"].loc[pid].to_dict()}
+    )
     (prediction,) = predictor.predict([case])
     assert prediction.unknown_features == ["NOTAGENE_rnaseq"]
     assert prediction.imputed_fraction == pytest.approx(1 / 40)
