@@ -2,11 +2,16 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO ?= build/demo
-RUN_DIR ?= build/runs/demo
+REGISTRY ?= build/registry
 PYTEST_ARGS ?=
 
-.PHONY: venv run demo test test-fast lint format bench images clean
+IMAGE_REGISTRY ?= registry.example.com/healnet
+IMAGE_TAG ?= 0.1.0
+HEALNET_IMAGE ?= $(IMAGE_REGISTRY)/healnet:$(IMAGE_TAG)
+HEALNET_GPU_IMAGE ?= $(IMAGE_REGISTRY)/healnet-gpu:$(IMAGE_TAG)
+GIT_SHA := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+
+.PHONY: venv run serve compile test test-fast lint format bench images clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,17 +21,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-$(DEMO)/cohort.json: | $(STAMP)
-	$(VENV)/bin/healnet synth --out $(DEMO) --patients 160 --seed 0
+# The training pipeline through kfp.local on the synthetic demo cohort (generated into build/demo when missing).
+run: venv
+	$(PY) -m pipelines run-local --param registry_dir=$(REGISTRY)
 
-$(DEMO)/features/report.json: $(DEMO)/cohort.json
-	$(VENV)/bin/healnet preprocess-slides $(DEMO)/slides.parquet --out $(DEMO)/features
+serve: venv
+	BENTOML_HOME=$(REGISTRY) HEALNET_REGISTRY_DIR=$(REGISTRY) $(VENV)/bin/bentoml serve
 
-demo: $(DEMO)/features/report.json
-
-run: demo
-	$(VENV)/bin/healnet train --cohort $(DEMO) --out $(RUN_DIR)
-	$(VENV)/bin/healnet evaluate --run $(RUN_DIR) --cohort $(DEMO)
+compile: venv
+	HEALNET_IMAGE=$(HEALNET_IMAGE) HEALNET_GPU_IMAGE=$(HEALNET_GPU_IMAGE) $(PY) -m pipelines compile --output build/healnet_pipeline.yaml
 
 lint: venv
 	$(VENV)/bin/ruff check .
@@ -43,9 +46,17 @@ test: venv
 test-fast: venv
 	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
 
-bench: venv demo
+bench: venv
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/tiling.py
+	$(PY) benchmarks/serve_load.py
+
+images:
+	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make images: no Docker engine on this machine; run it where Docker is available (see docs/pipeline.md)"; exit 1; }
+	DOCKER_BUILDKIT=1 docker build -f components/Dockerfile --build-arg GIT_SHA=$(GIT_SHA) -t $(HEALNET_IMAGE) .
+	DOCKER_BUILDKIT=1 docker build -f components/Dockerfile.gpu --build-arg GIT_SHA=$(GIT_SHA) -t $(HEALNET_GPU_IMAGE) .
+	docker push $(HEALNET_IMAGE)
+	docker push $(HEALNET_GPU_IMAGE)
 
 clean:
 	rm -rf build

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from serving.demo import DemoSpec, demo_payload
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 P50_OVERHEAD_TARGET_MS = 5.0
+WARM_UP = 20  # requests per mode before measuring
 THROUGHPUT_TARGET = 0.7
 
 
@@ -45,78 +47,123 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--patches", type=int, default=64, help="WSI patches per request")
     parser.add_argument("--features", type=int, default=100, help="omic features per table of the demo model")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, in the server and in-process")
+    parser.add_argument("--workers", type=int, default=1, help="BentoML workers of the started service")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds that interleave the modes")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     return parser.parse_args()
 
 
-def percentiles(latencies: list[float], elapsed: float) -> dict:
-    ms = np.asarray(latencies) * 1000
-    return {
-        "requests": len(latencies),
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p95_ms": float(np.percentile(ms, 95)),
-        "p99_ms": float(np.percentile(ms, 99)),
-        "rps": len(latencies) / elapsed,
-    }
+@dataclass
+class Level:
+    """Latencies and wall time of one mode and concurrency, summed over the rounds."""
+
+    mode: str
+    concurrency: int
+    latencies: list[float] = field(default_factory=list)
+    elapsed: float = 0.0
+    server_seconds: float = 0.0
+    server_requests: float = 0.0
+
+    def row(self) -> dict:
+        ms = np.asarray(self.latencies) * 1000
+        row = {
+            "mode": self.mode,
+            "concurrency": self.concurrency,
+            "requests": len(self.latencies),
+            "p50_ms": float(np.percentile(ms, 50)),
+            "p95_ms": float(np.percentile(ms, 95)),
+            "p99_ms": float(np.percentile(ms, 99)),
+            "rps": len(self.latencies) / self.elapsed,
+        }
+        if self.server_requests:
+            row["server_mean_ms"] = self.server_seconds / self.server_requests * 1000
+        return row
 
 
-def in_process(checkpoint_dir: Path, payloads: list[dict], threads: int) -> dict:
-    """`Predictor.predict` on each payload in turn, one case per call."""
+def run_in_process(predictor, cases: list, level: Level) -> None:
+    """`Predictor.predict` on each case in turn, one case per call."""
+    start = time.perf_counter()
+    for case in cases:
+        begin = time.perf_counter()
+        predictor.predict([case])
+        level.latencies.append(time.perf_counter() - begin)
+    level.elapsed += time.perf_counter() - start
+
+
+async def run_http(client, bodies: list[bytes], level: Level) -> None:
+    """POST each body to /predict with at most `level.concurrency` requests in flight."""
+    pending = iter(bodies)
+
+    async def worker() -> None:
+        for body in pending:
+            begin = time.perf_counter()
+            response = await client.post(
+                "/predict", content=body, headers={"content-type": "application/json"}
+            )
+            level.latencies.append(time.perf_counter() - begin)
+            response.raise_for_status()
+
+    seconds_before, requests_before = await server_time(client)
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(level.concurrency)))
+    level.elapsed += time.perf_counter() - start
+    seconds_after, requests_after = await server_time(client)
+    level.server_seconds += seconds_after - seconds_before
+    level.server_requests += requests_after - requests_before
+
+
+async def server_time(client) -> tuple[float, float]:
+    """Seconds and count of successful /predict requests as BentoML measures them inside the server."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = (await client.get("/metrics")).text
+    totals = {"_sum": 0.0, "_count": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            suffix = sample.name.removeprefix("bentoml_service_request_duration_seconds")
+            labels = sample.labels
+            if (
+                suffix in totals
+                and labels.get("endpoint") == "/predict"
+                and labels.get("http_response_code") == "200"
+            ):
+                totals[suffix] += sample.value
+    return totals["_sum"], totals["_count"]
+
+
+async def measure(
+    url: str, checkpoint_dir: Path, payloads: list[dict], args: argparse.Namespace
+) -> list[dict]:
+    """Interleave the modes in `args.rounds` rounds, so that a change of machine load hits them alike."""
+    import httpx
     import torch
 
     from healnet.inference import Case, Predictor
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(args.threads)
     predictor = Predictor.from_dir(checkpoint_dir)
     cases = [
         Case(p.get("omics", {}), np.asarray(p["wsi_features"], np.float32) if "wsi_features" in p else None)
         for p in payloads
     ]
-    predictor.predict(cases[:1])
-    latencies = []
-    start = time.perf_counter()
-    for case in cases:
-        begin = time.perf_counter()
-        predictor.predict([case])
-        latencies.append(time.perf_counter() - begin)
-    return percentiles(latencies, time.perf_counter() - start)
-
-
-async def over_http(url: str, payloads: list[dict], concurrency: int) -> dict:
-    """POST each payload to /predict with at most `concurrency` requests in flight."""
-    import httpx
-
     bodies = [json.dumps(p).encode() for p in payloads]
-    latencies: list[float] = []
-    pending = iter(bodies)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    levels = [Level("in-process", 1)] + [Level("HTTP /predict", c) for c in args.concurrency]
+    limits = httpx.Limits(
+        max_connections=max(args.concurrency), max_keepalive_connections=max(args.concurrency)
+    )
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
-
-        async def worker() -> None:
-            for body in pending:
-                begin = time.perf_counter()
-                response = await client.post(
-                    "/predict", content=body, headers={"content-type": "application/json"}
-                )
-                latencies.append(time.perf_counter() - begin)
-                response.raise_for_status()
-
-        await worker_round(client, bodies[: min(20, len(bodies))])  # warm-up, not measured
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    return percentiles(latencies, elapsed)
-
-
-async def worker_round(client, bodies: list[bytes]) -> None:
-    for body in bodies:
-        (
-            await client.post("/predict", content=body, headers={"content-type": "application/json"})
-        ).raise_for_status()
+        warm_up = Level("warm-up", 1)
+        run_in_process(predictor, cases[:WARM_UP], warm_up)
+        await run_http(client, bodies[:WARM_UP], warm_up)
+        for chunk in np.array_split(np.arange(len(payloads)), args.rounds):
+            run_in_process(predictor, [cases[i] for i in chunk], levels[0])
+            for level in levels[1:]:
+                await run_http(client, [bodies[i] for i in chunk], level)
+    return [level.row() for level in levels]
 
 
 @contextmanager
-def demo_service(spec: DemoSpec, threads: int):
+def demo_service(spec: DemoSpec, threads: int, workers: int):
     """A temporary registry with a demo champion, served by `bentoml serve`; yields (url, checkpoint).
 
     The registry location goes to the environment before BentoML is first used in this process.
@@ -136,7 +183,12 @@ def demo_service(spec: DemoSpec, threads: int):
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "BENTOML_DO_NOT_TRACK": "True"}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(threads),
+            "BENTOML_DO_NOT_TRACK": "True",
+            "BENTOML_CONFIG_OPTIONS": f"services.healnet.workers={workers}",
+        }
         command = [sys.executable, "-m", "bentoml", "serve", "serving.service:HEALNetService"]
         log_path = Path(tmp) / "serve.log"
         with open(log_path, "wb") as log:
@@ -172,20 +224,24 @@ def demo_service(spec: DemoSpec, threads: int):
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| mode | concurrency | requests | p50 ms | p95 ms | p99 ms | req/s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| mode | concurrency | requests | p50 ms | p95 ms | p99 ms | req/s | server-side mean ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
+        server = f"{row['server_mean_ms']:.2f}" if "server_mean_ms" in row else "-"
         lines.append(
             f"| {row['mode']} | {row['concurrency']} | {row['requests']} | {row['p50_ms']:.2f} | "
-            f"{row['p95_ms']:.2f} | {row['p99_ms']:.2f} | {row['rps']:.1f} |"
+            f"{row['p95_ms']:.2f} | {row['p99_ms']:.2f} | {row['rps']:.1f} | {server} |"
         )
     return "\n".join(lines)
 
 
 def main() -> int:
     args = parse_args()
-    spec = DemoSpec(features_per_table=args.features, patches=(args.patches, args.patches + 1), epochs=1)
+    # HEALNet's default sizes (model_options=()), one training epoch: only the speed matters here.
+    spec = DemoSpec(
+        features_per_table=args.features, patches=(args.patches, args.patches + 1), epochs=1, model_options=()
+    )
     payloads = [demo_payload(spec, ("omic", "wsi"), args.patches, seed) for seed in range(args.requests)]
     with ExitStack() as stack:
         if args.url:
@@ -193,20 +249,17 @@ def main() -> int:
 
             url, checkpoint = args.url.rstrip("/"), resolve(args.tag)[1]
         else:
-            url, checkpoint = stack.enter_context(demo_service(spec, args.threads))
-        rows = [{"mode": "in-process", "concurrency": 1, **in_process(checkpoint, payloads, args.threads)}]
-        for concurrency in args.concurrency:
-            rows.append(
-                {
-                    "mode": "HTTP /predict",
-                    "concurrency": concurrency,
-                    **asyncio.run(over_http(url, payloads, concurrency)),
-                }
-            )
+            url, checkpoint = stack.enter_context(demo_service(spec, args.threads, args.workers))
+        rows = asyncio.run(measure(url, checkpoint, payloads, args))
 
     baseline = rows[0]
     by_concurrency = {row["concurrency"]: row for row in rows[1:]}
-    results = {"rows": rows, "load_average": os.getloadavg(), "cpus": os.cpu_count(), "patches": args.patches}
+    results = {
+        "rows": rows,
+        "load_average": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "args": vars(args) | {"json": str(args.json)},
+    }
     if 1 in by_concurrency:
         results["p50_overhead_ms"] = by_concurrency[1]["p50_ms"] - baseline["p50_ms"]
     if 8 in by_concurrency:

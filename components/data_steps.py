@@ -23,8 +23,9 @@ def validate(
 
     if slide_shards < 1:
         raise PipelineStepError(f"slide_shards must be at least 1, got {slide_shards}")
-    result = validate_cohort(Path(cohort_dir), Path(tempfile.mkdtemp(prefix="validation-")))
-    Path(report.path).write_text(result.markdown_path.read_text(encoding="utf-8"), encoding="utf-8")
+    with tempfile.TemporaryDirectory(prefix="validation-") as scratch:
+        result = validate_cohort(Path(cohort_dir), Path(scratch))
+        Path(report.path).write_text(result.markdown_path.read_text(encoding="utf-8"), encoding="utf-8")
     report.metadata["success"] = result.success
     if not result.success:
         failures = result.failures()
@@ -80,10 +81,11 @@ def preprocess_slides(
     processed = quarantined = patches = 0
     if len(slides):
         # a manifest of the slides that have files, with absolute paths, keeps the cohort's slide ids
-        manifest = Path(tempfile.mkdtemp(prefix="slides-")) / "slides.csv"
         paths = [str(Path(cohort_dir, path).resolve()) for path in slides["path"]]
-        pd.DataFrame({"slide_id": slides["slide_id"], "path": paths}).to_csv(manifest, index=False)
-        report = tile_and_encode(manifest, out_dir, shard=(shard_index, shard_count), progress=False)
+        with tempfile.TemporaryDirectory(prefix="slides-") as scratch:
+            manifest = Path(scratch) / "slides.csv"
+            pd.DataFrame({"slide_id": slides["slide_id"], "path": paths}).to_csv(manifest, index=False)
+            report = tile_and_encode(manifest, out_dir, shard=(shard_index, shard_count), progress=False)
         processed, quarantined, patches = len(report.processed), len(report.quarantined), report.n_patches
         for slide, reason in report.quarantined:
             print(f"quarantined slide {slide}: {reason}")

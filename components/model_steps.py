@@ -34,18 +34,18 @@ def train(
     from healnet.preprocess.omics import OmicsTransform
     from healnet.train import TrainConfig
 
-    features_dir = Path(tempfile.mkdtemp(prefix="features-"))
-    merge_feature_shards([artifact.path for artifact in slide_features], features_dir)
     state = json.loads(Path(omics_transform.path).read_text())
-    result = run_training(
-        Path(cohort_dir),
-        Path(model.path),
-        features_dir=features_dir,
-        split_repeat=split_repeat,
-        train_config=TrainConfig(epochs=epochs, batch_size=batch_size, patience=patience, seed=seed),
-        omics_transform=OmicsTransform.from_state_dict(state) if state is not None else None,
-        progress=False,
-    )
+    with tempfile.TemporaryDirectory(prefix="features-") as features_dir:
+        merge_feature_shards([artifact.path for artifact in slide_features], Path(features_dir))
+        result = run_training(
+            Path(cohort_dir),
+            Path(model.path),
+            features_dir=Path(features_dir),
+            split_repeat=split_repeat,
+            train_config=TrainConfig(epochs=epochs, batch_size=batch_size, patience=patience, seed=seed),
+            omics_transform=OmicsTransform.from_state_dict(state) if state is not None else None,
+            progress=False,
+        )
     model.metadata.update(
         {
             "sha256": result["sha256"],
@@ -83,21 +83,24 @@ def evaluate(
     from components.support import evaluation_html, finite_metrics, merge_feature_shards
     from healnet.evaluate import evaluate_checkpoint
 
-    features_dir = Path(tempfile.mkdtemp(prefix="features-"))
-    merge_feature_shards([artifact.path for artifact in slide_features], features_dir)
-    evaluation = evaluate_checkpoint(
-        Path(model.path) / "checkpoint",
-        Path(cohort_dir),
-        Path(tempfile.mkdtemp(prefix="evaluation-")),
-        features_dir=features_dir,
-        role="test",
-        split_repeat=split_repeat,
-    )
+    with tempfile.TemporaryDirectory(prefix="evaluation-") as scratch:
+        features_dir = Path(scratch) / "features"
+        merge_feature_shards([artifact.path for artifact in slide_features], features_dir)
+        evaluation = evaluate_checkpoint(
+            Path(model.path) / "checkpoint",
+            Path(cohort_dir),
+            Path(scratch) / "evaluation",
+            features_dir=features_dir,
+            role="test",
+            split_repeat=split_repeat,
+        )
+        report_rows = {**evaluation, "data_hash": data_hash}
+        Path(report.path).write_text(
+            evaluation_html(report_rows, "HEALNet evaluation: held-out test patients")
+        )
     scores = finite_metrics(evaluation, ("c_index", "c_index_ipcw", "integrated_brier_score"))
     for name, value in scores.items():
         metrics.log_metric(name, value)
     metrics.log_metric("test_patients", evaluation["patients"])
     metrics.log_metric("test_events", evaluation["events"])
     Path(metrics.path).write_text(json.dumps(metrics.metadata))  # the file too, not only the metadata
-    report_rows = {**evaluation, "data_hash": data_hash}
-    Path(report.path).write_text(evaluation_html(report_rows, "HEALNet evaluation: held-out test patients"))

@@ -91,10 +91,9 @@ def promote(
     }
     previous = get_champion()
     tag = register_model(checkpoint, labels, metadata)
-    set_champion(
-        tag,
-        f"pipeline run {run_name or run_id}: test c-index {scores['c_index']:.4f} passed gate v{gate_version}",
-    )
+    passed = gate_report.metadata.get("passed", True)
+    outcome = f"passed gate v{gate_version}" if passed else f"gate v{gate_version} dry run, checks failed"
+    set_champion(tag, f"pipeline run {run_name or run_id}: test c-index {scores['c_index']:.4f}, {outcome}")
     rows = [
         f"| {key} | {value} |"
         for key, value in {**metadata, "previous champion": previous and previous["tag"]}.items()

@@ -10,7 +10,7 @@ import os
 import subprocess
 from pathlib import Path
 
-# The files whose content defines a cohort's data version (slides are referenced by the manifest).
+# The tables whose contents define a cohort's data version (slide files are not hashed).
 HASHED_TABLES = ("clinical.parquet",)
 HASHED_FOLDERS = ("omics",)
 

@@ -117,7 +117,7 @@ def _fit_quietly(model, x: np.ndarray, y: np.ndarray):
 
 
 def fit_coxnet(
-    x: np.ndarray, times: np.ndarray, events: np.ndarray, config: CoxNetConfig = CoxNetConfig(), seed: int = 0
+    x: np.ndarray, times: np.ndarray, events: np.ndarray, config: CoxNetConfig | None = None, seed: int = 0
 ) -> CoxNetFit:
     """Elastic-net Cox model; the penalty alpha maximises Harrell's C in an inner stratified K-fold CV.
 
@@ -125,6 +125,7 @@ def fit_coxnet(
     (warm-started along it, the same optimum as one fit per alpha) and scores every alpha on its held-out part.
     Only the training fold is ever seen here.
     """
+    config = config or CoxNetConfig()
     times, events = np.asarray(times, dtype=np.float64), np.asarray(events).astype(int)
     if events.sum() < config.inner_folds:
         raise BaselineError(f"CoxNet inner CV needs at least {config.inner_folds} events, got {events.sum()}")
@@ -143,9 +144,10 @@ def fit_coxnet(
 
 
 def fit_forest(
-    x: np.ndarray, times: np.ndarray, events: np.ndarray, config: ForestConfig = ForestConfig(), seed: int = 0
+    x: np.ndarray, times: np.ndarray, events: np.ndarray, config: ForestConfig | None = None, seed: int = 0
 ) -> RandomSurvivalForest:
     """Random survival forest with fixed defaults; `predict` gives the risk (expected deaths)."""
+    config = config or ForestConfig()
     forest = RandomSurvivalForest(
         n_estimators=config.n_estimators,
         min_samples_leaf=config.min_samples_leaf,

@@ -133,8 +133,11 @@ def train_model(
     n_bins: int = 4,
     progress: bool = True,
     omics_transform: OmicsTransform | None = None,
+    bins: SurvivalBins | None = None,
 ) -> TrainedModel:
     """Fit bins and preprocessing on `train_ids` only, then train HEALNet with early stopping on `val_ids`.
+
+    Given `bins` (fitted on training patients by the caller, e.g. shared by an ensemble) are used as they are.
 
     `modalities` picks the input kinds, "omic" and/or "wsi" (default: all the cohort has); how omic
     tables become model modalities (one combined, or one per table) is `omics_config.combine`.
@@ -144,8 +147,9 @@ def train_model(
     unknown = [m for m in requested if m not in available]
     if unknown or not requested:
         raise ValueError(f"modalities {requested} are not all in this cohort; available: {available}")
-    train_clinical = data.clinical.loc[list(train_ids)]
-    bins = SurvivalBins.fit(train_clinical["survival_months"], train_clinical["event"], n_bins)
+    if bins is None:
+        train_clinical = data.clinical.loc[list(train_ids)]
+        bins = SurvivalBins.fit(train_clinical["survival_months"], train_clinical["event"], n_bins)
     use_omics = OMIC in requested
     use_wsi = WSI in requested
     preprocessor = Preprocessor.fit(

@@ -36,6 +36,17 @@ class Prediction:
     attention: dict[str, list[float]] | None = None
 
 
+@dataclass
+class PreparedBatch:
+    """Model inputs of several cases, with what preprocessing found per case."""
+
+    inputs: dict[str, torch.Tensor]
+    present: dict[str, torch.Tensor]
+    token_mask: dict[str, torch.Tensor]
+    imputed_fraction: list[float]
+    unknown_features: list[list[str]]
+
+
 class Predictor:
     """A loaded checkpoint that turns cases into survival predictions; built once, used per request."""
 
@@ -74,20 +85,30 @@ class Predictor:
             item[WSI] = None if bag is None or len(bag) == 0 else self.preprocessor.scale_wsi(bag)
         return item, imputed, unknown
 
-    @torch.no_grad()
-    def predict(self, cases: Sequence[Case], return_attention: bool = False) -> list[Prediction]:
+    def prepare_batch(self, cases: Sequence[Case]) -> PreparedBatch:
+        """Preprocess cases into one padded model batch (the CPU-side stage of a prediction)."""
         prepared = [self.prepare(case) for case in cases]
         batch = collate_cases([item for item, _, _ in prepared], self.wsi_dim or 0)
-        inputs = {k: v.to(self.device) for k, v in batch["inputs"].items()}
-        present = {k: v.to(self.device) for k, v in batch["present"].items()}
-        token_mask = {k: v.to(self.device) for k, v in batch["token_mask"].items()}
-        out = self.model(inputs, present, token_mask, return_attention=return_attention)
+        return PreparedBatch(
+            {k: v.to(self.device) for k, v in batch["inputs"].items()},
+            {k: v.to(self.device) for k, v in batch["present"].items()},
+            {k: v.to(self.device) for k, v in batch["token_mask"].items()},
+            [imputed for _, imputed, _ in prepared],
+            [unknown for _, _, unknown in prepared],
+        )
+
+    @torch.no_grad()
+    def predict_prepared(self, batch: PreparedBatch, return_attention: bool = False) -> list[Prediction]:
+        """The forward pass and survival outputs for a prepared batch."""
+        out = self.model(batch.inputs, batch.present, batch.token_mask, return_attention=return_attention)
         logits, attention = out if return_attention else (out, None)
         hazards, survival, risk = (t.float().cpu().numpy() for t in survival_from_logits(logits.float()))
         edges = [None if not np.isfinite(e) else float(e) for e in self.checkpoint.bins.edges]
         results = []
-        for i, (_, imputed, unknown) in enumerate(prepared):
-            used = [m for m in self.modalities if bool(present[m][i])]
+        for i, (imputed, unknown) in enumerate(
+            zip(batch.imputed_fraction, batch.unknown_features, strict=True)
+        ):
+            used = [m for m in self.modalities if bool(batch.present[m][i])]
             results.append(
                 Prediction(
                     risk=float(risk[i]),
@@ -98,10 +119,13 @@ class Predictor:
                     modalities_missing=[m for m in self.modalities if m not in used],
                     imputed_fraction=imputed,
                     unknown_features=unknown,
-                    attention=self._attention(attention, i, token_mask) if attention else None,
+                    attention=self._attention(attention, i, batch.token_mask) if attention else None,
                 )
             )
         return results
+
+    def predict(self, cases: Sequence[Case], return_attention: bool = False) -> list[Prediction]:
+        return self.predict_prepared(self.prepare_batch(cases), return_attention)
 
     @staticmethod
     def _attention(attention: dict, index: int, token_mask: dict) -> dict[str, list[float]]:

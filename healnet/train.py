@@ -29,12 +29,17 @@ class TrainConfig:
     bin_weights: bool = False
     seed: int = 0
     device: str = "auto"
+    modality_dropout: float = (
+        0.0  # per training sample, mark each present modality missing with this probability
+    )
 
     def __post_init__(self) -> None:
         if self.monitor not in {"loss", "c_index"}:
             raise ValueError(f"monitor must be 'loss' or 'c_index', got {self.monitor!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be positive")
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,6 +92,16 @@ def make_loader(dataset, batch_size: int, shuffle: bool, device: torch.device, s
         pin_memory=device.type == "cuda",
         generator=generator,
     )
+
+
+def drop_modalities(present: dict[str, torch.Tensor], p: float, generator: torch.Generator) -> dict:
+    """Mark each present modality missing with probability p per sample; every sample keeps at least one."""
+    names = list(present)
+    stacked = torch.stack([present[name] for name in names])  # (modalities, batch)
+    dropped = torch.rand(stacked.shape, generator=generator).to(stacked.device) < p
+    kept = stacked & ~dropped
+    kept = torch.where(kept.any(0), kept, stacked)
+    return dict(zip(names, kept, strict=True))
 
 
 def forward(model, batch: dict, device: torch.device, return_attention: bool = False):
@@ -145,12 +160,17 @@ def fit(
     sign = -1.0 if config.monitor == "c_index" else 1.0
     best_score, best_epoch, best_state, waited = float("inf"), -1, None, 0
     history = []
+    dropout_generator = torch.Generator().manual_seed(config.seed)
     bar = tqdm(range(config.epochs), desc="train", disable=not progress, unit="epoch")
     for epoch in bar:
         model.train()
         total, count = 0.0, 0
         for batch in train_loader:
             batch = to_device(batch, device)
+            if config.modality_dropout:
+                batch["present"] = drop_modalities(
+                    batch["present"], config.modality_dropout, dropout_generator
+                )
             logits = forward(model, batch, device)
             loss = nll_loss(logits, batch["labels"], batch["events"], config.alpha, bin_weights)
             if config.l1:

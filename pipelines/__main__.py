@@ -14,7 +14,6 @@ from pipelines.options import OPTION_NAMES
 DEFAULT_PACKAGE = Path("build/healnet_pipeline.yaml")
 DEFAULT_LOCAL_ROOT = Path("build/kfp-local")
 DEMO_COHORT = Path("build/demo")
-DEMO_PATIENTS = 160
 SERVE_COMMAND = "bentoml serve serving.service:HEALNetService"
 
 PARAM_HELP = (
@@ -161,8 +160,9 @@ def _demo_cohort() -> Path:
     if not (DEMO_COHORT / "cohort.json").is_file():
         from healnet.data.synth import SynthConfig, synthesize_cohort
 
-        print(f"no --cohort: writing the demo cohort ({DEMO_PATIENTS} patients) to {DEMO_COHORT}")
-        synthesize_cohort(DEMO_COHORT, SynthConfig(patients=DEMO_PATIENTS, seed=0), progress=False)
+        config = SynthConfig(seed=0)
+        print(f"no --cohort: writing the demo cohort ({config.patients} patients) to {DEMO_COHORT}")
+        synthesize_cohort(DEMO_COHORT, config)
     return DEMO_COHORT
 
 
@@ -186,10 +186,11 @@ def run_local_command(args: argparse.Namespace) -> int:
     if not result.succeeded:
         print(f"pipeline FAILED: {result.error}\nnothing was promoted", file=sys.stderr)
         return 1
-    print(
-        "test metrics: "
-        + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
-    )
+    shown = [
+        f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}"
+        for name, value in result.metrics.items()
+    ]
+    print("test metrics: " + ", ".join(shown))
     print(f"gate decision: {result.decision}")
     if result.model_tag is None:
         print("no model promoted: the champion is unchanged")

@@ -3,7 +3,9 @@ collect what a person wants to see afterwards: metrics, the gate decision, the m
 
 from __future__ import annotations
 
+import builtins
 import json
+import re
 import shutil
 import warnings
 from dataclasses import dataclass, field
@@ -11,6 +13,7 @@ from pathlib import Path
 
 from pipelines.options import DEFAULT_OPTIONS, ClusterOptions
 
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # kfp.local colours task names in its messages
 # Report artifacts, copied next to the run with a file extension so they open in a browser/editor.
 REPORTS = {
     "validation.md": ("validate", "report"),
@@ -49,6 +52,7 @@ def run_local(
         runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), enable_caching=cache
     )
     error = ""
+    original_print = builtins.print
     with warnings.catch_warnings():
         # kfp.local warns that the cluster images and the Kubernetes/resource settings are ignored here
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
@@ -56,7 +60,11 @@ def run_local(
         try:
             build_pipeline(options)(**arguments)
         except RuntimeError as failure:  # kfp.local raises when a task fails
-            error = str(failure)
+            error = ANSI_COLOUR.sub("", str(failure))
+        finally:
+            # kfp.local indents print() around each task by swapping builtins.print; parallel loop
+            # iterations can interleave the swaps and leave it indented
+            builtins.print = original_print
     new_runs = sorted(set(pipeline_root.glob(f"{PIPELINE_NAME}-*")) - before)
     if len(new_runs) != 1:
         raise RuntimeError(
@@ -80,7 +88,9 @@ def collect(run_dir: Path, error: str = "") -> LocalRun:
     if decided:
         result.decision = decided["parameterValues"]["Output"]
         # a cached evaluation has no folder in this run; the gate recorded the metrics it judged
-        result.metrics = result.metrics or decided["artifacts"]["report"]["artifacts"][0]["metadata"]["candidate_metrics"]
+        result.metrics = (
+            result.metrics or decided["artifacts"]["report"]["artifacts"][0]["metadata"]["candidate_metrics"]
+        )
     promoted = _executor_output(run_dir, "promote")
     if promoted:
         result.model_tag = promoted["parameterValues"]["Output"]

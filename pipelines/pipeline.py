@@ -33,12 +33,19 @@ def _mount_registry(task: PipelineTask, options: ClusterOptions) -> PipelineTask
     return task
 
 
-def _cpu_step(task: PipelineTask, options: ClusterOptions, retry: bool = False) -> PipelineTask:
-    task.set_cpu_request(options.step_cpu).set_memory_request(options.step_memory)
-    if retry and options.retries:
+def _retry(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
+    """Retries with exponential back-off for steps that can fail transiently (storage, preemption)."""
+    if options.retries:
         task.set_retry(
             num_retries=options.retries, backoff_duration=options.retry_backoff, backoff_factor=2.0
         )
+    return task
+
+
+def _cpu_step(task: PipelineTask, options: ClusterOptions, retry: bool = False) -> PipelineTask:
+    task.set_cpu_request(options.step_cpu).set_memory_request(options.step_memory)
+    if retry:
+        _retry(task, options)
     return _mount_cohort(task, options)
 
 
@@ -54,11 +61,7 @@ def _gpu_training(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
         task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=options.train_shm
     )
     kubernetes.set_timeout(task, options.train_timeout_s)
-    if options.retries:
-        task.set_retry(
-            num_retries=options.retries, backoff_duration=options.retry_backoff, backoff_factor=2.0
-        )
-    return _mount_cohort(task, options)
+    return _mount_cohort(_retry(task, options), options)
 
 
 def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
@@ -148,7 +151,3 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
 def pipeline_inputs(pipeline: GraphComponent) -> dict[str, type]:
     """Pipeline parameter names and their Python types, for typed `--param` parsing."""
     return {name: PARAMETER_TYPES[spec.type] for name, spec in pipeline.component_spec.inputs.items()}
-
-
-def required_inputs(pipeline: GraphComponent) -> list[str]:
-    return [name for name, spec in pipeline.component_spec.inputs.items() if not spec.optional]

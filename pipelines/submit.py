@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -102,7 +103,8 @@ def submit(
     import kfp
 
     check_health(host, token, namespace)
-    with _api_errors("connecting", host, namespace):
+    with _api_errors("connecting", host, namespace), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This client only works", category=FutureWarning)
         client = kfp.Client(host=host, namespace=namespace or "kubeflow", existing_token=token)
     with _api_errors("uploading the pipeline", host, namespace):
         pipeline_id, version_id = _upload(client, package, pipeline_name, namespace)

@@ -10,9 +10,13 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    from healnet.experiment import CohortData
 
 OMIC_TABLES = ("mut", "cnv", "rnaseq")
 
@@ -40,7 +44,7 @@ def demo_feature_names(spec: DemoSpec) -> dict[str, list[str]]:
     return {table: [f"G{i}_{table}" for i in range(spec.features_per_table)] for table in OMIC_TABLES}
 
 
-def demo_cohort(spec: DemoSpec):
+def demo_cohort(spec: DemoSpec) -> CohortData:
     """Random clinical table, omic tables and patch bags for `spec.patients` TCGA-like patients."""
     from healnet.experiment import CohortData
 

@@ -56,7 +56,7 @@ MODEL_INFO = Gauge(
 REFERENCE_RISK = Gauge(
     "healnet_reference_risk_score",
     "Risk quantiles on the model's training split: the reference for drift alerts.",
-    ["quantile"],
+    ["training_quantile"],
     multiprocess_mode="livemax",
 )
 VALIDATION_ERRORS = Counter("healnet_validation_errors_total", "Rejected requests by reason.", ["reason"])
@@ -81,8 +81,8 @@ def model_loaded(
 ) -> None:
     """Publish the served model and create its label values at zero, so rates start from the first scrape."""
     MODEL_INFO.labels(version=tag.partition(":")[2], tag=tag).set(1)
-    for quantile, value in (reference_quantiles or {}).items():
-        REFERENCE_RISK.labels(quantile).set(float(value))
+    for training_quantile, value in (reference_quantiles or {}).items():
+        REFERENCE_RISK.labels(training_quantile).set(float(value))
     for pattern in presence_patterns(modalities):
         REQUESTS.labels(pattern)
     for modality in modalities:

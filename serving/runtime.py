@@ -14,7 +14,7 @@ import numpy as np
 
 from healnet.checkpoint import load_checkpoint
 from healnet.inference import Case, Prediction, Predictor
-from healnet.preprocess.wsi import make_encoder
+from healnet.preprocess.wsi import PatchEncoder, make_encoder
 from healnet.registry import resolve
 from healnet.train import select_device
 from serving.validation import ModelContract
@@ -28,6 +28,11 @@ def resolve_served_model(packed_tag: str | None = None) -> tuple[str, Path]:
     """Tag and sha256-verified checkpoint to serve: $HEALNET_MODEL_TAG, else the model packed into the
     Bento, else the registry's champion. Raises RegistryError or CheckpointError."""
     return resolve(os.environ.get(MODEL_TAG_ENV) or packed_tag)
+
+
+def serving_device() -> str:
+    """$HEALNET_DEVICE: "auto" (CUDA when present, the default), "cpu" or "cuda"."""
+    return str(select_device(os.environ.get(DEVICE_ENV, "auto")))
 
 
 class _StageTimer(threading.local):
@@ -70,9 +75,9 @@ class ServedModel:
     def load(cls, tag: str, checkpoint_dir: Path) -> ServedModel:
         """Load weights and preprocessing, build the tile encoder, and run one warm-up prediction."""
         checkpoint = load_checkpoint(checkpoint_dir)
-        device = select_device(os.environ.get(DEVICE_ENV, "auto"))
-        predictor = TimedPredictor(checkpoint, device=str(device))
-        contract = ModelContract.from_predictor(predictor, _tile_encoder(predictor, str(device)))
+        device = serving_device()
+        predictor = TimedPredictor(checkpoint, device=device)
+        contract = ModelContract.from_predictor(predictor, _tile_encoder(predictor, device))
         warm_up = Case(
             omics={table: {} for table in contract.omic_tables},
             wsi_features=None if contract.wsi_dim is None else np.zeros((1, contract.wsi_dim), np.float32),
@@ -81,7 +86,7 @@ class ServedModel:
         return cls(tag, predictor, contract, checkpoint.metadata.get("reference_risk_quantiles"))
 
 
-def _tile_encoder(predictor: Predictor, device: str):
+def _tile_encoder(predictor: Predictor, device: str) -> PatchEncoder | None:
     """The checkpoint's patch encoder, or None (tile requests are then refused) when it cannot be built here."""
     if predictor.wsi_dim is None:
         return None

@@ -7,19 +7,21 @@ so /livez answers at once and /readyz (and the APIs) answer 503 until the model 
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
 from pathlib import Path
 
 import bentoml
+import numpy as np
 from starlette.responses import JSONResponse
 
-from healnet.inference import Case
+from healnet.inference import Case, Prediction
 from serving import metrics
 from serving.config import Limits
 from serving.middleware import REJECTION_HEADER, RequestGuard
-from serving.runtime import ServedModel, resolve_served_model
+from serving.runtime import ServedModel, resolve_served_model, serving_device
 from serving.schemas import ErrorResponse, PredictRequest, PredictResponse
 from serving.validation import RejectedRequest, to_case
 
@@ -45,6 +47,7 @@ class HEALNetService:
         """Runs once in the `bentoml serve` process before workers start: no model, no server."""
         try:
             Limits.from_env()
+            serving_device()
             tag, _ = resolve_served_model(PACKED_MODEL_TAG)
         except Exception as error:
             logger.critical("refusing to start: %s", error)
@@ -69,6 +72,10 @@ class HEALNetService:
             logger.critical(self.load_error, exc_info=True)
             return
         metrics.model_loaded(tag, model.contract.modalities, model.reference_risk_quantiles)
+        # Hide the start-up objects (torch, pandas, BentoML, the model) from the garbage collector:
+        # full collections then take milliseconds instead of stalling every request for ~0.2-0.3 s.
+        gc.collect()
+        gc.freeze()
         self.model = model
         logger.info("model %s loaded in %.1f s", tag, time.perf_counter() - start)
 
@@ -93,46 +100,32 @@ class HEALNetService:
         model = self.model
         if model is None:
             return _error(503, "not_ready", self.load_error or "the model is still loading")
-        start = time.perf_counter()
         try:
-            cases = self._cases(requests, model, batch)
+            predictions = self._predict(requests, model, batch)
         except RejectedRequest as rejection:
             metrics.record_rejection(rejection.reason)
             return _error(rejection.status, rejection.reason, str(rejection))
+        return [
+            _response(model, request, prediction)
+            for request, prediction in zip(requests, predictions, strict=True)
+        ]
+
+    def _predict(self, requests: list[PredictRequest], model: ServedModel, batch: bool) -> list[Prediction]:
+        start = time.perf_counter()
+        cases = self._cases(requests, model, batch)
         decoding = time.perf_counter() - start
         attention = any(request.return_attention for request in requests)
-        predictions, preparing, forward = model.predictor.predict_timed(cases, return_attention=attention)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow shows in the outputs, checked below
+            predictions, preparing, forward = model.predictor.predict_timed(cases, return_attention=attention)
+        for index, prediction in enumerate(predictions):
+            if not np.isfinite([prediction.risk, *prediction.survival, *prediction.hazards]).all():
+                where = f"cases[{index}]: " if batch else ""
+                raise RejectedRequest(
+                    "non_finite", f"{where}the inputs are finite but so large that the model's output is not"
+                )
         metrics.record_stage("preprocess", decoding + preparing)
         metrics.record_stage("forward", forward)
-        responses = []
-        for request, prediction in zip(requests, predictions, strict=True):
-            has_omics = any(
-                modality in model.contract.feature_names for modality in prediction.modalities_used
-            )
-            metrics.record_prediction(
-                prediction.modalities_used,
-                prediction.modalities_missing,
-                prediction.imputed_fraction if has_omics else None,
-                prediction.risk,
-            )
-            responses.append(
-                PredictResponse(
-                    risk=prediction.risk,
-                    survival=prediction.survival,
-                    hazards=prediction.hazards,
-                    bin_edges_months=prediction.bin_edges_months,
-                    modalities_used=prediction.modalities_used,
-                    modalities_missing=prediction.modalities_missing,
-                    imputed_features=model.contract.imputed_features(
-                        request.omics, prediction.modalities_used, prediction.unknown_features
-                    ),
-                    imputed_fraction=prediction.imputed_fraction,
-                    unknown_features=prediction.unknown_features,
-                    model_version=model.tag,
-                    attention=prediction.attention if request.return_attention else None,
-                )
-            )
-        return responses
+        return predictions
 
     def _cases(self, requests: list[PredictRequest], model: ServedModel, batch: bool) -> list[Case]:
         if batch and not requests:
@@ -150,6 +143,32 @@ class HEALNetService:
                     raise RejectedRequest(rejection.reason, f"cases[{index}]: {rejection}") from None
                 raise
         return cases
+
+
+def _response(model: ServedModel, request: PredictRequest, prediction: Prediction) -> PredictResponse:
+    """The answer to one case, counted in the prediction metrics."""
+    has_omics = any(modality in model.contract.feature_names for modality in prediction.modalities_used)
+    metrics.record_prediction(
+        prediction.modalities_used,
+        prediction.modalities_missing,
+        prediction.imputed_fraction if has_omics else None,
+        prediction.risk,
+    )
+    return PredictResponse(
+        risk=prediction.risk,
+        survival=prediction.survival,
+        hazards=prediction.hazards,
+        bin_edges_months=prediction.bin_edges_months,
+        modalities_used=prediction.modalities_used,
+        modalities_missing=prediction.modalities_missing,
+        imputed_features=model.contract.imputed_features(
+            request.omics, prediction.modalities_used, prediction.unknown_features
+        ),
+        imputed_fraction=prediction.imputed_fraction,
+        unknown_features=prediction.unknown_features,
+        model_version=model.tag,
+        attention=prediction.attention if request.return_attention else None,
+    )
 
 
 HEALNetService.add_asgi_middleware(RequestGuard, paths=("/predict", "/predict_batch"))

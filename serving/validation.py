@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from healnet.inference import Case, Predictor
 from healnet.preprocess.omics import COMBINED_MODALITY
@@ -151,8 +152,6 @@ def _encode_tiles(tiles: list[str], contract: ModelContract, limits: Limits) -> 
 
 def decode_tile(index: int, data: str, max_pixels: int) -> np.ndarray:
     """A base64 PNG/JPEG tile as an RGB uint8 array (h, w, 3)."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as error:

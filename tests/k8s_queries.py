@@ -40,6 +40,7 @@ class UnresolvedVariableError(ValueError):
 class PromQuery:
     origin: str  # where it comes from, e.g. "panel 'Request rate by modality pattern' target A"
     expr: str
+    panel: str | None = None  # the dashboard panel's title; None for rules
 
 
 def load_dashboard(path: Path = DASHBOARD) -> dict[str, Any]:
@@ -76,12 +77,18 @@ def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield from _panels(panel.get("panels", []))
 
 
+def dashboard_panels(dashboard: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Every panel in order (rows and panels nested in collapsed rows included)."""
+    return list(_panels(dashboard["panels"]))
+
+
 def dashboard_queries(dashboard: Mapping[str, Any]) -> list[PromQuery]:
     values = variable_values(dashboard)
     return [
         PromQuery(
             f"panel {panel['title']!r} target {target['refId']}",
             substitute_grafana_variables(target["expr"], values),
+            panel["title"],
         )
         for panel in _panels(dashboard["panels"])
         for target in panel.get("targets", [])

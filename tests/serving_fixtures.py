@@ -1,8 +1,8 @@
 """Shared fixtures of the serving tests: a demo model in a temporary registry, and a live `bentoml serve`.
 
-Test modules load them with `pytest_plugins = ("serving_fixtures",)` and import nothing from here (a
-module imported before pytest loads it as a plugin would lose assertion rewriting), so the helpers the
-tests need are fixtures too.
+Test modules load them with `pytest_plugins = ("serving_fixtures",)` and import nothing from here at
+module level (a module imported before pytest loads it as a plugin loses assertion rewriting), so the
+helpers the tests need are fixtures too.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +41,6 @@ def bentoml_home(home: Path) -> Iterator[None]:
     names = {"models": home / "models", "bentos": home / "bentos", "tmp": home / "tmp"}
     for path in names.values():
         path.mkdir(parents=True, exist_ok=True)
-    saved = {key: os.environ.get(key) for key in ("BENTOML_HOME", "HEALNET_REGISTRY_DIR")}
-    os.environ["BENTOML_HOME"] = os.environ["HEALNET_REGISTRY_DIR"] = str(home)
     overrides = [
         (BentoMLContainer.bentoml_home, str(home)),
         (BentoMLContainer.model_store_dir, str(names["models"])),
@@ -51,18 +49,12 @@ def bentoml_home(home: Path) -> Iterator[None]:
         (BentoMLContainer.model_store, ModelStore(names["models"])),
         (BentoMLContainer.bento_store, BentoStore(names["bentos"])),
     ]
-    for provider, value in overrides:
-        provider.set(value)
-    try:
+    with pytest.MonkeyPatch.context() as patch, ExitStack() as stack:
+        patch.setenv("BENTOML_HOME", str(home))
+        patch.setenv("HEALNET_REGISTRY_DIR", str(home))
+        for provider, value in overrides:
+            stack.enter_context(provider.patch(value))
         yield
-    finally:
-        for provider, _ in overrides:
-            provider.reset()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

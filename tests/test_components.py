@@ -25,14 +25,10 @@ from healnet.registry import get_champion, list_versions
 SHARDS = 2
 
 
-def synth_validated_cohort(root: Path, patients: int, seed: int) -> Path:
-    """A synthetic cohort that passes validation. The generator writes some all-zero mutation columns,
-    which the validation suite rejects as constant features, so those columns are dropped here."""
-    synthesize_cohort(root, SynthConfig(patients=patients, seed=seed, missing_slide_fraction=0.5), progress=False)
-    for path in (root / "omics").glob("*.parquet"):
-        frame = pd.read_parquet(path)
-        numeric = frame.select_dtypes("number")
-        frame.drop(columns=[c for c in numeric.columns if numeric[c].std() == 0]).to_parquet(path)
+def synth_validated_cohort(root: Path, patients: int, seed: int, missing_slides: float = 0.5) -> Path:
+    """A small synthetic cohort (small slides, for speed) that passes validation."""
+    config = SynthConfig(patients=patients, seed=seed, missing_slide_fraction=missing_slides, slide_px=768)
+    synthesize_cohort(root, config, progress=False)
     return root
 
 
@@ -138,7 +134,9 @@ def test_validate_stops_on_a_failing_expectation(pipeline_outputs, tmp_path):
     clinical.to_parquet(broken / "clinical.parquet")
     report = artifact(Markdown, tmp_path, "report.md")
     with pytest.raises(PipelineStepError, match="failed validation.*age"):
-        validate.python_func(cohort_dir=str(broken), slide_shards=2, report=report, data_hash=str(tmp_path / "h"))
+        validate.python_func(
+            cohort_dir=str(broken), slide_shards=2, report=report, data_hash=str(tmp_path / "h")
+        )
     assert "FAILED" in Path(report.path).read_text()
     assert report.metadata["success"] is False
     assert not (tmp_path / "h").exists()
@@ -164,9 +162,9 @@ def test_omics_transform_is_fitted_on_training_patients_only(pipeline_outputs):
     rnaseq = cohort.omics["rnaseq"]
     feature = next(name for name in fitted.feature_names["omic"] if name.endswith("_rnaseq"))
     train_mean = rnaseq.loc[rnaseq.index.isin(train_ids), feature].mean()
-    assert state["modalities"]["rnaseq"]["mean"][state["modalities"]["rnaseq"]["features"].index(feature)] == (
-        pytest.approx(train_mean, rel=1e-5)
-    )
+    assert state["modalities"]["rnaseq"]["mean"][
+        state["modalities"]["rnaseq"]["features"].index(feature)
+    ] == (pytest.approx(train_mean, rel=1e-5))
     assert rnaseq[feature].mean() != pytest.approx(train_mean, rel=1e-5)
 
 
@@ -211,7 +209,12 @@ def test_gate_promotes_or_rejects_against_the_threshold(pipeline_outputs, regist
 def _gate_report(pipeline_outputs, folder: Path) -> Markdown:
     report = artifact(Markdown, folder, "gate.md")
     gate.python_func(
-        metrics=pipeline_outputs["metrics"], min_c_index=0.0, tolerance=0.02, dry_run=False, registry_dir="", report=report
+        metrics=pipeline_outputs["metrics"],
+        min_c_index=0.0,
+        tolerance=0.02,
+        dry_run=False,
+        registry_dir="",
+        report=report,
     )
     return report
 
@@ -236,7 +239,10 @@ def test_promote_registers_with_provenance_and_sets_the_champion(pipeline_output
     assert metadata["data_hash"] == pipeline_outputs["data_hash"] and metadata["pipeline_run_id"] == "run-123"
     assert metadata["weights_sha256"] == metadata["sha256"] == pipeline_outputs["model"].metadata["sha256"]
     assert metadata["git_sha"] and metadata["gate_reasons"]
-    assert row["labels"]["pipeline_run_id"] == "run-123" and row["labels"]["data_hash"] == metadata["data_hash"][:12]
+    assert (
+        row["labels"]["pipeline_run_id"] == "run-123"
+        and row["labels"]["data_hash"] == metadata["data_hash"][:12]
+    )
     assert f"# Promoted {tag}" in Path(report.path).read_text()
 
 
@@ -292,7 +298,9 @@ def test_notify_posts_the_final_status_to_the_webhook(capsys):
             error_code=1,
             error_message="validate failed",
         )
-        notify.python_func(status=status, run_name="run-42", webhook_url=f"http://127.0.0.1:{server.server_port}/")
+        notify.python_func(
+            status=status, run_name="run-42", webhook_url=f"http://127.0.0.1:{server.server_port}/"
+        )
     finally:
         server.shutdown()
     assert received == [

@@ -62,7 +62,9 @@ def test_a_non_finite_candidate_is_an_error(bad):
         decide(bad, None, GatePolicy())
 
 
-@pytest.mark.parametrize(("field", "value"), [("min_c_index", -0.1), ("min_c_index", math.nan), ("tolerance", 2.0)])
+@pytest.mark.parametrize(
+    ("field", "value"), [("min_c_index", -0.1), ("min_c_index", math.nan), ("tolerance", 2.0)]
+)
 def test_invalid_policies_are_refused(field, value):
     with pytest.raises(GateError, match=field):
         GatePolicy(**{field: value})

@@ -188,15 +188,48 @@ def test_overlay_sets_namespace_image_replicas_and_release(
         assert obj["metadata"]["labels"]["release"] == "kube-prometheus-stack", obj["kind"]
 
 
-@needs_kubectl
-def test_model_tag_reaches_the_container_from_the_generated_configmap() -> None:
-    objects = kustomize(K8S / "overlays" / "prod")
+def served_model_tag(objects: list[dict[str, Any]]) -> tuple[str, str]:
+    """The generated ConfigMap the container takes HEALNET_MODEL_TAG from, and the value it gets."""
     (deployment,) = by_kind(objects, "Deployment")
     env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     reference = env["HEALNET_MODEL_TAG"]["valueFrom"]["configMapKeyRef"]
     configmaps = {cm["metadata"]["name"]: cm for cm in by_kind(objects, "ConfigMap")}
     assert reference["name"] in configmaps, f"{reference['name']} is not rendered (hash suffix out of sync?)"
-    assert configmaps[reference["name"]]["data"][reference["key"]] == "healnet:0.1.0"
+    return reference["name"], configmaps[reference["name"]]["data"][reference["key"]]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_overlays_serve_the_model_packed_into_the_image(overlay: str) -> None:
+    """Registry versions are BentoML-generated: an empty tag lets the service load the packed model."""
+    _, tag = served_model_tag(kustomize(K8S / "overlays" / overlay))
+    assert tag == ""
+
+
+@needs_kubectl
+def test_an_overlay_can_pin_the_model_tag(tmp_path: Path) -> None:
+    relative_prod = Path(os.path.relpath(K8S / "overlays" / "prod", tmp_path))
+    pinned = "healnet:tezypsxkxsgpoax4"
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [str(relative_prod)],
+                "configMapGenerator": [
+                    {
+                        "name": "healnet-service-config",
+                        "behavior": "merge",
+                        "literals": [f"HEALNET_MODEL_TAG={pinned}"],
+                    }
+                ],
+            }
+        )
+    )
+    unpinned_name, _ = served_model_tag(kustomize(K8S / "overlays" / "prod"))
+    pinned_name, tag = served_model_tag(kustomize(tmp_path))
+    assert tag == pinned
+    assert pinned_name != unpinned_name, "a new tag must change the ConfigMap name and roll the pods"
 
 
 @needs_kubectl

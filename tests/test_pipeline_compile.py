@@ -61,7 +61,12 @@ def test_retries_on_flaky_steps_and_caching_off_where_state_changes(compiled):
     spec, _ = compiled
     tasks = body_tasks(spec)
     loop_tasks = spec["components"]["comp-for-loop-2"]["dag"]["tasks"]
-    for task in (tasks["train"], tasks["evaluate"], tasks["preprocess-omics"], loop_tasks["preprocess-slides"]):
+    for task in (
+        tasks["train"],
+        tasks["evaluate"],
+        tasks["preprocess-omics"],
+        loop_tasks["preprocess-slides"],
+    ):
         assert task["retryPolicy"]["maxRetryCount"] == 2 and task["retryPolicy"]["backoffDuration"] == "30s"
     assert "retryPolicy" not in tasks["validate"]
     branches = spec["components"]["comp-condition-4"]["dag"]["tasks"]
@@ -76,7 +81,10 @@ def test_slides_fan_out_with_parallel_for_and_fan_in_with_collected(compiled):
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--validate-Output"
     assert loop["iteratorPolicy"]["parallelismLimit"] == 4
     train_inputs = body_tasks(spec)["train"]["inputs"]["artifacts"]["slide_features"]
-    assert train_inputs["taskOutputArtifact"] == {"outputArtifactKey": "pipelinechannel--preprocess-slides-features", "producerTask": "for-loop-2"}
+    assert train_inputs["taskOutputArtifact"] == {
+        "outputArtifactKey": "pipelinechannel--preprocess-slides-features",
+        "producerTask": "for-loop-2",
+    }
 
 
 def test_gate_has_a_promote_and_a_reject_branch(compiled):
@@ -84,7 +92,9 @@ def test_gate_has_a_promote_and_a_reject_branch(compiled):
     branches = spec["components"]["comp-condition-branches-3"]["dag"]["tasks"]
     conditions = {name: task["triggerPolicy"]["condition"] for name, task in branches.items()}
     assert conditions["condition-4"] == "inputs.parameter_values['pipelinechannel--gate-Output'] == 'promote'"
-    assert conditions["condition-5"] == "!(inputs.parameter_values['pipelinechannel--gate-Output'] == 'promote')"
+    assert (
+        conditions["condition-5"] == "!(inputs.parameter_values['pipelinechannel--gate-Output'] == 'promote')"
+    )
     assert "promote" in spec["components"]["comp-condition-4"]["dag"]["tasks"]
     assert "reject" in spec["components"]["comp-condition-5"]["dag"]["tasks"]
 
@@ -96,7 +106,9 @@ def test_everything_runs_inside_an_exit_handler_that_notifies(compiled):
     notify = root["notify"]
     assert notify["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
     assert notify["inputs"]["parameters"]["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
-    assert {"validate", "for-loop-2", "preprocess-omics", "train", "evaluate", "gate"} <= set(body_tasks(spec))
+    assert {"validate", "for-loop-2", "preprocess-omics", "train", "evaluate", "gate"} <= set(
+        body_tasks(spec)
+    )
 
 
 def test_the_registry_is_shared_storage_on_the_release_steps(compiled):
@@ -106,7 +118,9 @@ def test_the_registry_is_shared_storage_on_the_release_steps(compiled):
         assert mounts["/registry"] == "healnet-registry"
         env = spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["env"]
         assert {"name": "BENTOML_HOME", "value": "/registry"} in env
-    assert "/data" in [mount["mountPath"] for mount in executors["exec-promote"]["pvcMount"]]  # re-hashes the cohort
+    assert "/data" in [
+        mount["mountPath"] for mount in executors["exec-promote"]["pvcMount"]
+    ]  # re-hashes the cohort
     assert spec["root"]["inputDefinitions"]["parameters"]["cohort_dir"]["defaultValue"] == "/data/demo"
 
 
@@ -117,21 +131,33 @@ def test_without_options_no_volume_is_mounted(tmp_path):
 
 
 def test_images_come_from_the_environment(tmp_path):
-    env = {**os.environ, "HEALNET_IMAGE": "ghcr.io/acme/healnet:1.2.3", "HEALNET_GPU_IMAGE": "ghcr.io/acme/healnet-gpu:1.2.3"}
+    env = {
+        **os.environ,
+        "HEALNET_IMAGE": "ghcr.io/acme/healnet:1.2.3",
+        "HEALNET_GPU_IMAGE": "ghcr.io/acme/healnet-gpu:1.2.3",
+    }
     output = tmp_path / "pipeline.yaml"
     subprocess.run(
         [sys.executable, "-m", "pipelines", "compile", "--output", str(output)], cwd=REPO, env=env, check=True
     )
     spec, _ = yaml.safe_load_all(output.read_text())
-    images = {name: executor["container"]["image"] for name, executor in spec["deploymentSpec"]["executors"].items()}
+    images = {
+        name: executor["container"]["image"] for name, executor in spec["deploymentSpec"]["executors"].items()
+    }
     assert images.pop("exec-train") == "ghcr.io/acme/healnet-gpu:1.2.3"
     assert set(images.values()) == {"ghcr.io/acme/healnet:1.2.3"}
-    assert "pip install" not in output.read_text()  # the images carry healnet and kfp; nothing installs at run time
+    assert (
+        "pip install" not in output.read_text()
+    )  # the images carry healnet and kfp; nothing installs at run time
 
 
 @pytest.mark.parametrize(
     ("param", "message"),
-    [("epochs=many", "epochs expects int"), ("colour=red", "unknown parameter 'colour'"), ("novalue", "KEY=VALUE")],
+    [
+        ("epochs=many", "epochs expects int"),
+        ("colour=red", "unknown parameter 'colour'"),
+        ("novalue", "KEY=VALUE"),
+    ],
 )
 def test_bad_params_are_refused(tmp_path, capsys, param, message):
     assert pipelines_main(["compile", "--output", str(tmp_path / "p.yaml"), "--param", param]) == 2

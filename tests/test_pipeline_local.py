@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_components import synth_validated_cohort
 
 from pipelines.__main__ import main as pipelines_main
 from pipelines.local import run_local
-from test_components import synth_validated_cohort
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,9 @@ QUICK = {"epochs": 2, "patience": 2, "slide_shards": 2}
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
-    return synth_validated_cohort(tmp_path_factory.mktemp("local") / "cohort", patients=48, seed=3)
+    return synth_validated_cohort(
+        tmp_path_factory.mktemp("local") / "cohort", patients=48, seed=3, missing_slides=0.8
+    )
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,11 @@ def registry(tmp_path_factory) -> Path:
 def registry_list(registry: Path) -> str:
     env = {**os.environ, "BENTOML_HOME": str(registry), "HEALNET_REGISTRY_DIR": str(registry)}
     done = subprocess.run(
-        [sys.executable, "-m", "healnet", "registry", "list"], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "healnet", "registry", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return done.stdout
 
@@ -57,7 +63,9 @@ def test_low_threshold_promotes_and_the_model_is_listed(promoted, registry):
     assert f"* {promoted.model_tag}" in listed
 
 
-def test_unreachable_threshold_rejects_and_keeps_the_champion(promoted, cohort, registry, pipeline_root, capsys):
+def test_unreachable_threshold_rejects_and_keeps_the_champion(
+    promoted, cohort, registry, pipeline_root, capsys
+):
     """Same data and settings as the promoted run, so --cache reuses its preprocessing, training and
     evaluation; validation, the gate and the rejection branch run again."""
     before = registry_list(registry)
@@ -69,7 +77,9 @@ def test_unreachable_threshold_rejects_and_keeps_the_champion(promoted, cohort, 
     assert "gate decision: reject" in printed and "no model promoted: the champion is unchanged" in printed
     assert f"c_index {promoted.metrics['c_index']:.4f}" in printed
     run_dir = Path(printed.split("pipeline run folder: ")[1].split(" (")[0])
-    assert run_dir != promoted.run_dir and (run_dir / "validate").is_dir() and not (run_dir / "train").exists()
+    assert (
+        run_dir != promoted.run_dir and (run_dir / "validate").is_dir() and not (run_dir / "train").exists()
+    )
     assert (run_dir / "rejection.md").is_file() and not (run_dir / "promote").exists()
     assert f"the champion stays {promoted.model_tag}" in (run_dir / "rejection.md").read_text()
     assert registry_list(registry) == before

@@ -51,7 +51,9 @@ def small_checkpoint(directory, seed: int = 0) -> str:
     preprocessor = Preprocessor.fit({"rnaseq": frame}, {}, ids, OmicsConfig(combine=True))
     bins = SurvivalBins.fit(rng.uniform(1, 60, 12), rng.integers(0, 2, 12), 4)
     torch.manual_seed(seed)
-    model = HEALNet(model_config_for(preprocessor, preprocessor.modalities, bins.n_bins, depth=1, n_latents=4))
+    model = HEALNet(
+        model_config_for(preprocessor, preprocessor.modalities, bins.n_bins, depth=1, n_latents=4)
+    )
     return save_checkpoint(directory, Checkpoint(model.config, model.state_dict(), bins, preprocessor, {}))
 
 
@@ -130,7 +132,9 @@ def test_corrupted_weights_are_refused(registry, checkpoints):
 
 
 def test_registry_cli_lists_and_rolls_back(registry, checkpoints, capsys):
-    tags = [register_model(path, metadata={"c_index": 0.6 + i / 100}) for i, path in enumerate(checkpoints[:2])]
+    tags = [
+        register_model(path, metadata={"c_index": 0.6 + i / 100}) for i, path in enumerate(checkpoints[:2])
+    ]
     for tag in tags:
         set_champion(tag, "promoted")
     assert healnet_main(["registry", "list"]) == 0

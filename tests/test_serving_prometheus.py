@@ -5,22 +5,22 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import subprocess
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from monitoring_stack import by_labels, prometheus_binary, run_prometheus
+from monitoring_stack import query as instant_query
 
 from serving.demo import DemoSpec, demo_payload
 
 pytest_plugins = ("serving_fixtures",)
-PROMETHEUS = shutil.which("prometheus")
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        PROMETHEUS is None, reason="prometheus not found: install the Debian/Ubuntu package `prometheus`"
+        prometheus_binary() is None,
+        reason="prometheus not found: install the Debian/Ubuntu package `prometheus`",
     ),
 ]
 SPEC = DemoSpec()
@@ -42,47 +42,16 @@ def server(demo_registry, serve, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prometheus(server, tmp_path_factory, poll):
-    from serving_fixtures import free_port, stop_server  # loaded as a plugin by now
-
     folder = tmp_path_factory.mktemp("prometheus")
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [
-            {"job_name": JOB, "static_configs": [{"targets": [server.removeprefix("http://")]}]}
-        ],
-    }
-    (folder / "prometheus.yml").write_text(json.dumps(config))  # JSON is YAML
-    port = free_port()
-    command = [
-        PROMETHEUS,
-        f"--config.file={folder / 'prometheus.yml'}",
-        f"--storage.tsdb.path={folder / 'data'}",
-    ]
-    command.append(f"--web.listen-address=127.0.0.1:{port}")
-    with open(folder / "prometheus.log", "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        up = poll(lambda: list(query(url, f'up{{job="{JOB}"}}').values()) == [1.0], 60, 0.25)
+    with run_prometheus(server, folder) as url:
+        up = poll(lambda: list(query(url, f'up{{job="{JOB}"}}').values()) == [1.0], 30, 0.25)
         assert up, (folder / "prometheus.log").read_text()[-3000:]
         yield url
-    finally:
-        stop_server(process)
 
 
 def query(url: str, promql: str) -> dict[tuple, float]:
-    """An instant PromQL query: {label values in key order: value}; empty on any failure."""
-    try:
-        response = httpx.get(f"{url}/api/v1/query", params={"query": promql}, timeout=5)
-    except httpx.TransportError:
-        return {}
-    if response.status_code != 200:
-        return {}
-    result = response.json()["data"]["result"]
-    return {
-        tuple(v for k, v in sorted(r["metric"].items()) if k != "__name__"): float(r["value"][1])
-        for r in result
-    }
+    """An instant PromQL query: {label values in key order: value}."""
+    return by_labels(instant_query(url, promql))
 
 
 def test_promql_sees_the_burst(server, prometheus, metrics_of, poll, demo_registry):
@@ -124,7 +93,7 @@ def test_promql_sees_the_burst(server, prometheus, metrics_of, poll, demo_regist
     )
     metadata = json.loads((demo_registry.checkpoint / "checkpoint.json").read_text())["metadata"]
     reference = {(q,): pytest.approx(v) for q, v in metadata["reference_risk_quantiles"].items()}
-    assert query(prometheus, "max by (quantile) (healnet_reference_risk_score)") == reference
+    assert query(prometheus, "max by (training_quantile) (healnet_reference_risk_score)") == reference
     (served_median,) = query(
         prometheus, "histogram_quantile(0.5, sum by (le) (healnet_risk_score_bucket))"
     ).values()

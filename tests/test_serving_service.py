@@ -17,6 +17,7 @@ from healnet.inference import Case, Predictor
 from healnet.preprocess.wsi import StatsEncoder, encode_tiles
 from serving.config import ConfigError, Limits
 from serving.demo import DemoSpec, demo_feature_names, demo_payload, demo_tiles
+from serving.runtime import resolve_served_model
 from serving.schemas import PredictRequest, PredictResponse
 from serving.service import HEALNetService
 from serving.validation import decode_tile
@@ -149,6 +150,8 @@ REJECTED = {
     "NaN omic value": ({"omics": {"mut": {GENE: float("nan")}}}, 422, "non_finite"),
     "infinite patch feature": ({"wsi_features": _wsi(2, value=float("inf"))}, 422, "non_finite"),
     "float32 overflow": ({"wsi_features": _wsi(1, value=1e39)}, 422, "non_finite"),
+    "overflow in the model": ({"wsi_features": [[3e38, -3e38] * 15 + [3e38]] * 2}, 422, "non_finite"),
+    "overflow in the omics transform": ({"omics": {"mut": {GENE: 1e300}}}, 422, "non_finite"),
     "mostly unknown features": ({"omics": {"mut": {GENE: 1.0, "A": 1.0, "B": 1.0}}}, 422, "unknown_features"),
     "unknown table": ({"omics": {"proteome": {GENE: 1.0}}}, 422, "unknown_features"),
     "too many patches": ({"wsi_features": _wsi(17)}, 413, "too_large"),
@@ -220,7 +223,19 @@ def test_metrics_follow_the_predictions(service, demo_registry):
     assert sample("healnet_model_info", version=version, tag=demo_registry.tag) == 1
     manifest = json.loads((demo_registry.checkpoint / "checkpoint.json").read_text())
     for quantile, value in manifest["metadata"]["reference_risk_quantiles"].items():
-        assert sample("healnet_reference_risk_score", quantile=quantile) == pytest.approx(value)
+        assert sample("healnet_reference_risk_score", training_quantile=quantile) == pytest.approx(value)
+
+
+def test_an_empty_model_tag_counts_as_unset(demo_registry, demo_checkpoint, monkeypatch):
+    """k8s/base passes HEALNET_MODEL_TAG="" from its ConfigMap: the packed model, else the champion, is served."""
+    from healnet.registry import register_model
+
+    packed = register_model(demo_checkpoint, labels={"source": "tests"}, metadata={})
+    monkeypatch.setenv("HEALNET_MODEL_TAG", "")
+    assert resolve_served_model(packed)[0] == packed
+    assert resolve_served_model(None)[0] == demo_registry.tag
+    monkeypatch.setenv("HEALNET_MODEL_TAG", demo_registry.tag)
+    assert resolve_served_model(packed)[0] == demo_registry.tag
 
 
 def test_a_corrupted_model_stops_the_worker(demo_registry, demo_checkpoint, tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ HELP = "Generate a synthetic TCGA-shaped demo cohort (table, pyramidal TIFF slid
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder to write the cohort to")
-    parser.add_argument("--patients", type=int, default=160, help="number of patients")
+    parser.add_argument("--patients", type=int, default=400, help="number of patients")
     parser.add_argument(
         "--seed", type=int, default=0, help="random seed; the same seed writes the same cohort"
     )

@@ -22,15 +22,15 @@ TABLE_NAME = "table.csv.gz"
 
 @dataclass(frozen=True)
 class SynthConfig:
-    patients: int = 160
+    patients: int = 400
     seed: int = 0
     missing_slide_fraction: float = 0.1
     missing_omics_fraction: float = 0.1
     second_slide_fraction: float = 0.1
-    omic_effect: float = 1.0
-    wsi_effect: float = 1.0
+    omic_effect: float = 1.2
+    wsi_effect: float = 1.2
     median_survival_months: float = 30.0
-    slide_px: int = 1792
+    slide_px: int = 1536
 
     def __post_init__(self) -> None:
         if self.patients < 20:
@@ -60,8 +60,11 @@ def _gene_names(rng: np.random.Generator, n: int) -> list[str]:
     return sorted(names)[:n]
 
 
-def _omics(rng: np.random.Generator, z: np.ndarray, genes: list[str]) -> pd.DataFrame:
-    """Omic features; the first SIGNAL_FEATURES of each modality follow the latent factor `z`."""
+def _omics(rng: np.random.Generator, z: np.ndarray, genes: list[str], observed: np.ndarray) -> pd.DataFrame:
+    """Omic features; the first SIGNAL_FEATURES of each modality follow the latent factor `z`.
+
+    Rows outside `observed` are NaN (patients without omics).
+    """
     n = len(z)
     blocks = {}
     offset = 0
@@ -82,6 +85,11 @@ def _omics(rng: np.random.Generator, z: np.ndarray, genes: list[str]) -> pd.Data
             logits = np.full((n, size), -3.0)
             logits[:, :k] = -1.0 + 1.5 * signs * z[:, None]
             values = (rng.random((n, size)) < 1.0 / (1.0 + np.exp(-logits))).astype(float)
+            # Real mutation columns are never constant: every gene is mutated in some patient, not all.
+            seen = values[observed]
+            for column in np.flatnonzero(seen.min(0) == seen.max(0)):
+                values[rng.choice(np.flatnonzero(observed), 2, replace=False), column] = 1.0 - seen[0, column]
+        values[~observed] = np.nan
         blocks.update(dict(zip(names, values.T, strict=True)))
     return pd.DataFrame(blocks)
 
@@ -113,14 +121,12 @@ def synthesize_cohort(out_dir: Path, config: SynthConfig = SynthConfig(), progre
     z_omic, z_wsi = rng.normal(size=n), rng.normal(size=n)
     log_hazard = config.omic_effect * z_omic + config.wsi_effect * z_wsi
     months, censorship = _survival(rng, log_hazard, config.median_survival_months)
-    omics = _omics(rng, z_omic, _gene_names(rng, sum(OMIC_SIZES.values())))
-
     availability = rng.random(n)
     no_slide = availability < config.missing_slide_fraction
     no_omics = (availability >= config.missing_slide_fraction) & (
         availability < config.missing_slide_fraction + config.missing_omics_fraction
     )
-    omics.loc[no_omics, :] = np.nan
+    omics = _omics(rng, z_omic, _gene_names(rng, sum(OMIC_SIZES.values())), ~no_omics)
     tumour_fraction = 1.0 / (1.0 + np.exp(-1.5 * z_wsi))
     n_slides = np.where(rng.random(n) < config.second_slide_fraction, 2, 1)
 

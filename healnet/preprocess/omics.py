@@ -180,7 +180,12 @@ class OmicsTransform:
                 if target in self._stats:
                     rows.setdefault(target, {})
         case_id = "case"
-        frames = {m: pd.DataFrame([row], index=[case_id], dtype="float64") for m, row in rows.items()}
+        frames = {
+            m: pd.DataFrame(
+                np.array([list(row.values())], dtype=np.float64), index=[case_id], columns=list(row)
+            )
+            for m, row in rows.items()
+        }
         return self.transform(frames, [case_id]), unknown
 
     def _owner(self, modality: str, feature: str) -> str | None:
@@ -242,8 +247,9 @@ def _as_float(modality: str, feature: str, value: object) -> float:
 
 def _numeric_matrix(name: str, frame: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
     """float64 values of `columns` (absent columns are NaN); rejects text and infinite values."""
+    wanted = set(columns)
     non_numeric = [
-        c for c in frame.columns if c in set(columns) and not pd.api.types.is_numeric_dtype(frame[c])
+        c for c, dtype in frame.dtypes.items() if c in wanted and not pd.api.types.is_numeric_dtype(dtype)
     ]
     if non_numeric:
         raise OmicsTransformError(f"modality {name!r}: non-numeric feature columns {non_numeric[:5]}")

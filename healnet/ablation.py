@@ -1,0 +1,170 @@
+"""Modality ablations of HEALNet on a multimodal cohort: what each input adds, and what losing one costs.
+
+Models are trained on each split with: omics only, slides (WSI) only, both, and both with
+`missing_fraction` of the training patients missing one input kind (chosen at random per patient).
+Each model is served on the complete test patients and, for two-input models, with one input kind
+removed for every test patient. Requirement: serving without a modality loses at most half of the
+multimodal gain over the model trained on the remaining modality alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from healnet.cv import HEALNetEnsemble, HEALNetRecipe, mean_std
+from healnet.data.splits import kfold_splits
+from healnet.experiment import OMIC, CohortData
+from healnet.preprocess.state import WSI
+
+KINDS = (OMIC, WSI)
+SERVED = ("both", OMIC, WSI)  # what the test patients have at inference
+
+
+class AblationError(ValueError):
+    """A cohort or configuration the ablation cannot run on; the message says why."""
+
+
+def ablation_recipe() -> HEALNetRecipe:
+    """The CV recipe as one model, keeping every omic feature: synthetic features all have unit variance,
+    so a top-k by variance would keep a random subset and drop most of the signal."""
+    recipe = HEALNetRecipe()
+    return replace(recipe, members=1, omics=replace(recipe.omics, top_k=None))
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    folds: int = 5
+    repeats: int = 1
+    seed: int = 0
+    missing_fraction: float = 0.3
+    recipe: HEALNetRecipe = field(default_factory=ablation_recipe)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.missing_fraction < 1.0:
+            raise AblationError(f"missing_fraction must be in (0, 1), got {self.missing_fraction}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def without(data: CohortData, kind: str) -> CohortData:
+    """The cohort with one input kind ("omic" or "wsi") removed for every patient."""
+    if kind not in KINDS:
+        raise AblationError(f"kind must be one of {KINDS}, got {kind!r}")
+    return CohortData(data.clinical, {} if kind == OMIC else data.omics, {} if kind == WSI else data.wsi_bags)
+
+
+def with_missing(data: CohortData, patient_ids: Sequence[str], fraction: float, seed: int = 0) -> CohortData:
+    """Remove one input kind, chosen at random, for `fraction` of `patient_ids` (rounded down)."""
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(list(patient_ids), int(fraction * len(patient_ids)), replace=False)
+    drop_wsi = rng.random(len(chosen)) < 0.5
+    no_omics, no_wsi = set(chosen[~drop_wsi]), set(chosen[drop_wsi])
+    omics = {name: frame[~frame.index.isin(no_omics)] for name, frame in data.omics.items()}
+    bags = {pid: bag for pid, bag in data.wsi_bags.items() if pid not in no_wsi}
+    return CohortData(data.clinical, omics, bags)
+
+
+def run_split(
+    data: CohortData,
+    train_ids: Sequence[str],
+    val_ids: Sequence[str],
+    test_ids: Sequence[str],
+    config: AblationConfig,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Harrell's C per trained model ("omic", "wsi", "both", "missing") and per served input ("both", "omic", "wsi")."""
+    pool = list(train_ids) + list(val_ids)
+    served = {"both": data, OMIC: without(data, WSI), WSI: without(data, OMIC)}
+
+    def score(training_data: CohortData, kinds: list[str], serve: Sequence[str]) -> dict[str, float]:
+        model = HEALNetEnsemble.fit(training_data, train_ids, val_ids, config.recipe, kinds, seed)
+        return {name: model.evaluate(served[name], test_ids, pool)["c_index"] for name in serve}
+
+    missing = with_missing(data, pool, config.missing_fraction, seed)
+    return {
+        OMIC: score(data, [OMIC], [OMIC]),
+        WSI: score(data, [WSI], [WSI]),
+        "both": score(data, [OMIC, WSI], SERVED),
+        "missing": score(missing, [OMIC, WSI], SERVED),
+    }
+
+
+def requirement(means: dict[str, dict[str, float]], trained: str = "both") -> dict[str, dict]:
+    """For each removed modality: the multimodal gain, the loss when served without it, and whether loss <= gain / 2."""
+    checks = {}
+    for removed, kept in ((WSI, OMIC), (OMIC, WSI)):
+        gain = means[trained]["both"] - means[kept][kept]
+        loss = means[trained]["both"] - means[trained][kept]
+        checks[f"without_{removed}"] = {"gain": gain, "loss": loss, "holds": bool(loss <= gain / 2)}
+    return checks
+
+
+def run_ablation(
+    cohorts: dict[str, CohortData], config: AblationConfig | None = None, progress: bool = True
+) -> dict:
+    """All splits of every cohort; per-split C, means and stds over all splits, and the requirement check."""
+    config = config or AblationConfig()
+    jobs = []
+    for name, data in cohorts.items():
+        missing = [kind for kind in KINDS if kind not in data.available_modalities()]
+        if missing:
+            raise AblationError(
+                f"cohort {name!r} has no {missing}: the ablation needs omics and slide features"
+            )
+        clinical = data.clinical
+        splits = kfold_splits(
+            clinical.index, clinical["event"], folds=config.folds, repeats=config.repeats, seed=config.seed
+        )
+        jobs += [
+            (name, int(repeat), int(fold), split)
+            for (repeat, fold), split in splits.groupby(["repeat", "fold"])
+        ]
+    started = time.perf_counter()
+    splits_out = []
+    for name, repeat, fold, split in tqdm(jobs, desc="ablation splits", unit="split", disable=not progress):
+        ids = {
+            role: split.loc[split["role"] == role, "patient_id"].tolist() for role in ("train", "val", "test")
+        }
+        seed = config.seed * 1000 + repeat * config.folds + fold
+        scores = run_split(cohorts[name], ids["train"], ids["val"], ids["test"], config, seed)
+        splits_out.append({"cohort": name, "repeat": repeat, "fold": fold, "c_index": scores})
+    summary = {
+        trained: {serve: mean_std([s["c_index"][trained][serve] for s in splits_out]) for serve in row}
+        for trained, row in splits_out[0]["c_index"].items()
+    }
+    means = {trained: {serve: v["mean"] for serve, v in row.items()} for trained, row in summary.items()}
+    return {
+        "config": config.to_dict(),
+        "cohorts": {name: len(data.clinical) for name, data in cohorts.items()},
+        "summary": summary,
+        "requirement": {trained: requirement(means, trained) for trained in ("both", "missing")},
+        "splits": splits_out,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def format_ablation(report: dict) -> str:
+    """Rows: how the model was trained; columns: what the test patients have at inference."""
+    labels = {
+        OMIC: "omics only",
+        WSI: "WSI only",
+        "both": "both",
+        "missing": f"both, {report['config']['missing_fraction']:.0%} missing",
+    }
+    lines = [f"{'trained with':<24}" + "".join(f"{'served ' + labels[s]:>22}" for s in SERVED)]
+    for trained, row in report["summary"].items():
+        cells = [f"{row[s]['mean']:.3f} ± {row[s]['std']:.3f}" if s in row else "-" for s in SERVED]
+        lines.append(f"{labels[trained]:<24}" + "".join(f"{cell:>22}" for cell in cells))
+    for trained, checks in report["requirement"].items():
+        for removed, check in checks.items():
+            lines.append(
+                f"{labels[trained]}, served {removed.replace('_', ' ')}: loss {check['loss']:+.3f} vs "
+                f"multimodal gain {check['gain']:+.3f} -> {'holds' if check['holds'] else 'FAILS'} (loss <= gain/2)"
+            )
+    return "\n".join(lines)

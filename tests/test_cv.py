@@ -1,0 +1,223 @@
+"""Cross-validation with baselines on a small PORPOISE-format table with a known signal."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from healnet.baselines import CoxNetConfig, ForestConfig, OmicsMatrix, fit_coxnet, fit_forest
+from healnet.cli import main
+from healnet.cv import CVConfig, CVError, HEALNetRecipe, cross_validate, run_fold, signed_log, summarize
+from healnet.data.cohort import ingest
+from healnet.data.splits import kfold_splits
+from healnet.experiment import CohortData
+from healnet.preprocess.omics import OmicsConfig
+from healnet.survival import SurvivalBins, harrell_c
+from healnet.train import TrainConfig
+
+TINY = HEALNetRecipe(
+    omics=OmicsConfig(top_k=20, combine=False),
+    model={"depth": 1, "n_latents": 4, "latent_dim": 16, "cross_dim_head": 8, "latent_dim_head": 8},
+    train=TrainConfig(epochs=4, patience=4, monitor="loss"),
+    members=2,
+)
+FAST = CVConfig(
+    folds=3,
+    repeats=1,
+    healnet=TINY,
+    baseline_omics=OmicsConfig(top_k=20),
+    coxnet=CoxNetConfig(n_alphas=10, inner_folds=3),
+    forest=ForestConfig(n_estimators=20),
+)
+
+
+def write_porpoise_table(path, n: int = 120, seed: int = 0) -> None:
+    """One row per slide (some patients have two); rnaseq G0-G4 carry the log-hazard, with outliers."""
+    rng = np.random.default_rng(seed)
+    patients = [f"TCGA-AB-{i:04d}" for i in range(n)]
+    z = rng.normal(size=n)
+    event_time = rng.exponential(30 * np.exp(-1.5 * z))
+    censor_time = rng.uniform(20, 150, n)
+    rna = rng.normal(size=(n, 40))
+    rna[:, :5] += 1.5 * z[:, None]
+    rna[rng.integers(0, n, 3), 10:13] = 5000.0  # PORPOISE-like extreme z-scores
+    frame = pd.DataFrame(
+        {
+            "case_id": patients,
+            "slide_id": [f"{p}-01Z-00-DX1.{i:04d}.svs" for i, p in enumerate(patients)],
+            "age": rng.integers(40, 80, n),
+            "survival_months": np.round(np.maximum(np.minimum(event_time, censor_time), 0.1), 2),
+            "censorship": (event_time > censor_time).astype(int),
+            "is_female": rng.integers(0, 2, n),
+        }
+    )
+    omics = pd.DataFrame(rna, columns=[f"G{i}_rnaseq" for i in range(40)])
+    omics[[f"M{i}_mut" for i in range(15)]] = (rng.random((n, 15)) < 0.2).astype(int)
+    omics[[f"C{i}_cnv" for i in range(15)]] = rng.integers(-2, 3, (n, 15))
+    table = pd.concat([frame, omics], axis=1)
+    second = table.iloc[::7].copy()
+    second["slide_id"] = second["slide_id"].str.replace("DX1", "DX2")
+    pd.concat([table, second]).to_csv(path, index=True)
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    path = tmp_path_factory.mktemp("porpoise") / "tcga_test_all_clean.csv.gz"
+    write_porpoise_table(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(table) -> CohortData:
+    torch.set_num_threads(1)
+    return CohortData.from_cohort(ingest(table))
+
+
+@pytest.fixture(scope="module")
+def folds(data):
+    clinical = data.clinical
+    splits = kfold_splits(clinical.index, clinical["event"], folds=3, seed=0)
+    return [
+        {role: split.loc[split["role"] == role, "patient_id"].tolist() for role in ("train", "val", "test")}
+        for _, split in splits.groupby("fold")
+    ]
+
+
+@pytest.fixture(scope="module")
+def fold_results(data, folds):
+    return [run_fold(data, f["train"], f["val"], f["test"], FAST, seed=i) for i, f in enumerate(folds)]
+
+
+def test_no_patient_leaks_between_train_val_and_test(data, folds, fold_results):
+    assert sorted(pid for f in folds for pid in f["test"]) == sorted(data.clinical.index)
+    for fold, result in zip(folds, fold_results, strict=True):
+        pool = set(fold["train"]) | set(fold["val"])
+        assert not pool & set(fold["test"])
+        stopping = []
+        for fit_ids, stop_ids in result.healnet.member_splits:
+            assert not set(fit_ids) & set(stop_ids)
+            assert set(fit_ids) | set(stop_ids) == pool
+            stopping += stop_ids
+        assert sorted(stopping) == sorted(pool)  # each training patient early-stops exactly one member
+    with pytest.raises(CVError, match="overlap"):
+        run_fold(data, folds[0]["train"], folds[0]["val"], folds[0]["train"][:3], FAST)
+
+
+def test_bins_and_transforms_are_fit_on_each_training_fold(data, folds, fold_results):
+    clinical = data.clinical
+    edges = []
+    for fold, result in zip(folds, fold_results, strict=True):
+        pool = fold["train"] + fold["val"]
+        expected = SurvivalBins.fit(clinical.loc[pool, "survival_months"], clinical.loc[pool, "event"])
+        assert result.healnet.bins == expected
+        edges.append(tuple(expected.edges))
+        # the baselines' z-scores are centred on this fold's training patients, not on everyone
+        assert np.abs(result.features(data.omics, pool).mean(axis=0)).max() < 1e-6
+        assert np.abs(result.features(data.omics, list(clinical.index)).mean(axis=0)).max() > 1e-3
+        # each HEALNet member's omics transform is centred on the patients it trains on
+        member = result.healnet.members[0]
+        state = member.preprocessor.omics.state_dict()["modalities"]["rnaseq"]
+        fit_ids = result.healnet.member_splits[0][0]
+        raw = data.omics["rnaseq"].loc[fit_ids, state["features"]]
+        np.testing.assert_allclose(state["mean"], raw.mean(axis=0), atol=1e-5)
+    assert len(set(edges)) == len(edges)
+
+
+def test_test_fold_values_do_not_change_the_fitted_models(data, folds, fold_results):
+    fold = folds[0]
+    shifted = CohortData(data.clinical.copy(), {k: v.copy() for k, v in data.omics.items()}, {})
+    shifted.clinical.loc[fold["test"], "survival_months"] *= 40
+    shifted.omics["rnaseq"].loc[fold["test"]] += 25.0
+    again = run_fold(shifted, fold["train"], fold["val"], fold["test"], FAST, seed=0)
+    before = fold_results[0]
+    assert again.healnet.bins == before.healnet.bins
+    assert again.coxnet.alpha == before.coxnet.alpha
+    pool = fold["train"] + fold["val"]
+    np.testing.assert_array_equal(again.features(data.omics, pool), before.features(data.omics, pool))
+    for new, old in zip(again.healnet.members, before.healnet.members, strict=True):
+        np.testing.assert_array_equal(new.predict(data, pool), old.predict(data, pool))
+
+
+def test_baselines_recover_a_strong_signal(data, folds):
+    clinical = data.clinical
+    fold = folds[0]
+    pool, test = fold["train"] + fold["val"], fold["test"]
+    matrix = OmicsMatrix.fit(data.omics, pool, OmicsConfig(top_k=20))
+    x_train, x_test = matrix(data.omics, pool), matrix(data.omics, test)
+    times, events = clinical.loc[pool, "survival_months"].to_numpy(), clinical.loc[pool, "event"].to_numpy()
+    coxnet = fit_coxnet(x_train, times, events, CoxNetConfig(n_alphas=15, inner_folds=3))
+    forest = fit_forest(x_train, times, events, ForestConfig(n_estimators=50))
+    assert coxnet.inner_c_index.shape == coxnet.alphas.shape == (15,)
+    assert coxnet.alpha in coxnet.alphas and 0 < coxnet.n_nonzero <= x_train.shape[1]
+    signal = [matrix.feature_names.index(f"G{i}_rnaseq") for i in range(5)]
+    assert np.abs(coxnet.model.coef_[signal, list(coxnet.alphas).index(coxnet.alpha)]).min() > 0
+    test_rows = clinical.loc[test]
+    assert harrell_c(test_rows["survival_months"], test_rows["event"], coxnet.risk(x_test)) > 0.7
+    assert harrell_c(test_rows["survival_months"], test_rows["event"], forest.predict(x_test)) > 0.7
+
+
+def test_fold_results_report_every_model(fold_results):
+    models = fold_results[0].record["models"]
+    assert set(models) == {"healnet", "healnet_single", "coxnet", "rsf"}
+    for name in ("healnet", "coxnet", "rsf"):
+        assert 0.0 <= models[name]["c_index"] <= 1.0 and models[name]["seconds"] > 0
+    assert models["coxnet"]["c_index"] > 0.7
+
+
+def test_signed_log_compresses_outliers_and_keeps_order():
+    frame = pd.DataFrame({"G_rnaseq": [-5000.0, -1.0, 0.0, 2.0, 14000.0]})
+    data = CohortData(pd.DataFrame(), {"rnaseq": frame, "mut": frame}, {})
+    logged = signed_log(data, ("rnaseq",))
+    values = logged.omics["rnaseq"]["G_rnaseq"].to_numpy()
+    np.testing.assert_allclose(values, [-np.log1p(5000), -np.log(2), 0, np.log(3), np.log1p(14000)])
+    assert logged.omics["mut"] is frame
+
+
+def test_summary_pairs_folds():
+    folds = [
+        {
+            "models": {
+                "healnet": {"c_index": h, "c_index_ipcw": h},
+                "coxnet": {"c_index": c, "c_index_ipcw": c},
+            }
+        }
+        for h, c in [(0.7, 0.6), (0.6, 0.65), (0.8, 0.6)]
+    ]
+    summary = summarize(folds)
+    assert summary["healnet"]["c_index"]["mean"] == pytest.approx(0.7)
+    assert summary["healnet"]["c_index"]["std"] == pytest.approx(0.1)
+    paired = summary["healnet"]["c_index_minus_coxnet"]
+    assert paired["mean"] == pytest.approx(0.25 / 3) and paired["folds_higher"] == 2
+
+
+def test_unknown_model_is_rejected():
+    with pytest.raises(CVError, match="subset"):
+        CVConfig(models=("healnet", "deepsurv"))
+
+
+def test_cross_validate_report_is_complete(data):
+    config = CVConfig(**{**FAST.__dict__, "models": ("coxnet",), "repeats": 2})
+    report = cross_validate(data, config, progress=False)
+    assert len(report["folds"]) == 6
+    for repeat in (0, 1):
+        tests = [pid for f in report["folds"] if f["repeat"] == repeat for pid in f["test_ids"]]
+        assert sorted(tests) == sorted(data.clinical.index)
+    assert report["summary"]["coxnet"]["c_index"]["mean"] > 0.7
+    json.dumps(report)
+
+
+def test_cli_writes_json(table, tmp_path, capsys):
+    out = tmp_path / "cv.json"
+    code = main(
+        ["cv", "--table", str(table), "--folds", "3", "--repeats", "1", "--members", "2", "--epochs", "3"]
+        + ["--top-k", "20", "--baseline-top-k", "20", "--json", str(out), "--no-progress"]
+    )
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["patients"] == 120 and len(report["folds"]) == 3
+    assert set(report["summary"]) == {"healnet", "healnet_single", "coxnet", "rsf"}
+    assert report["config"]["healnet"]["members"] == 2
+    printed = capsys.readouterr().out
+    assert "CoxNet" in printed and "HEALNet − CoxNet" in printed and str(out) in printed
