@@ -95,7 +95,7 @@ def make_loader(dataset, batch_size: int, shuffle: bool, device: torch.device, s
 
 
 def drop_modalities(present: dict[str, torch.Tensor], p: float, generator: torch.Generator) -> dict:
-    """Mark each present modality missing with probability p per sample; every sample keeps at least one."""
+    """Mark each present modality missing with probability p per sample; a sample that would lose all keeps all."""
     names = list(present)
     stacked = torch.stack([present[name] for name in names])  # (modalities, batch)
     dropped = torch.rand(stacked.shape, generator=generator).to(stacked.device) < p

@@ -35,7 +35,7 @@ RATE_INTERVAL = "15s"
 MAX_REQUESTS = 2000
 # Grafana's dark theme and classic palette.
 BACKGROUND, PANEL, TEXT, GRID = "#111217", "#181b1f", "#ccccdc", "#2c3235"
-PALETTE = ("#73bf69", "#f2cc0c", "#8ab8ff", "#ff780a", "#f2495c", "#5794f2", "#b877d9", "#fade2a")
+PALETTE = ("#73bf69", "#f2cc0c", "#8ab8ff", "#ff780a", "#f2495c", "#b877d9", "#6ed0e0", "#ff9eb5")
 UNITS = {"s": (1000.0, "ms"), "reqps": (1.0, "req/s"), "percentunit": (100.0, "%")}  # scale, axis label
 
 
@@ -162,7 +162,7 @@ def panel_frame(figure, cell, title: str):
 
 
 def plot_area(frame, left: float = 0.075, right: float = 0.985):
-    ax = frame.inset_axes([left, 0.27, right - left, 0.58])
+    ax = frame.inset_axes([left, 0.31, right - left, 0.55])
     ax.set_facecolor(PANEL)
     ax.tick_params(colors=TEXT, labelsize=7, length=2)
     for spine in ax.spines.values():
@@ -191,7 +191,7 @@ def draw_timeseries(frame, panel: dict, series: list[Series], phase_ends: list[f
     columns = 4 if panel["gridPos"]["w"] >= 12 else 3
     ax.legend(
         loc="upper left",
-        bbox_to_anchor=(0, -0.12),
+        bbox_to_anchor=(0, -0.17),
         fontsize=6.5,
         frameon=False,
         labelcolor=TEXT,
@@ -221,7 +221,7 @@ def draw_heatmap(frame, buckets: list[Series], duration: float) -> None:
     ax.set_yticks(range(low, high + 1), [f"{bound:g}" for bound in bounds[low - 1 : high]])
     ax.set_ylabel("risk bucket", color=TEXT, fontsize=7, labelpad=2)
     ax.grid(False)
-    bar = frame.inset_axes([0.915, 0.27, 0.015, 0.58])
+    bar = frame.inset_axes([0.915, 0.31, 0.015, 0.55])
     frame.figure.colorbar(image, cax=bar)
     bar.tick_params(colors=TEXT, labelsize=6, length=2)
     frame.text(

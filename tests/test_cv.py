@@ -1,12 +1,14 @@
 """Cross-validation with baselines on a small PORPOISE-format table with a known signal."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from healnet.ablation import AblationConfig, format_ablation, requirement, run_ablation, with_missing, without
 from healnet.baselines import CoxNetConfig, ForestConfig, OmicsMatrix, fit_coxnet, fit_forest
 from healnet.cli import main
 from healnet.cv import CVConfig, CVError, HEALNetRecipe, cross_validate, run_fold, signed_log, summarize
@@ -15,7 +17,7 @@ from healnet.data.splits import kfold_splits
 from healnet.experiment import CohortData
 from healnet.preprocess.omics import OmicsConfig
 from healnet.survival import SurvivalBins, harrell_c
-from healnet.train import TrainConfig
+from healnet.train import TrainConfig, drop_modalities
 
 TINY = HEALNetRecipe(
     omics=OmicsConfig(top_k=20, combine=False),
@@ -221,3 +223,77 @@ def test_cli_writes_json(table, tmp_path, capsys):
     assert report["config"]["healnet"]["members"] == 2
     printed = capsys.readouterr().out
     assert "CoxNet" in printed and "HEALNet − CoxNet" in printed and str(out) in printed
+
+
+def multimodal_data(n: int = 100, seed: int = 0) -> CohortData:
+    """Omics carry one risk factor and patch bags another, as in `healnet synth`."""
+    rng = np.random.default_rng(seed)
+    index = pd.Index([f"TCGA-CD-{i:04d}" for i in range(n)], name="patient_id")
+    z_omic, z_wsi = rng.normal(size=n), rng.normal(size=n)
+    event_time = rng.exponential(30 * np.exp(-1.5 * (z_omic + z_wsi)))
+    censor_time = rng.uniform(20, 150, n)
+    clinical = pd.DataFrame(
+        {
+            "survival_months": np.maximum(np.minimum(event_time, censor_time), 0.1),
+            "event": (event_time <= censor_time).astype(int),
+        },
+        index=index,
+    )
+    rna = rng.normal(size=(n, 12))
+    rna[:, :3] += 1.5 * z_omic[:, None]
+    bags = {}
+    for i, pid in enumerate(index):
+        bag = rng.normal(size=(int(rng.integers(4, 10)), 5)).astype(np.float32)
+        bag[:, 0] += 1.5 * z_wsi[i]
+        bags[pid] = bag
+    omics = {"rnaseq": pd.DataFrame(rna, index=index, columns=[f"G{i}_rnaseq" for i in range(12)])}
+    return CohortData(clinical, omics, bags), pd.DataFrame({"z_omic": z_omic, "z_wsi": z_wsi}, index=index)
+
+
+def test_modalities_can_be_removed_for_serving_or_for_some_training_patients():
+    data, _ = multimodal_data()
+    assert without(data, "wsi").wsi_bags == {} and without(data, "wsi").omics is data.omics
+    assert without(data, "omic").omics == {} and without(data, "omic").wsi_bags is data.wsi_bags
+    pool = list(data.clinical.index[:60])
+    missing = with_missing(data, pool, 0.3, seed=1)
+    no_omics = set(pool) - set(missing.omics["rnaseq"].index)
+    no_wsi = set(pool) - set(missing.wsi_bags)
+    assert len(no_omics) + len(no_wsi) == 18 and not no_omics & no_wsi
+    assert set(data.clinical.index[60:]) <= set(missing.wsi_bags) & set(missing.omics["rnaseq"].index)
+
+
+def test_modality_dropout_keeps_one_modality_per_sample():
+    generator = torch.Generator().manual_seed(0)
+    present = {"omic": torch.ones(2000, dtype=torch.bool), "wsi": torch.arange(2000) % 2 == 0}
+    kept = drop_modalities(present, 0.5, generator)
+    assert (kept["omic"] | kept["wsi"]).all()
+    assert not (kept["wsi"] & ~present["wsi"]).any()
+    assert kept["omic"][1::2].all()  # the only modality of a sample is never dropped
+    # a two-modality sample loses one with probability p(1 - p): when both are drawn, it keeps both
+    assert 0.2 < 1 - kept["wsi"][::2].float().mean() < 0.3
+    assert 0.2 < 1 - kept["omic"][::2].float().mean() < 0.3
+    with pytest.raises(ValueError, match="modality_dropout"):
+        TrainConfig(modality_dropout=1.0)
+
+
+def test_requirement_compares_the_loss_with_half_the_gain():
+    means = {"omic": {"omic": 0.6}, "wsi": {"wsi": 0.7}, "both": {"both": 0.8, "omic": 0.72, "wsi": 0.74}}
+    checks = requirement(means)
+    assert checks["without_wsi"]["gain"] == pytest.approx(0.2) and checks["without_wsi"]["holds"]
+    assert (
+        checks["without_omic"]["needed"] == pytest.approx(0.75) and checks["without_omic"]["holds"] is False
+    )
+    means["both"]["both"] = 0.65  # below the WSI-only model: no gain to keep
+    assert requirement(means)["without_omic"]["holds"] is None
+
+
+def test_ablation_scores_every_condition():
+    data, truth = multimodal_data()
+    recipe = replace(TINY, members=1, train=replace(TINY.train, epochs=6, patience=6, modality_dropout=0.3))
+    report = run_ablation({"toy": data}, AblationConfig(folds=2, recipe=recipe), False, {"toy": truth})
+    assert len(report["splits"]) == 2
+    assert set(report["summary"]) == {"omic", "wsi", "both", "missing", "oracle"}
+    assert set(report["summary"]["both"]) == {"both", "omic", "wsi"}
+    assert report["summary"]["oracle"]["both"]["mean"] > 0.75
+    assert all(0 <= s["mean"] <= 1 for row in report["summary"].values() for s in row.values())
+    assert "true-factor bound" in format_ablation(report)

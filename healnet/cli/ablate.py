@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+TRUTH_FILE = "truth.csv"
 HELP = (
     "Train HEALNet with omics only, slides only, both, and both with missing inputs; serve each with "
     "every modality and with one removed; print mean ± std c-index over splits and write a JSON report."
@@ -40,6 +41,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    import pandas as pd
     import torch
 
     from healnet.ablation import AblationConfig, ablation_recipe, format_ablation, run_ablation
@@ -48,12 +50,14 @@ def run(args: argparse.Namespace) -> int:
     from healnet.experiment import CohortData
 
     torch.set_num_threads(args.threads)
-    cohorts = {}
+    cohorts, truths = {}, {}
     for folder in args.cohort:
         features = folder / "features"
         if not features.is_dir():
             raise SystemExit(f"{folder}: no features/ folder; run `healnet preprocess-slides` on it first")
         cohorts[str(folder)] = CohortData.from_cohort(Cohort.load(folder), features)
+        if (folder / TRUTH_FILE).is_file():  # written by `healnet synth`
+            truths[str(folder)] = pd.read_csv(folder / TRUTH_FILE, index_col="patient_id")
     recipe = ablation_recipe()
     recipe = replace(
         recipe, members=args.members, train=replace(recipe.train, modality_dropout=args.modality_dropout)
@@ -61,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     config = AblationConfig(
         folds=args.folds, repeats=args.repeats, seed=args.seed, missing_fraction=args.missing, recipe=recipe
     )
-    report = run_ablation(cohorts, config, progress=not args.no_progress)
+    report = run_ablation(cohorts, config, progress=not args.no_progress, truths=truths if len(truths) == len(cohorts) else None)
     print(format_ablation(report))
     if args.json is not None:
         write_report(report, args.json)
