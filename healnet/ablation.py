@@ -175,7 +175,9 @@ def run_ablation(
             role: split.loc[split["role"] == role, "patient_id"].tolist() for role in ("train", "val", "test")
         }
         seed = config.seed * 1000 + repeat * config.folds + fold
-        scores = run_split(cohorts[name], ids["train"], ids["val"], ids["test"], config, seed, truths.get(name))
+        scores = run_split(
+            cohorts[name], ids["train"], ids["val"], ids["test"], config, seed, truths.get(name)
+        )
         splits_out.append({"cohort": name, "repeat": repeat, "fold": fold, "c_index": scores})
     summary = {
         trained: {serve: mean_std([s["c_index"][trained][serve] for s in splits_out]) for serve in row}

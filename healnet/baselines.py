@@ -31,6 +31,7 @@ class BaselineError(ValueError):
 
 @dataclass(frozen=True)
 class CoxNetConfig:
+    omics: OmicsConfig = OmicsConfig(top_k=200)  # features: the 200 highest-variance ones per table
     l1_ratio: float = 0.5  # elastic net: half lasso, half ridge
     n_alphas: int = 30  # penalties on the path, from the smallest one that zeroes every weight
     alpha_min_ratio: float = 0.02  # the smallest penalty relative to the largest one
@@ -43,6 +44,7 @@ class CoxNetConfig:
 
 @dataclass(frozen=True)
 class ForestConfig:
+    omics: OmicsConfig = OmicsConfig(top_k=500)
     n_estimators: int = 100
     min_samples_leaf: int = 15
     max_features: str | float = "sqrt"

@@ -62,7 +62,7 @@ class HEALNetRecipe:
 
     omics: OmicsConfig = OmicsConfig(top_k=200, combine=False, tokens="single")
     model: dict = field(default_factory=default_model_options)
-    train: TrainConfig = TrainConfig(epochs=20, patience=20, monitor="loss")
+    train: TrainConfig = TrainConfig(epochs=20, patience=20, monitor="loss", l1=0.01)
     members: int = 5
     n_bins: int = 4
 
@@ -80,7 +80,6 @@ class CVConfig:
     models: tuple[str, ...] = MODELS
     modalities: tuple[str, ...] | None = None  # HEALNet input kinds ("omic", "wsi"); default: all
     healnet: HEALNetRecipe = HEALNetRecipe()
-    baseline_omics: OmicsConfig = OmicsConfig(top_k=500)
     coxnet: CoxNetConfig = CoxNetConfig()
     forest: ForestConfig = ForestConfig()
     signed_log_tables: tuple[str, ...] = ("rnaseq",)  # heavy-tailed z-scores: sign(x) log1p(|x|)
@@ -184,7 +183,7 @@ class HEALNetEnsemble:
 class FoldResult:
     record: dict  # JSON-ready: ids counts, metrics and seconds per model
     healnet: HEALNetEnsemble | None = None
-    features: OmicsMatrix | None = None
+    features: dict[str, OmicsMatrix] = field(default_factory=dict)  # per baseline
     coxnet: CoxNetFit | None = None
 
 
@@ -243,32 +242,29 @@ def run_fold(
         result.healnet = ensemble
 
     baselines = [name for name in ("coxnet", "rsf") if name in config.models]
-    if baselines:
-        if not data.omics:
-            raise CVError(f"the baselines {baselines} need omics, and this cohort has none")
+    if baselines and not data.omics:
+        raise CVError(f"the baselines {baselines} need omics, and this cohort has none")
+    times = clinical.loc[pool, "survival_months"].to_numpy()
+    events = clinical.loc[pool, "event"].to_numpy()
+    for name in baselines:
         started = time.perf_counter()
-        result.features = OmicsMatrix.fit(data.omics, pool, config.baseline_omics)
-        x_train, x_test = result.features(data.omics, pool), result.features(data.omics, test_ids)
-        times = clinical.loc[pool, "survival_months"].to_numpy()
-        events = clinical.loc[pool, "event"].to_numpy()
-        prepare_seconds = time.perf_counter() - started
-        if "coxnet" in baselines:
-            started = time.perf_counter()
+        baseline_config = config.coxnet if name == "coxnet" else config.forest
+        features = OmicsMatrix.fit(data.omics, pool, baseline_config.omics)
+        x_train, x_test = features(data.omics, pool), features(data.omics, test_ids)
+        if name == "coxnet":
             result.coxnet = fit_coxnet(x_train, times, events, config.coxnet, seed)
-            models["coxnet"] = {
-                **_risk_metrics(clinical, pool, test_ids, result.coxnet.risk(x_test)),
-                "seconds": prepare_seconds + time.perf_counter() - started,
-                "alpha": result.coxnet.alpha,
-                "nonzero_coefficients": result.coxnet.n_nonzero,
-            }
-        if "rsf" in baselines:
-            started = time.perf_counter()
-            forest = fit_forest(x_train, times, events, config.forest, seed)
-            models["rsf"] = {
-                **_risk_metrics(clinical, pool, test_ids, forest.predict(x_test)),
-                "seconds": prepare_seconds + time.perf_counter() - started,
-            }
-        result.record["baseline_features"] = x_train.shape[1]
+            risk = result.coxnet.risk(x_test)
+            extra = {"alpha": result.coxnet.alpha, "nonzero_coefficients": result.coxnet.n_nonzero}
+        else:
+            risk = fit_forest(x_train, times, events, config.forest, seed).predict(x_test)
+            extra = {}
+        models[name] = {
+            **_risk_metrics(clinical, pool, test_ids, risk),
+            "seconds": time.perf_counter() - started,
+            "features": x_train.shape[1],
+            **extra,
+        }
+        result.features[name] = features
     return result
 
 

@@ -29,9 +29,8 @@ FAST = CVConfig(
     folds=3,
     repeats=1,
     healnet=TINY,
-    baseline_omics=OmicsConfig(top_k=20),
-    coxnet=CoxNetConfig(n_alphas=10, inner_folds=3),
-    forest=ForestConfig(n_estimators=20),
+    coxnet=CoxNetConfig(omics=OmicsConfig(top_k=20), n_alphas=10, inner_folds=3),
+    forest=ForestConfig(omics=OmicsConfig(top_k=20), n_estimators=20),
 )
 
 
@@ -116,8 +115,8 @@ def test_bins_and_transforms_are_fit_on_each_training_fold(data, folds, fold_res
         assert result.healnet.bins == expected
         edges.append(tuple(expected.edges))
         # the baselines' z-scores are centred on this fold's training patients, not on everyone
-        assert np.abs(result.features(data.omics, pool).mean(axis=0)).max() < 1e-6
-        assert np.abs(result.features(data.omics, list(clinical.index)).mean(axis=0)).max() > 1e-3
+        assert np.abs(result.features["coxnet"](data.omics, pool).mean(axis=0)).max() < 1e-6
+        assert np.abs(result.features["coxnet"](data.omics, list(clinical.index)).mean(axis=0)).max() > 1e-3
         # each HEALNet member's omics transform is centred on the patients it trains on
         member = result.healnet.members[0]
         state = member.preprocessor.omics.state_dict()["modalities"]["rnaseq"]
@@ -137,7 +136,9 @@ def test_test_fold_values_do_not_change_the_fitted_models(data, folds, fold_resu
     assert again.healnet.bins == before.healnet.bins
     assert again.coxnet.alpha == before.coxnet.alpha
     pool = fold["train"] + fold["val"]
-    np.testing.assert_array_equal(again.features(data.omics, pool), before.features(data.omics, pool))
+    np.testing.assert_array_equal(
+        again.features["coxnet"](data.omics, pool), before.features["coxnet"](data.omics, pool)
+    )
     for new, old in zip(again.healnet.members, before.healnet.members, strict=True):
         np.testing.assert_array_equal(new.predict(data, pool), old.predict(data, pool))
 
@@ -214,7 +215,17 @@ def test_cli_writes_json(table, tmp_path, capsys):
     out = tmp_path / "cv.json"
     code = main(
         ["cv", "--table", str(table), "--folds", "3", "--repeats", "1", "--members", "2", "--epochs", "3"]
-        + ["--top-k", "20", "--baseline-top-k", "20", "--json", str(out), "--no-progress"]
+        + [
+            "--top-k",
+            "20",
+            "--coxnet-top-k",
+            "20",
+            "--forest-top-k",
+            "20",
+            "--json",
+            str(out),
+            "--no-progress",
+        ]
     )
     assert code == 0
     report = json.loads(out.read_text())

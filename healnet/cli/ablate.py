@@ -65,7 +65,9 @@ def run(args: argparse.Namespace) -> int:
     config = AblationConfig(
         folds=args.folds, repeats=args.repeats, seed=args.seed, missing_fraction=args.missing, recipe=recipe
     )
-    report = run_ablation(cohorts, config, progress=not args.no_progress, truths=truths if len(truths) == len(cohorts) else None)
+    report = run_ablation(
+        cohorts, config, progress=not args.no_progress, truths=truths if len(truths) == len(cohorts) else None
+    )
     print(format_ablation(report))
     if args.json is not None:
         write_report(report, args.json)

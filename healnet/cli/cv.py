@@ -21,10 +21,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--features",
         type=Path,
         default=None,
-        help="patch-feature folder (default: COHORT/features when present)",
+        help="patch-feature folder; COHORT/features when present and not given",
     )
     parser.add_argument(
-        "--modalities", default=None, help="HEALNet input kinds, comma-separated: omic, wsi (default: all)"
+        "--modalities",
+        default=None,
+        help="HEALNet input kinds, comma-separated: omic, wsi; all the cohort has when not given",
     )
     parser.add_argument("--folds", type=int, default=5, help="K of the stratified K-fold")
     parser.add_argument("--repeats", type=int, default=3, help="independent K-fold partitions")
@@ -43,10 +45,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--top-k", type=int, default=200, help="HEALNet: highest-variance features kept per table"
     )
     parser.add_argument(
-        "--baseline-top-k",
-        type=int,
-        default=500,
-        help="CoxNet/forest: highest-variance features kept per table",
+        "--coxnet-top-k", type=int, default=200, help="CoxNet: highest-variance features per table"
+    )
+    parser.add_argument(
+        "--forest-top-k", type=int, default=500, help="forest: highest-variance features per table"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads and forest jobs")
     parser.add_argument(
@@ -60,10 +62,11 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from healnet.baselines import ForestConfig
+    from healnet.baselines import CoxNetConfig, ForestConfig
     from healnet.cv import CVConfig, HEALNetRecipe, cross_validate, format_table, write_report
     from healnet.data.cohort import Cohort, ingest
     from healnet.experiment import CohortData
+    from healnet.preprocess.omics import OmicsConfig
 
     torch.set_num_threads(args.threads)
     if args.table is not None:
@@ -89,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
         models=tuple(args.models.split(",")),
         modalities=tuple(args.modalities.split(",")) if args.modalities else None,
         healnet=recipe,
-        baseline_omics=replace(CVConfig().baseline_omics, top_k=args.baseline_top_k),
-        forest=ForestConfig(n_jobs=args.threads),
+        coxnet=CoxNetConfig(omics=OmicsConfig(top_k=args.coxnet_top_k)),
+        forest=ForestConfig(omics=OmicsConfig(top_k=args.forest_top_k), n_jobs=args.threads),
     )
     report = cross_validate(data, config, progress=not args.no_progress)
     report["source"] = str(args.table or args.cohort)
