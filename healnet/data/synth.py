@@ -162,7 +162,7 @@ def synthesize_cohort(out_dir: Path, config: SynthConfig = SynthConfig(), progre
     table = pd.concat(
         [clinical.drop(columns="_row"), omics.iloc[clinical["_row"]].reset_index(drop=True)], axis=1
     )
-    table.to_csv(out_dir / TABLE_NAME, compression="gzip")
+    table.to_csv(out_dir / TABLE_NAME, compression={"method": "gzip", "mtime": 0})
     truth = pd.DataFrame(
         {"patient_id": patients, "z_omic": z_omic, "z_wsi": z_wsi, "tumour_fraction": tumour_fraction}
     )
