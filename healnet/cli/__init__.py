@@ -18,6 +18,7 @@ COMMANDS = {
     "train": "healnet.cli.train",
     "evaluate": "healnet.cli.evaluate",
     "cv": "healnet.cli.cv",
+    "ablate": "healnet.cli.ablate",
     "registry": "healnet.cli.registry",
 }
 
