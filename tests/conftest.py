@@ -21,3 +21,20 @@ def blca_table(shared_data: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent")
     return path
+
+
+@pytest.fixture
+def registry(tmp_path, monkeypatch):
+    """A fresh BentoML home and champion pointer; the in-process BentoML singletons point at it."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.models import ModelStore
+
+    home = tmp_path / "bentoml"
+    (home / "models").mkdir(parents=True)
+    monkeypatch.setenv("BENTOML_HOME", str(home))
+    monkeypatch.setenv("HEALNET_REGISTRY_DIR", str(home))
+    with (
+        BentoMLContainer.bentoml_home.patch(str(home)),
+        BentoMLContainer.model_store.patch(ModelStore(str(home / "models"))),
+    ):
+        yield home

@@ -98,23 +98,6 @@ def pipeline_outputs(tmp_path_factory):
     }
 
 
-@pytest.fixture
-def registry(tmp_path, monkeypatch):
-    """A fresh BentoML home and champion pointer; the in-process BentoML singletons point at it."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
-    from bentoml._internal.models import ModelStore
-
-    home = tmp_path / "bentoml"
-    (home / "models").mkdir(parents=True)
-    monkeypatch.setenv("BENTOML_HOME", str(home))
-    monkeypatch.setenv("HEALNET_REGISTRY_DIR", str(home))
-    with (
-        BentoMLContainer.bentoml_home.patch(str(home)),
-        BentoMLContainer.model_store.patch(ModelStore(str(home / "models"))),
-    ):
-        yield home
-
-
 def test_validate_returns_the_shards_and_the_data_hash(pipeline_outputs):
     assert pipeline_outputs["shard_list"] == list(range(SHARDS))
     assert pipeline_outputs["data_hash"] == cohort_data_hash(pipeline_outputs["cohort"])

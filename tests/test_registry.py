@@ -26,23 +26,6 @@ from healnet.registry import (
 from healnet.survival import SurvivalBins
 
 
-@pytest.fixture
-def registry(tmp_path, monkeypatch):
-    """A fresh BentoML home and champion pointer; the in-process BentoML singletons point at it."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
-    from bentoml._internal.models import ModelStore
-
-    home = tmp_path / "bentoml"
-    (home / "models").mkdir(parents=True)
-    monkeypatch.setenv("BENTOML_HOME", str(home))
-    monkeypatch.setenv("HEALNET_REGISTRY_DIR", str(home))
-    with (
-        BentoMLContainer.bentoml_home.patch(str(home)),
-        BentoMLContainer.model_store.patch(ModelStore(str(home / "models"))),
-    ):
-        yield home
-
-
 def small_checkpoint(directory, seed: int = 0) -> str:
     """A real (untrained) omics-only HEALNet checkpoint; returns its weights' sha256."""
     rng = np.random.default_rng(seed)
