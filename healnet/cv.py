@@ -3,7 +3,8 @@
 All models see the same folds in the same run. Within a fold, everything that is fitted (survival bins,
 omics transforms, the baselines' features, CoxNet's penalty) is fitted on the training fold only, and
 HEALNet's early stopping uses validation patients carved out of the training fold; the test fold is only
-predicted. HEALNet defaults were chosen once on BLCA training folds (see docs/results.md).
+predicted. How the defaults were chosen (BLCA training folds), and what changed after the first run:
+docs/results.md.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ class HEALNetRecipe:
 
     omics: OmicsConfig = OmicsConfig(top_k=200, combine=False, tokens="single")
     model: dict = field(default_factory=default_model_options)
-    train: TrainConfig = TrainConfig(epochs=20, patience=20, monitor="loss", l1=0.01)
-    members: int = 5
+    train: TrainConfig = TrainConfig(epochs=20, patience=20, monitor="loss")
+    members: int = 10
     n_bins: int = 4
 
     def __post_init__(self) -> None:

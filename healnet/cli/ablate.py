@@ -32,6 +32,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         help="training only: mark each present modality missing with this probability per sample",
     )
+    parser.add_argument(
+        "--l1",
+        type=float,
+        default=1e-5,
+        help="L1 penalty on all weights (the CV recipe keeps the library default)",
+    )
     parser.add_argument("--members", type=int, default=1, help="HEALNet ensemble size per trained model")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--json", type=Path, default=None, help="write the full report here")
@@ -60,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
             truths[str(folder)] = pd.read_csv(folder / TRUTH_FILE, index_col="patient_id")
     recipe = ablation_recipe()
     recipe = replace(
-        recipe, members=args.members, train=replace(recipe.train, modality_dropout=args.modality_dropout)
+        recipe,
+        members=args.members,
+        train=replace(recipe.train, modality_dropout=args.modality_dropout, l1=args.l1),
     )
     config = AblationConfig(
         folds=args.folds, repeats=args.repeats, seed=args.seed, missing_fraction=args.missing, recipe=recipe

@@ -37,7 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--members",
         type=int,
-        default=5,
+        default=10,
         help="HEALNet ensemble size; each member early-stops on its own part",
     )
     parser.add_argument("--epochs", type=int, default=20, help="HEALNet epochs per member")
