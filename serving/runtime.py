@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,33 +34,18 @@ def serving_device() -> str:
     return str(select_device(os.environ.get(DEVICE_ENV, "auto")))
 
 
-class _StageTimer(threading.local):
-    prepare_seconds = 0.0
-
-
 class TimedPredictor(Predictor):
-    """Predictor whose `predict_timed` splits the time of `predict` into input preparation and forward pass."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._timer = _StageTimer()
-
-    def prepare(self, case: Case):
-        start = time.perf_counter()
-        try:
-            return super().prepare(case)
-        finally:
-            self._timer.prepare_seconds += time.perf_counter() - start
+    """Predictor whose `predict_timed` also reports the time of input preparation and of the forward pass."""
 
     def predict_timed(
         self, cases: Sequence[Case], return_attention: bool = False
     ) -> tuple[list[Prediction], float, float]:
         """Predictions, seconds spent preparing inputs, seconds in the forward pass and post-processing."""
-        self._timer.prepare_seconds = 0.0
         start = time.perf_counter()
-        predictions = self.predict(cases, return_attention)
-        prepare = self._timer.prepare_seconds
-        return predictions, prepare, time.perf_counter() - start - prepare
+        batch = self.prepare_batch(cases)
+        prepared = time.perf_counter()
+        predictions = self.predict_prepared(batch, return_attention)
+        return predictions, prepared - start, time.perf_counter() - prepared
 
 
 @dataclass(frozen=True)
