@@ -5,6 +5,7 @@ import json
 
 import pandas as pd
 import pytest
+from test_readers import CLINICAL
 
 from healnet.cli import main
 from healnet.data.cohort import Cohort
@@ -25,17 +26,7 @@ def digest(path) -> str:
 
 def test_synth_writes_a_tcga_shaped_table_and_canonical_cohort(cohort_dir):
     table = pd.read_csv(cohort_dir / "table.csv.gz", index_col=0)
-    assert list(table.columns[:9]) == [
-        "case_id",
-        "slide_id",
-        "age",
-        "site",
-        "survival_months",
-        "censorship",
-        "is_female",
-        "oncotree_code",
-        "train",
-    ]
+    assert list(table.columns[:9]) == CLINICAL
     assert table["case_id"].str.fullmatch(r"TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}").all()
     assert {c.rsplit("_", 1)[1] for c in table.columns[9:]} == {"mut", "cnv", "rnaseq"}
     cohort = Cohort.load(cohort_dir)
