@@ -66,35 +66,33 @@ class Predictor:
     def wsi_dim(self) -> int | None:
         return self.preprocessor.wsi_dim if WSI in self.modalities else None
 
-    def prepare(self, case: Case) -> tuple[dict, float, list[str]]:
-        """The dataset item for a case, its imputed-feature fraction and its unknown feature names."""
-        omics, unknown, imputed = {}, [], 0.0
-        if self.omic_modalities:
-            tokens, unknown = self.preprocessor.omics.transform_records(
-                {name: dict(values) for name, values in case.omics.items()}
-            )
-            omics = {
-                name: (tokens[name].values[0], bool(tokens[name].present[0])) for name in self.omic_modalities
-            }
-            present = [tokens[name] for name in self.omic_modalities if tokens[name].present[0]]
-            if present:
-                imputed = float(np.mean([tok.imputed_fraction[0] for tok in present]))
-        item = {"omics": omics, "time": 0.0, "event": 0.0, "label": 0}
-        if WSI in self.modalities:
-            bag = case.wsi_features
-            item[WSI] = None if bag is None or len(bag) == 0 else self.preprocessor.scale_wsi(bag)
-        return item, imputed, unknown
-
     def prepare_batch(self, cases: Sequence[Case]) -> PreparedBatch:
         """Preprocess cases into one padded model batch (the CPU-side stage of a prediction)."""
-        prepared = [self.prepare(case) for case in cases]
-        batch = collate_cases([item for item, _, _ in prepared], self.wsi_dim or 0)
+        items = [{"omics": {}, "time": 0.0, "event": 0.0, "label": 0} for _ in cases]
+        imputed = np.zeros(len(cases))
+        unknown: list[list[str]] = [[] for _ in cases]
+        if self.omic_modalities:
+            tokens, unknown = self.preprocessor.omics.transform_records([case.omics for case in cases])
+            for i, item in enumerate(items):
+                item["omics"] = {
+                    name: (tokens[name].values[i], bool(tokens[name].present[i]))
+                    for name in self.omic_modalities
+                }
+            present = np.stack([tokens[name].present for name in self.omic_modalities])
+            fractions = np.stack([tokens[name].imputed_fraction for name in self.omic_modalities])
+            counted = present.sum(axis=0)
+            imputed = np.divide(fractions.sum(axis=0), counted, out=imputed, where=counted > 0)
+        if WSI in self.modalities:
+            for item, case in zip(items, cases, strict=True):
+                bag = case.wsi_features
+                item[WSI] = None if bag is None or len(bag) == 0 else self.preprocessor.scale_wsi(bag)
+        batch = collate_cases(items, self.wsi_dim or 0)
         return PreparedBatch(
             {k: v.to(self.device) for k, v in batch["inputs"].items()},
             {k: v.to(self.device) for k, v in batch["present"].items()},
             {k: v.to(self.device) for k, v in batch["token_mask"].items()},
-            [imputed for _, imputed, _ in prepared],
-            [unknown for _, _, unknown in prepared],
+            imputed.tolist(),
+            unknown,
         )
 
     @torch.no_grad()

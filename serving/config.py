@@ -31,6 +31,7 @@ class Limits:
     max_tiles: int = 256
     max_tile_pixels: int = 4096 * 4096
     max_unknown_feature_fraction: float = 0.5
+    adaptive_batch_max_cases: int = 16  # most cases that queued requests share in one model pass; 1: off
 
     @classmethod
     def from_env(cls) -> Limits:
@@ -42,5 +43,8 @@ class Limits:
             max_tile_pixels=_env_number("HEALNET_MAX_TILE_PIXELS", cls.max_tile_pixels, low=1),
             max_unknown_feature_fraction=_env_number(
                 "HEALNET_MAX_UNKNOWN_FEATURE_FRACTION", cls.max_unknown_feature_fraction, float, 0.0, 1.0
+            ),
+            adaptive_batch_max_cases=_env_number(
+                "HEALNET_ADAPTIVE_BATCH_MAX_CASES", cls.adaptive_batch_max_cases, low=1
             ),
         )

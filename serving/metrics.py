@@ -24,6 +24,7 @@ VALIDATION_REASONS = (
 STAGES = ("preprocess", "forward")
 RISK_BUCKETS = tuple(-4.0 + 0.25 * i for i in range(17))
 IMPUTED_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 REQUESTS = Counter(
@@ -45,6 +46,11 @@ INFERENCE_DURATION = Histogram(
     "Seconds per request in each stage: preprocess (decoding, validation, omics transform) and forward.",
     ["stage"],
     buckets=DURATION_BUCKETS,
+)
+BATCH_CASES = Histogram(
+    "healnet_batch_cases",
+    "Cases in the model pass that served each request (adaptive batching merges concurrent requests).",
+    buckets=BATCH_BUCKETS,
 )
 # Gauges: every worker holds the same value; "livemax" exports it once, without a pid label.
 MODEL_INFO = Gauge(
@@ -111,3 +117,7 @@ def record_rejection(reason: str) -> None:
 
 def record_stage(stage: str, seconds: float) -> None:
     INFERENCE_DURATION.labels(stage).observe(seconds)
+
+
+def record_batch(cases: int) -> None:
+    BATCH_CASES.observe(cases)

@@ -1,16 +1,34 @@
-"""ASGI guard in front of the prediction routes: JSON only, a bounded body, and a count of the schema
-errors that BentoML answers (400) before the service code sees the request."""
+"""ASGI guard in front of the prediction routes: JSON (or, for one case, multipart tiles) only, a bounded
+body, and a count of the schema errors that BentoML answers (400) before the service code sees the request.
+
+A multipart/form-data `/predict` is rewritten into the JSON request it stands for (tile files become
+base64 `wsi_tiles`), so that both encodings go through the same validation, metrics and model path.
+"""
 
 from __future__ import annotations
 
+import base64
 import json
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from serving import metrics
 from serving.config import Limits
 
 REJECTION_HEADER = "x-healnet-rejection"  # set on every rejection the service itself answers
 JSON_MEDIA_TYPE = "application/json"
+MULTIPART_MEDIA_TYPE = "multipart/form-data"
+MULTIPART_PATH = "/predict"
+MULTIPART_FIELDS = ("wsi_tiles", "omics", "return_attention")
+
+
+class MultipartRejection(Exception):
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status, self.reason = status, reason
+
 
 Message = dict
 Receive = Callable[[], Awaitable[Message]]
@@ -32,7 +50,9 @@ class RequestGuard:
     def __init__(self, app, paths: Iterable[str]):
         self.app = app
         self.paths = frozenset(paths)
-        self.max_body_bytes = Limits.from_env().max_body_bytes
+        limits = Limits.from_env()
+        self.max_body_bytes = limits.max_body_bytes
+        self.max_tiles = limits.max_tiles
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
@@ -40,10 +60,12 @@ class RequestGuard:
             return
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
         media_type = headers.get("content-type", JSON_MEDIA_TYPE).split(";")[0].strip().lower()
-        if media_type != JSON_MEDIA_TYPE:
+        multipart = media_type == MULTIPART_MEDIA_TYPE and scope["path"] == MULTIPART_PATH
+        if media_type != JSON_MEDIA_TYPE and not multipart:
             metrics.record_rejection("invalid_schema")
+            accepted = "JSON, or multipart/form-data tiles on /predict"
             await send_rejection(
-                send, 415, "invalid_schema", f"content type {media_type!r} is not accepted: send JSON"
+                send, 415, "invalid_schema", f"content type {media_type!r} is not accepted: send {accepted}"
             )
             return
         declared = headers.get("content-length", "")
@@ -57,6 +79,14 @@ class RequestGuard:
                 send, 413, "too_large", f"the body exceeds the limit of {self.max_body_bytes} bytes"
             )
         elif outcome == "complete":
+            if multipart:
+                try:
+                    body = await multipart_as_json(scope, body, self.max_tiles)
+                except MultipartRejection as rejection:
+                    metrics.record_rejection(rejection.reason)
+                    await send_rejection(send, rejection.status, rejection.reason, str(rejection))
+                    return
+                scope = _as_json_scope(scope, len(body))
             await self.app(scope, _replay(body, receive), _count_schema_errors(send))
 
     async def _read_body(self, receive: Receive) -> tuple[bytes, str]:
@@ -73,6 +103,60 @@ class RequestGuard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(chunks), "complete"
+
+
+async def multipart_as_json(scope: dict, body: bytes, max_tiles: int) -> bytes:
+    """The JSON body that a multipart /predict stands for: `wsi_tiles` file parts (PNG/JPEG), an optional
+    `omics` part holding a JSON object, an optional `return_attention` part ("true"/"false")."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body
+
+    parser = MultiPartParser(
+        Headers(scope=scope), chunks(), max_files=max_tiles + 1, max_fields=len(MULTIPART_FIELDS)
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as error:
+        if "too many files" in str(error).lower():
+            raise MultipartRejection(413, "too_large", f"more than {max_tiles} tiles") from None
+        raise MultipartRejection(400, "invalid_schema", f"malformed multipart body: {error}") from None
+    try:
+        unknown = sorted(set(form.keys()) - set(MULTIPART_FIELDS))
+        if unknown:
+            raise MultipartRejection(
+                400,
+                "invalid_schema",
+                f"unknown multipart fields {unknown}; expected {list(MULTIPART_FIELDS)}",
+            )
+        request_json: dict = {}
+        tiles = form.getlist("wsi_tiles")
+        if tiles:
+            if not all(isinstance(tile, UploadFile) for tile in tiles):
+                raise MultipartRejection(400, "invalid_schema", "wsi_tiles parts must be image files")
+            request_json["wsi_tiles"] = [base64.b64encode(await tile.read()).decode() for tile in tiles]
+        for name in ("omics", "return_attention"):
+            values = form.getlist(name)
+            if len(values) > 1 or any(isinstance(value, UploadFile) for value in values):
+                raise MultipartRejection(400, "invalid_schema", f"{name} must be one text field")
+            if values:
+                try:
+                    request_json[name] = json.loads(values[0])
+                except json.JSONDecodeError as error:
+                    raise MultipartRejection(400, "invalid_schema", f"{name} is not JSON: {error}") from None
+    finally:
+        await form.close()
+    return json.dumps(request_json).encode()
+
+
+def _as_json_scope(scope: dict, length: int) -> dict:
+    headers = [
+        (key, value)
+        for key, value in scope["headers"]
+        if key.lower() not in (b"content-type", b"content-length")
+    ]
+    headers += [(b"content-type", JSON_MEDIA_TYPE.encode()), (b"content-length", str(length).encode())]
+    return {**scope, "headers": headers}
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

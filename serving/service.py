@@ -7,6 +7,7 @@ so /livez answers at once and /readyz (and the APIs) answer 503 until the model 
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import threading
@@ -19,6 +20,7 @@ from starlette.responses import JSONResponse
 
 from healnet.inference import Case, Prediction
 from serving import metrics
+from serving.batching import ContinuousBatcher
 from serving.config import Limits
 from serving.middleware import REJECTION_HEADER, RequestGuard
 from serving.runtime import ServedModel, resolve_served_model, serving_device
@@ -56,6 +58,7 @@ class HEALNetService:
 
     def __init__(self) -> None:
         self.model: ServedModel | None = None
+        self.batcher: ContinuousBatcher[Case, Prediction] | None = None
         self.load_error: str | None = None
         self.limits = Limits.from_env()
         tag, checkpoint_dir = resolve_served_model(PACKED_MODEL_TAG)
@@ -76,6 +79,7 @@ class HEALNetService:
         # full collections then take milliseconds instead of stalling every request for ~0.2-0.3 s.
         gc.collect()
         gc.freeze()
+        self.batcher = ContinuousBatcher(model.predictor.predict_timed, self.limits.adaptive_batch_max_cases)
         self.model = model
         logger.info("model %s loaded in %.1f s", tag, time.perf_counter() - start)
 
@@ -86,22 +90,24 @@ class HEALNetService:
         return self.load_error is None
 
     @bentoml.api(route="/predict")
-    def predict(self, request: PredictRequest, /) -> PredictResponse:
+    async def predict(self, request: PredictRequest, /) -> PredictResponse:
         """Survival prediction for one case with any subset of modalities."""
-        answer = self._answer([request], batch=False)
+        answer = await self._answer([request], batch=False)
         return answer[0] if isinstance(answer, list) else answer
 
     @bentoml.api(route="/predict_batch")
-    def predict_batch(self, cases: list[PredictRequest], /) -> list[PredictResponse]:
+    async def predict_batch(self, cases: list[PredictRequest], /) -> list[PredictResponse]:
         """Survival predictions for a list of cases in one forward pass; one invalid case rejects the request."""
-        return self._answer(cases, batch=True)
+        return await self._answer(cases, batch=True)
 
-    def _answer(self, requests: list[PredictRequest], batch: bool) -> list[PredictResponse] | JSONResponse:
-        model = self.model
-        if model is None:
+    async def _answer(
+        self, requests: list[PredictRequest], batch: bool
+    ) -> list[PredictResponse] | JSONResponse:
+        model, batcher = self.model, self.batcher
+        if model is None or batcher is None:
             return _error(503, "not_ready", self.load_error or "the model is still loading")
         try:
-            predictions = self._predict(requests, model, batch)
+            predictions = await self._predict(requests, model, batcher, batch)
         except RejectedRequest as rejection:
             metrics.record_rejection(rejection.reason)
             return _error(rejection.status, rejection.reason, str(rejection))
@@ -110,22 +116,31 @@ class HEALNetService:
             for request, prediction in zip(requests, predictions, strict=True)
         ]
 
-    def _predict(self, requests: list[PredictRequest], model: ServedModel, batch: bool) -> list[Prediction]:
+    async def _predict(
+        self,
+        requests: list[PredictRequest],
+        model: ServedModel,
+        batcher: ContinuousBatcher[Case, Prediction],
+        batch: bool,
+    ) -> list[Prediction]:
         start = time.perf_counter()
-        cases = self._cases(requests, model, batch)
+        if any(request.wsi_tiles for request in requests):  # decoding and encoding tiles: off the event loop
+            cases = await asyncio.to_thread(self._cases, requests, model, batch)
+        else:
+            cases = self._cases(requests, model, batch)
         decoding = time.perf_counter() - start
         attention = any(request.return_attention for request in requests)
-        with np.errstate(over="ignore", invalid="ignore"):  # overflow shows in the outputs, checked below
-            predictions, preparing, forward = model.predictor.predict_timed(cases, return_attention=attention)
-        for index, prediction in enumerate(predictions):
+        outcome = await batcher.submit(cases, return_attention=attention)
+        for index, prediction in enumerate(outcome.results):
             if not np.isfinite([prediction.risk, *prediction.survival, *prediction.hazards]).all():
                 where = f"cases[{index}]: " if batch else ""
                 raise RejectedRequest(
                     "non_finite", f"{where}the inputs are finite but so large that the model's output is not"
                 )
-        metrics.record_stage("preprocess", decoding + preparing)
-        metrics.record_stage("forward", forward)
-        return predictions
+        metrics.record_stage("preprocess", decoding + outcome.preparing)
+        metrics.record_stage("forward", outcome.forward)
+        metrics.record_batch(outcome.batch_cases)
+        return outcome.results
 
     def _cases(self, requests: list[PredictRequest], model: ServedModel, batch: bool) -> list[Case]:
         if batch and not requests:

@@ -8,6 +8,7 @@ import io
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -58,7 +59,7 @@ class ModelContract:
             patch_size=int(predictor.preprocessor.tiling.get("patch_size", DEFAULT_PATCH_SIZE)),
         )
 
-    @property
+    @cached_property
     def known_features(self) -> frozenset[str]:
         return frozenset(name for names in self.feature_names.values() for name in names)
 
@@ -123,14 +124,16 @@ def _check_omics(
 def _patch_features(rows: list[list[float]], wsi_dim: int, limits: Limits) -> np.ndarray:
     if len(rows) > limits.max_patches:
         raise RejectedRequest("too_large", f"{len(rows)} patches exceed the limit of {limits.max_patches}")
-    for index, row in enumerate(rows):
-        if len(row) != wsi_dim:
-            raise RejectedRequest(
-                "wrong_dimensions",
-                f"wsi_features row {index} has {len(row)} values, the model expects {wsi_dim}",
-            )
-    with np.errstate(over="ignore"):
-        bag = np.asarray(rows, dtype=np.float32)
+    try:
+        with np.errstate(over="ignore"):
+            bag = np.array(rows, dtype=np.float32)
+    except ValueError:  # rows of different lengths
+        bag = None
+    if bag is None or bag.shape[1] != wsi_dim:
+        index, row = next((i, row) for i, row in enumerate(rows) if len(row) != wsi_dim)
+        raise RejectedRequest(
+            "wrong_dimensions", f"wsi_features row {index} has {len(row)} values, the model expects {wsi_dim}"
+        )
     if not np.isfinite(bag).all():
         row, column = np.argwhere(~np.isfinite(bag))[0]
         raise RejectedRequest(

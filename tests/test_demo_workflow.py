@@ -10,6 +10,7 @@ from test_readers import CLINICAL
 from healnet.cli import main
 from healnet.data.cohort import Cohort
 from healnet.data.synth import SynthConfig, synthesize_cohort
+from healnet.experiment import load_trained
 from healnet.survival import harrell_c
 
 
@@ -76,9 +77,13 @@ def test_cli_preprocess_train_evaluate(cohort_dir, tmp_path, capsys):
     )
     run = tmp_path / "run"
     args = ["train", "--cohort", str(cohort_dir), "--out", str(run), "--epochs", "3", "--no-progress"]
-    assert main([*args, "--latents", "4", "--latent-dim", "16", "--depth", "1"]) == 0
+    model_args = ["--latents", "4", "--latent-dim", "16", "--depth", "1"]
+    assert main([*args, *model_args, "--top-k", "50", "--signed-log", "rnaseq"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["modalities"] == ["omic", "wsi"]
+    omics = load_trained(run / "checkpoint").preprocessor.omics
+    assert omics.config.signed_log == ("rnaseq",) and omics.config.top_k == 50
+    assert len(omics.feature_names["omic"]) == 150  # 50 per table: mut, cnv, rnaseq
     assert set(metrics["test"]) == {"c_index", "c_index_ipcw", "integrated_brier_score"}
     assert (run / "checkpoint" / "model.pt").exists()
     assert main(["evaluate", "--run", str(run), "--cohort", str(cohort_dir)]) == 0

@@ -83,11 +83,50 @@ def test_transform_records_matches_transform_and_reports_unknown_names():
     records["mut"]["NOT_A_GENE_mut"] = 1.0
     records["proteomics"] = {"P53_prot": 2.0}
 
-    tokens, unknown = transform.transform_records(records)
+    tokens, unknown = transform.transform_records([records])
 
-    assert unknown == ["NOT_A_GENE_mut", "P53_prot"]
+    assert unknown == [["NOT_A_GENE_mut", "P53_prot"]]
     assert_tokens_equal(tokens, transform.transform(frames, [patient]))
     assert tokens["cnv"].imputed_fraction[0] == pytest.approx(1 / 6)
+
+
+def test_transform_records_of_several_cases_match_transform_row_by_row():
+    frames = make_frames()
+    frames["rnaseq"].iloc[3, 1] = np.nan
+    transform = OmicsTransform.fit(frames)
+    patients = list(frames["mut"].index[[1, 3, 7]])
+    cases = [
+        {m: {k: (None if pd.isna(v) else float(v)) for k, v in f.loc[p].items()} for m, f in frames.items()}
+        for p in patients
+    ]
+    del cases[2]["cnv"]  # the third case has no CNV table: absent, not imputed
+    cases[0]["mut"]["NOT_A_GENE_mut"] = 1.0
+    frames_without_cnv = {**frames, "cnv": frames["cnv"].drop(index=patients[2])}
+
+    tokens, unknown = transform.transform_records(cases)
+
+    assert unknown == [["NOT_A_GENE_mut"], [], []]
+    assert_tokens_equal(tokens, transform.transform(frames_without_cnv, patients))
+    assert tokens["cnv"].present.tolist() == [True, True, False]
+
+
+def test_transform_records_rejects_infinite_values():
+    transform = OmicsTransform.fit(make_frames())
+    with pytest.raises(OmicsTransformError, match="'G0_mut' is infinite"):
+        transform.transform_records([{"mut": {"G0_mut": float("inf")}}])
+
+
+def test_same_feature_name_in_two_tables_goes_to_the_table_it_is_given_under():
+    frames = make_frames(n_genes=3)
+    frames["cnv"].columns = frames["mut"].columns  # e.g. a gene symbol used by both tables
+    transform = OmicsTransform.fit(frames)
+    patient = frames["mut"].index[4]
+    cases = [{m: {k: float(v) for k, v in frames[m].loc[patient].items()} for m in ("mut", "cnv")}]
+    tokens, unknown = transform.transform_records(cases)
+    assert unknown == [[]]
+    expected = transform.transform({m: frames[m] for m in ("mut", "cnv")}, [patient])
+    for name in ("mut", "cnv"):
+        np.testing.assert_array_equal(tokens[name].values, expected[name].values)
 
 
 def test_transform_records_accepts_the_combined_name():
@@ -95,11 +134,11 @@ def test_transform_records_accepts_the_combined_name():
     transform = OmicsTransform.fit(frames, OmicsConfig(combine=True))
     patient = frames["mut"].index[2]
     flat = {k: float(v) for f in frames.values() for k, v in f.loc[patient].items()}
-    tokens, unknown = transform.transform_records({"omic": flat})
-    assert unknown == []
+    tokens, unknown = transform.transform_records([{"omic": flat}])
+    assert unknown == [[]]
     assert_tokens_equal(tokens, transform.transform(frames, [patient]))
     with pytest.raises(OmicsTransformError, match="G0_mut"):
-        transform.transform_records({"omic": {"G0_mut": "high"}})
+        transform.transform_records([{"omic": {"G0_mut": "high"}}])
 
 
 def test_combined_modality_is_present_when_any_input_is():
@@ -182,7 +221,7 @@ def test_absent_modality_is_not_present_and_zero():
     assert tokens["cnv"].imputed_fraction[2:].tolist() == [0.0, 0.0, 0.0]
     assert not tokens["rnaseq"].present.any()
     np.testing.assert_array_equal(tokens["rnaseq"].values, 0.0)
-    record_tokens, _ = transform.transform_records({"mut": {"G0_mut": 1.0}})
+    record_tokens, _ = transform.transform_records([{"mut": {"G0_mut": 1.0}}])
     assert not record_tokens["cnv"].present[0]
     np.testing.assert_array_equal(record_tokens["cnv"].values, 0.0)
 
@@ -230,3 +269,66 @@ def test_real_blca_table_smoke(blca_table):
     assert tokens["rnaseq"].values.shape[1:] == (4, 64)
     restored = OmicsTransform.from_state_dict(json.loads(json.dumps(transform.state_dict())))
     assert_tokens_equal(tokens, restored.transform(frames, ids[300:]))
+
+
+def heavy_tailed_frames() -> dict[str, pd.DataFrame]:
+    """rnaseq as PORPOISE-like z-scores (signed, a few extreme values, one missing), mut as is."""
+    frames = make_frames()
+    rna = frames["rnaseq"] / 400.0 - 2.0
+    rna.iloc[[1, 7], 0] = [14000.0, -5000.0]
+    rna.iloc[4, 3] = np.nan
+    return {"mut": frames["mut"], "rnaseq": rna}
+
+
+def test_signed_log_is_fitted_and_applied_per_named_modality():
+    frames = heavy_tailed_frames()
+    transform = OmicsTransform.fit(frames, OmicsConfig(signed_log=("rnaseq", "not_in_this_cohort")))
+    state = transform.state_dict()["modalities"]
+    assert state["rnaseq"]["signed_log"] is True and state["mut"]["signed_log"] is False
+    raw = frames["rnaseq"].to_numpy(np.float64)
+    logged = np.sign(raw) * np.log1p(np.abs(raw))
+    np.testing.assert_allclose(state["rnaseq"]["median"], np.nanmedian(logged, axis=0))
+    imputed = np.where(np.isnan(logged), np.nanmedian(logged, axis=0), logged)
+    np.testing.assert_allclose(state["rnaseq"]["mean"], imputed.mean(0))
+    ids = list(frames["mut"].index)
+    tokens = transform.transform(frames, ids)["rnaseq"].values[:, 0, :]
+    np.testing.assert_allclose(tokens, (imputed - imputed.mean(0)) / imputed.std(0), rtol=1e-5, atol=1e-6)
+    plain = OmicsTransform.fit(frames).transform(frames, ids)
+    np.testing.assert_array_equal(plain["mut"].values, transform.transform(frames, ids)["mut"].values)
+    with pytest.raises(OmicsTransformError, match="signed_log"):
+        OmicsConfig(signed_log="rnaseq")
+    with pytest.raises(OmicsTransformError, match="pick one"):
+        OmicsConfig(signed_log=("rnaseq",), log1p="always")
+
+
+def test_signed_log_survives_the_state_and_reaches_records():
+    frames = heavy_tailed_frames()
+    transform = OmicsTransform.fit(frames, OmicsConfig(top_k=4, signed_log=("rnaseq",)))
+    restored = OmicsTransform.from_state_dict(json.loads(json.dumps(transform.state_dict())))
+    assert restored.config == transform.config and restored.config.signed_log == ("rnaseq",)
+    ids = list(frames["mut"].index)
+    assert_tokens_equal(transform.transform(frames, ids), restored.transform(frames, ids))
+    for patient in (ids[1], ids[4], ids[7]):  # an extreme value, a missing value, the other extreme
+        records = {
+            m: {k: (None if pd.isna(v) else float(v)) for k, v in f.loc[patient].items()}
+            for m, f in frames.items()
+        }
+        tokens, _ = restored.transform_records([records])
+        assert_tokens_equal(tokens, transform.transform(frames, [patient]))
+
+
+def test_version_1_states_load_without_signed_log():
+    frames = make_frames()
+    transform = OmicsTransform.fit(frames, OmicsConfig(top_k=4))
+    state = json.loads(json.dumps(transform.state_dict()))
+    state["format_version"] = 1
+    del state["config"]["signed_log"]
+    for modality in state["modalities"].values():
+        del modality["signed_log"]
+    old = OmicsTransform.from_state_dict(state)
+    assert old.config.signed_log == ()
+    ids = list(frames["mut"].index)
+    assert_tokens_equal(old.transform(frames, ids), transform.transform(frames, ids))
+    state["format_version"] = 3
+    with pytest.raises(OmicsTransformError, match="format 3"):
+        OmicsTransform.from_state_dict(state)

@@ -3,6 +3,7 @@ bodies, the request guard, and a property-based fuzz of the request schema (neve
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import warnings
@@ -20,6 +21,7 @@ from serving.service import HEALNetService
 pytest_plugins = ("serving_fixtures",)
 SPEC = DemoSpec()
 MAX_BODY_BYTES = 64 * 1024
+MAX_TILES = 4
 GENES = [name for names in demo_feature_names(SPEC).values() for name in names]
 
 
@@ -32,6 +34,7 @@ def client(demo_registry, poll):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HEALNET_MAX_BODY_BYTES", str(MAX_BODY_BYTES))
         patch.setenv("HEALNET_MAX_PATCHES", "64")
+        patch.setenv("HEALNET_MAX_TILES", str(MAX_TILES))
         with TestClient(HEALNetService.to_asgi(), raise_server_exceptions=False) as client:
             assert poll(lambda: client.get("/readyz").status_code == 200, 60)
             yield client
@@ -90,6 +93,68 @@ def test_a_non_json_body_is_415(client):
     )
     assert (response.status_code, response.json()["reason"]) == (415, "invalid_schema")
     assert errors("invalid_schema") == before + 1
+
+
+def tile_files(
+    count: int, size: int = 32, image_format: str = "PNG"
+) -> list[tuple[str, tuple[str, bytes, str]]]:
+    tiles = demo_tiles(count, size=size, image_format=image_format)
+    kind = f"image/{image_format.lower()}"
+    return [
+        ("wsi_tiles", (f"tile{i}.{image_format.lower()}", base64.b64decode(t), kind))
+        for i, t in enumerate(tiles)
+    ]
+
+
+def test_multipart_tiles_get_the_same_answer_as_base64_json(client):
+    omics = demo_payload(SPEC, ("omic",))["omics"]
+    files = tile_files(3)
+    as_json = client.post(
+        "/predict",
+        json={"omics": omics, "wsi_tiles": [base64.b64encode(f[1][1]).decode() for f in files]},
+    )
+    as_multipart = client.post(
+        "/predict", files=files, data={"omics": json.dumps(omics), "return_attention": "true"}
+    )
+    assert as_json.status_code == as_multipart.status_code == 200, as_multipart.text
+    answer = as_multipart.json()
+    assert answer["risk"] == pytest.approx(as_json.json()["risk"], abs=1e-6)
+    assert answer["modalities_used"] == ["omic", "wsi"]
+    assert len(answer["attention"]["wsi"]) == 3
+    tiles_only = client.post("/predict", files=tile_files(2))
+    assert tiles_only.status_code == 200 and tiles_only.json()["modalities_used"] == ["wsi"]
+
+
+MULTIPART_ERRORS = {
+    "tiles as text": (
+        {"files": [("wsi_tiles", (None, b"https://example.org/tile.png"))]},
+        400,
+        "invalid_schema",
+    ),
+    "unknown field": ({"files": tile_files(1), "data": {"slide": "x"}}, 400, "invalid_schema"),
+    "omics not JSON": ({"files": tile_files(1), "data": {"omics": "{mut"}}, 400, "invalid_schema"),
+    "omics of wrong type": ({"files": tile_files(1), "data": {"omics": '{"mut": 1}'}}, 400, "invalid_schema"),
+    "GIF tile": ({"files": tile_files(1, image_format="GIF")}, 422, "bad_image"),
+    "too many tiles": ({"files": tile_files(MAX_TILES + 1, size=8)}, 413, "too_large"),
+    "far too many tiles": ({"files": tile_files(MAX_TILES + 3, size=8)}, 413, "too_large"),
+    "only return_attention": ({"files": [("return_attention", (None, b"false"))]}, 422, "no_modality"),
+}
+
+
+@pytest.mark.parametrize(
+    "request_parts, status, reason", MULTIPART_ERRORS.values(), ids=MULTIPART_ERRORS.keys()
+)
+def test_bad_multipart_requests_are_refused_with_their_reason(client, request_parts, status, reason):
+    before = errors(reason)
+    response = client.post("/predict", **request_parts)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]
+    assert errors(reason) == before + 1
+
+
+def test_multipart_is_for_single_cases_only(client):
+    response = client.post("/predict_batch", files=tile_files(1))
+    assert (response.status_code, response.json()["reason"]) == (415, "invalid_schema")
 
 
 def test_semantic_errors_are_422_with_their_reason_and_counted_once(client):
@@ -173,3 +238,26 @@ def test_fuzzed_requests_never_get_a_server_error(client, body, batch):
             assert math.isfinite(answer["risk"])
     else:
         assert response.status_code in (400, 413, 422) and response.json()["error"]
+
+
+tile_bytes = base64.b64decode(demo_tiles(1, size=16)[0])
+part_names = st.sampled_from(["wsi_tiles", "omics", "return_attention"]) | st.text(min_size=1, max_size=6)
+part_values = st.one_of(
+    st.just(tile_bytes),
+    st.binary(max_size=64),
+    json_values.map(lambda value: json.dumps(value, allow_nan=True).encode()),
+    omics.map(lambda value: json.dumps(value, allow_nan=True).encode()),
+)
+parts = st.lists(
+    st.tuples(part_names, st.sampled_from([None, "tile.png", "tile.jpg"]), part_values),
+    max_size=MAX_TILES + 3,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(parts=parts)
+def test_fuzzed_multipart_requests_never_get_a_server_error(client, parts):
+    files = [(name, (filename, value)) for name, filename, value in parts] or [("omics", (None, b"{}"))]
+    response = client.post("/predict", files=files)
+    assert response.status_code < 500, response.text
+    assert response.status_code == 200 or response.json()["error"]

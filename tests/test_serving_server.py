@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections import Counter
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -45,6 +46,15 @@ def post(
     return httpx.post(f"{url}{path}", content=content, headers={"content-type": content_type}, timeout=30)
 
 
+@dataclass(frozen=True)
+class Multipart:
+    """A multipart/form-data body: (field, (filename or None, bytes)) parts."""
+
+    parts: list[tuple[str, tuple[str | None, bytes]]]
+
+
+TILE_FILES = [("wsi_tiles", (f"tile{i}.png", base64.b64decode(t))) for i, t in enumerate(demo_tiles(2, 40))]
+
 # (name, path, body or raw bytes, expected status, modality patterns predicted, rejection reason)
 GOOD = [
     ("omic+wsi", "/predict", demo_payload(SPEC, ("omic", "wsi"), 6, 1), ["omic+wsi"]),
@@ -58,6 +68,12 @@ GOOD = [
     ("partial omic", "/predict", {"omics": {"mut": {GENE: 1.0, "UNLISTED": 2.0}}}, ["omic"]),
     ("wsi", "/predict", demo_payload(SPEC, ("wsi",), 9, 4), ["wsi"]),
     ("wsi tiles", "/predict", {"omics": {"omic": {GENE: 0.3}}, "wsi_tiles": demo_tiles(2, 40)}, ["omic+wsi"]),
+    (
+        "multipart tiles",
+        "/predict",
+        Multipart([*TILE_FILES, ("omics", (None, json.dumps({"omic": {GENE: 0.3}}).encode()))]),
+        ["omic+wsi"],
+    ),
     (
         "batch",
         "/predict_batch",
@@ -73,6 +89,13 @@ BAD = [
     ("too many patches", "/predict", demo_payload(SPEC, ("wsi",), 65), 413, "too_large"),
     ("body too large", "/predict", demo_payload(SPEC, ("wsi",), 2000), 413, "too_large"),
     ("malformed JSON", "/predict", b'{"omics":', 400, "invalid_schema"),
+    (
+        "multipart tile as text",
+        "/predict",
+        Multipart([("wsi_tiles", (None, b"tile.png"))]),
+        400,
+        "invalid_schema",
+    ),
     (
         "wrong type",
         "/predict",
@@ -90,6 +113,8 @@ OUR_METRICS = (
     "healnet_imputed_feature_fraction_count",
     "healnet_risk_score_count",
     "healnet_inference_duration_seconds_count",
+    "healnet_batch_cases_count",
+    "healnet_batch_cases_sum",
 )
 
 
@@ -98,6 +123,8 @@ def counters(samples: dict) -> dict:
 
 
 def send(url: str, path: str, body: object):
+    if isinstance(body, Multipart):
+        return httpx.post(f"{url}{path}", files=body.parts, timeout=30)
     return post(url, path, raw=body) if isinstance(body, bytes) else post(url, path, body)
 
 
@@ -152,6 +179,9 @@ def test_metrics_count_exactly_what_was_sent(server, metrics_of, demo_registry):
     expected[("healnet_risk_score_count", ())] = cases
     for stage in ("preprocess", "forward"):
         expected[("healnet_inference_duration_seconds_count", (("stage", stage),))] = requests_served
+    # Sent one at a time, so every model pass holds exactly one request's cases.
+    expected[("healnet_batch_cases_count", ())] = requests_served
+    expected[("healnet_batch_cases_sum", ())] = cases
     assert delta == expected
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -65,17 +66,17 @@ def rejection(response) -> tuple[int, str, str]:
 def test_the_service_answers_503_until_the_model_is_loaded(demo_registry, poll):
     service = HEALNetService()
     assert not service.__is_ready__()
-    status, reason, error = rejection(service.predict(PredictRequest(**demo_payload(SPEC))))
+    status, reason, error = rejection(asyncio.run(service.predict(PredictRequest(**demo_payload(SPEC)))))
     assert (status, reason) == (503, "not_ready") and "loading" in error
     assert poll(service.__is_ready__, 60)
-    assert isinstance(service.predict(PredictRequest(**demo_payload(SPEC))), PredictResponse)
+    assert isinstance(asyncio.run(service.predict(PredictRequest(**demo_payload(SPEC)))), PredictResponse)
     assert service.__is_alive__()
 
 
 @pytest.mark.parametrize("modalities", [("omic", "wsi"), ("omic",), ("wsi",)])
 def test_prediction_for_each_modality_pattern_matches_healnet(service, reference, demo_registry, modalities):
     payload = demo_payload(SPEC, modalities, patches=6, seed=1)
-    answer = service.predict(PredictRequest(**payload))
+    answer = asyncio.run(service.predict(PredictRequest(**payload)))
     bag = np.asarray(payload["wsi_features"], np.float32) if "wsi" in modalities else None
     expected = reference.predict([Case(payload.get("omics", {}), bag)])[0]
 
@@ -95,7 +96,7 @@ def test_partial_omics_report_imputed_and_unknown_features(service):
         "mut": {names["mut"][0]: 1.0, names["mut"][1]: None, "NOT_A_GENE": 2.0},
         "omic": {names["cnv"][2]: 0.5},
     }
-    answer = service.predict(PredictRequest(omics=given))
+    answer = asyncio.run(service.predict(PredictRequest(omics=given)))
     total = 3 * SPEC.features_per_table
     assert answer.unknown_features == ["NOT_A_GENE"]
     assert answer.imputed_features == total - 2  # null counts as missing
@@ -104,7 +105,7 @@ def test_partial_omics_report_imputed_and_unknown_features(service):
 
 def test_attention_covers_every_patch_and_omic_token(service):
     payload = demo_payload(SPEC, patches=7) | {"return_attention": True}
-    attention = service.predict(PredictRequest(**payload)).attention
+    attention = asyncio.run(service.predict(PredictRequest(**payload))).attention
     assert len(attention["wsi"]) == 7 and sum(attention["wsi"]) == pytest.approx(1.0, abs=1e-4)
     assert len(attention["omic"]) == 1  # the demo model groups all omic features into one token
 
@@ -113,8 +114,8 @@ def test_tiles_give_the_same_answer_as_their_encoded_features(service):
     tiles = demo_tiles(2, size=48, seed=3)
     images = [decode_tile(i, tile, 10**6) for i, tile in enumerate(tiles)]
     features = encode_tiles(images, StatsEncoder(), patch_size=224)
-    from_tiles = service.predict(PredictRequest(wsi_tiles=tiles))
-    from_features = service.predict(PredictRequest(wsi_features=features.tolist()))
+    from_tiles = asyncio.run(service.predict(PredictRequest(wsi_tiles=tiles)))
+    from_features = asyncio.run(service.predict(PredictRequest(wsi_features=features.tolist())))
     assert from_tiles.modalities_used == ["wsi"]
     assert from_tiles.risk == pytest.approx(from_features.risk, abs=1e-5)
 
@@ -125,10 +126,27 @@ def test_a_batch_predicts_each_case_as_alone(service):
         demo_payload(SPEC, ("wsi",), 9, 5),
         demo_payload(SPEC, ("omic",)),
     ]
-    batch = service.predict_batch([PredictRequest(**p) for p in payloads])
-    alone = [service.predict(PredictRequest(**p)) for p in payloads]
+    batch = asyncio.run(service.predict_batch([PredictRequest(**p) for p in payloads]))
+    alone = [asyncio.run(service.predict(PredictRequest(**p))) for p in payloads]
     assert [b.risk for b in batch] == pytest.approx([a.risk for a in alone], abs=1e-5)
     assert [b.modalities_used for b in batch] == [["omic", "wsi"], ["wsi"], ["omic"]]
+
+
+def test_concurrent_requests_share_one_model_pass_and_get_their_own_answers(service):
+    payloads = [demo_payload(SPEC, ("omic", "wsi"), 3 + seed, seed) for seed in range(5)]
+    payloads.append(demo_payload(SPEC, ("omic",), seed=9))
+    alone = [asyncio.run(service.predict(PredictRequest(**p))) for p in payloads]
+    before = sample("healnet_batch_cases_count"), sample("healnet_batch_cases_sum")
+
+    async def together():
+        return await asyncio.gather(*(service.predict(PredictRequest(**p)) for p in payloads))
+
+    merged = asyncio.run(together())
+    assert [m.risk for m in merged] == pytest.approx([a.risk for a in alone], abs=1e-5)
+    assert [m.modalities_used for m in merged] == [a.modalities_used for a in alone]
+    # All six validated and queued before the first pass started: one pass of six cases.
+    assert sample("healnet_batch_cases_count") - before[0] == 6
+    assert sample("healnet_batch_cases_sum") - before[1] == 36
 
 
 def _image(image_format: str, size: int) -> str:
@@ -167,7 +185,7 @@ REJECTED = {
 def test_bad_input_is_rejected_with_its_reason_and_counted(service, payload, status, reason):
     before = {r: sample("healnet_validation_errors_total", reason=r) for r in ("no_modality", reason)}
     requests_before = sum(sample("healnet_requests_total", pattern=p) for p in ("omic", "wsi", "omic+wsi"))
-    answer = service.predict(PredictRequest(**payload))
+    answer = asyncio.run(service.predict(PredictRequest(**payload)))
     got_status, got_reason, error = rejection(answer)
     assert (got_status, got_reason) == (status, reason), error
     assert sample("healnet_validation_errors_total", reason=reason) == before[reason] + 1
@@ -181,11 +199,13 @@ def test_bad_input_is_rejected_with_its_reason_and_counted(service, payload, sta
 
 def test_a_batch_is_rejected_as_a_whole_naming_the_bad_case(service):
     cases = [PredictRequest(**demo_payload(SPEC)), PredictRequest(wsi_features=_wsi(1, width=3))]
-    status, reason, error = rejection(service.predict_batch(cases))
+    status, reason, error = rejection(asyncio.run(service.predict_batch(cases)))
     assert (status, reason) == (422, "wrong_dimensions") and error.startswith("cases[1]:")
-    status, reason, _ = rejection(service.predict_batch([PredictRequest(**demo_payload(SPEC))] * 5))
+    status, reason, _ = rejection(
+        asyncio.run(service.predict_batch([PredictRequest(**demo_payload(SPEC))] * 5))
+    )
     assert (status, reason) == (413, "too_large")
-    assert rejection(service.predict_batch([]))[:2] == (422, "no_modality")
+    assert rejection(asyncio.run(service.predict_batch([])))[:2] == (422, "no_modality")
 
 
 def test_the_schema_refuses_wrong_types_and_ambiguous_slides():
@@ -213,8 +233,8 @@ def test_metrics_follow_the_predictions(service, demo_registry):
         }
 
     before = snapshot()
-    service.predict(PredictRequest(**demo_payload(SPEC)))
-    service.predict_batch([PredictRequest(**demo_payload(SPEC, ("wsi",)))] * 2)
+    asyncio.run(service.predict(PredictRequest(**demo_payload(SPEC))))
+    asyncio.run(service.predict_batch([PredictRequest(**demo_payload(SPEC, ("wsi",)))] * 2))
     after = snapshot()
     delta = {key: after[key] - before[key] for key in before}
     expected = {"omic+wsi": 1, "wsi": 2, "missing omic": 2, "missing wsi": 0, "imputed": 1, "risk": 3}
@@ -268,7 +288,7 @@ def test_a_model_that_fails_to_load_marks_the_worker_dead(
     service = HEALNetService()
     assert poll(lambda: not service.__is_alive__(), 60)
     assert not service.__is_ready__()
-    status, reason, error = rejection(service.predict(PredictRequest(**demo_payload(SPEC))))
+    status, reason, error = rejection(asyncio.run(service.predict(PredictRequest(**demo_payload(SPEC)))))
     assert (status, reason) == (503, "not_ready") and "unsupported checkpoint format" in error
 
 

@@ -334,3 +334,22 @@ def test_cli_shard_option(slides, tmp_path, capsys):
             main(["preprocess-slides", str(folder), "--out", str(tmp_path), "--shard", bad])
         assert exit_info.value.code == 2
         assert "--shard must be i/n" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "slide_id, expected",
+    [
+        (
+            "TCGA-2F-A9KO-01Z-00-DX1.195576CF-B739-4BD9-B15B-4A70AE287D3E.svs",
+            "TCGA-2F-A9KO-01Z-00-DX1.195576CF-B739-4BD9-B15B-4A70AE287D3E",
+        ),
+        (
+            "TCGA-2F-A9KO-01Z-00-DX1.195576CF-B739-4BD9-B15B-4A70AE287D3E",
+            "TCGA-2F-A9KO-01Z-00-DX1.195576CF-B739-4BD9-B15B-4A70AE287D3E",
+        ),
+        ("slides/case_7.TIFF", "case_7"),
+        ("case_7.ome.tif", "case_7.ome"),
+    ],
+)
+def test_feature_file_names_cut_only_slide_extensions(slide_id, expected):
+    assert feature_file_name(slide_id) == expected + ".parquet"

@@ -37,10 +37,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--members",
         type=int,
-        default=10,
+        default=20,
         help="HEALNet ensemble size; each member early-stops on its own part",
     )
     parser.add_argument("--epochs", type=int, default=20, help="HEALNet epochs per member")
+    parser.add_argument("--batch-size", type=int, default=64, help="HEALNet batch size")
+    parser.add_argument("--weight-decay", type=float, default=3e-2, help="HEALNet weight decay (Adam, L2)")
     parser.add_argument(
         "--top-k", type=int, default=200, help="HEALNet: highest-variance features kept per table"
     )
@@ -66,7 +68,6 @@ def run(args: argparse.Namespace) -> int:
     from healnet.cv import CVConfig, HEALNetRecipe, cross_validate, format_table, write_report
     from healnet.data.cohort import Cohort, ingest
     from healnet.experiment import CohortData
-    from healnet.preprocess.omics import OmicsConfig
 
     torch.set_num_threads(args.threads)
     if args.table is not None:
@@ -82,7 +83,13 @@ def run(args: argparse.Namespace) -> int:
     recipe = replace(
         recipe,
         omics=replace(recipe.omics, top_k=args.top_k),
-        train=replace(recipe.train, epochs=args.epochs, patience=args.epochs),
+        train=replace(
+            recipe.train,
+            epochs=args.epochs,
+            patience=args.epochs,
+            batch_size=args.batch_size,
+            weight_decay=args.weight_decay,
+        ),
         members=args.members,
     )
     config = CVConfig(
@@ -92,8 +99,10 @@ def run(args: argparse.Namespace) -> int:
         models=tuple(args.models.split(",")),
         modalities=tuple(args.modalities.split(",")) if args.modalities else None,
         healnet=recipe,
-        coxnet=CoxNetConfig(omics=OmicsConfig(top_k=args.coxnet_top_k)),
-        forest=ForestConfig(omics=OmicsConfig(top_k=args.forest_top_k), n_jobs=args.threads),
+        coxnet=CoxNetConfig(omics=replace(CoxNetConfig().omics, top_k=args.coxnet_top_k)),
+        forest=ForestConfig(
+            omics=replace(ForestConfig().omics, top_k=args.forest_top_k), n_jobs=args.threads
+        ),
     )
     report = cross_validate(data, config, progress=not args.no_progress)
     report["source"] = str(args.table or args.cohort)

@@ -32,10 +32,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="one omic modality, or one per table (mut, cnv, rnaseq)",
     )
     parser.add_argument("--omics-tokens", default="single", help="single | features | groups:N")
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="highest-variance features kept per omic table (default: all)"
+    )
+    parser.add_argument(
+        "--signed-log",
+        default="",
+        help="comma-separated omic tables mapped by sign(x)·log1p(|x|) before fitting, e.g. rnaseq "
+        "(the `healnet cv` recipe); saved with the model, so serving applies it too",
+    )
     parser.add_argument("--split-repeat", type=int, default=0, help="which stored holdout split to use")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of OneCycleLR")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="Adam weight decay (L2)")
     parser.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs")
     parser.add_argument("--depth", type=int, default=2, help="number of fusion layers")
     parser.add_argument("--latents", type=int, default=16, help="number of latent vectors")
@@ -54,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        weight_decay=args.weight_decay,
         patience=args.patience,
         seed=args.seed,
         device=args.device,
@@ -67,7 +78,12 @@ def run(args: argparse.Namespace) -> int:
         split_repeat=args.split_repeat,
         train_config=train_config,
         model_options={"depth": args.depth, "n_latents": args.latents, "latent_dim": args.latent_dim},
-        omics_config=OmicsConfig(combine=args.omics_grouping == "combined", tokens=args.omics_tokens),
+        omics_config=OmicsConfig(
+            top_k=args.top_k,
+            combine=args.omics_grouping == "combined",
+            tokens=args.omics_tokens,
+            signed_log=tuple(name for name in args.signed_log.split(",") if name),
+        ),
         progress=not args.no_progress,
     )
     print(json.dumps({k: metrics[k] for k in ("modalities", "best_epoch", "val", "test")}, indent=2))

@@ -1,7 +1,8 @@
 """Omics transform: fitted on the training split, saved with the model, applied by serving.
 
-Steps per feature: impute with the training median, log1p (raw-RSEM-like modalities), z-score with
-the training mean/std, keep features by variance (min_std, then top-k), group into tokens.
+Steps per feature: sign(x)·log1p(|x|) (modalities named in `signed_log`), impute with the training
+median, log1p (raw-RSEM-like modalities), z-score with the training mean/std, keep features by
+variance (min_std, then top-k), group into tokens.
 Training, evaluation and serving all go through `OmicsTransform.transform`.
 """
 
@@ -16,7 +17,8 @@ import pandas as pd
 from einops import rearrange
 
 COMBINED_MODALITY = "omic"
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2  # 2 added signed_log; version 1 states load without it
+READABLE_STATE_VERSIONS = (1, 2)
 # "auto" log1p: every observed value is >= 0 and the maximum exceeds this (raw RSEM counts).
 AUTO_LOG1P_MIN_MAX = 100.0
 LOG1P_MODES = ("auto", "always", "never")
@@ -33,10 +35,22 @@ class OmicsConfig:
     min_std: float = 1e-6  # drop (near-)constant features
     combine: bool = False  # concatenate all omic modalities into one modality named "omic"
     tokens: str = "single"  # "single" | "features" | "groups:N"
+    # input modalities mapped by sign(x)·log1p(|x|) before anything is fitted (heavy-tailed z-scores);
+    # names of modalities a cohort does not have are ignored
+    signed_log: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.log1p not in LOG1P_MODES:
             raise OmicsTransformError(f"log1p must be one of {LOG1P_MODES}, got {self.log1p!r}")
+        if isinstance(self.signed_log, str) or not all(isinstance(m, str) for m in self.signed_log):
+            raise OmicsTransformError(
+                f"signed_log must be a sequence of modality names, got {self.signed_log!r}"
+            )
+        object.__setattr__(self, "signed_log", tuple(self.signed_log))  # a JSON list becomes a tuple
+        if self.signed_log and self.log1p == "always":
+            raise OmicsTransformError(
+                "signed_log and log1p='always' are two logs of the same values; pick one"
+            )
         if self.top_k is not None and self.top_k < 1:
             raise OmicsTransformError(f"top_k must be a positive integer or None, got {self.top_k}")
         if self.min_std < 0:
@@ -70,12 +84,15 @@ class _FeatureStats:
 
     log1p: bool
     features: list[str]
-    median: np.ndarray
+    median: np.ndarray  # of the signed-log values when signed_log
     mean: np.ndarray
     std: np.ndarray
+    signed_log: bool = False
 
     def apply(self, raw: np.ndarray) -> np.ndarray:
-        """Impute, log1p and z-score raw values (n, features); NaN marks missing."""
+        """Signed log, impute, log1p and z-score raw values (n, features); NaN marks missing."""
+        if self.signed_log:
+            raw = _signed_log(raw)
         values = np.where(np.isnan(raw), self.median, raw)
         if self.log1p:
             values = np.log1p(np.clip(values, 0.0, None))  # counts cannot be negative
@@ -92,6 +109,7 @@ class OmicsTransform:
             out: [f for m in self._inputs_of(out) for f in stats[m].features]
             for out in self.output_modalities
         }
+        self._column_of = {(m, f): i for m, s in stats.items() for i, f in enumerate(s.features)}
         self._modality_of_feature = {f: m for m, s in stats.items() for f in s.features}
 
     @classmethod
@@ -134,11 +152,15 @@ class OmicsTransform:
     ) -> dict[str, OmicsTokens]:
         """Tokens per output modality for `patient_ids`; extra modalities and columns are ignored."""
         patient_ids = list(patient_ids)
-        scaled, present, missing = {}, {}, {}
+        raw, present = {}, {}
         for name, stats in self._stats.items():
-            raw, present[name] = _raw_values(name, frames.get(name), stats.features, patient_ids)
-            missing[name] = np.isnan(raw)
-            scaled[name] = stats.apply(raw)
+            raw[name], present[name] = _raw_values(name, frames.get(name), stats.features, patient_ids)
+        return self._tokens(raw, present)
+
+    def _tokens(self, raw: dict[str, np.ndarray], present: dict[str, np.ndarray]) -> dict[str, OmicsTokens]:
+        """Tokens per output modality from raw values (n, features) and presence (n,) per input modality."""
+        missing = {name: np.isnan(values) for name, values in raw.items()}
+        scaled = {name: self._stats[name].apply(values) for name, values in raw.items()}
         tokens = {}
         for out in self.output_modalities:
             inputs = self._inputs_of(out)
@@ -157,45 +179,34 @@ class OmicsTransform:
         return rearrange(padded, "n (t c) -> n t c", t=n_tokens, c=channels)
 
     def transform_records(
-        self, records: Mapping[str, Mapping[str, float]]
-    ) -> tuple[dict[str, OmicsTokens], list[str]]:
-        """Tokens for one case given features by name per modality, and the names the model does not use.
+        self, cases: Sequence[Mapping[str, Mapping[str, float]]]
+    ) -> tuple[dict[str, OmicsTokens], list[list[str]]]:
+        """Tokens for cases given as features by name per modality, and per case the names the model does not use.
 
         With combine=True the features may also come under the combined name ("omic"). A modality
-        absent from `records` is not present; a given modality with missing features is imputed.
+        absent from a case is not present; a given modality with missing features is imputed.
+        Values go straight into the arrays (no DataFrame per case): this is the serving path.
         """
-        rows: dict[str, dict[str, float]] = {}
-        unknown: list[str] = []
-        for modality, features in records.items():
-            for feature, value in features.items():
-                owner = self._owner(modality, feature)
-                if owner is None:
-                    unknown.append(feature)
-                else:
-                    rows.setdefault(owner, {})[feature] = _as_float(modality, feature, value)
-            targets = (
-                self.input_modalities if self.config.combine and modality == COMBINED_MODALITY else [modality]
-            )
-            for target in targets:
-                if target in self._stats:
-                    rows.setdefault(target, {})
-        case_id = "case"
-        frames = {
-            m: pd.DataFrame(
-                np.array([list(row.values())], dtype=np.float64), index=[case_id], columns=list(row)
-            )
-            for m, row in rows.items()
-        }
-        return self.transform(frames, [case_id]), unknown
-
-    def _owner(self, modality: str, feature: str) -> str | None:
-        """The input modality whose kept feature this is, or None when the model does not use it."""
-        owner = self._modality_of_feature.get(feature)
-        if owner is None:
-            return None
-        if modality == owner or (self.config.combine and modality == COMBINED_MODALITY):
-            return owner
-        return None
+        n_cases = len(cases)
+        raw = {m: np.full((n_cases, len(s.features)), np.nan) for m, s in self._stats.items()}
+        present = {m: np.zeros(n_cases, dtype=bool) for m in self._stats}
+        unknown: list[list[str]] = []
+        for row, records in enumerate(cases):
+            unused = []
+            for modality, features in records.items():
+                combined = self.config.combine and modality == COMBINED_MODALITY
+                for target in self.input_modalities if combined else [modality]:
+                    if target in present:
+                        present[target][row] = True
+                for feature, value in features.items():
+                    owner = self._modality_of_feature.get(feature) if combined else modality
+                    column = self._column_of.get((owner, feature))
+                    if column is None:
+                        unused.append(feature)
+                    else:
+                        raw[owner][row, column] = _as_float(modality, feature, value)
+            unknown.append(unused)
+        return self._tokens(raw, present), unknown
 
     def state_dict(self) -> dict:
         """JSON-serialisable state; floats survive json.dumps/loads exactly."""
@@ -205,6 +216,7 @@ class OmicsTransform:
             "modalities": {
                 name: {
                     "log1p": s.log1p,
+                    "signed_log": s.signed_log,
                     "features": list(s.features),
                     "median": s.median.tolist(),
                     "mean": s.mean.tolist(),
@@ -216,9 +228,10 @@ class OmicsTransform:
 
     @classmethod
     def from_state_dict(cls, state: Mapping) -> OmicsTransform:
-        if state.get("format_version") != STATE_FORMAT_VERSION:
+        if state.get("format_version") not in READABLE_STATE_VERSIONS:
             raise OmicsTransformError(
-                f"omics transform state format {state.get('format_version')!r} is not supported (expected {STATE_FORMAT_VERSION})"
+                f"omics transform state format {state.get('format_version')!r} is not supported "
+                f"(expected one of {READABLE_STATE_VERSIONS})"
             )
         stats = {
             name: _FeatureStats(
@@ -227,6 +240,7 @@ class OmicsTransform:
                 median=np.asarray(s["median"], dtype=np.float64),
                 mean=np.asarray(s["mean"], dtype=np.float64),
                 std=np.asarray(s["std"], dtype=np.float64),
+                signed_log=bool(s.get("signed_log", False)),  # absent from version 1 states
             )
             for name, s in state["modalities"].items()
         }
@@ -238,11 +252,16 @@ def _as_float(modality: str, feature: str, value: object) -> float:
     if value is None:
         return np.nan
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise OmicsTransformError(
             f"modality {modality!r}: feature {feature!r} has non-numeric value {value!r}"
         ) from None
+    if math.isinf(number):
+        raise OmicsTransformError(
+            f"modality {modality!r}: feature {feature!r} is infinite; use null for a missing value"
+        )
+    return number
 
 
 def _numeric_matrix(name: str, frame: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
@@ -277,15 +296,19 @@ def _fit_modality(name: str, frame: pd.DataFrame, config: OmicsConfig) -> _Featu
         raise OmicsTransformError(f"modality {name!r}: no training rows to fit on")
     features = [str(c) for c in frame.columns]
     raw = _numeric_matrix(name, frame, features)
-    median = _nanmedian_or_zero(raw)
-    observed = raw[~np.isnan(raw)]
+    signed_log = name in config.signed_log
+    logged = _signed_log(raw) if signed_log else raw
+    median = _nanmedian_or_zero(logged)
+    observed = logged[~np.isnan(logged)]
     if config.log1p == "always":
         log1p = True
-    elif config.log1p == "never":
+    elif config.log1p == "never" or signed_log:
         log1p = False
     else:
         log1p = observed.size > 0 and observed.min() >= 0 and observed.max() > AUTO_LOG1P_MIN_MAX
-    unscaled = _FeatureStats(log1p, features, median, np.zeros(len(features)), np.ones(len(features)))
+    unscaled = _FeatureStats(
+        log1p, features, median, np.zeros(len(features)), np.ones(len(features)), signed_log
+    )
     values = unscaled.apply(raw)
     std = values.std(axis=0)
     keep = np.flatnonzero((std > 0) & (std >= config.min_std))
@@ -297,7 +320,13 @@ def _fit_modality(name: str, frame: pd.DataFrame, config: OmicsConfig) -> _Featu
         median=median[keep],
         mean=values.mean(axis=0)[keep],
         std=std[keep],
+        signed_log=signed_log,
     )
+
+
+def _signed_log(values: np.ndarray) -> np.ndarray:
+    """sign(x)·log1p(|x|): a fixed per-value map that keeps order and NaN and tames extreme values."""
+    return np.sign(values) * np.log1p(np.abs(values))
 
 
 def _nanmedian_or_zero(raw: np.ndarray) -> np.ndarray:

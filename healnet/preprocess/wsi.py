@@ -327,13 +327,26 @@ def cell_tissue_fractions(
     return inside / np.outer(bottom - top, right - left)
 
 
+# Slide file extensions that OpenSlide reads (and DICOM); only these are cut from a slide id.
+SLIDE_SUFFIXES = frozenset(
+    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
+)
+
+
+def slide_stem(slide_id: str) -> str:
+    """The slide id's file name without a slide extension; other dotted parts (TCGA UUIDs) stay."""
+    name = Path(slide_id).name
+    suffix = Path(name).suffix
+    return name[: -len(suffix)] if suffix.lower() in SLIDE_SUFFIXES else name
+
+
 def feature_file_name(slide_id: str) -> str:
-    """The name of a slide's feature file: `Path(slide_id).stem + ".parquet"`."""
-    return Path(slide_id).stem + ".parquet"
+    """The name of a slide's feature file: `slide_stem(slide_id) + ".parquet"`."""
+    return slide_stem(slide_id) + ".parquet"
 
 
 def thumbnail_file_name(slide_id: str) -> str:
-    return Path(slide_id).stem + ".thumbnail.png"
+    return slide_stem(slide_id) + ".thumbnail.png"
 
 
 def slide_mpp(slide: openslide.OpenSlide) -> float:
