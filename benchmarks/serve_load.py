@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import signal
@@ -47,6 +48,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8], help="concurrency levels")
     parser.add_argument("--patches", type=int, default=64, help="WSI patches per request")
     parser.add_argument("--features", type=int, default=100, help="omic features per table of the demo model")
+    parser.add_argument(
+        "--encoding",
+        choices=("json", "base64"),
+        default="json",
+        help="patch features as JSON numbers (wsi_features) or as base64 float32 (wsi_features_base64)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads, in the server and in-process")
     parser.add_argument("--workers", type=int, default=1, help="BentoML workers of the started service")
     parser.add_argument("--rounds", type=int, default=4, help="rounds that interleave the modes")
@@ -192,7 +199,7 @@ async def measure(
         Case(p.get("omics", {}), np.asarray(p["wsi_features"], np.float32) if "wsi_features" in p else None)
         for p in payloads
     ]
-    bodies = [json.dumps(p).encode() for p in payloads]
+    bodies = [json.dumps(encoded(p, args.encoding)).encode() for p in payloads]
     levels = [Level("in-process", 1)] + [Level("HTTP /predict", c) for c in args.concurrency]
     warm_up = Level("warm-up", 1)
     run_in_process(predictor, cases[:WARM_UP], warm_up)
@@ -202,6 +209,15 @@ async def measure(
         for level in levels[1:]:
             await run_http(url, [bodies[i] for i in chunk], level)
     return [level.row() for level in levels]
+
+
+def encoded(payload: dict, encoding: str) -> dict:
+    """The request body: patch features as JSON numbers, or as base64 of little-endian float32."""
+    if encoding == "json":
+        return payload
+    features = np.asarray(payload["wsi_features"], dtype="<f4")
+    body = {key: value for key, value in payload.items() if key != "wsi_features"}
+    return body | {"wsi_features_base64": base64.b64encode(features.tobytes()).decode()}
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from healnet.inference import Case, Predictor
 from healnet.preprocess.omics import COMBINED_MODALITY
 from healnet.preprocess.wsi import PatchEncoder, encode_tiles
 from serving.config import Limits
-from serving.schemas import PredictRequest
+from serving.schemas import SLIDE_INPUTS, PredictRequest
 
 IMAGE_FORMATS = ("PNG", "JPEG")
 DEFAULT_PATCH_SIZE = 224
@@ -76,19 +76,22 @@ class ModelContract:
 
 def to_case(request: PredictRequest, contract: ModelContract, limits: Limits) -> Case:
     """Validate one request against the model and the limits; raises RejectedRequest."""
-    if not request.omics and request.wsi_features is None and request.wsi_tiles is None:
+    has_slide = any(getattr(request, name) is not None for name in SLIDE_INPUTS)
+    if not request.omics and not has_slide:
         raise RejectedRequest(
-            "no_modality", "the case has no modality: give omics, wsi_features or wsi_tiles"
+            "no_modality", f"the case has no modality: give omics or the slide as one of {list(SLIDE_INPUTS)}"
         )
     _check_omics(request.omics, contract, limits)
     bag = None
-    if request.wsi_features is not None or request.wsi_tiles is not None:
+    if has_slide:
         if contract.wsi_dim is None:
             raise RejectedRequest(
                 "invalid_schema", "this model was trained without slides: leave out wsi input"
             )
         if request.wsi_features is not None:
             bag = _patch_features(request.wsi_features, contract.wsi_dim, limits)
+        elif request.wsi_features_base64 is not None:
+            bag = _binary_patch_features(request.wsi_features_base64, contract.wsi_dim, limits)
         else:
             bag = _encode_tiles(request.wsi_tiles, contract, limits)
     return Case(omics=request.omics, wsi_features=bag)
@@ -138,6 +141,30 @@ def _patch_features(rows: list[list[float]], wsi_dim: int, limits: Limits) -> np
         row, column = np.argwhere(~np.isfinite(bag))[0]
         raise RejectedRequest(
             "non_finite", f"wsi_features[{row}][{column}] = {rows[row][column]} is not finite in float32"
+        )
+    return bag
+
+
+def _binary_patch_features(data: str, wsi_dim: int, limits: Limits) -> np.ndarray:
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise RejectedRequest("invalid_schema", f"wsi_features_base64 is not valid base64: {error}") from None
+    row_bytes = 4 * wsi_dim
+    if len(raw) % row_bytes:
+        raise RejectedRequest(
+            "wrong_dimensions",
+            f"wsi_features_base64 holds {len(raw)} bytes, not a whole number of patches of {wsi_dim} "
+            f"float32 values ({row_bytes} bytes each)",
+        )
+    rows = len(raw) // row_bytes
+    if rows > limits.max_patches:
+        raise RejectedRequest("too_large", f"{rows} patches exceed the limit of {limits.max_patches}")
+    bag = np.frombuffer(raw, dtype="<f4").reshape(rows, wsi_dim).astype(np.float32)
+    if not np.isfinite(bag).all():
+        row, column = np.argwhere(~np.isfinite(bag))[0]
+        raise RejectedRequest(
+            "non_finite", f"wsi_features_base64 patch {row} value {column} is {bag[row, column]}"
         )
     return bag
 

@@ -215,6 +215,11 @@ requests = st.fixed_dictionaries(
         "omics": omics | json_values,
         "wsi_features": patch_rows | json_values,
         "wsi_tiles": tiles | json_values,
+        "wsi_features_base64": st.binary(max_size=SPEC.wsi_dim * 4 * 3).map(
+            lambda b: base64.b64encode(b).decode()
+        )
+        | st.text(max_size=12)
+        | json_values,
         "return_attention": st.booleans() | json_values,
         "extra": json_values,
     },

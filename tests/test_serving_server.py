@@ -67,6 +67,12 @@ GOOD = [
     ("omic", "/predict", demo_payload(SPEC, ("omic",), seed=3), ["omic"]),
     ("partial omic", "/predict", {"omics": {"mut": {GENE: 1.0, "UNLISTED": 2.0}}}, ["omic"]),
     ("wsi", "/predict", demo_payload(SPEC, ("wsi",), 9, 4), ["wsi"]),
+    (
+        "binary wsi",
+        "/predict",
+        {"wsi_features_base64": base64.b64encode(bytes(4 * SPEC.wsi_dim * 3)).decode()},
+        ["wsi"],
+    ),
     ("wsi tiles", "/predict", {"omics": {"omic": {GENE: 0.3}}, "wsi_tiles": demo_tiles(2, 40)}, ["omic+wsi"]),
     (
         "multipart tiles",

@@ -161,6 +161,19 @@ def _wsi(rows: int, width: int = SPEC.wsi_dim, value: float = 0.5) -> list[list[
     return [[value] * width for _ in range(rows)]
 
 
+def _binary(features: list[list[float]] | np.ndarray) -> str:
+    return base64.b64encode(np.asarray(features, dtype="<f4").tobytes()).decode()
+
+
+def test_binary_patch_features_give_the_same_answer_as_json_numbers(service):
+    payload = demo_payload(SPEC, ("omic", "wsi"), 7, 11)
+    as_numbers = asyncio.run(service.predict(PredictRequest(**payload)))
+    binary = {"omics": payload["omics"], "wsi_features_base64": _binary(payload["wsi_features"])}
+    as_binary = asyncio.run(service.predict(PredictRequest(**binary)))
+    assert as_binary.risk == pytest.approx(as_numbers.risk, abs=1e-6)
+    assert as_binary.modalities_used == ["omic", "wsi"]
+
+
 GENE = demo_feature_names(SPEC)["mut"][0]
 REJECTED = {
     "no modality": ({}, 422, "no_modality"),
@@ -178,6 +191,14 @@ REJECTED = {
     "not base64": ({"wsi_tiles": ["not base64!"]}, 422, "bad_image"),
     "not an image": ({"wsi_tiles": [base64.b64encode(b"plain text").decode()]}, 422, "bad_image"),
     "GIF tile": ({"wsi_tiles": [_image("GIF", 8)]}, 422, "bad_image"),
+    "binary not base64": ({"wsi_features_base64": "not base64!"}, 400, "invalid_schema"),
+    "binary partial patch": (
+        {"wsi_features_base64": _binary(np.zeros(SPEC.wsi_dim + 1))},
+        422,
+        "wrong_dimensions",
+    ),
+    "binary NaN": ({"wsi_features_base64": _binary(_wsi(2, value=float("nan")))}, 422, "non_finite"),
+    "binary too many patches": ({"wsi_features_base64": _binary(_wsi(17))}, 413, "too_large"),
 }
 
 
@@ -211,8 +232,10 @@ def test_a_batch_is_rejected_as_a_whole_naming_the_bad_case(service):
 def test_the_schema_refuses_wrong_types_and_ambiguous_slides():
     with pytest.raises(ValidationError, match="float_type"):
         PredictRequest.model_validate_json('{"omics": {"mut": {"G0_mut": "1.5"}}}')
-    with pytest.raises(ValidationError, match="either as wsi_features or as wsi_tiles"):
+    with pytest.raises(ValidationError, match="give the slide once"):
         PredictRequest(wsi_features=_wsi(1), wsi_tiles=demo_tiles(1))
+    with pytest.raises(ValidationError, match="give the slide once"):
+        PredictRequest(wsi_features=_wsi(1), wsi_features_base64=_binary(_wsi(1)))
     with pytest.raises(ValidationError, match="have no feature"):
         PredictRequest(omics={"mut": {}})
     with pytest.raises(ValidationError, match="extra_forbidden"):
