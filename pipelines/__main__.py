@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--pipeline-root (validation, the gate and the release steps always run); a reused step's reports "
         "stay in the run that produced them",
     )
+    local.add_argument(
+        "--verbose",
+        action="store_true",
+        help="stream every step's own output (executor logs, training progress) to the terminal instead "
+        "of writing it to steps.log in the run folder",
+    )
     local.set_defaults(handler=run_local_command)
     return parser
 
@@ -179,12 +185,15 @@ def run_local_command(args: argparse.Namespace) -> int:
         return 2
     arguments["cohort_dir"] = str(cohort.resolve())
     started = time.monotonic()
-    result = run_local(arguments, args.pipeline_root, options, cache=args.cache)
+    result = run_local(arguments, args.pipeline_root, options, cache=args.cache, stream_logs=args.verbose)
     print(f"\npipeline run folder: {result.run_dir} ({time.monotonic() - started:.0f} s)")
     for name, path in result.reports.items():
         print(f"  {name}: {path}")
     if not result.succeeded:
-        print(f"pipeline FAILED: {result.error}\nnothing was promoted", file=sys.stderr)
+        where = (
+            f" (each step's output: {result.reports['steps.log']})" if "steps.log" in result.reports else ""
+        )
+        print(f"pipeline FAILED: {result.error}{where}\nnothing was promoted", file=sys.stderr)
         return 1
     shown = [
         f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}"

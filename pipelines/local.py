@@ -4,10 +4,13 @@ collect what a person wants to see afterwards: metrics, the gate decision, the m
 from __future__ import annotations
 
 import builtins
+import functools
 import json
+import logging
 import re
 import shutil
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +25,14 @@ REPORTS = {
     "promotion.md": ("promote", "report"),
     "rejection.md": ("reject", "report"),
 }
+STEP_LOG = "steps.log"  # the steps' own output (executor logs, progress bars), unless streamed
+
+
+class _NoStreamedLogsNotice(logging.Filter):
+    """Drops kfp.local's "Streamed logs:" line when the logs go to a file instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Streamed logs" not in record.getMessage()
 
 
 @dataclass
@@ -36,11 +47,17 @@ class LocalRun:
 
 
 def run_local(
-    arguments: dict, pipeline_root: Path, options: ClusterOptions = DEFAULT_OPTIONS, cache: bool = False
+    arguments: dict,
+    pipeline_root: Path,
+    options: ClusterOptions = DEFAULT_OPTIONS,
+    cache: bool = False,
+    stream_logs: bool = False,
 ) -> LocalRun:
     """Run the pipeline with `arguments` under `pipeline_root`; a failed step ends the run (reported,
     not raised) after the exit handler has run. With `cache`, steps whose inputs are unchanged reuse
-    the outputs of an earlier run under the same root (validation and the release steps always run)."""
+    the outputs of an earlier run under the same root (validation and the release steps always run).
+    The steps' own output goes to the terminal with `stream_logs`, else to `steps.log` in the run folder
+    (kfp.local's one-line progress per task is printed either way)."""
     from kfp import local
 
     from pipelines.pipeline import PIPELINE_NAME, build_pipeline
@@ -53,7 +70,17 @@ def run_local(
     )
     error = ""
     original_print = builtins.print
-    with warnings.catch_warnings():
+    pending_log = pipeline_root / f".{STEP_LOG}"
+    with ExitStack() as stack, warnings.catch_warnings():
+        if not stream_logs:
+            log_file = stack.enter_context(open(pending_log, "w", encoding="utf-8"))
+            builtins.print = functools.partial(original_print, file=log_file)
+            quiet, root = (
+                _NoStreamedLogsNotice(),
+                logging.getLogger(),
+            )  # kfp.local logs through the root logger
+            root.addFilter(quiet)
+            stack.callback(root.removeFilter, quiet)
         # kfp.local warns that the cluster images and the Kubernetes/resource settings are ignored here
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
@@ -70,7 +97,10 @@ def run_local(
         raise RuntimeError(
             f"expected one new run folder in {pipeline_root}, found {[p.name for p in new_runs]}"
         )
-    return collect(new_runs[0], error)
+    result = collect(new_runs[0], error)
+    if not stream_logs:
+        result.reports[STEP_LOG] = Path(shutil.move(pending_log, new_runs[0] / STEP_LOG))
+    return result
 
 
 def _executor_output(run_dir: Path, task: str) -> dict | None:

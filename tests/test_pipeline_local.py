@@ -81,6 +81,9 @@ def test_unreachable_threshold_rejects_and_keeps_the_champion(
         run_dir != promoted.run_dir and (run_dir / "validate").is_dir() and not (run_dir / "train").exists()
     )
     assert (run_dir / "rejection.md").is_file() and not (run_dir / "promote").exists()
+    # The steps' own output goes to steps.log, not the terminal; kfp.local's per-task lines stay.
+    assert "KFP Executor" not in printed and "KFP Executor" in (run_dir / "steps.log").read_text()
+    assert f"steps.log: {run_dir / 'steps.log'}" in printed
     assert f"the champion stays {promoted.model_tag}" in (run_dir / "rejection.md").read_text()
     assert registry_list(registry) == before
 
@@ -100,5 +103,6 @@ def test_failed_validation_stops_before_training(cohort, registry, tmp_path):
     assert result.decision is None and result.model_tag is None
     assert not (result.run_dir / "train").exists() and not (result.run_dir / "preprocess-omics").exists()
     assert "FAILED" in result.reports["validation.md"].read_text()
+    assert "age" in result.reports["steps.log"].read_text()  # the failing step's own output
     assert (result.run_dir / "notify").is_dir(), "the exit handler runs after a failure"
     assert registry_list(registry) == before
