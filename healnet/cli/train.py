@@ -33,7 +33,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--omics-tokens", default="single", help="single | features | groups:N")
     parser.add_argument(
-        "--top-k", type=int, default=None, help="highest-variance features kept per omic table (default: all)"
+        "--top-k", type=int, default=None, help="highest-variance features kept per omic table (None: all)"
     )
     parser.add_argument(
         "--signed-log",
