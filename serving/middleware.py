@@ -16,18 +16,13 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from serving import metrics
 from serving.config import Limits
+from serving.validation import RejectedRequest
 
 REJECTION_HEADER = "x-healnet-rejection"  # set on every rejection the service itself answers
 JSON_MEDIA_TYPE = "application/json"
 MULTIPART_MEDIA_TYPE = "multipart/form-data"
 MULTIPART_PATH = "/predict"
 MULTIPART_FIELDS = ("wsi_tiles", "omics", "return_attention")
-
-
-class MultipartRejection(Exception):
-    def __init__(self, status: int, reason: str, message: str):
-        super().__init__(message)
-        self.status, self.reason = status, reason
 
 
 Message = dict
@@ -82,7 +77,7 @@ class RequestGuard:
             if multipart:
                 try:
                     body = await multipart_as_json(scope, body, self.max_tiles)
-                except MultipartRejection as rejection:
+                except RejectedRequest as rejection:
                     metrics.record_rejection(rejection.reason)
                     await send_rejection(send, rejection.status, rejection.reason, str(rejection))
                     return
@@ -119,13 +114,12 @@ async def multipart_as_json(scope: dict, body: bytes, max_tiles: int) -> bytes:
         form = await parser.parse()
     except MultiPartException as error:
         if "too many files" in str(error).lower():
-            raise MultipartRejection(413, "too_large", f"more than {max_tiles} tiles") from None
-        raise MultipartRejection(400, "invalid_schema", f"malformed multipart body: {error}") from None
+            raise RejectedRequest("too_large", f"more than {max_tiles} tiles") from None
+        raise RejectedRequest("invalid_schema", f"malformed multipart body: {error}") from None
     try:
         unknown = sorted(set(form.keys()) - set(MULTIPART_FIELDS))
         if unknown:
-            raise MultipartRejection(
-                400,
+            raise RejectedRequest(
                 "invalid_schema",
                 f"unknown multipart fields {unknown}; expected {list(MULTIPART_FIELDS)}",
             )
@@ -133,17 +127,17 @@ async def multipart_as_json(scope: dict, body: bytes, max_tiles: int) -> bytes:
         tiles = form.getlist("wsi_tiles")
         if tiles:
             if not all(isinstance(tile, UploadFile) for tile in tiles):
-                raise MultipartRejection(400, "invalid_schema", "wsi_tiles parts must be image files")
+                raise RejectedRequest("invalid_schema", "wsi_tiles parts must be image files")
             request_json["wsi_tiles"] = [base64.b64encode(await tile.read()).decode() for tile in tiles]
         for name in ("omics", "return_attention"):
             values = form.getlist(name)
             if len(values) > 1 or any(isinstance(value, UploadFile) for value in values):
-                raise MultipartRejection(400, "invalid_schema", f"{name} must be one text field")
+                raise RejectedRequest("invalid_schema", f"{name} must be one text field")
             if values:
                 try:
                     request_json[name] = json.loads(values[0])
                 except json.JSONDecodeError as error:
-                    raise MultipartRejection(400, "invalid_schema", f"{name} is not JSON: {error}") from None
+                    raise RejectedRequest("invalid_schema", f"{name} is not JSON: {error}") from None
     finally:
         await form.close()
     return json.dumps(request_json).encode()

@@ -124,9 +124,13 @@ def _check_omics(
         )
 
 
+def _check_patch_count(count: int, limits: Limits) -> None:
+    if count > limits.max_patches:
+        raise RejectedRequest("too_large", f"{count} patches exceed the limit of {limits.max_patches}")
+
+
 def _patch_features(rows: list[list[float]], wsi_dim: int, limits: Limits) -> np.ndarray:
-    if len(rows) > limits.max_patches:
-        raise RejectedRequest("too_large", f"{len(rows)} patches exceed the limit of {limits.max_patches}")
+    _check_patch_count(len(rows), limits)
     try:
         with np.errstate(over="ignore"):
             bag = np.array(rows, dtype=np.float32)
@@ -158,8 +162,7 @@ def _binary_patch_features(data: str, wsi_dim: int, limits: Limits) -> np.ndarra
             f"float32 values ({row_bytes} bytes each)",
         )
     rows = len(raw) // row_bytes
-    if rows > limits.max_patches:
-        raise RejectedRequest("too_large", f"{rows} patches exceed the limit of {limits.max_patches}")
+    _check_patch_count(rows, limits)
     bag = np.frombuffer(raw, dtype="<f4").reshape(rows, wsi_dim).astype(np.float32)
     if not np.isfinite(bag).all():
         row, column = np.argwhere(~np.isfinite(bag))[0]
