@@ -75,10 +75,7 @@ def run_local(
         if not stream_logs:
             log_file = stack.enter_context(open(pending_log, "w", encoding="utf-8"))
             builtins.print = functools.partial(original_print, file=log_file)
-            quiet, root = (
-                _NoStreamedLogsNotice(),
-                logging.getLogger(),
-            )  # kfp.local logs through the root logger
+            quiet, root = _NoStreamedLogsNotice(), logging.getLogger()  # kfp.local logs through root
             root.addFilter(quiet)
             stack.callback(root.removeFilter, quiet)
         # kfp.local warns that the cluster images and the Kubernetes/resource settings are ignored here

@@ -42,9 +42,8 @@ class TimedPredictor(Predictor):
     ) -> tuple[list[Prediction], float, float]:
         """Predictions, seconds spent preparing inputs, seconds in the forward pass and post-processing."""
         start = time.perf_counter()
-        with np.errstate(
-            over="ignore", invalid="ignore"
-        ):  # overflow shows in the outputs, checked by the service
+        # Overflow shows in the outputs, which the service checks.
+        with np.errstate(over="ignore", invalid="ignore"):
             batch = self.prepare_batch(cases)
             prepared = time.perf_counter()
             predictions = self.predict_prepared(batch, return_attention)
