@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 from k8s_queries import MONITORING, REPO_ROOT, load_prometheus_rule
 
@@ -42,6 +43,11 @@ class MonitoringStackError(RuntimeError):
 def prometheus_binary() -> str | None:
     """The `prometheus` server (Debian/Ubuntu package `prometheus`), or None."""
     return shutil.which("prometheus")
+
+
+REQUIRES_PROMETHEUS = pytest.mark.skipif(
+    prometheus_binary() is None, reason="prometheus not found: install the Debian/Ubuntu package `prometheus`"
+)
 
 
 def _snake_case(key: str) -> str:

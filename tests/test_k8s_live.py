@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 from k8s_queries import all_queries, dashboard_queries, load_dashboard, load_prometheus_rule
 from monitoring_stack import (
+    REQUIRES_PROMETHEUS,
     all_finite,
     by_labels,
     mixed_load,
-    prometheus_binary,
     query,
     rule_groups,
     run_prometheus,
@@ -20,13 +20,7 @@ from monitoring_stack import (
 from serving.demo import DemoSpec
 
 pytest_plugins = ("serving_fixtures",)
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        prometheus_binary() is None,
-        reason="prometheus not found: install the Debian/Ubuntu package `prometheus`",
-    ),
-]
+pytestmark = [pytest.mark.slow, REQUIRES_PROMETHEUS]
 JOB = "healnet-service"
 SPEC = DemoSpec()
 # One request of each kind first, so that every series exists before the load that the rates measure.

@@ -10,19 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from monitoring_stack import by_labels, prometheus_binary, run_prometheus
+from monitoring_stack import REQUIRES_PROMETHEUS, by_labels, run_prometheus
 from monitoring_stack import query as instant_query
 
 from serving.demo import DemoSpec, demo_payload
 
 pytest_plugins = ("serving_fixtures",)
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        prometheus_binary() is None,
-        reason="prometheus not found: install the Debian/Ubuntu package `prometheus`",
-    ),
-]
+pytestmark = [pytest.mark.slow, REQUIRES_PROMETHEUS]
 SPEC = DemoSpec()
 JOB = "healnet-service"
 BURST = (
