@@ -31,6 +31,7 @@ class Prediction:
     bin_edges_months: list[float | None]
     modalities_used: list[str]
     modalities_missing: list[str]
+    imputed_features: int  # omic features of the present modalities that were missing and imputed
     imputed_fraction: float
     unknown_features: list[str]
     attention: dict[str, list[float]] | None = None
@@ -43,6 +44,7 @@ class PreparedBatch:
     inputs: dict[str, torch.Tensor]
     present: dict[str, torch.Tensor]
     token_mask: dict[str, torch.Tensor]
+    imputed_features: list[int]
     imputed_fraction: list[float]
     unknown_features: list[list[str]]
 
@@ -70,6 +72,7 @@ class Predictor:
         """Preprocess cases into one padded model batch (the CPU-side stage of a prediction)."""
         items = [{"omics": {}, "time": 0.0, "event": 0.0, "label": 0} for _ in cases]
         imputed = np.zeros(len(cases))
+        imputed_features = np.zeros(len(cases), dtype=int)
         unknown: list[list[str]] = [[] for _ in cases]
         if self.omic_modalities:
             tokens, unknown = self.preprocessor.omics.transform_records([case.omics for case in cases])
@@ -81,6 +84,7 @@ class Predictor:
             present = np.stack([tokens[name].present for name in self.omic_modalities])
             fractions = np.stack([tokens[name].imputed_fraction for name in self.omic_modalities])
             counted = present.sum(axis=0)
+            imputed_features = np.stack([tokens[name].imputed for name in self.omic_modalities]).sum(axis=0)
             imputed = np.divide(fractions.sum(axis=0), counted, out=imputed, where=counted > 0)
         if WSI in self.modalities:
             for item, case in zip(items, cases, strict=True):
@@ -91,6 +95,7 @@ class Predictor:
             {k: v.to(self.device) for k, v in batch["inputs"].items()},
             {k: v.to(self.device) for k, v in batch["present"].items()},
             {k: v.to(self.device) for k, v in batch["token_mask"].items()},
+            imputed_features.tolist(),
             imputed.tolist(),
             unknown,
         )
@@ -103,8 +108,8 @@ class Predictor:
         hazards, survival, risk = (t.float().cpu().numpy() for t in survival_from_logits(logits.float()))
         edges = [None if not np.isfinite(e) else float(e) for e in self.checkpoint.bins.edges]
         results = []
-        for i, (imputed, unknown) in enumerate(
-            zip(batch.imputed_fraction, batch.unknown_features, strict=True)
+        for i, (imputed_features, imputed, unknown) in enumerate(
+            zip(batch.imputed_features, batch.imputed_fraction, batch.unknown_features, strict=True)
         ):
             used = [m for m in self.modalities if bool(batch.present[m][i])]
             results.append(
@@ -115,6 +120,7 @@ class Predictor:
                     bin_edges_months=edges,
                     modalities_used=used,
                     modalities_missing=[m for m in self.modalities if m not in used],
+                    imputed_features=imputed_features,
                     imputed_fraction=imputed,
                     unknown_features=unknown,
                     attention=self._attention(attention, i, batch.token_mask) if attention else None,

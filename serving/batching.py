@@ -3,6 +3,10 @@
 There is no batch window. An idle model takes a request at once, so a lone request waits for nothing;
 under load, each pass takes every request that queued during the previous one (up to `max_cases`).
 Requests are validated before they queue, so one bad request never fails the others' batch.
+
+On a GPU the model runs in its own thread, so the event loop reads requests while the GPU computes. On
+a CPU it runs on the event loop itself: there, a second thread only adds hand-offs of the GIL (at
+concurrency 8 on 2 cores, the service used 2.0 ms of CPU per request with the thread, 1.5 without).
 """
 
 from __future__ import annotations
@@ -29,22 +33,28 @@ class BatchOutcome(Generic[Result]):
 
 
 Run = Callable[[list[Item], bool], tuple[list[Result], float, float]]
+# Event-loop turns an inline batcher yields before each pass, so that requests the loop has already
+# read reach the queue and share the pass.
+INLINE_YIELDS = 3
 
 
 class ContinuousBatcher(Generic[Item, Result]):
     """Runs `run(items, return_attention) -> (results, preparing s, forward s)` on merged requests.
 
-    The model runs in one dedicated thread, so the event loop keeps reading requests during a pass.
+    With `in_thread`, the model runs in one dedicated thread and the event loop keeps reading requests
+    during a pass; without, passes run on the event loop.
     """
 
-    def __init__(self, run: Run, max_cases: int):
+    def __init__(self, run: Run, max_cases: int, in_thread: bool = True):
         if max_cases < 1:
             raise ValueError(f"max_cases must be at least 1, got {max_cases}")
         self._run = run
         self.max_cases = max_cases
         self._waiting: deque[tuple[list[Item], bool, asyncio.Future]] = deque()
         self._draining = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="healnet-model")
+        self._executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="healnet-model") if in_thread else None
+        )
 
     async def submit(self, items: Sequence[Item], return_attention: bool = False) -> BatchOutcome[Result]:
         """Results for `items` (one request), in order, once a model pass has included them."""
@@ -60,12 +70,18 @@ class ContinuousBatcher(Generic[Item, Result]):
         loop = asyncio.get_running_loop()
         try:
             while self._waiting:
+                if self._executor is None:
+                    for _ in range(INLINE_YIELDS):
+                        await asyncio.sleep(0)
                 requests = [self._waiting.popleft()]
                 size = len(requests[0][0])
                 while self._waiting and size + len(self._waiting[0][0]) <= self.max_cases:
                     size += len(self._waiting[0][0])
                     requests.append(self._waiting.popleft())
-                outcomes = await loop.run_in_executor(self._executor, self._run_requests, requests)
+                if self._executor is None:
+                    outcomes = self._run_requests(requests)
+                else:
+                    outcomes = await loop.run_in_executor(self._executor, self._run_requests, requests)
                 for (_, _, future), outcome in zip(requests, outcomes, strict=True):
                     if future.done():  # the client went away
                         continue

@@ -8,6 +8,7 @@ modality names, presence patterns, pipeline stages and the fixed rejection reaso
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import cache
 from itertools import combinations
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -73,6 +74,12 @@ for _stage in STAGES:
     INFERENCE_DURATION.labels(_stage)
 
 
+@cache
+def _labelled(metric: Counter | Histogram, *values: str) -> Counter | Histogram:
+    """The metric's child for these label values, looked up once (the label sets are bounded)."""
+    return metric.labels(*values)
+
+
 def presence_patterns(modalities: Sequence[str]) -> list[str]:
     """Every non-empty subset of the modalities, joined by '+' in the model's order."""
     return [
@@ -101,9 +108,9 @@ def record_prediction(
     imputed_fraction: float | None,
     risk: float,
 ) -> None:
-    REQUESTS.labels("+".join(modalities_used)).inc()
+    _labelled(REQUESTS, "+".join(modalities_used)).inc()
     for modality in modalities_missing:
-        MISSING_MODALITY.labels(modality).inc()
+        _labelled(MISSING_MODALITY, modality).inc()
     if imputed_fraction is not None:
         IMPUTED_FRACTION.observe(imputed_fraction)
     RISK_SCORE.observe(risk)
@@ -112,11 +119,11 @@ def record_prediction(
 def record_rejection(reason: str) -> None:
     if reason not in VALIDATION_REASONS:
         raise ValueError(f"unknown rejection reason {reason!r}; expected one of {VALIDATION_REASONS}")
-    VALIDATION_ERRORS.labels(reason).inc()
+    _labelled(VALIDATION_ERRORS, reason).inc()
 
 
 def record_stage(stage: str, seconds: float) -> None:
-    INFERENCE_DURATION.labels(stage).observe(seconds)
+    _labelled(INFERENCE_DURATION, stage).observe(seconds)
 
 
 def record_batch(cases: int) -> None:

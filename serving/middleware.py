@@ -82,7 +82,7 @@ class RequestGuard:
                     await send_rejection(send, rejection.status, rejection.reason, str(rejection))
                     return
                 scope = _as_json_scope(scope, len(body))
-            await self.app(scope, _replay(body, receive), _count_schema_errors(send))
+            await self.app(scope, _replay(body, receive), guarded_send(send))
 
     async def _read_body(self, receive: Receive) -> tuple[bytes, str]:
         """The request body and "complete", or stop early with "too_large" or "disconnected"."""
@@ -166,12 +166,29 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def _count_schema_errors(send: Send) -> Send:
-    async def watch(message: Message) -> None:
-        if message["type"] == "http.response.start" and message["status"] == 400:
-            names = {key.decode("latin-1").lower() for key, _ in message.get("headers", [])}
-            if REJECTION_HEADER not in names:
-                metrics.record_rejection("invalid_schema")
-        await send(message)
+def guarded_send(send: Send) -> Send:
+    """`send` that counts BentoML's own 400 answers as invalid_schema and sends a response in two messages.
 
-    return watch
+    BentoML ends each body with an empty message; every message crosses its whole middleware chain, so
+    the body is held until its last part and sent once.
+    """
+    start: Message | None = None
+    chunks: list[bytes] = []
+
+    async def guarded(message: Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            if message["status"] == 400:
+                names = {key.decode("latin-1").lower() for key, _ in message.get("headers", [])}
+                if REJECTION_HEADER not in names:
+                    metrics.record_rejection("invalid_schema")
+            start = message
+        elif message["type"] == "http.response.body" and start is not None:
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                await send(start)
+                await send({"type": "http.response.body", "body": b"".join(chunks)})
+        else:
+            await send(message)
+
+    return guarded

@@ -79,7 +79,11 @@ class HEALNetService:
         # full collections then take milliseconds instead of stalling every request for ~0.2-0.3 s.
         gc.collect()
         gc.freeze()
-        self.batcher = ContinuousBatcher(model.predictor.predict_timed, self.limits.adaptive_batch_max_cases)
+        self.batcher = ContinuousBatcher(
+            model.predictor.predict_timed,
+            self.limits.adaptive_batch_max_cases,
+            in_thread=model.predictor.device.type == "cuda",
+        )
         self.model = model
         logger.info("model %s loaded in %.1f s", tag, time.perf_counter() - start)
 
@@ -176,9 +180,7 @@ def _response(model: ServedModel, request: PredictRequest, prediction: Predictio
         bin_edges_months=prediction.bin_edges_months,
         modalities_used=prediction.modalities_used,
         modalities_missing=prediction.modalities_missing,
-        imputed_features=model.contract.imputed_features(
-            request.omics, prediction.modalities_used, prediction.unknown_features
-        ),
+        imputed_features=prediction.imputed_features,
         imputed_fraction=prediction.imputed_fraction,
         unknown_features=prediction.unknown_features,
         model_version=model.tag,

@@ -8,7 +8,8 @@ import io
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
+from operator import is_not
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -22,6 +23,7 @@ from serving.schemas import SLIDE_INPUTS, PredictRequest
 IMAGE_FORMATS = ("PNG", "JPEG")
 DEFAULT_PATCH_SIZE = 224
 HTTP_STATUS = {"too_large": 413, "invalid_schema": 400}  # every other reason: 422 Unprocessable Content
+_is_given = partial(is_not, None)  # an omic value that is not null
 
 
 class RejectedRequest(Exception):
@@ -63,16 +65,6 @@ class ModelContract:
     def known_features(self) -> frozenset[str]:
         return frozenset(name for names in self.feature_names.values() for name in names)
 
-    def imputed_features(
-        self, omics: Mapping[str, Mapping[str, float | None]], used: list[str], unknown: list[str]
-    ) -> int:
-        """Features of the present omic modalities that the request did not give (or gave as null)."""
-        given = {f for features in omics.values() for f, value in features.items() if value is not None}
-        given -= set(unknown)
-        return sum(
-            len(set(names) - given) for modality, names in self.feature_names.items() if modality in used
-        )
-
 
 def to_case(request: PredictRequest, contract: ModelContract, limits: Limits) -> Case:
     """Validate one request against the model and the limits; raises RejectedRequest."""
@@ -101,15 +93,18 @@ def _check_omics(
     omics: Mapping[str, Mapping[str, float | None]], contract: ModelContract, limits: Limits
 ) -> None:
     given = unknown = 0
-    known = contract.known_features
     for table, features in omics.items():
-        for feature, value in features.items():
-            if value is not None and not math.isfinite(value):
-                raise RejectedRequest(
-                    "non_finite", f"omics[{table!r}][{feature!r}] is {value}: use null for missing"
-                )
-            given += 1
-            unknown += table not in contract.omic_tables or feature not in known
+        # C-level passes over the values and names: this runs for every feature of every request.
+        if not all(map(math.isfinite, filter(_is_given, features.values()))):
+            feature, value = next(
+                (f, v) for f, v in features.items() if _is_given(v) and not math.isfinite(v)
+            )
+            raise RejectedRequest(
+                "non_finite", f"omics[{table!r}][{feature!r}] is {value}: use null for missing"
+            )
+        given += len(features)
+        known_table = table in contract.omic_tables
+        unknown += len(features.keys() - contract.known_features) if known_table else len(features)
     if given and unknown / given > limits.max_unknown_feature_fraction:
         unknown_tables = sorted(set(omics) - contract.omic_tables)
         hint = (

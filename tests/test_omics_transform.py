@@ -147,6 +147,7 @@ def test_combined_modality_is_present_when_any_input_is():
     only_mut = {"mut": frames["mut"].iloc[:1]}
     tokens = transform.transform(only_mut, ["TCGA-AA-0000", "TCGA-AA-0001"])["omic"]
     assert tokens.present.tolist() == [True, False]
+    assert tokens.imputed.tolist() == [8, 0]
     assert tokens.imputed_fraction.tolist() == [8 / 12, 0.0]
     np.testing.assert_array_equal(tokens.values[1], 0.0)
 
@@ -158,7 +159,9 @@ def test_imputed_fraction_counts_missing_and_absent_features():
     transform = OmicsTransform.fit(frames)
     partial = {**frames, "cnv": frames["cnv"].drop(columns=["G1_cnv"])}
     tokens = transform.transform(partial, ids[:2])
+    assert tokens["rnaseq"].imputed.tolist() == [2, 0]
     assert tokens["rnaseq"].imputed_fraction.tolist() == [0.5, 0.0]
+    assert tokens["cnv"].imputed.tolist() == [1, 1]
     assert tokens["cnv"].imputed_fraction.tolist() == [0.25, 0.25]
     assert tokens["mut"].imputed_fraction.tolist() == [0.0, 0.0]
     # an imputed value is the training median, transformed like any other value

@@ -3,6 +3,7 @@ bodies, the request guard, and a property-based fuzz of the request schema (neve
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import math
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from serving.demo import DemoSpec, demo_feature_names, demo_payload, demo_tiles
+from serving.middleware import guarded_send
 from serving.schemas import PredictResponse
 from serving.service import HEALNetService
 
@@ -266,3 +268,23 @@ def test_fuzzed_multipart_requests_never_get_a_server_error(client, parts):
     response = client.post("/predict", files=files)
     assert response.status_code < 500, response.text
     assert response.status_code == 200 or response.json()["error"]
+
+
+def test_the_guard_sends_a_response_body_given_in_parts_as_one_message():
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def respond():
+        send_guarded = guarded_send(send)
+        await send_guarded({"type": "http.response.start", "status": 200, "headers": []})
+        await send_guarded({"type": "http.response.body", "body": b"ab", "more_body": True})
+        held = list(sent)
+        await send_guarded({"type": "http.response.body", "body": b"c", "more_body": True})
+        await send_guarded({"type": "http.response.body", "body": b"", "more_body": False})
+        return held
+
+    assert asyncio.run(respond()) == []  # nothing leaves before the body is complete
+    assert [message["type"] for message in sent] == ["http.response.start", "http.response.body"]
+    assert sent[1]["body"] == b"abc" and not sent[1].get("more_body", False)

@@ -19,9 +19,11 @@ class RecordingModel:
         self.fail_on = fail_on
         self.gate = threading.Event()
         self.gate.set()
+        self.threads: set[int] = set()
 
     def __call__(self, items: list[int], return_attention: bool) -> tuple[list[int], float, float]:
         self.gate.wait(timeout=10)
+        self.threads.add(threading.get_ident())
         self.passes.append(list(items))
         self.attention.append(return_attention)
         if self.fail_on in items:
@@ -96,6 +98,46 @@ def test_a_failing_request_fails_alone_and_the_others_are_answered():
     assert one.results == [1] and three.results == [9]
     assert isinstance(two, ValueError) and "cannot square 2" in str(two)
     assert model.passes == [[0], [1, 2, 3], [1], [2], [3]]  # the merged pass failed, then one by one
+
+
+def test_inline_passes_run_on_the_event_loop_and_merge_the_requests_of_one_turn():
+    model = RecordingModel()
+    batcher = ContinuousBatcher(model, max_cases=4, in_thread=False)
+
+    async def scenario():
+        outcomes = await asyncio.gather(*(batcher.submit([value]) for value in range(6)))
+        return threading.get_ident(), outcomes
+
+    loop_thread, outcomes = asyncio.run(scenario())
+    assert model.passes == [[0, 1, 2, 3], [4, 5]]
+    assert model.threads == {loop_thread}
+    assert [outcome.results for outcome in outcomes] == [[v * v] for v in range(6)]
+    assert [outcome.batch_cases for outcome in outcomes] == [4, 4, 4, 4, 2, 2]
+
+
+def test_threaded_passes_leave_the_event_loop_thread():
+    model = RecordingModel()
+    batcher = ContinuousBatcher(model, max_cases=4, in_thread=True)
+
+    async def scenario():
+        await batcher.submit([1])
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(scenario())
+    assert model.threads and loop_thread not in model.threads
+
+
+def test_an_inline_failing_request_fails_alone():
+    model = RecordingModel(fail_on=2)
+    batcher = ContinuousBatcher(model, max_cases=8, in_thread=False)
+
+    async def scenario():
+        return await asyncio.gather(*(batcher.submit([value]) for value in (1, 2, 3)), return_exceptions=True)
+
+    one, two, three = asyncio.run(scenario())
+    assert one.results == [1] and three.results == [9]
+    assert isinstance(two, ValueError) and "cannot square 2" in str(two)
+    assert model.passes == [[1, 2, 3], [1], [2], [3]]
 
 
 def test_max_cases_must_be_positive():

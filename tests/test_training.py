@@ -153,6 +153,7 @@ def test_predictor_reports_imputed_and_unknown_features(trained, data, split):
     )
     (prediction,) = predictor.predict([case])
     assert prediction.unknown_features == ["NOTAGENE_rnaseq"]
+    assert prediction.imputed_features == 1  # of the present modalities: absent cnv is not imputed
     assert prediction.imputed_fraction == pytest.approx(1 / 40)
 
 

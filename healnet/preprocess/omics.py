@@ -75,7 +75,8 @@ class OmicsConfig:
 class OmicsTokens:
     values: np.ndarray  # float32 (n, tokens, channels); zeros where not present
     present: np.ndarray  # bool (n,): the patient has a row in the modality's frame(s)
-    imputed_fraction: np.ndarray  # float (n,): kept features imputed for present patients; 0 when absent
+    imputed: np.ndarray  # int (n,): kept features imputed for present patients; 0 when absent
+    imputed_fraction: np.ndarray  # float (n,): imputed / kept features
 
 
 @dataclass(frozen=True)
@@ -168,8 +169,10 @@ class OmicsTransform:
             values = np.concatenate([scaled[m] for m in inputs], axis=1)
             values[~is_present] = 0.0
             n_missing = np.concatenate([missing[m] for m in inputs], axis=1).sum(axis=1)
-            imputed = np.where(is_present, n_missing / values.shape[1], 0.0)
-            tokens[out] = OmicsTokens(self._group(out, values), is_present, imputed)
+            imputed = np.where(is_present, n_missing, 0)
+            tokens[out] = OmicsTokens(
+                self._group(out, values), is_present, imputed, imputed / values.shape[1]
+            )
         return tokens
 
     def _group(self, modality: str, values: np.ndarray) -> np.ndarray:
