@@ -42,14 +42,22 @@ class ContinuousBatcher(Generic[Item, Result]):
     """Runs `run(items, return_attention) -> (results, preparing s, forward s)` on merged requests.
 
     With `in_thread`, the model runs in one dedicated thread and the event loop keeps reading requests
-    during a pass; without, passes run on the event loop.
+    during a pass; without, passes run on the event loop. `fits(items)` says whether items of several
+    requests may share a pass (a request alone always runs).
     """
 
-    def __init__(self, run: Run, max_cases: int, in_thread: bool = True):
+    def __init__(
+        self,
+        run: Run,
+        max_cases: int,
+        in_thread: bool = True,
+        fits: Callable[[list[Item]], bool] = lambda items: True,
+    ):
         if max_cases < 1:
             raise ValueError(f"max_cases must be at least 1, got {max_cases}")
         self._run = run
         self.max_cases = max_cases
+        self._fits = fits
         self._waiting: deque[tuple[list[Item], bool, asyncio.Future]] = deque()
         self._draining = False
         self._executor = (
@@ -74,9 +82,9 @@ class ContinuousBatcher(Generic[Item, Result]):
                     for _ in range(INLINE_YIELDS):
                         await asyncio.sleep(0)
                 requests = [self._waiting.popleft()]
-                size = len(requests[0][0])
-                while self._waiting and size + len(self._waiting[0][0]) <= self.max_cases:
-                    size += len(self._waiting[0][0])
+                items = requests[0][0]
+                while self._waiting and self._may_join(items, self._waiting[0][0]):
+                    items = items + self._waiting[0][0]
                     requests.append(self._waiting.popleft())
                 if self._executor is None:
                     outcomes = self._run_requests(requests)
@@ -91,6 +99,9 @@ class ContinuousBatcher(Generic[Item, Result]):
                         future.set_result(outcome)
         finally:
             self._draining = False
+
+    def _may_join(self, items: list[Item], joining: list[Item]) -> bool:
+        return len(items) + len(joining) <= self.max_cases and self._fits(items + joining)
 
     def _run_requests(self, requests: list[tuple[list[Item], bool, asyncio.Future]]) -> list:
         """One pass over all requests; if it fails, each request alone, so only the failing one fails."""

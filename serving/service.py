@@ -83,6 +83,7 @@ class HEALNetService:
             model.predictor.predict_timed,
             self.limits.adaptive_batch_max_cases,
             in_thread=model.predictor.device.type == "cuda",
+            fits=lambda cases: padded_patches(cases) <= self.limits.max_patches,
         )
         self.model = model
         logger.info("model %s loaded in %.1f s", tag, time.perf_counter() - start)
@@ -162,6 +163,12 @@ class HEALNetService:
                     raise RejectedRequest(rejection.reason, f"cases[{index}]: {rejection}") from None
                 raise
         return cases
+
+
+def padded_patches(cases: list[Case]) -> int:
+    """Patch rows of one model pass over `cases`: every bag is padded to the longest."""
+    longest = max((len(case.wsi_features) for case in cases if case.wsi_features is not None), default=0)
+    return len(cases) * longest
 
 
 def _response(model: ServedModel, request: PredictRequest, prediction: Prediction) -> PredictResponse:

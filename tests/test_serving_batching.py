@@ -140,6 +140,18 @@ def test_an_inline_failing_request_fails_alone():
     assert model.passes == [[1, 2, 3], [1], [2], [3]]
 
 
+def test_requests_join_a_pass_only_while_the_pass_fits():
+    model = RecordingModel()
+    batcher = ContinuousBatcher(model, max_cases=8, in_thread=False, fits=lambda items: sum(items) <= 10)
+
+    async def scenario():
+        await asyncio.gather(*(batcher.submit([value]) for value in (6, 3, 5, 1, 4)))
+        await batcher.submit([20])  # too big for any pass, and alone it still runs
+
+    asyncio.run(scenario())
+    assert model.passes == [[6, 3], [5, 1, 4], [20]]
+
+
 def test_max_cases_must_be_positive():
     with pytest.raises(ValueError, match="max_cases must be at least 1"):
         ContinuousBatcher(RecordingModel(), max_cases=0)

@@ -20,7 +20,7 @@ from serving.config import ConfigError, Limits
 from serving.demo import DemoSpec, demo_feature_names, demo_payload, demo_tiles
 from serving.runtime import resolve_served_model
 from serving.schemas import PredictRequest, PredictResponse
-from serving.service import HEALNetService
+from serving.service import HEALNetService, padded_patches
 from serving.validation import decode_tile
 
 pytest_plugins = ("serving_fixtures",)
@@ -133,7 +133,8 @@ def test_a_batch_predicts_each_case_as_alone(service):
 
 
 def test_concurrent_requests_share_one_model_pass_and_get_their_own_answers(service):
-    payloads = [demo_payload(SPEC, ("omic", "wsi"), 3 + seed, seed) for seed in range(5)]
+    # bags of 1 and 2 patches: the merged pass pads them to 6 x 2, within HEALNET_MAX_PATCHES (16)
+    payloads = [demo_payload(SPEC, ("omic", "wsi"), 1 + seed % 2, seed) for seed in range(5)]
     payloads.append(demo_payload(SPEC, ("omic",), seed=9))
     alone = [asyncio.run(service.predict(PredictRequest(**p))) for p in payloads]
     before = sample("healnet_batch_cases_count"), sample("healnet_batch_cases_sum")
@@ -326,3 +327,9 @@ def test_limits_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("HEALNET_MAX_UNKNOWN_FEATURE_FRACTION", "1.5")
     with pytest.raises(ConfigError, match="HEALNET_MAX_UNKNOWN_FEATURE_FRACTION"):
         Limits.from_env()
+
+
+def test_a_merged_pass_is_sized_by_its_longest_bag():
+    bags = [np.zeros((3, 2), np.float32), None, np.zeros((5, 2), np.float32)]
+    assert padded_patches([Case(wsi_features=bag) for bag in bags]) == 15
+    assert padded_patches([Case(omics={"mut": {GENE: 1.0}})]) == 0
