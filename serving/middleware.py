@@ -23,6 +23,20 @@ JSON_MEDIA_TYPE = "application/json"
 MULTIPART_MEDIA_TYPE = "multipart/form-data"
 MULTIPART_PATH = "/predict"
 MULTIPART_FIELDS = ("wsi_tiles", "omics", "return_attention")
+OPENAPI_PATH = "/docs.json"
+# The multipart form of /predict, added to BentoML's OpenAPI document (BentoML never sees that form).
+MULTIPART_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "wsi_tiles": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": "Slide tiles as PNG or JPEG files, one part each.",
+        },
+        "omics": {"type": "string", "description": "JSON object: the omics field of the JSON request."},
+        "return_attention": {"type": "string", "enum": ["true", "false"]},
+    },
+}
 
 
 Message = dict
@@ -50,6 +64,9 @@ class RequestGuard:
         self.max_tiles = limits.max_tiles
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == OPENAPI_PATH:
+            await self.app(scope, receive, documenting_multipart(send))
+            return
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
             return
@@ -192,3 +209,34 @@ def guarded_send(send: Send) -> Send:
             await send(message)
 
     return guarded
+
+
+def documenting_multipart(send: Send) -> Send:
+    """`send` for BentoML's OpenAPI document that adds the multipart form of /predict to it."""
+    start: Message | None = None
+    chunks: list[bytes] = []
+
+    async def documenting(message: Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+            return
+        if message["type"] != "http.response.body" or start is None:
+            await send(message)
+            return
+        chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        body = b"".join(chunks)
+        if start["status"] == 200:
+            spec = json.loads(body)
+            content = spec["paths"][MULTIPART_PATH]["post"]["requestBody"]["content"]
+            content[MULTIPART_MEDIA_TYPE] = {"schema": MULTIPART_SCHEMA}
+            body = json.dumps(spec).encode()
+        headers = [
+            (key, value) for key, value in start.get("headers", []) if key.lower() != b"content-length"
+        ]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    return documenting

@@ -288,3 +288,14 @@ def test_the_guard_sends_a_response_body_given_in_parts_as_one_message():
     assert asyncio.run(respond()) == []  # nothing leaves before the body is complete
     assert [message["type"] for message in sent] == ["http.response.start", "http.response.body"]
     assert sent[1]["body"] == b"abc" and not sent[1].get("more_body", False)
+
+
+def test_the_openapi_document_describes_both_forms_of_predict(client):
+    response = client.get("/docs.json")
+    assert response.status_code == 200
+    content = response.json()["paths"]["/predict"]["post"]["requestBody"]["content"]
+    assert set(content) == {"application/json", "multipart/form-data"}
+    form = content["multipart/form-data"]["schema"]["properties"]
+    assert set(form) == {"wsi_tiles", "omics", "return_attention"}
+    assert form["wsi_tiles"]["items"] == {"type": "string", "format": "binary"}
+    assert int(response.headers["content-length"]) == len(response.content)
