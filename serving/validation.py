@@ -9,6 +9,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property, partial
+from itertools import chain
 from operator import is_not
 
 import numpy as np
@@ -126,16 +127,14 @@ def _check_patch_count(count: int, limits: Limits) -> None:
 
 def _patch_features(rows: list[list[float]], wsi_dim: int, limits: Limits) -> np.ndarray:
     _check_patch_count(len(rows), limits)
-    try:
-        with np.errstate(over="ignore"):
-            bag = np.array(rows, dtype=np.float32)
-    except ValueError:  # rows of different lengths
-        bag = None
-    if bag is None or bag.shape[1] != wsi_dim:
+    if set(map(len, rows)) != {wsi_dim}:
         index, row = next((i, row) for i, row in enumerate(rows) if len(row) != wsi_dim)
         raise RejectedRequest(
             "wrong_dimensions", f"wsi_features row {index} has {len(row)} values, the model expects {wsi_dim}"
         )
+    with np.errstate(over="ignore"):  # beyond float32: inf, refused below
+        values = np.fromiter(chain.from_iterable(rows), dtype=np.float32, count=len(rows) * wsi_dim)
+    bag = values.reshape(len(rows), wsi_dim)
     if not np.isfinite(bag).all():
         row, column = np.argwhere(~np.isfinite(bag))[0]
         raise RejectedRequest(
