@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse
 from healnet.inference import Case, Prediction
 from serving import metrics
 from serving.batching import ContinuousBatcher
+from serving.bentoml_patches import cancel_request_timers
 from serving.config import Limits
 from serving.middleware import REJECTION_HEADER, RequestGuard
 from serving.runtime import ServedModel, resolve_served_model, serving_device
@@ -30,6 +31,7 @@ from serving.validation import RejectedRequest, to_case
 logger = logging.getLogger("healnet.serving")
 # `bentoml build --arg model_tag=healnet:VERSION` packs that version into the Bento (and its image).
 PACKED_MODEL_TAG: str | None = getattr(bentoml.use_arguments(), "model_tag", None)
+cancel_request_timers()
 
 
 def _error(status: int, reason: str, message: str) -> JSONResponse:
