@@ -183,40 +183,16 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-def guarded_send(send: Send) -> Send:
-    """`send` that counts BentoML's own 400 answers as invalid_schema and sends a response in two messages.
+def whole_response(send: Send, rewrite: Callable[[Message, bytes], bytes] | None = None) -> Send:
+    """`send` that holds a response until its body is complete, then sends one start and one body message.
 
-    BentoML ends each body with an empty message; every message crosses its whole middleware chain, so
-    the body is held until its last part and sent once.
+    BentoML ends each body with an empty message, and every message crosses its whole middleware
+    chain. `rewrite(start, body)` may replace the body; the content-length follows it.
     """
     start: Message | None = None
     chunks: list[bytes] = []
 
-    async def guarded(message: Message) -> None:
-        nonlocal start
-        if message["type"] == "http.response.start":
-            if message["status"] == 400:
-                names = {key.decode("latin-1").lower() for key, _ in message.get("headers", [])}
-                if REJECTION_HEADER not in names:
-                    metrics.record_rejection("invalid_schema")
-            start = message
-        elif message["type"] == "http.response.body" and start is not None:
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                await send(start)
-                await send({"type": "http.response.body", "body": b"".join(chunks)})
-        else:
-            await send(message)
-
-    return guarded
-
-
-def documenting_multipart(send: Send) -> Send:
-    """`send` for BentoML's OpenAPI document that adds the multipart form of /predict to it."""
-    start: Message | None = None
-    chunks: list[bytes] = []
-
-    async def documenting(message: Message) -> None:
+    async def sending(message: Message) -> None:
         nonlocal start
         if message["type"] == "http.response.start":
             start = message
@@ -228,15 +204,41 @@ def documenting_multipart(send: Send) -> Send:
         if message.get("more_body", False):
             return
         body = b"".join(chunks)
-        if start["status"] == 200:
-            spec = json.loads(body)
-            content = spec["paths"][MULTIPART_PATH]["post"]["requestBody"]["content"]
-            content[MULTIPART_MEDIA_TYPE] = {"schema": MULTIPART_SCHEMA}
-            body = json.dumps(spec).encode()
+        if rewrite is not None:
+            body = rewrite(start, body)
         headers = [
             (key, value) for key, value in start.get("headers", []) if key.lower() != b"content-length"
         ]
         await send({**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
 
-    return documenting
+    return sending
+
+
+def guarded_send(send: Send) -> Send:
+    """`whole_response` that also counts BentoML's own 400 answers (schema errors) as invalid_schema."""
+    sending = whole_response(send)
+
+    async def guarded(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 400:
+            names = {key.decode("latin-1").lower() for key, _ in message.get("headers", [])}
+            if REJECTION_HEADER not in names:
+                metrics.record_rejection("invalid_schema")
+        await sending(message)
+
+    return guarded
+
+
+def documenting_multipart(send: Send) -> Send:
+    """`send` for BentoML's OpenAPI document that adds the multipart form of /predict to it."""
+    return whole_response(send, _with_multipart_form)
+
+
+def _with_multipart_form(start: Message, body: bytes) -> bytes:
+    if start["status"] != 200:
+        return body
+    spec = json.loads(body)
+    spec["paths"][MULTIPART_PATH]["post"]["requestBody"]["content"][MULTIPART_MEDIA_TYPE] = {
+        "schema": MULTIPART_SCHEMA
+    }
+    return json.dumps(spec).encode()
