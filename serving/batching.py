@@ -4,9 +4,11 @@ There is no batch window. An idle model takes a request at once, so a lone reque
 under load, each pass takes every request that queued during the previous one (up to `max_cases`).
 Requests are validated before they queue, so one bad request never fails the others' batch.
 
-On a GPU the model runs in its own thread, so the event loop reads requests while the GPU computes. On
-a CPU it runs on the event loop itself: there, a second thread only adds hand-offs of the GIL (at
-concurrency 8 on 2 cores, the service used 2.0 ms of CPU per request with the thread, 1.5 without).
+A pass runs either on the event loop itself or in one dedicated model thread, as `inline(items)` says.
+On a CPU, a second thread only adds hand-offs of the GIL: at concurrency 8 on 2 cores, the service
+used 2.0 ms of CPU per request with the thread and 1.5 without. The thread is for passes that would
+hold the event loop too long (health checks and metrics scrapes wait meanwhile), and for GPUs, where
+the event loop can read requests while the GPU computes.
 """
 
 from __future__ import annotations
@@ -33,36 +35,34 @@ class BatchOutcome(Generic[Result]):
 
 
 Run = Callable[[list[Item], bool], tuple[list[Result], float, float]]
-# Event-loop turns an inline batcher yields before each pass, so that requests the loop has already
-# read reach the queue and share the pass.
-INLINE_YIELDS = 3
+# Event-loop turns the batcher yields before each pass, so that requests the loop has already read
+# reach the queue and share the pass.
+YIELDS_BEFORE_PASS = 3
 
 
 class ContinuousBatcher(Generic[Item, Result]):
     """Runs `run(items, return_attention) -> (results, preparing s, forward s)` on merged requests.
 
-    With `in_thread`, the model runs in one dedicated thread and the event loop keeps reading requests
-    during a pass; without, passes run on the event loop. `fits(items)` says whether items of several
-    requests may share a pass (a request alone always runs).
+    `fits(items)` says whether items of several requests may share a pass (a request alone always runs);
+    `inline(items)` whether their pass runs on the event loop rather than in the model thread.
     """
 
     def __init__(
         self,
         run: Run,
         max_cases: int,
-        in_thread: bool = True,
         fits: Callable[[list[Item]], bool] = lambda items: True,
+        inline: Callable[[list[Item]], bool] = lambda items: False,
     ):
         if max_cases < 1:
             raise ValueError(f"max_cases must be at least 1, got {max_cases}")
         self._run = run
         self.max_cases = max_cases
         self._fits = fits
+        self._inline = inline
         self._waiting: deque[tuple[list[Item], bool, asyncio.Future]] = deque()
         self._draining = False
-        self._executor = (
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="healnet-model") if in_thread else None
-        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="healnet-model")
 
     async def submit(self, items: Sequence[Item], return_attention: bool = False) -> BatchOutcome[Result]:
         """Results for `items` (one request), in order, once a model pass has included them."""
@@ -78,15 +78,14 @@ class ContinuousBatcher(Generic[Item, Result]):
         loop = asyncio.get_running_loop()
         try:
             while self._waiting:
-                if self._executor is None:
-                    for _ in range(INLINE_YIELDS):
-                        await asyncio.sleep(0)
+                for _ in range(YIELDS_BEFORE_PASS):
+                    await asyncio.sleep(0)
                 requests = [self._waiting.popleft()]
                 items = requests[0][0]
                 while self._waiting and self._may_join(items, self._waiting[0][0]):
                     items = items + self._waiting[0][0]
                     requests.append(self._waiting.popleft())
-                if self._executor is None:
+                if self._inline(items):
                     outcomes = self._run_requests(requests)
                 else:
                     outcomes = await loop.run_in_executor(self._executor, self._run_requests, requests)

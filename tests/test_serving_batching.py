@@ -102,7 +102,7 @@ def test_a_failing_request_fails_alone_and_the_others_are_answered():
 
 def test_inline_passes_run_on_the_event_loop_and_merge_the_requests_of_one_turn():
     model = RecordingModel()
-    batcher = ContinuousBatcher(model, max_cases=4, in_thread=False)
+    batcher = ContinuousBatcher(model, max_cases=4, inline=lambda items: True)
 
     async def scenario():
         outcomes = await asyncio.gather(*(batcher.submit([value]) for value in range(6)))
@@ -115,21 +115,26 @@ def test_inline_passes_run_on_the_event_loop_and_merge_the_requests_of_one_turn(
     assert [outcome.batch_cases for outcome in outcomes] == [4, 4, 4, 4, 2, 2]
 
 
-def test_threaded_passes_leave_the_event_loop_thread():
+def test_each_pass_runs_inline_or_in_the_model_thread_as_the_predicate_says():
     model = RecordingModel()
-    batcher = ContinuousBatcher(model, max_cases=4, in_thread=True)
+    batcher = ContinuousBatcher(model, max_cases=4, inline=lambda items: sum(items) < 10)
+    threads = []
 
     async def scenario():
-        await batcher.submit([1])
+        for value in (1, 20):
+            before = set(model.threads)
+            await batcher.submit([value])
+            threads.append((set(model.threads) - before).pop())
         return threading.get_ident()
 
     loop_thread = asyncio.run(scenario())
-    assert model.threads and loop_thread not in model.threads
+    assert threads[0] == loop_thread  # small pass: on the event loop
+    assert threads[1] != loop_thread  # big pass: in the model thread
 
 
 def test_an_inline_failing_request_fails_alone():
     model = RecordingModel(fail_on=2)
-    batcher = ContinuousBatcher(model, max_cases=8, in_thread=False)
+    batcher = ContinuousBatcher(model, max_cases=8, inline=lambda items: True)
 
     async def scenario():
         return await asyncio.gather(*(batcher.submit([value]) for value in (1, 2, 3)), return_exceptions=True)
@@ -142,7 +147,9 @@ def test_an_inline_failing_request_fails_alone():
 
 def test_requests_join_a_pass_only_while_the_pass_fits():
     model = RecordingModel()
-    batcher = ContinuousBatcher(model, max_cases=8, in_thread=False, fits=lambda items: sum(items) <= 10)
+    batcher = ContinuousBatcher(
+        model, max_cases=8, fits=lambda items: sum(items) <= 10, inline=lambda items: True
+    )
 
     async def scenario():
         await asyncio.gather(*(batcher.submit([value]) for value in (6, 3, 5, 1, 4)))
