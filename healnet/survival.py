@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from einops import rearrange
+from sksurv.exceptions import NoComparablePairException
 from sksurv.metrics import concordance_index_censored, concordance_index_ipcw, integrated_brier_score
 from sksurv.util import Surv
 from torch import Tensor
@@ -233,6 +234,17 @@ def harrell_c(times: Any, events: Any, risk: Any) -> float:
         raise SurvivalDataError(
             f"Harrell's C on {len(times)} samples ({int(events.sum())} events): {error}"
         ) from error
+
+
+def harrell_c_or_nan(times: Any, events: Any, risk: Any) -> float:
+    """Harrell's C, or NaN where it is undefined: no event, or no event earlier than another time (a small
+    early-stopping part can hold one event and no comparable pair)."""
+    try:
+        return harrell_c(times, events, risk)
+    except SurvivalDataError as error:
+        if isinstance(error.__cause__, NoComparablePairException) or not np.any(events):
+            return float("nan")
+        raise
 
 
 def _ipcw_horizon(train_times: np.ndarray, test_times: np.ndarray) -> float:

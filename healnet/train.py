@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from healnet.survival import harrell_c, nll_loss, survival_from_logits
+from healnet.survival import harrell_c_or_nan, nll_loss, survival_from_logits
 
 
 @dataclass(frozen=True)
@@ -129,8 +129,7 @@ def evaluate_loader(model, loader: DataLoader, device: torch.device, alpha: floa
         alpha,
     ).item()
     risk = survival_from_logits(torch.from_numpy(logits))[2].numpy()
-    c_index = harrell_c(targets.times, targets.events, risk) if targets.events.any() else float("nan")
-    return {"loss": loss, "c_index": c_index}
+    return {"loss": loss, "c_index": harrell_c_or_nan(targets.times, targets.events, risk)}
 
 
 def fit(

@@ -12,6 +12,7 @@ from healnet.survival import (
     SurvivalBins,
     SurvivalDataError,
     harrell_c,
+    harrell_c_or_nan,
     integrated_brier,
     nll_loss,
     step_survival,
@@ -223,6 +224,17 @@ def test_harrell_c_hand_example():
     assert harrell_c(
         np.array([1, 2, 3, 4]), torch.tensor([1, 1, 0, 1]), [0.9, 0.7, 0.7, 0.1]
     ) == pytest.approx(0.9)
+
+
+def test_harrell_c_or_nan_where_no_pair_is_comparable():
+    # The one death is the last time: no pair is comparable, so C is undefined.
+    with pytest.raises(SurvivalDataError, match="comparable"):
+        harrell_c([1, 2, 3], [0, 0, 1], [0.1, 0.2, 0.3])
+    assert math.isnan(harrell_c_or_nan([1, 2, 3], [0, 0, 1], [0.1, 0.2, 0.3]))
+    assert math.isnan(harrell_c_or_nan([1, 2, 3], [0, 0, 0], [0.1, 0.2, 0.3]))
+    assert harrell_c_or_nan([1, 2, 3], [1, 0, 1], [0.3, 0.2, 0.1]) == 1.0
+    with pytest.raises(SurvivalDataError, match="shape"):  # other errors still raise
+        harrell_c_or_nan([1, 2, 3], [1, 0, 1], [0.3, 0.2])
 
 
 def test_uno_c_hand_example_with_censoring():
