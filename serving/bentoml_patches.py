@@ -51,7 +51,7 @@ async def _call_with_cancelled_timer(self: TimeoutMiddleware, scope, receive, se
         timer.cancel()
 
 
-def source_digest(function) -> str:
+def _source_digest(function) -> str:
     return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()
 
 
@@ -59,7 +59,7 @@ def cancel_request_timers() -> bool:
     """Install the fixed `TimeoutMiddleware.__call__`; True when installed (now or before)."""
     if TimeoutMiddleware.__call__ is _call_with_cancelled_timer:
         return True
-    if source_digest(TimeoutMiddleware.__call__) != LEAKING_TIMEOUT_SOURCE:
+    if _source_digest(TimeoutMiddleware.__call__) != LEAKING_TIMEOUT_SOURCE:
         logger.warning(
             "BentoML's TimeoutMiddleware is not the version this fix was written for; left as it is"
         )

@@ -45,6 +45,8 @@ Send = Callable[[Message], Awaitable[None]]
 
 
 async def send_rejection(send: Send, status: int, reason: str, error: str) -> None:
+    """Count the rejection by `reason` and answer it with `status` and a JSON body that names the problem."""
+    metrics.record_rejection(reason)
     body = json.dumps({"error": error, "reason": reason}).encode()
     headers = [
         (b"content-type", JSON_MEDIA_TYPE.encode()),
@@ -74,7 +76,6 @@ class RequestGuard:
         media_type = headers.get("content-type", JSON_MEDIA_TYPE).split(";")[0].strip().lower()
         multipart = media_type == MULTIPART_MEDIA_TYPE and scope["path"] == MULTIPART_PATH
         if media_type != JSON_MEDIA_TYPE and not multipart:
-            metrics.record_rejection("invalid_schema")
             accepted = "JSON, or multipart/form-data tiles on /predict"
             await send_rejection(
                 send, 415, "invalid_schema", f"content type {media_type!r} is not accepted: send {accepted}"
@@ -86,7 +87,6 @@ class RequestGuard:
         else:
             body, outcome = await self._read_body(receive)
         if outcome == "too_large":
-            metrics.record_rejection("too_large")
             await send_rejection(
                 send, 413, "too_large", f"the body exceeds the limit of {self.max_body_bytes} bytes"
             )
@@ -95,7 +95,6 @@ class RequestGuard:
                 try:
                     body = await multipart_as_json(scope, body, self.max_tiles)
                 except RejectedRequest as rejection:
-                    metrics.record_rejection(rejection.reason)
                     await send_rejection(send, rejection.status, rejection.reason, str(rejection))
                     return
                 scope = _as_json_scope(scope, len(body))
