@@ -22,7 +22,7 @@ from sksurv.linear_model import CoxnetSurvivalAnalysis
 from sksurv.util import Surv
 
 from healnet.preprocess.omics import OmicsConfig, OmicsTransform
-from healnet.survival import harrell_c
+from healnet.survival import harrell_c_or_nan
 
 # PORPOISE's rnaseq values are z-scores that reach 10^4: without sign(x)·log1p(|x|), the variance
 # filter keeps the genes with one extreme patient
@@ -144,8 +144,10 @@ def fit_coxnet(
         path = _fit_quietly(_coxnet(config, alphas), x[fit_rows], y[fit_rows])
         for j, alpha in enumerate(alphas):
             risk = path.predict(x[score_rows], alpha=alpha)
-            scores[k, j] = harrell_c(times[score_rows], events[score_rows], risk)
-    mean = scores.mean(axis=0)
+            scores[k, j] = harrell_c_or_nan(times[score_rows], events[score_rows], risk)
+    if np.isnan(scores).all():
+        raise BaselineError("no inner CoxNet fold has a comparable pair to score the penalties on")
+    mean = np.nanmean(scores, axis=0)  # an inner fold without a comparable pair does not vote
     best = float(alphas[int(np.argmax(mean))])
     return CoxNetFit(_fit_quietly(_coxnet(config, alphas), x, y), best, mean, np.asarray(alphas))
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from joblib import Parallel, delayed
 from tqdm.auto import tqdm
 
 from healnet.baselines import (
@@ -286,9 +287,26 @@ def summarize(folds: list[dict]) -> dict:
     return summary
 
 
-def cross_validate(data: CohortData, config: CVConfig | None = None, progress: bool = True) -> dict:
-    """Repeated stratified K-fold CV of every model on the same folds; returns the JSON-ready report."""
+def _fold_record(
+    data: CohortData, ids: dict[str, list[str]], config: CVConfig, seed: int, threads: int | None
+) -> dict:
+    """One fold's JSON record; `threads` sets torch's threads in a worker process (None: leave as is)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return run_fold(data, ids["train"], ids["val"], ids["test"], config, seed=seed).record
+
+
+def cross_validate(
+    data: CohortData, config: CVConfig | None = None, progress: bool = True, jobs: int = 1
+) -> dict:
+    """Repeated stratified K-fold CV of every model on the same folds; returns the JSON-ready report.
+
+    With `jobs` > 1, folds run in that many worker processes (one torch thread each); every fold has its
+    own seed, so the report is the same for any `jobs`.
+    """
     config = config or CVConfig()
+    if jobs < 1:
+        raise CVError(f"jobs must be at least 1, got {jobs}")
     clinical = data.clinical
     splits = kfold_splits(
         clinical.index,
@@ -298,19 +316,26 @@ def cross_validate(data: CohortData, config: CVConfig | None = None, progress: b
         seed=config.seed,
         val_fraction=config.val_fraction,
     )
-    started = time.perf_counter()
-    folds = []
-    groups = list(splits.groupby(["repeat", "fold"]))
-    bar = tqdm(groups, desc="cv folds", unit="fold", disable=not progress)
-    for (repeat_key, fold_key), split in bar:
+    tasks = []
+    for (repeat_key, fold_key), split in splits.groupby(["repeat", "fold"]):
         repeat, fold = int(repeat_key), int(fold_key)
         ids = {
             role: split.loc[split["role"] == role, "patient_id"].tolist() for role in ("train", "val", "test")
         }
-        fold_seed = config.seed * 1000 + repeat * config.folds + fold
-        result = run_fold(data, ids["train"], ids["val"], ids["test"], config, seed=fold_seed)
-        folds.append({"repeat": repeat, "fold": fold, "seed": fold_seed, **result.record})
-        folds[-1]["test_ids"] = ids["test"]
+        tasks.append((repeat, fold, config.seed * 1000 + repeat * config.folds + fold, ids))
+    started = time.perf_counter()
+    if jobs == 1:
+        records = (_fold_record(data, ids, config, seed, None) for _, _, seed, ids in tasks)
+    else:
+        records = Parallel(n_jobs=jobs, return_as="generator")(
+            delayed(_fold_record)(data, ids, config, seed, 1) for _, _, seed, ids in tasks
+        )
+    folds = []
+    bar = tqdm(
+        zip(tasks, records, strict=True), total=len(tasks), desc="cv folds", unit="fold", disable=not progress
+    )
+    for (repeat, fold, seed, ids), record in bar:
+        folds.append({"repeat": repeat, "fold": fold, "seed": seed, **record, "test_ids": ids["test"]})
         bar.set_postfix(
             {
                 name: f"{mean_std([f['models'][name]['c_index'] for f in folds])['mean']:.3f}"
@@ -325,7 +350,8 @@ def cross_validate(data: CohortData, config: CVConfig | None = None, progress: b
         "folds": folds,
         "seconds": time.perf_counter() - started,
         "environment": {
-            "torch_threads": torch.get_num_threads(),
+            "jobs": jobs,
+            "torch_threads": 1 if jobs > 1 else torch.get_num_threads(),
             "torch": torch.__version__,
             "python": platform.python_version(),
             "machine": platform.machine(),

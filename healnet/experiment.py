@@ -20,6 +20,9 @@ from healnet.survival import SurvivalBins, survival_from_logits, survival_metric
 from healnet.train import TrainConfig, TrainResult, fit, make_loader, predict_logits, select_device
 
 OMIC = "omic"
+# omic modalities of several tokens (features or groups) get Fourier features of the token index, so that
+# every token says which features it holds; a one-value token would otherwise be erased by the LayerNorm
+OMIC_POSITION_BANDS = 6
 
 
 @dataclass
@@ -110,6 +113,12 @@ class TrainedModel:
         )
 
 
+def omic_spec(name: str, n_tokens: int, channels: int) -> ModalitySpec:
+    if n_tokens == 1:
+        return ModalitySpec(name, channels)
+    return ModalitySpec(name, channels, num_freq_bands=OMIC_POSITION_BANDS, max_freq=float(max(n_tokens, 3)))
+
+
 def model_config_for(
     preprocessor: Preprocessor, modalities: Sequence[str], n_bins: int, **options
 ) -> HEALNetConfig:
@@ -118,7 +127,7 @@ def model_config_for(
         if name == WSI:
             specs.append(ModalitySpec(WSI, preprocessor.wsi_dim))
         else:
-            specs.append(ModalitySpec(name, preprocessor.omics.token_shape(name)[1]))
+            specs.append(omic_spec(name, *preprocessor.omics.token_shape(name)))
     return HEALNetConfig(modalities=specs, n_bins=n_bins, **options)
 
 

@@ -41,6 +41,11 @@ class ModalitySpec:
             raise ModelInputError(f"modality {self.name!r}: num_freq_bands must be >= 0")
         if self.num_freq_bands > 0 and self.max_freq <= 2:
             raise ModelInputError(f"modality {self.name!r}: max_freq must be > 2, got {self.max_freq}")
+        if self.context_dim == 1:
+            raise ModelInputError(
+                f"modality {self.name!r}: one channel per token and no position features; the pre-norm "
+                "LayerNorm would map every value to the same number (give num_freq_bands > 0)"
+            )
 
     @property
     def context_dim(self) -> int:

@@ -9,9 +9,16 @@ import pytest
 import torch
 
 from healnet.ablation import AblationConfig, format_ablation, requirement, run_ablation, with_missing, without
-from healnet.baselines import CoxNetConfig, ForestConfig, OmicsMatrix, fit_coxnet, fit_forest
+from healnet.baselines import BaselineError, CoxNetConfig, ForestConfig, OmicsMatrix, fit_coxnet, fit_forest
 from healnet.cli import main
-from healnet.cv import CVConfig, CVError, HEALNetRecipe, cross_validate, run_fold, summarize
+from healnet.cv import (
+    CVConfig,
+    CVError,
+    HEALNetRecipe,
+    cross_validate,
+    run_fold,
+    summarize,
+)
 from healnet.data.cohort import ingest
 from healnet.data.splits import kfold_splits
 from healnet.experiment import CohortData
@@ -164,6 +171,20 @@ def test_baselines_recover_a_strong_signal(data, folds):
     assert harrell_c(test_rows["survival_months"], test_rows["event"], forest.predict(x_test)) > 0.7
 
 
+def test_coxnet_inner_folds_without_a_comparable_pair_do_not_vote():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 5))
+    times = np.concatenate([[1.0, 2.0, 200.0, 201.0], rng.uniform(10, 100, 36)])
+    events = np.r_[np.ones(4), np.zeros(36)].astype(int)
+    config = CoxNetConfig(n_alphas=5, inner_folds=4)  # one event per inner fold: two have no comparable pair
+    fit = fit_coxnet(x, times, events, config)
+    assert np.isfinite(fit.inner_c_index).all() and fit.alpha in fit.alphas
+    late = times.copy()
+    late[:2] = [202.0, 203.0]  # every event after every censoring time: nothing to score
+    with pytest.raises(BaselineError, match="comparable pair"):
+        fit_coxnet(x, late, events, config)
+
+
 def test_fold_results_report_every_model(fold_results):
     models = fold_results[0].record["models"]
     assert set(models) == {"healnet", "healnet_single", "coxnet", "rsf"}
@@ -203,6 +224,19 @@ def test_cross_validate_report_is_complete(data):
         assert sorted(tests) == sorted(data.clinical.index)
     assert report["summary"]["coxnet"]["c_index"]["mean"] > 0.7
     json.dumps(report)
+
+
+def test_worker_processes_give_the_same_report(data):
+    config = CVConfig(**{**FAST.__dict__, "models": ("healnet", "coxnet")})
+    alone = cross_validate(data, config, progress=False)
+    parallel = cross_validate(data, config, progress=False, jobs=2)
+    assert parallel["environment"]["jobs"] == 2
+    for one, two in zip(alone["folds"], parallel["folds"], strict=True):
+        assert one["test_ids"] == two["test_ids"]
+        for name in ("healnet", "healnet_single", "coxnet"):
+            assert one["models"][name]["c_index"] == two["models"][name]["c_index"]
+    with pytest.raises(CVError, match="jobs"):
+        cross_validate(data, config, jobs=0)
 
 
 def test_cli_writes_json(table, tmp_path, capsys):

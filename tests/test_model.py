@@ -256,3 +256,9 @@ def test_config_round_trips_through_json_and_rejects_bad_values():
         ModalitySpec("x", 3, input_axis=3)
     with pytest.raises(ValueError, match="attn_dropout"):
         HEALNetConfig(modalities=[OMIC], attn_dropout=1.0)
+
+
+def test_one_channel_tokens_need_position_features():
+    with pytest.raises(ModelInputError, match="one channel per token"):
+        ModalitySpec("rnaseq", 1)
+    assert ModalitySpec("rnaseq", 1, num_freq_bands=2).context_dim == 6

