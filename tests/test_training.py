@@ -189,3 +189,9 @@ def test_feature_tokens_carry_their_values_and_learn_the_signal(data, split):
     shifted = CohortData(data.clinical, {k: v + 1.0 for k, v in data.omics.items()}, {})
     assert not np.allclose(model.predict(data, split[2]), model.predict(shifted, split[2]))
     assert model.evaluate(data, split[2], split[0])["c_index"] > 0.65
+    # serving rebuilds the same model from the checkpoint, position features included
+    pid = split[2][0]
+    case = Case(omics={name: frame.loc[pid].to_dict() for name, frame in data.omics.items()})
+    (served,) = Predictor(model.to_checkpoint()).predict([case])
+    expected = -torch.cumprod(1 - torch.sigmoid(torch.from_numpy(model.predict(data, [pid]))), 1).sum()
+    assert served.risk == pytest.approx(float(expected), abs=1e-5)
