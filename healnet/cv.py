@@ -324,12 +324,10 @@ def cross_validate(
         }
         tasks.append((repeat, fold, config.seed * 1000 + repeat * config.folds + fold, ids))
     started = time.perf_counter()
-    if jobs == 1:
-        records = (_fold_record(data, ids, config, seed, None) for _, _, seed, ids in tasks)
-    else:
-        records = Parallel(n_jobs=jobs, return_as="generator")(
-            delayed(_fold_record)(data, ids, config, seed, 1) for _, _, seed, ids in tasks
-        )
+    # with jobs == 1 joblib runs the folds in this process, at the caller's torch threads
+    records = Parallel(n_jobs=jobs, return_as="generator")(
+        delayed(_fold_record)(data, ids, config, seed, 1 if jobs > 1 else None) for _, _, seed, ids in tasks
+    )
     folds = []
     bar = tqdm(
         zip(tasks, records, strict=True), total=len(tasks), desc="cv folds", unit="fold", disable=not progress

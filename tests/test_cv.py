@@ -11,14 +11,7 @@ import torch
 from healnet.ablation import AblationConfig, format_ablation, requirement, run_ablation, with_missing, without
 from healnet.baselines import BaselineError, CoxNetConfig, ForestConfig, OmicsMatrix, fit_coxnet, fit_forest
 from healnet.cli import main
-from healnet.cv import (
-    CVConfig,
-    CVError,
-    HEALNetRecipe,
-    cross_validate,
-    run_fold,
-    summarize,
-)
+from healnet.cv import CVConfig, CVError, HEALNetRecipe, cross_validate, run_fold, summarize
 from healnet.data.cohort import ingest
 from healnet.data.splits import kfold_splits
 from healnet.experiment import CohortData
