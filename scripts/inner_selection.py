@@ -1,0 +1,93 @@
+"""Compare recipe candidates on inner splits of outer training folds; no outer test fold is ever read.
+
+For each outer training fold of repeat 0 of `healnet cv`'s splits (stratified patient-level K-fold, the same
+seed), a stratified 75/25 split (random_state = SET + fold) gives an inner training and an inner test set.
+Every candidate and baseline is fitted on the inner training set and scored on the inner test set.
+The protocol and the rule that picks a candidate are in docs/results.md, written before the run.
+
+    python scripts/inner_selection.py --table ../shared/data/tcga/tcga_blca_all_clean.csv.gz --set 400 \
+        --json build/inner/blca_400.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from joblib import Parallel, delayed
+from sklearn.model_selection import train_test_split
+
+from healnet.cv import BASELINES, CVConfig, run_fold
+from healnet.data.cohort import ingest
+from healnet.data.splits import kfold_splits
+from healnet.experiment import CohortData
+from healnet.recipes import TCGA
+
+CANDIDATES = {
+    "omics_only": replace(TCGA, clinical=None, model={k: v for k, v in TCGA.model.items() if k != "linear_path"}),
+    "clinical_token": replace(TCGA, model={k: v for k, v in TCGA.model.items() if k != "linear_path"}),
+    "clinical_token_linear": TCGA,
+}
+
+
+def inner_sets(data: CohortData, folds: int, seed: int, set_seed: int) -> list[tuple[list[str], list[str]]]:
+    clinical = data.clinical
+    splits = kfold_splits(clinical.index, clinical["event"].to_numpy(), folds=folds, repeats=1, seed=seed)
+    sets = []
+    for fold, split in splits.groupby("fold"):
+        pool = split.loc[split["role"] != "test", "patient_id"].tolist()
+        events = clinical.loc[pool, "event"].to_numpy()
+        train, test = train_test_split(pool, test_size=0.25, stratify=events, random_state=set_seed + int(fold))
+        sets.append((list(train), list(test)))
+    return sets
+
+
+def score(data: CohortData, name: str, config: CVConfig, train: list[str], test: list[str], seed: int) -> dict:
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    record = run_fold(data, train, [], test, config, seed=seed).record["models"]
+    return {"candidate": name, "seconds": time.perf_counter() - started, "models": record}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--table", type=Path, required=True)
+    parser.add_argument("--set", type=int, default=400, help="inner split seed offset")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args()
+
+    data = CohortData.from_cohort(ingest(args.table))
+    sets = inner_sets(data, args.folds, args.seed, args.set)
+    tasks = [
+        (name, replace(CVConfig(), models=("healnet",), healnet=recipe))
+        for name, recipe in CANDIDATES.items()
+    ] + [("baselines", replace(CVConfig(), models=BASELINES))]
+    jobs = [
+        delayed(score)(data, name, config, train, test, args.seed * 1000 + index)
+        for name, config in tasks
+        for index, (train, test) in enumerate(sets)
+    ]
+    results = Parallel(n_jobs=args.jobs)(jobs)
+    by_candidate: dict[str, list[float]] = {}
+    for result in results:
+        for model, metrics in result["models"].items():
+            key = result["candidate"] if model == "healnet" else model
+            if model != "healnet_single":
+                by_candidate.setdefault(key, []).append(metrics["c_index"])
+    summary = {key: {"mean": float(np.mean(v)), "per_set": v} for key, v in by_candidate.items()}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"set": args.set, "summary": summary, "results": results}, indent=1))
+    for key, value in summary.items():
+        print(f"{key:<24} {value['mean']:.4f}  " + " ".join(f"{c:.3f}" for c in value["per_set"]))
+
+
+if __name__ == "__main__":
+    main()
