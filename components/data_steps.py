@@ -37,8 +37,10 @@ def validate(
 
 
 @dsl.component(base_image=HEALNET_IMAGE, packages_to_install=[], install_kfp_package=False)
-def preprocess_omics(cohort_dir: str, split_repeat: int, data_hash: str, transform: Output[Artifact]):
-    """Fit the omics transform (one combined "omic" modality) on the training patients only.
+def preprocess_omics(
+    cohort_dir: str, split_repeat: int, recipe: str, data_hash: str, transform: Output[Artifact]
+):
+    """Fit the recipe's omics transform on the patients the recipe trains on (never the test patients).
 
     Writes its JSON state; `null` when the cohort has no omics table. `data_hash` keys the cache.
     """
@@ -46,14 +48,18 @@ def preprocess_omics(cohort_dir: str, split_repeat: int, data_hash: str, transfo
     from pathlib import Path
 
     from healnet.data.cohort import Cohort
-    from healnet.preprocess.omics import OmicsConfig, OmicsTransform
+    from healnet.experiment import fitting_patients
+    from healnet.preprocess.omics import OmicsTransform
+    from healnet.recipes import get_recipe
 
+    chosen = get_recipe(recipe)
     cohort = Cohort.load(Path(cohort_dir))
-    train_ids = set(cohort.patients("holdout", split_repeat, 0, "train"))
+    roles = [cohort.patients("holdout", split_repeat, 0, role) for role in ("train", "val")]
+    train_ids = set(fitting_patients(*roles, chosen.members))
     state = None
     if cohort.omics:
         frames = {name: frame[frame.index.isin(train_ids)] for name, frame in cohort.omics.items()}
-        fitted = OmicsTransform.fit(frames, OmicsConfig(combine=True))
+        fitted = OmicsTransform.fit(frames, chosen.omics)
         state = fitted.state_dict()
         transform.metadata["features"] = {name: len(names) for name, names in fitted.feature_names.items()}
     transform.metadata["data_hash"] = data_hash

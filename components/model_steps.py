@@ -11,6 +11,7 @@ def train(
     cohort_dir: str,
     data_hash: str,
     split_repeat: int,
+    recipe: str,
     epochs: int,
     batch_size: int,
     patience: int,
@@ -20,20 +21,31 @@ def train(
     model: Output[Model],
     metrics: Output[Metrics],
 ):
-    """Train HEALNet on the holdout split's training patients (early stopping on the validation ones).
+    """Train the named recipe (healnet/recipes.py) on the holdout split: a single model trains on the
+    training patients and early-stops on the validation ones; an ensemble uses both. `epochs`,
+    `batch_size` and `patience` override the recipe's when above 0.
 
     The model folder holds `checkpoint/` (weights sealed by sha256), `metrics.json` and `history.json`.
     """
     import json
     import math
     import tempfile
+    from dataclasses import replace
     from pathlib import Path
 
     from components.support import merge_feature_shards
     from healnet.experiment import run_training
     from healnet.preprocess.omics import OmicsTransform
-    from healnet.train import TrainConfig
+    from healnet.recipes import get_recipe
 
+    chosen = get_recipe(recipe)
+    overrides = {"epochs": epochs, "batch_size": batch_size, "patience": patience}
+    chosen = replace(
+        chosen,
+        train=replace(
+            chosen.train, seed=seed, **{name: value for name, value in overrides.items() if value > 0}
+        ),
+    )
     state = json.loads(Path(omics_transform.path).read_text())
     with tempfile.TemporaryDirectory(prefix="features-") as features_dir:
         merge_feature_shards([artifact.path for artifact in slide_features], Path(features_dir))
@@ -41,8 +53,8 @@ def train(
             Path(cohort_dir),
             Path(model.path),
             features_dir=Path(features_dir),
+            recipe=chosen,
             split_repeat=split_repeat,
-            train_config=TrainConfig(epochs=epochs, batch_size=batch_size, patience=patience, seed=seed),
             omics_transform=OmicsTransform.from_state_dict(state) if state is not None else None,
             progress=False,
         )
@@ -50,7 +62,9 @@ def train(
         {
             "sha256": result["sha256"],
             "modalities": result["modalities"],
-            "best_epoch": result["best_epoch"],
+            "recipe": result["recipe"],
+            "members": result["members"],
+            "best_epochs": result["best_epochs"],
             "device": result["device"],
             "data_hash": data_hash,
         }

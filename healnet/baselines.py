@@ -1,9 +1,10 @@
-"""Classical survival baselines for cross-validation: CoxNet and a random survival forest.
+"""Classical survival baselines for cross-validation: age alone, CoxNet and a random survival forest.
 
-Both see the omics through the same `OmicsTransform` as HEALNet (signed log of the rnaseq z-scores,
+CoxNet and the forest see the clinical covariates through the same `ClinicalTransform` as HEALNet's
+clinical modality, and the omics through the same `OmicsTransform` (signed log of the rnaseq z-scores,
 impute with the training median, z-score, variance filter, top-k by variance), fitted on the training fold
 only and flattened into one feature matrix. CoxNet's penalty is chosen by an inner K-fold CV on the
-training fold; the forest uses fixed, modest defaults.
+training fold; the forest uses fixed, modest defaults. Age alone fits nothing.
 """
 
 from __future__ import annotations
@@ -21,12 +22,9 @@ from sksurv.ensemble import RandomSurvivalForest
 from sksurv.linear_model import CoxnetSurvivalAnalysis
 from sksurv.util import Surv
 
-from healnet.preprocess.omics import OmicsConfig, OmicsTransform
+from healnet.preprocess.clinical import ClinicalConfig, ClinicalTransform
+from healnet.preprocess.omics import RNASEQ, OmicsConfig, OmicsTransform
 from healnet.survival import harrell_c_or_nan
-
-# PORPOISE's rnaseq values are z-scores that reach 10^4: without sign(x)·log1p(|x|), the variance
-# filter keeps the genes with one extreme patient
-RNASEQ = ("rnaseq",)
 
 
 class BaselineError(ValueError):
@@ -80,6 +78,55 @@ class OmicsMatrix:
     def __call__(self, omics: Mapping[str, pd.DataFrame], patient_ids: Sequence[str]) -> np.ndarray:
         tokens = self.transform.transform(omics, patient_ids)["omic"].values
         return rearrange(tokens, "n 1 c -> n c").astype(np.float64)
+
+
+class BaselineFeatures:
+    """Clinical covariates and omics of a set of patients as one (patients, features) matrix."""
+
+    def __init__(self, clinical: ClinicalTransform | None, omics: OmicsMatrix | None):
+        if clinical is None and omics is None:
+            raise BaselineError(
+                "the baselines need clinical covariates or omics, and this cohort has neither"
+            )
+        self.clinical = clinical
+        self.omics = omics
+
+    @classmethod
+    def fit(
+        cls, data, train_ids: Sequence[str], omics_config: OmicsConfig, clinical_config: ClinicalConfig
+    ) -> BaselineFeatures:
+        """Fit on `train_ids` of `data` (a CohortData: .clinical, .omics)."""
+        train = data.clinical.loc[list(train_ids)]
+        clinical = (
+            ClinicalTransform.fit(train, clinical_config)
+            if clinical_config.observed_covariates(train)
+            else None
+        )
+        omics = OmicsMatrix.fit(data.omics, train_ids, omics_config) if data.omics else None
+        return cls(clinical, omics)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return (self.clinical.feature_names if self.clinical else []) + (
+            self.omics.feature_names if self.omics else []
+        )
+
+    def __call__(self, data, patient_ids: Sequence[str]) -> np.ndarray:
+        parts = []
+        if self.clinical:
+            parts.append(
+                rearrange(self.clinical.transform(data.clinical, patient_ids).values, "n f 1 -> n f")
+            )
+        if self.omics:
+            parts.append(self.omics(data.omics, patient_ids))
+        return np.concatenate(parts, axis=1).astype(np.float64)
+
+
+def age_risk(train: pd.DataFrame, test: pd.DataFrame) -> np.ndarray:
+    """Age at diagnosis as the risk score, nothing fitted (a missing age gets the training median)."""
+    if train["age"].notna().sum() == 0:
+        raise BaselineError("age alone needs ages, and no training patient has one")
+    return test["age"].fillna(train["age"].median()).to_numpy(dtype=np.float64)
 
 
 def _surv(times: np.ndarray, events: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Checkpoint: weights, model config, bin edges, feature names and preprocessing state, sha256-sealed.
 
 A checkpoint is a folder holding `model.pt` (torch.save of plain types only, loaded with
-`weights_only=True`) and `checkpoint.json`, which records the sha256 of `model.pt`.
+`weights_only=True`) and `checkpoint.json`, which records the sha256 of `model.pt`. It holds the weights of
+every member of an ensemble (one for a single model); the members share the config, bins and preprocessing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from healnet.survival import SurvivalBins
 
 WEIGHTS_FILE = "model.pt"
 MANIFEST_FILE = "checkpoint.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the weights of several members; version 1 held one model's
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 
 class CheckpointError(RuntimeError):
@@ -30,19 +32,24 @@ class CheckpointError(RuntimeError):
 @dataclass
 class Checkpoint:
     model_config: HEALNetConfig
-    state_dict: dict
+    state_dicts: list[dict]  # one per ensemble member
     bins: SurvivalBins
     preprocessor: Preprocessor
     metadata: dict = field(default_factory=dict)
 
-    def build_model(self) -> HEALNet:
-        model = HEALNet(self.model_config)
-        model.load_state_dict(self.state_dict)
-        return model.eval()
+    def build_models(self) -> list[HEALNet]:
+        models = []
+        for state_dict in self.state_dicts:
+            model = HEALNet(self.model_config)
+            model.load_state_dict(state_dict)
+            models.append(model.eval())
+        return models
 
     @property
     def feature_names(self) -> dict[str, list[str]]:
         names = dict(self.preprocessor.omics.feature_names) if self.preprocessor.omics else {}
+        if self.preprocessor.clinical is not None:
+            names["clinical"] = list(self.preprocessor.clinical.feature_names)
         if self.preprocessor.wsi_mean is not None:
             names["wsi"] = [f"f_{i}" for i in range(self.preprocessor.wsi_dim)]
         return names
@@ -62,7 +69,10 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> str:
     directory.mkdir(parents=True, exist_ok=True)
     payload = {
         "format_version": FORMAT_VERSION,
-        "state_dict": {key: value.detach().cpu() for key, value in checkpoint.state_dict.items()},
+        "members": [
+            {key: value.detach().cpu() for key, value in state_dict.items()}
+            for state_dict in checkpoint.state_dicts
+        ],
         "model_config": checkpoint.model_config.to_dict(),
         "bins": checkpoint.bins.to_dict(),
         "preprocessing": checkpoint.preprocessor.state_dict(),
@@ -78,6 +88,7 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> str:
         "sha256": digest,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "modalities": checkpoint.model_config.to_dict()["modalities"],
+        "members": len(checkpoint.state_dicts),
         "bin_edges_months": checkpoint.bins.to_dict(),
         "metadata": checkpoint.metadata,
     }
@@ -117,11 +128,12 @@ def load_checkpoint(directory: Path, map_location: str | torch.device = "cpu") -
         payload = torch.load(directory / WEIGHTS_FILE, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for unreadable pickles
         raise CheckpointError(f"cannot read {directory / WEIGHTS_FILE}: {error}") from error
-    if payload.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"unsupported checkpoint format {payload.get('format_version')!r}")
+    version = payload.get("format_version")
+    if version not in READABLE_FORMAT_VERSIONS:
+        raise CheckpointError(f"unsupported checkpoint format {version!r}")
     return Checkpoint(
         model_config=HEALNetConfig.from_dict(payload["model_config"]),
-        state_dict=payload["state_dict"],
+        state_dicts=[payload["state_dict"]] if version == 1 else payload["members"],
         bins=SurvivalBins.from_dict(payload["bins"]),
         preprocessor=Preprocessor.from_state_dict(payload["preprocessing"]),
         metadata=payload["metadata"],

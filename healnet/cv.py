@@ -13,7 +13,7 @@ import json
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,70 +23,51 @@ from joblib import Parallel, delayed
 from tqdm.auto import tqdm
 
 from healnet.baselines import (
-    RNASEQ,
+    BaselineFeatures,
     CoxNetConfig,
     CoxNetFit,
     ForestConfig,
-    OmicsMatrix,
+    age_risk,
     fit_coxnet,
     fit_forest,
 )
 from healnet.data.splits import kfold_splits
-from healnet.experiment import CohortData, TrainedModel, train_model
-from healnet.preprocess.omics import OmicsConfig
-from healnet.survival import SurvivalBins, harrell_c, survival_from_logits, survival_metrics, uno_c
-from healnet.train import TrainConfig
+from healnet.ensemble import HEALNetEnsemble
+from healnet.experiment import CohortData
+from healnet.preprocess.clinical import ClinicalConfig
+from healnet.preprocess.omics import RNASEQ, OmicsConfig
+from healnet.recipes import TCGA, Recipe
+from healnet.survival import harrell_c, uno_c
 
-MODELS = ("healnet", "coxnet", "rsf")
+MODELS = ("healnet", "age", "coxnet", "coxnet_topk", "rsf")
+BASELINES = MODELS[1:]
 LABELS = {
     "healnet": "HEALNet",
     "healnet_single": "HEALNet (one member)",
-    "coxnet": "CoxNet",
+    "age": "Age alone",
+    "coxnet": "CoxNet, clinical + all omics",
+    "coxnet_topk": "CoxNet, clinical + top-k omics",
     "rsf": "Random survival forest",
 }
-METRICS = ("c_index", "c_index_ipcw")
+METRICS = ("c_index", "c_index_ipcw", "integrated_brier_score")
 
 
 class CVError(ValueError):
     """A cross-validation that cannot run as configured; the message says why."""
 
 
-def default_model_options() -> dict:
-    return {"depth": 1, "n_latents": 8, "latent_dim": 16, "cross_dim_head": 8, "latent_dim_head": 8}
-
-
-@dataclass(frozen=True)
-class HEALNetRecipe:
-    """How HEALNet is trained in each fold: a small model, per-table omic modalities, an ensemble.
-
-    With `members` > 1, the training fold is split into `members` stratified parts; member i is
-    early-stopped on part i and trained on the others, and the members' survival curves are averaged.
-    Strong weight decay (3e-2) keeps each member from fitting noise when events are few (BRCA: 13.6%);
-    batches of 64 make a member about 2.4x cheaper (BRCA), which pays for 20 members.
-    """
-
-    omics: OmicsConfig = OmicsConfig(top_k=200, combine=False, tokens="single", signed_log=RNASEQ)
-    model: dict = field(default_factory=default_model_options)
-    train: TrainConfig = TrainConfig(epochs=20, patience=20, monitor="loss", batch_size=64, weight_decay=3e-2)
-    members: int = 20
-    n_bins: int = 4
-
-    def __post_init__(self) -> None:
-        if self.members < 1:
-            raise CVError(f"members must be at least 1, got {self.members}")
-
-
 @dataclass(frozen=True)
 class CVConfig:
     folds: int = 5
-    repeats: int = 3
+    repeats: int = 5
     seed: int = 0
-    val_fraction: float = 0.15  # HEALNet's validation carve-out when it has a single member
     models: tuple[str, ...] = MODELS
-    modalities: tuple[str, ...] | None = None  # HEALNet input kinds ("omic", "wsi"); default: all
-    healnet: HEALNetRecipe = HEALNetRecipe()
-    coxnet: CoxNetConfig = CoxNetConfig()
+    modalities: tuple[str, ...] | None = None  # HEALNet input kinds ("omic", "clinical", "wsi"); default: all
+    healnet: Recipe = TCGA
+    coxnet: CoxNetConfig = CoxNetConfig(omics=OmicsConfig(top_k=None, signed_log=RNASEQ))
+    coxnet_topk: CoxNetConfig = CoxNetConfig()
     forest: ForestConfig = ForestConfig()
+    clinical: ClinicalConfig = ClinicalConfig()  # the baselines' clinical covariates
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.models) - set(MODELS))
@@ -98,82 +79,10 @@ class CVConfig:
 
 
 @dataclass
-class HEALNetEnsemble:
-    members: list[TrainedModel]
-    bins: SurvivalBins
-    member_splits: list[tuple[list[str], list[str]]]  # (train ids, early-stopping ids) per member
-
-    @classmethod
-    def fit(
-        cls,
-        data: CohortData,
-        train_ids: Sequence[str],
-        val_ids: Sequence[str],
-        recipe: HEALNetRecipe | None = None,
-        modalities: Sequence[str] | None = None,
-        seed: int = 0,
-    ) -> HEALNetEnsemble:
-        """Bins on the whole training fold (train_ids + val_ids); members as in `HEALNetRecipe`."""
-        recipe = recipe or HEALNetRecipe()
-        pool = list(train_ids) + list(val_ids)
-        clinical = data.clinical.loc[pool]
-        bins = SurvivalBins.fit(clinical["survival_months"], clinical["event"], recipe.n_bins)
-        if recipe.members == 1:
-            parts = [(list(train_ids), list(val_ids))]
-        else:
-            inner = kfold_splits(pool, clinical["event"], folds=recipe.members, seed=seed, val_fraction=0.0)
-            parts = [
-                (
-                    split.loc[split["role"] == "train", "patient_id"].tolist(),
-                    split.loc[split["role"] == "test", "patient_id"].tolist(),
-                )
-                for _, split in inner.groupby("fold")
-            ]
-        members = [
-            train_model(
-                data,
-                fit_ids,
-                stop_ids,
-                modalities,
-                recipe.omics,
-                recipe.model,
-                replace(recipe.train, seed=seed + index),
-                progress=False,
-                bins=bins,
-            )
-            for index, (fit_ids, stop_ids) in enumerate(parts)
-        ]
-        return cls(members, bins, parts)
-
-    def survival(
-        self, data: CohortData, patient_ids: Sequence[str], members: int | None = None
-    ) -> np.ndarray:
-        """Mean survival per bin (patients, n_bins) over the first `members` members (default: all)."""
-        curves = [
-            survival_from_logits(torch.from_numpy(member.predict(data, patient_ids)))[1].numpy()
-            for member in self.members[:members]
-        ]
-        return np.mean(curves, axis=0)
-
-    def evaluate(
-        self, data: CohortData, test_ids: Sequence[str], train_ids: Sequence[str], members: int | None = None
-    ) -> dict:
-        train, test = data.clinical.loc[list(train_ids)], data.clinical.loc[list(test_ids)]
-        return survival_metrics(
-            train["survival_months"].to_numpy(),
-            train["event"].to_numpy(),
-            test["survival_months"].to_numpy(),
-            test["event"].to_numpy(),
-            self.survival(data, test_ids, members),
-            self.bins,
-        )
-
-
-@dataclass
 class FoldResult:
     record: dict  # JSON-ready: ids counts, metrics and seconds per model
     healnet: HEALNetEnsemble | None = None
-    features: dict[str, OmicsMatrix] = field(default_factory=dict)  # per baseline
+    features: dict[str, BaselineFeatures] = field(default_factory=dict)  # per baseline
     coxnet: CoxNetFit | None = None
 
 
@@ -231,31 +140,37 @@ def run_fold(
             models["healnet_single"] = {**ensemble.evaluate(data, test_ids, pool, members=1)}
         result.healnet = ensemble
 
-    baselines = [name for name in ("coxnet", "rsf") if name in config.models]
-    if baselines and not data.omics:
-        raise CVError(f"the baselines {baselines} need omics, and this cohort has none")
-    times = clinical.loc[pool, "survival_months"].to_numpy()
-    events = clinical.loc[pool, "event"].to_numpy()
-    for name in baselines:
+    pool_clinical = clinical.loc[pool]
+    times = pool_clinical["survival_months"].to_numpy()
+    events = pool_clinical["event"].to_numpy()
+    for name in [name for name in BASELINES if name in config.models]:
         started = time.perf_counter()
-        baseline_config = config.coxnet if name == "coxnet" else config.forest
-        features = OmicsMatrix.fit(data.omics, pool, baseline_config.omics)
-        x_train, x_test = features(data.omics, pool), features(data.omics, test_ids)
-        if name == "coxnet":
-            result.coxnet = fit_coxnet(x_train, times, events, config.coxnet, seed)
-            risk = result.coxnet.risk(x_test)
-            extra = {"alpha": result.coxnet.alpha, "nonzero_coefficients": result.coxnet.n_nonzero}
+        extra = {}
+        if name == "age":
+            risk = age_risk(pool_clinical, clinical.loc[test_ids])
         else:
-            risk = fit_forest(x_train, times, events, config.forest, seed).predict(x_test)
-            extra = {}
+            features = BaselineFeatures.fit(data, pool, _baseline_omics(config, name), config.clinical)
+            x_train, x_test = features(data, pool), features(data, test_ids)
+            extra["features"] = x_train.shape[1]
+            result.features[name] = features
+            if name == "rsf":
+                risk = fit_forest(x_train, times, events, config.forest, seed).predict(x_test)
+            else:
+                fitted = fit_coxnet(x_train, times, events, getattr(config, name), seed)
+                risk = fitted.risk(x_test)
+                extra |= {"alpha": fitted.alpha, "nonzero_coefficients": fitted.n_nonzero}
+                if name == "coxnet":
+                    result.coxnet = fitted
         models[name] = {
             **_risk_metrics(clinical, pool, test_ids, risk),
             "seconds": time.perf_counter() - started,
-            "features": x_train.shape[1],
             **extra,
         }
-        result.features[name] = features
     return result
+
+
+def _baseline_omics(config: CVConfig, name: str) -> OmicsConfig:
+    return config.forest.omics if name == "rsf" else getattr(config, name).omics
 
 
 def mean_std(values: Sequence[float]) -> dict:
@@ -263,8 +178,20 @@ def mean_std(values: Sequence[float]) -> dict:
     return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0}
 
 
+def paired_difference(folds: list[dict], model: str, baseline: str) -> dict:
+    """`model` minus `baseline` in Harrell's C, fold by fold: mean, std, standard error, folds higher."""
+    difference = np.asarray([f["models"][model]["c_index"] - f["models"][baseline]["c_index"] for f in folds])
+    spread = mean_std(difference)
+    return {
+        **spread,
+        "standard_error": spread["std"] / np.sqrt(len(difference)),
+        "folds_higher": int(np.sum(difference > 0)),
+    }
+
+
 def summarize(folds: list[dict]) -> dict:
-    """Mean and std over folds per model and metric, and HEALNet's paired difference to each baseline."""
+    """Mean and std over folds per model and metric; the best baseline by mean Harrell C, and HEALNet's
+    paired difference to each baseline."""
     names = list(dict.fromkeys(name for fold in folds for name in fold["models"]))
     summary = {
         name: {
@@ -274,16 +201,13 @@ def summarize(folds: list[dict]) -> dict:
         }
         for name in names
     }
+    baselines = [name for name in BASELINES if name in names]
+    if baselines:
+        best = max(baselines, key=lambda name: summary[name]["c_index"]["mean"])
+        summary["best_baseline"] = best
     if "healnet" in names:
-        for baseline in ("coxnet", "rsf"):
-            if baseline in names:
-                difference = [
-                    f["models"]["healnet"]["c_index"] - f["models"][baseline]["c_index"] for f in folds
-                ]
-                summary["healnet"][f"c_index_minus_{baseline}"] = {
-                    **mean_std(difference),
-                    "folds_higher": int(np.sum(np.asarray(difference) > 0)),
-                }
+        for baseline in baselines:
+            summary["healnet"][f"c_index_minus_{baseline}"] = paired_difference(folds, "healnet", baseline)
     return summary
 
 
@@ -314,7 +238,7 @@ def cross_validate(
         folds=config.folds,
         repeats=config.repeats,
         seed=config.seed,
-        val_fraction=config.val_fraction,
+        val_fraction=config.healnet.val_fraction,
     )
     tasks = []
     for (repeat_key, fold_key), split in splits.groupby(["repeat", "fold"]):
@@ -358,25 +282,32 @@ def cross_validate(
 
 
 def format_table(report: dict, title: str = "") -> str:
-    """Plain-text table: mean ± std over folds of Harrell's and Uno's C, fit seconds per fold."""
+    """Plain-text table: mean ± std over folds of Harrell's and Uno's C and the integrated Brier score, fit
+    seconds per fold, and HEALNet's paired difference to the best baseline."""
     summary = report["summary"]
     n_folds = len(report["folds"])
     lines = [
         f"{title}{' ' if title else ''}{report['patients']} patients, {report['events']} events, "
         f"{n_folds} test folds ({report['config']['folds']} folds x {report['config']['repeats']} repeats)",
-        f"{'model':<24} {'Harrell C':>15} {'Uno C (IPCW)':>15} {'fit s/fold':>11}",
+        f"{'model':<32} {'Harrell C':>15} {'Uno C (IPCW)':>15} {'IBS':>15} {'fit s/fold':>11}",
     ]
     for name, metrics in summary.items():
+        if name == "best_baseline":
+            continue
         seconds = f"{metrics['seconds']['mean']:.1f}" if "seconds" in metrics else "-"
-        cells = [f"{metrics[m]['mean']:.3f} ± {metrics[m]['std']:.3f}" for m in METRICS]
-        lines.append(f"{LABELS.get(name, name):<24} {cells[0]:>15} {cells[1]:>15} {seconds:>11}")
-    for baseline in ("coxnet", "rsf"):
-        paired = summary.get("healnet", {}).get(f"c_index_minus_{baseline}")
-        if paired:
-            lines.append(
-                f"HEALNet − {LABELS[baseline]} (paired Harrell C): {paired['mean']:+.3f} ± {paired['std']:.3f}, "
-                f"higher in {paired['folds_higher']}/{n_folds} folds"
-            )
+        cells = [
+            f"{metrics[m]['mean']:.3f} ± {metrics[m]['std']:.3f}" if m in metrics else "-" for m in METRICS
+        ]
+        lines.append(
+            f"{LABELS.get(name, name):<32} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} {seconds:>11}"
+        )
+    best = summary.get("best_baseline")
+    paired = summary.get("healnet", {}).get(f"c_index_minus_{best}")
+    if paired:
+        lines.append(
+            f"best baseline by mean Harrell C: {LABELS[best]}; HEALNet − it (paired): {paired['mean']:+.3f} "
+            f"(standard error {paired['standard_error']:.3f}), higher in {paired['folds_higher']}/{n_folds} folds"
+        )
     lines.append(f"total {report['seconds']:.0f} s")
     return "\n".join(lines)
 

@@ -6,10 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from healnet.experiment import CohortData, load_trained
-from healnet.survival import survival_from_logits
 
 
 def risk_groups(risk: np.ndarray, threshold: float) -> np.ndarray:
@@ -74,8 +72,8 @@ def evaluate_checkpoint(
     train_ids = cohort.patients("holdout", split_repeat, 0, "train")
     ids = cohort.patients("holdout", split_repeat, 0, role)
     metrics = trained.evaluate(data, ids, train_ids)
-    risk = survival_from_logits(torch.from_numpy(trained.predict(data, ids)))[2].numpy()
-    train_risk = survival_from_logits(torch.from_numpy(trained.predict(data, train_ids)))[2].numpy()
+    risk = trained.risk(data, ids)
+    train_risk = trained.risk(data, train_ids)
     clinical = data.clinical.loc[ids]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

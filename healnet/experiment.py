@@ -11,11 +11,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from healnet.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from healnet.data.dataset import SurvivalDataset, Targets, load_wsi_bags
+from healnet.checkpoint import load_checkpoint, save_checkpoint
+from healnet.data.dataset import SurvivalDataset, Targets, load_wsi_bags, require_slide_features
 from healnet.model import HEALNet, HEALNetConfig, ModalitySpec
+from healnet.preprocess.clinical import CLINICAL, ClinicalConfig
 from healnet.preprocess.omics import OmicsConfig, OmicsTransform
 from healnet.preprocess.state import WSI, Preprocessor
+from healnet.recipes import DEMO, Recipe
 from healnet.survival import SurvivalBins, survival_from_logits, survival_metrics
 from healnet.train import TrainConfig, TrainResult, fit, make_loader, predict_logits, select_device
 
@@ -34,15 +36,19 @@ class CohortData:
     wsi_bags: dict[str, np.ndarray]
 
     @classmethod
-    def from_cohort(cls, cohort, features_dir: Path | None = None) -> CohortData:
+    def from_cohort(
+        cls, cohort, features_dir: Path | None = None, require_features: bool = False
+    ) -> CohortData:
+        """`require_features`: no features loading from `features_dir` is a `SlideFeaturesError`."""
         bags = {}
         if features_dir is not None:
-            bags = load_wsi_bags(cohort, features_dir)
+            bags = load_wsi_bags(cohort, features_dir, required=require_features)
         return cls(cohort.clinical, dict(cohort.omics), bags)
 
     def available_modalities(self) -> list[str]:
-        """Input kinds present: "omic" (every omic table together) and "wsi"."""
-        return ([OMIC] if self.omics else []) + ([WSI] if self.wsi_bags else [])
+        """Input kinds present: "omic" (every omic table together), "clinical" and "wsi"."""
+        clinical = [CLINICAL] if ClinicalConfig().observed_covariates(self.clinical) else []
+        return ([OMIC] if self.omics else []) + clinical + ([WSI] if self.wsi_bags else [])
 
     def targets(self, patient_ids: Sequence[str], bins: SurvivalBins) -> Targets:
         rows = self.clinical.loc[list(patient_ids)]
@@ -71,6 +77,7 @@ class TrainedModel:
             self.modalities,
             max_patches,
             seed,
+            clinical=data.clinical,
         )
 
     def predict(self, data: CohortData, patient_ids: Sequence[str], batch_size: int = 32) -> np.ndarray:
@@ -93,25 +100,6 @@ class TrainedModel:
             self.bins,
         )
 
-    def to_checkpoint(self, metadata: dict | None = None) -> Checkpoint:
-        return Checkpoint(
-            self.model.config,
-            self.model.state_dict(),
-            self.bins,
-            self.preprocessor,
-            {**self.metadata, **(metadata or {})},
-        )
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint: Checkpoint) -> TrainedModel:
-        return cls(
-            checkpoint.build_model(),
-            checkpoint.bins,
-            checkpoint.preprocessor,
-            [spec.name for spec in checkpoint.model_config.modalities],
-            metadata=checkpoint.metadata,
-        )
-
 
 def omic_spec(name: str, n_tokens: int, channels: int) -> ModalitySpec:
     if n_tokens == 1:
@@ -126,9 +114,80 @@ def model_config_for(
     for name in modalities:
         if name == WSI:
             specs.append(ModalitySpec(WSI, preprocessor.wsi_dim))
+        elif name == CLINICAL:
+            # one token per covariate, always with index features: a model may have a single covariate
+            n_features = preprocessor.clinical.n_features
+            specs.append(
+                ModalitySpec(
+                    CLINICAL, 1, num_freq_bands=OMIC_POSITION_BANDS, max_freq=float(max(n_features, 3))
+                )
+            )
         else:
             specs.append(omic_spec(name, *preprocessor.omics.token_shape(name)))
+    linear_path = options.pop("linear_path", None)
+    if linear_path in modalities:  # a run without that modality has no linear path
+        options["linear_path"] = linear_path
+        options["linear_path_inputs"] = preprocessor.tabular_token_size(linear_path)
     return HEALNetConfig(modalities=specs, n_bins=n_bins, **options)
+
+
+def fitting_patients(train_ids: Sequence[str], val_ids: Sequence[str], members: int) -> list[str]:
+    """The patients that bins and preprocessing are fitted on: a single model's training patients, or all
+    of an ensemble's (each of its members early-stops on a part of them)."""
+    return list(train_ids) if members == 1 else list(train_ids) + list(val_ids)
+
+
+def fit_preprocessor(
+    data: CohortData,
+    train_ids: Sequence[str],
+    modalities: Sequence[str] | None = None,
+    omics_config: OmicsConfig = OmicsConfig(combine=True),
+    clinical_config: ClinicalConfig | None = ClinicalConfig(),
+    omics_transform: OmicsTransform | None = None,
+) -> Preprocessor:
+    """The preprocessing of the requested input kinds, fitted on `train_ids` only.
+
+    `modalities` picks the input kinds, "omic", "clinical" and/or "wsi" (default: all the cohort has; the
+    clinical modality only with a `clinical_config`); how omic tables become model modalities (one
+    combined, or one per table) is `omics_config.combine`. A given `omics_transform` (already fitted on
+    `train_ids`) is used as it is.
+    """
+    available = data.available_modalities()
+    requested = list(modalities or available)
+    unknown = [m for m in requested if m not in available]
+    if unknown or not requested:
+        raise ValueError(f"modalities {requested} are not all in this cohort; available: {available}")
+    use_omics = OMIC in requested
+    return Preprocessor.fit(
+        data.omics if use_omics else {},
+        data.wsi_bags if WSI in requested else {},
+        train_ids,
+        omics_config if use_omics else None,
+        omics=omics_transform if use_omics else None,
+        clinical=data.clinical,
+        clinical_config=clinical_config if CLINICAL in requested else None,
+    )
+
+
+def build_training(
+    data: CohortData,
+    train_ids: Sequence[str],
+    val_ids: Sequence[str],
+    preprocessor: Preprocessor,
+    bins: SurvivalBins,
+    model_options: dict | None = None,
+    train_config: TrainConfig = TrainConfig(),
+) -> tuple[TrainedModel, SurvivalDataset, SurvivalDataset]:
+    """The (seeded, untrained) model for a fitted preprocessor and bins, its training dataset and its
+    early-stopping dataset on `val_ids`. `healnet.train.fit` or `healnet.ensemble.fit_members` trains them."""
+    modalities = preprocessor.modalities
+    config = model_config_for(preprocessor, modalities, bins.n_bins, **(model_options or {}))
+    torch.manual_seed(train_config.seed)
+    trained = TrainedModel(HEALNet(config), bins, preprocessor, modalities)
+    train_set = trained.dataset(data, train_ids, train_config.max_patches, train_config.seed)
+    val_set = trained.dataset(data, val_ids)
+    trained.metadata = {"train_config": train_config.to_dict()}
+    return trained, train_set, val_set
 
 
 def train_model(
@@ -141,112 +200,100 @@ def train_model(
     train_config: TrainConfig = TrainConfig(),
     n_bins: int = 4,
     progress: bool = True,
-    omics_transform: OmicsTransform | None = None,
-    bins: SurvivalBins | None = None,
+    clinical_config: ClinicalConfig | None = ClinicalConfig(),
 ) -> TrainedModel:
-    """Fit bins and preprocessing on `train_ids` only, then train HEALNet with early stopping on `val_ids`.
-
-    Given `bins` (fitted on training patients by the caller, e.g. shared by an ensemble) are used as they are.
-
-    `modalities` picks the input kinds, "omic" and/or "wsi" (default: all the cohort has); how omic
-    tables become model modalities (one combined, or one per table) is `omics_config.combine`.
-    """
-    available = data.available_modalities()
-    requested = list(modalities or available)
-    unknown = [m for m in requested if m not in available]
-    if unknown or not requested:
-        raise ValueError(f"modalities {requested} are not all in this cohort; available: {available}")
-    if bins is None:
-        train_clinical = data.clinical.loc[list(train_ids)]
-        bins = SurvivalBins.fit(train_clinical["survival_months"], train_clinical["event"], n_bins)
-    use_omics = OMIC in requested
-    use_wsi = WSI in requested
-    preprocessor = Preprocessor.fit(
-        data.omics if use_omics else {},
-        data.wsi_bags if use_wsi else {},
-        train_ids,
-        omics_config if use_omics else None,
-        omics=omics_transform if use_omics else None,
+    """One model: bins and preprocessing fitted on `train_ids`, early stopping on `val_ids`."""
+    train_clinical = data.clinical.loc[list(train_ids)]
+    bins = SurvivalBins.fit(train_clinical["survival_months"], train_clinical["event"], n_bins)
+    preprocessor = fit_preprocessor(data, train_ids, modalities, omics_config, clinical_config)
+    trained, train_set, val_set = build_training(
+        data, train_ids, val_ids, preprocessor, bins, model_options, train_config
     )
-    model_modalities = preprocessor.modalities
-    config = model_config_for(preprocessor, model_modalities, bins.n_bins, **(model_options or {}))
-    torch.manual_seed(train_config.seed)
-    trained = TrainedModel(HEALNet(config), bins, preprocessor, model_modalities)
-    train_set = trained.dataset(data, train_ids, train_config.max_patches, train_config.seed)
-    val_set = trained.dataset(data, val_ids)
     trained.result = fit(trained.model, train_set, val_set, train_config, bins=bins, progress=progress)
-    trained.metadata = {"train_config": train_config.to_dict(), "omics_config": omics_config.__dict__}
     return trained
 
 
 def run_training(
     cohort_dir: Path,
     out_dir: Path,
+    recipe: Recipe = DEMO,
     features_dir: Path | None = None,
     modalities: Sequence[str] | None = None,
     split_repeat: int = 0,
-    train_config: TrainConfig = TrainConfig(),
-    model_options: dict | None = None,
-    omics_config: OmicsConfig = OmicsConfig(combine=True),
     progress: bool = True,
     omics_transform: OmicsTransform | None = None,
+    require_features: bool = False,
 ) -> dict:
-    """Train on the cohort's holdout split; write `checkpoint/` and `metrics.json` to `out_dir`."""
+    """Train `recipe` on the cohort's holdout split; write `checkpoint/` and `metrics.json` to `out_dir`.
+
+    With one member, the model trains on the split's training patients and early-stops on its validation
+    ones; an ensemble uses both (see `HEALNetEnsemble`). The test patients are only evaluated. Without
+    explicit `modalities`, a cohort that lists slides but has no slide features is refused
+    (`SlideFeaturesError`) rather than trained on omics alone; `require_features`: an explicit
+    `features_dir` from which no features load is refused too.
+    """
     from healnet.data.cohort import Cohort
+    from healnet.ensemble import HEALNetEnsemble
 
     cohort = Cohort.load(cohort_dir)
     if features_dir is None and (Path(cohort_dir) / "features").is_dir():
         features_dir = Path(cohort_dir) / "features"
-    data = CohortData.from_cohort(cohort, features_dir)
+    data = CohortData.from_cohort(cohort, features_dir, require_features)
+    if modalities is None:
+        require_slide_features(cohort, data.wsi_bags, features_dir)
     ids = {role: cohort.patients("holdout", split_repeat, 0, role) for role in ("train", "val", "test")}
-    trained = train_model(
+    ensemble = HEALNetEnsemble.fit(
         data,
         ids["train"],
         ids["val"],
+        recipe,
         modalities,
-        omics_config,
-        model_options,
-        train_config,
+        seed=recipe.train.seed,
         progress=progress,
         omics_transform=omics_transform,
     )
+    fitted_on = fitting_patients(ids["train"], ids["val"], recipe.members)
+    results = [member.result for member in ensemble.members]
     metrics = {
-        "modalities": trained.modalities,
-        "device": str(select_device(train_config.device)),
-        "best_epoch": trained.result.best_epoch,
-        "epochs_run": len(trained.result.history),
+        "recipe": recipe.name,
+        "members": len(ensemble.members),
+        "modalities": ensemble.modalities,
+        "device": str(select_device(recipe.train.device)),
+        "best_epochs": [result.best_epoch for result in results],
+        "epochs_run": max(len(result.history) for result in results),
         "patients": {role: len(pids) for role, pids in ids.items()},
-        "val": trained.evaluate(data, ids["val"], ids["train"]),
-        "test": trained.evaluate(data, ids["test"], ids["train"]),
+        "val": ensemble.evaluate(data, ids["val"], fitted_on),
+        "test": ensemble.evaluate(data, ids["test"], fitted_on),
     }
     out_dir = Path(out_dir)
     checkpoint_dir = out_dir / "checkpoint"
     sha = save_checkpoint(
         checkpoint_dir,
-        trained.to_checkpoint(
+        ensemble.to_checkpoint(
             {
                 "cohort": str(cohort_dir),
                 "cohort_name": cohort.meta.get("name"),
                 "split_repeat": split_repeat,
+                "recipe_settings": recipe.to_dict(),
                 "metrics": {"val": metrics["val"], "test": metrics["test"]},
-                "reference_risk_quantiles": reference_risk_quantiles(trained, data, ids["train"]),
+                "reference_risk_quantiles": reference_risk_quantiles(ensemble.risk(data, fitted_on)),
             }
         ),
     )
     metrics["checkpoint"] = str(checkpoint_dir)
     metrics["sha256"] = sha
-    (out_dir / "history.json").write_text(json.dumps(trained.result.history, indent=1))
+    (out_dir / "history.json").write_text(json.dumps([result.history for result in results], indent=1))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
-def reference_risk_quantiles(
-    trained: TrainedModel, data: CohortData, train_ids: Sequence[str]
-) -> dict[str, float]:
+def reference_risk_quantiles(training_risk: np.ndarray) -> dict[str, float]:
     """Risk quantiles on the training patients: the reference that serving exports for drift alerts."""
-    risk = survival_from_logits(torch.from_numpy(trained.predict(data, train_ids)))[2].numpy()
-    return {str(q): float(np.quantile(risk, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
+    return {str(q): float(np.quantile(training_risk, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
 
 
-def load_trained(checkpoint_dir: Path) -> TrainedModel:
-    return TrainedModel.from_checkpoint(load_checkpoint(checkpoint_dir))
+def load_trained(checkpoint_dir: Path):
+    """The checkpoint's model as a `HEALNetEnsemble` (a single model is an ensemble of one)."""
+    from healnet.ensemble import HEALNetEnsemble
+
+    return HEALNetEnsemble.from_checkpoint(load_checkpoint(checkpoint_dir))

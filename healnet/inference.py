@@ -11,16 +11,18 @@ import torch
 
 from healnet.checkpoint import Checkpoint, load_checkpoint
 from healnet.data.dataset import collate_cases
+from healnet.preprocess.clinical import CLINICAL
 from healnet.preprocess.state import WSI
-from healnet.survival import survival_from_logits
+from healnet.survival import survival_from_curve, survival_from_logits
 
 
 @dataclass
 class Case:
-    """One patient: omics by table and feature name, and/or a bag of patch features."""
+    """One patient: omics by table and feature name, clinical covariates by name, and/or patch features."""
 
     omics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     wsi_features: np.ndarray | None = None
+    clinical: Mapping[str, float | str | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -55,10 +57,10 @@ class Predictor:
     def __init__(self, checkpoint: Checkpoint, device: str = "cpu"):
         self.checkpoint = checkpoint
         self.device = torch.device(device)
-        self.model = checkpoint.build_model().to(self.device)
+        self.members = [model.to(self.device) for model in checkpoint.build_models()]
         self.preprocessor = checkpoint.preprocessor
         self.modalities = [spec.name for spec in checkpoint.model_config.modalities]
-        self.omic_modalities = [m for m in self.modalities if m != WSI]
+        self.omic_modalities = [m for m in self.modalities if m not in (WSI, CLINICAL)]
 
     @classmethod
     def from_dir(cls, checkpoint_dir: Path, device: str = "cpu") -> Predictor:
@@ -86,6 +88,17 @@ class Predictor:
             counted = present.sum(axis=0)
             imputed_features = np.stack([tokens[name].imputed for name in self.omic_modalities]).sum(axis=0)
             imputed = np.divide(fractions.sum(axis=0), counted, out=imputed, where=counted > 0)
+        if CLINICAL in self.modalities:
+            clinical, unknown_covariates = self.preprocessor.clinical.transform_records(
+                [case.clinical for case in cases]
+            )
+            for i, item in enumerate(items):
+                item["omics"][CLINICAL] = (clinical.values[i], bool(clinical.present[i]))
+        else:  # covariates given to a model without the clinical modality are not used
+            unknown_covariates = [list(case.clinical) for case in cases]
+        unknown = [
+            [*names, *covariates] for names, covariates in zip(unknown, unknown_covariates, strict=True)
+        ]
         if WSI in self.modalities:
             for item, case in zip(items, cases, strict=True):
                 bag = case.wsi_features
@@ -102,10 +115,15 @@ class Predictor:
 
     @torch.no_grad()
     def predict_prepared(self, batch: PreparedBatch, return_attention: bool = False) -> list[Prediction]:
-        """The forward pass and survival outputs for a prepared batch."""
-        out = self.model(batch.inputs, batch.present, batch.token_mask, return_attention=return_attention)
-        logits, attention = out if return_attention else (out, None)
-        hazards, survival, risk = (t.float().cpu().numpy() for t in survival_from_logits(logits.float()))
+        """The forward pass of every member and the survival outputs of their mean survival curve."""
+        curves, attentions = [], []
+        for model in self.members:
+            out = model(batch.inputs, batch.present, batch.token_mask, return_attention=return_attention)
+            logits, attention = out if return_attention else (out, None)
+            curves.append(survival_from_logits(logits.float())[1])
+            attentions.append(attention)
+        hazards, survival, risk = (t.cpu().numpy() for t in survival_from_curve(torch.stack(curves).mean(0)))
+        attention = mean_attention(attentions) if return_attention else None
         edges = [None if not np.isfinite(e) else float(e) for e in self.checkpoint.bins.edges]
         results = []
         for i, (imputed_features, imputed, unknown) in enumerate(
@@ -141,3 +159,14 @@ class Predictor:
                 weights = weights[token_mask[name][index]]
             summary[name] = weights.cpu().tolist()
         return summary
+
+
+def mean_attention(attentions: list[dict[str, list[torch.Tensor]]]) -> dict[str, list[torch.Tensor]]:
+    """The members' attention weights averaged, per modality and layer."""
+    return {
+        name: [
+            torch.stack([member[name][layer] for member in attentions]).mean(0)
+            for layer in range(len(layers))
+        ]
+        for name, layers in attentions[0].items()
+    }

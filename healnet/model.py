@@ -85,6 +85,10 @@ class HEALNetConfig:
     ff_dropout: float = 0.0
     weight_tying: bool = False
     snn: bool = False
+    # a modality whose values (linear_path_inputs of them: tokens x channels) also enter the logits through
+    # one linear weight each, shared by all bins: a proportional-odds term beside the latent path
+    linear_path: str | None = None
+    linear_path_inputs: int = 0
 
     def __post_init__(self) -> None:
         if not self.modalities:
@@ -92,6 +96,11 @@ class HEALNetConfig:
         names = [spec.name for spec in self.modalities]
         if len(set(names)) != len(names):
             raise ModelInputError(f"modality names must be unique, got {names}")
+        if self.linear_path is not None and (self.linear_path not in names or self.linear_path_inputs < 1):
+            raise ModelInputError(
+                f"linear_path {self.linear_path!r} must name a modality of {names} and have "
+                f"linear_path_inputs >= 1, got {self.linear_path_inputs}"
+            )
         for name in _POSITIVE_SIZES:
             if getattr(self, name) < 1:
                 raise ModelInputError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -210,12 +219,15 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
 
         weights = None
-        if return_weights:
+        # under torch.func.vmap (ensemble members trained as one batched model, healnet.ensemble) SDPA has
+        # no CPU batching rule and would run member by member: the einsum path batches
+        if return_weights or torch._C._functorch.is_batchedtensor(q):
             sim = torch.einsum("b h i e, b h j e -> b h i j", q, k) * self.scale
             if mask is not None:
                 sim = sim.masked_fill(~mask, torch.finfo(sim.dtype).min)
-            weights = sim.softmax(dim=-1)
-            out = torch.einsum("b h i j, b h j e -> b h i e", F.dropout(weights, dropout), v)
+            attn = sim.softmax(dim=-1)
+            out = torch.einsum("b h i j, b h j e -> b h i e", F.dropout(attn, dropout), v)
+            weights = attn if return_weights else None
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.to_out(rearrange(out, "b h n e -> b n (h e)")), weights
@@ -304,6 +316,11 @@ class HEALNet(nn.Module):
             nn.LayerNorm(config.latent_dim),
             nn.Linear(config.latent_dim, config.n_bins),
         )
+        self.linear_path = (
+            nn.Linear(config.linear_path_inputs, 1, bias=False) if config.linear_path is not None else None
+        )
+        if self.linear_path is not None:
+            nn.init.zeros_(self.linear_path.weight)
 
     @property
     def modality_names(self) -> list[str]:
@@ -349,7 +366,20 @@ class HEALNet(nn.Module):
                 latents = torch.where(rearrange(any_present, "b -> b 1 1"), block(latents), latents)
 
         logits = self.to_logits(latents)
+        if self.linear_path is not None and self.config.linear_path in contexts:
+            logits = logits + self._linear_offset(inputs[self.config.linear_path], contexts)
         return (logits, attention) if return_attention else logits
+
+    def _linear_offset(self, data: Tensor, contexts: dict) -> Tensor:
+        """(b, 1) linear term of the linear-path modality; exactly 0 where the sample lacks it."""
+        values = rearrange(data, "b ... -> b (...)")
+        if values.shape[1] != self.config.linear_path_inputs:
+            raise ModelInputError(
+                f"modality {self.config.linear_path!r}: the linear path expects "
+                f"{self.config.linear_path_inputs} values per sample, got {values.shape[1]}"
+            )
+        has = contexts[self.config.linear_path][2]
+        return self.linear_path(torch.where(rearrange(has, "b -> b 1"), values, 0.0))
 
     def _encode(
         self, name: str, data: Tensor, present: Tensor | None, token_mask: Tensor | None

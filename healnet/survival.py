@@ -152,15 +152,8 @@ class SurvivalBins:
         return hash(tuple(self.edges.tolist()))
 
 
-def nll_loss(
-    logits: Tensor, labels: Tensor, events: Tensor, alpha: float = 0.4, bin_weights: Tensor | None = None
-) -> Tensor:
-    """Discrete-time negative log-likelihood of HEALNet/PORPOISE, (weighted) mean over the batch.
-
-    loss_i = (1 - alpha) * (censored_i + uncensored_i) + alpha * uncensored_i, where for bin y:
-    uncensored = -event * (log S_padded[y] + log h[y]) and censored = -(1 - event) * log S_padded[y + 1].
-    With `bin_weights` (n_bins,), sample i weighs bin_weights[y_i] and the mean is sum(w l) / sum(w).
-    """
+def nll_per_sample(logits: Tensor, labels: Tensor, events: Tensor, alpha: float = 0.4) -> Tensor:
+    """Discrete-time negative log-likelihood of HEALNet/PORPOISE per sample (batch,); see `nll_loss`."""
     if logits.ndim != 2:
         raise SurvivalDataError(f"logits must have shape (batch, n_bins), got {tuple(logits.shape)}")
     batch, n_bins = logits.shape
@@ -189,7 +182,20 @@ def nll_loss(
 
     uncensored = -event * (log_at(survival_padded, bin_index) + log_at(hazards, bin_index))
     censored = -(1.0 - event) * log_at(survival_padded, bin_index + 1)
-    per_sample = (1.0 - alpha) * (censored + uncensored) + alpha * uncensored
+    return (1.0 - alpha) * (censored + uncensored) + alpha * uncensored
+
+
+def nll_loss(
+    logits: Tensor, labels: Tensor, events: Tensor, alpha: float = 0.4, bin_weights: Tensor | None = None
+) -> Tensor:
+    """Discrete-time negative log-likelihood of HEALNet/PORPOISE, (weighted) mean over the batch.
+
+    loss_i = (1 - alpha) * (censored_i + uncensored_i) + alpha * uncensored_i, where for bin y:
+    uncensored = -event * (log S_padded[y] + log h[y]) and censored = -(1 - event) * log S_padded[y + 1].
+    With `bin_weights` (n_bins,), sample i weighs bin_weights[y_i] and the mean is sum(w l) / sum(w).
+    """
+    per_sample = nll_per_sample(logits, labels, events, alpha)
+    n_bins = logits.shape[1]
     if bin_weights is None:
         return per_sample.mean()
     weights = torch.as_tensor(bin_weights, dtype=logits.dtype, device=logits.device)
@@ -205,6 +211,14 @@ def survival_from_logits(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """hazards = sigmoid(logits) (b, k); survival = cumprod(1 - hazards) (b, k); risk = -sum(survival) (b,)."""
     hazards = torch.sigmoid(logits)
     survival = torch.cumprod(1.0 - hazards, dim=1)
+    return hazards, survival, -survival.sum(dim=1)
+
+
+def survival_from_curve(survival: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(hazards, survival, risk) of a survival curve (batch, n_bins), e.g. an ensemble's mean curve:
+    h_k = 1 − S_k / S_(k−1) with S_0 = 1, and risk = −ΣS."""
+    previous = torch.cat([torch.ones_like(survival[:, :1]), survival[:, :-1]], dim=1)
+    hazards = 1.0 - survival / previous.clamp(min=torch.finfo(survival.dtype).tiny)
     return hazards, survival, -survival.sum(dim=1)
 
 

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from einops import rearrange
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -32,6 +33,8 @@ class TrainConfig:
     modality_dropout: float = (
         0.0  # per training sample, mark each present modality missing with this probability
     )
+    # ridge penalty of the model's linear path, fitted alone before the latent path trains (see fit_linear_path)
+    linear_path_ridge: float = 1e-2
 
     def __post_init__(self) -> None:
         if self.monitor not in {"loss", "c_index"}:
@@ -120,8 +123,11 @@ def predict_logits(model, loader: DataLoader, device: torch.device) -> np.ndarra
 
 
 def evaluate_loader(model, loader: DataLoader, device: torch.device, alpha: float) -> dict:
-    logits = predict_logits(model, loader, device)
-    targets = loader.dataset.targets
+    return score_logits(predict_logits(model, loader, device), loader.dataset.targets, alpha)
+
+
+def score_logits(logits: np.ndarray, targets, alpha: float) -> dict:
+    """Loss and Harrell's C of logits (patients, n_bins) against those patients' `Targets`."""
     loss = nll_loss(
         torch.from_numpy(logits),
         torch.from_numpy(targets.labels),
@@ -130,6 +136,42 @@ def evaluate_loader(model, loader: DataLoader, device: torch.device, alpha: floa
     ).item()
     risk = survival_from_logits(torch.from_numpy(logits))[2].numpy()
     return {"loss": loss, "c_index": harrell_c_or_nan(targets.times, targets.events, risk)}
+
+
+def fit_linear_path(model, train_set, config: TrainConfig, device: torch.device) -> None:
+    """Fit the model's linear path and the bins' intercepts alone, then freeze the path.
+
+    The latent path then learns what the linear covariates leave unexplained: the path is an offset fitted
+    to convergence (L-BFGS on the discrete-time NLL plus a ridge penalty) on the training patients only,
+    which a few epochs of Adam at the latent path's learning rate would not reach.
+    """
+    if model.linear_path is None:
+        return
+    tokens = train_set.omics[model.config.linear_path]
+    values = rearrange(torch.from_numpy(tokens.values), "b ... -> b (...)").to(device)
+    present = rearrange(torch.from_numpy(tokens.present), "b -> b 1").to(device)
+    values = torch.where(present, values, 0.0)
+    labels = torch.as_tensor(train_set.targets.labels, dtype=torch.long, device=device)
+    events = torch.as_tensor(train_set.targets.events, dtype=torch.float32, device=device)
+    head = model.to_logits[-1]
+    weight = torch.zeros(values.shape[1], device=device, requires_grad=True)
+    bias = torch.zeros(head.out_features, device=device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = bias + rearrange(values @ weight, "b -> b 1")
+        loss = (
+            nll_loss(logits, labels, events, config.alpha) + config.linear_path_ridge * weight.square().sum()
+        )
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        model.linear_path.weight.copy_(rearrange(weight, "f -> 1 f"))
+        head.bias.copy_(bias)
+    model.linear_path.weight.requires_grad_(False)
 
 
 def fit(
@@ -144,6 +186,7 @@ def fit(
     seed_everything(config.seed)
     device = select_device(config.device)
     model.to(device)
+    fit_linear_path(model, train_set, config, device)
     train_loader = make_loader(train_set, config.batch_size, True, device, config.seed)
     val_loader = make_loader(val_set, config.batch_size, False, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)

@@ -13,6 +13,7 @@ from components.data_steps import preprocess_omics, preprocess_slides, validate
 from components.model_steps import evaluate, train
 from components.release_steps import gate, notify, promote, reject
 from healnet.gate import PROMOTE
+from healnet.recipes import DEFAULT_RECIPE
 from pipelines.options import DEFAULT_OPTIONS, PARAMETER_TYPES, ClusterOptions
 
 PIPELINE_NAME = "healnet-training"
@@ -75,9 +76,10 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
         registry_dir: str = "",
         slide_shards: int = 2,
         split_repeat: int = 0,
-        epochs: int = 40,
-        batch_size: int = 16,
-        patience: int = 8,
+        recipe: str = DEFAULT_RECIPE,
+        epochs: int = 0,
+        batch_size: int = 0,
+        patience: int = 0,
         seed: int = 0,
         min_c_index: float = 0.55,
         tolerance: float = 0.02,
@@ -95,12 +97,15 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
                     cohort_dir=cohort_dir, shard_index=shard, shard_count=slide_shards, data_hash=data_hash
                 )
                 _cpu_step(slides, options, retry=True)
-            omics = preprocess_omics(cohort_dir=cohort_dir, split_repeat=split_repeat, data_hash=data_hash)
+            omics = preprocess_omics(
+                cohort_dir=cohort_dir, split_repeat=split_repeat, recipe=recipe, data_hash=data_hash
+            )
             _cpu_step(omics, options, retry=True)
             trained = train(
                 cohort_dir=cohort_dir,
                 data_hash=data_hash,
                 split_repeat=split_repeat,
+                recipe=recipe,
                 epochs=epochs,
                 batch_size=batch_size,
                 patience=patience,

@@ -29,7 +29,9 @@ from healnet.experiment import CohortData
 from healnet.recipes import TCGA
 
 CANDIDATES = {
-    "omics_only": replace(TCGA, clinical=None, model={k: v for k, v in TCGA.model.items() if k != "linear_path"}),
+    "omics_only": replace(
+        TCGA, clinical=None, model={k: v for k, v in TCGA.model.items() if k != "linear_path"}
+    ),
     "clinical_token": replace(TCGA, model={k: v for k, v in TCGA.model.items() if k != "linear_path"}),
     "clinical_token_linear": TCGA,
 }
@@ -42,12 +44,16 @@ def inner_sets(data: CohortData, folds: int, seed: int, set_seed: int) -> list[t
     for fold, split in splits.groupby("fold"):
         pool = split.loc[split["role"] != "test", "patient_id"].tolist()
         events = clinical.loc[pool, "event"].to_numpy()
-        train, test = train_test_split(pool, test_size=0.25, stratify=events, random_state=set_seed + int(fold))
+        train, test = train_test_split(
+            pool, test_size=0.25, stratify=events, random_state=set_seed + int(fold)
+        )
         sets.append((list(train), list(test)))
     return sets
 
 
-def score(data: CohortData, name: str, config: CVConfig, train: list[str], test: list[str], seed: int) -> dict:
+def score(
+    data: CohortData, name: str, config: CVConfig, train: list[str], test: list[str], seed: int
+) -> dict:
     torch.set_num_threads(1)
     started = time.perf_counter()
     record = run_fold(data, train, [], test, config, seed=seed).record["models"]
@@ -55,7 +61,9 @@ def score(data: CohortData, name: str, config: CVConfig, train: list[str], test:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--table", type=Path, required=True)
     parser.add_argument("--set", type=int, default=400, help="inner split seed offset")
     parser.add_argument("--folds", type=int, default=5)

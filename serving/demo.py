@@ -8,7 +8,7 @@ import base64
 import io
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -71,24 +71,25 @@ def demo_cohort(spec: DemoSpec) -> CohortData:
 def train_demo_checkpoint(out_dir: Path, spec: DemoSpec = DemoSpec(), metadata: dict | None = None) -> Path:
     """Train on 75 % of the random patients, validate on the rest, save the checkpoint to `out_dir`."""
     from healnet.checkpoint import save_checkpoint
-    from healnet.experiment import reference_risk_quantiles, train_model
+    from healnet.ensemble import HEALNetEnsemble
+    from healnet.experiment import reference_risk_quantiles
+    from healnet.recipes import DEMO
     from healnet.train import TrainConfig
 
     data = demo_cohort(spec)
     ids = list(data.clinical.index)
     split = int(len(ids) * 0.75)
-    trained = train_model(
-        data,
-        ids[:split],
-        ids[split:],
-        modalities=["omic", "wsi"],
-        train_config=TrainConfig(epochs=spec.epochs, batch_size=16, seed=spec.seed, device="cpu"),
-        model_options=dict(spec.model_options),
-        progress=False,
+    recipe = replace(
+        DEMO,
+        name="serving-demo",
+        clinical=None,
+        model=dict(spec.model_options),
+        train=TrainConfig(epochs=spec.epochs, batch_size=16, seed=spec.seed, device="cpu"),
     )
-    quantiles = reference_risk_quantiles(trained, data, ids[:split])
+    ensemble = HEALNetEnsemble.fit(data, ids[:split], ids[split:], recipe, ["omic", "wsi"], seed=spec.seed)
+    quantiles = reference_risk_quantiles(ensemble.risk(data, ids[:split]))
     save_checkpoint(
-        out_dir, trained.to_checkpoint({"reference_risk_quantiles": quantiles, **(metadata or {})})
+        out_dir, ensemble.to_checkpoint({"reference_risk_quantiles": quantiles, **(metadata or {})})
     )
     return Path(out_dir)
 

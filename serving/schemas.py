@@ -22,6 +22,14 @@ class PredictRequest(BaseModel):
             "(imputed with the training median), as does a feature left out of a given table."
         ),
     )
+    clinical: dict[str, float | str | None] = Field(
+        default_factory=dict,
+        description=(
+            "Clinical covariates by name, e.g. {'age': 61, 'is_female': 1, 'oncotree_code': 'IDC'}: numbers for "
+            "age and is_female, text for categorical ones (oncotree_code, stage, grade). null or a left-out "
+            "covariate is imputed; a case without any is missing the clinical modality."
+        ),
+    )
     wsi_features: list[list[float]] | None = Field(
         default=None,
         min_length=1,

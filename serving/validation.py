@@ -46,10 +46,11 @@ class ModelContract:
     wsi_dim: int | None
     encoder: PatchEncoder | None
     patch_size: int
+    categorical_covariates: frozenset[str] = frozenset()
 
     @classmethod
     def from_predictor(cls, predictor: Predictor, encoder: PatchEncoder | None) -> ModelContract:
-        omics = predictor.preprocessor.omics
+        omics, clinical = predictor.preprocessor.omics, predictor.preprocessor.clinical
         tables = set(omics.input_modalities) if omics else set()
         if omics and omics.config.combine:
             tables.add(COMBINED_MODALITY)
@@ -60,6 +61,7 @@ class ModelContract:
             wsi_dim=predictor.wsi_dim,
             encoder=encoder,
             patch_size=int(predictor.preprocessor.tiling.get("patch_size", DEFAULT_PATCH_SIZE)),
+            categorical_covariates=frozenset(clinical.config.categorical if clinical else ()),
         )
 
     @cached_property
@@ -70,11 +72,13 @@ class ModelContract:
 def to_case(request: PredictRequest, contract: ModelContract, limits: Limits) -> Case:
     """Validate one request against the model and the limits; raises RejectedRequest."""
     has_slide = any(getattr(request, name) is not None for name in SLIDE_INPUTS)
-    if not request.omics and not has_slide:
+    if not request.omics and not request.clinical and not has_slide:
         raise RejectedRequest(
-            "no_modality", f"the case has no modality: give omics or the slide as one of {list(SLIDE_INPUTS)}"
+            "no_modality",
+            f"the case has no modality: give omics, clinical or the slide as one of {list(SLIDE_INPUTS)}",
         )
     _check_omics(request.omics, contract, limits)
+    _check_clinical(request.clinical, contract)
     bag = None
     if has_slide:
         if contract.wsi_dim is None:
@@ -87,7 +91,21 @@ def to_case(request: PredictRequest, contract: ModelContract, limits: Limits) ->
             bag = _binary_patch_features(request.wsi_features_base64, contract.wsi_dim, limits)
         else:
             bag = _encode_tiles(request.wsi_tiles, contract, limits)
-    return Case(omics=request.omics, wsi_features=bag)
+    return Case(omics=request.omics, wsi_features=bag, clinical=request.clinical)
+
+
+def _check_clinical(clinical: Mapping[str, float | str | None], contract: ModelContract) -> None:
+    """Numbers for the numeric covariates (finite), text for the categorical ones."""
+    for name, value in clinical.items():
+        if value is None:
+            continue
+        if name in contract.categorical_covariates:
+            if not isinstance(value, str):
+                raise RejectedRequest("invalid_schema", f"clinical[{name!r}] must be text, got {value!r}")
+        elif isinstance(value, str):
+            raise RejectedRequest("invalid_schema", f"clinical[{name!r}] must be a number, got {value!r}")
+        elif not math.isfinite(value):
+            raise RejectedRequest("non_finite", f"clinical[{name!r}] is {value}: use null for missing")
 
 
 def _check_omics(

@@ -57,12 +57,15 @@ def pipeline_outputs(tmp_path_factory):
             cohort_dir=cohort, shard_index=index, shard_count=SHARDS, data_hash=data_hash, features=shards[-1]
         )
     transform = artifact(Artifact, out, "omics_transform.json")
-    preprocess_omics.python_func(cohort_dir=cohort, split_repeat=0, data_hash=data_hash, transform=transform)
+    preprocess_omics.python_func(
+        cohort_dir=cohort, split_repeat=0, recipe="demo", data_hash=data_hash, transform=transform
+    )
     model, train_metrics = artifact(Model, out, "model"), artifact(Metrics, out, "train_metrics")
     train.python_func(
         cohort_dir=cohort,
         data_hash=data_hash,
         split_repeat=0,
+        recipe="demo",
         epochs=2,
         batch_size=16,
         patience=2,
@@ -155,8 +158,11 @@ def test_train_writes_a_sealed_checkpoint(pipeline_outputs):
     model = pipeline_outputs["model"]
     checkpoint = Path(model.path) / "checkpoint"
     assert verify_checkpoint(checkpoint) == model.metadata["sha256"]
-    assert set(model.metadata["modalities"]) == {"omic", "wsi"}
-    assert json.loads((Path(model.path) / "metrics.json").read_text())["epochs_run"] <= 2
+    assert set(model.metadata["modalities"]) == {"omic", "clinical", "wsi"}
+    assert model.metadata["recipe"] == "demo" and model.metadata["members"] == 1
+    metrics = json.loads((Path(model.path) / "metrics.json").read_text())
+    assert metrics["epochs_run"] <= 2 and metrics["recipe"] == "demo"
+    assert json.loads((checkpoint / "checkpoint.json").read_text())["metadata"]["recipe"] == "demo"
     assert pipeline_outputs["train_metrics"].metadata["epochs_run"] >= 1
 
 

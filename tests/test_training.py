@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from healnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, verify_checkpoint
+from healnet.ensemble import HEALNetEnsemble
 from healnet.experiment import CohortData, TrainedModel, train_model
 from healnet.inference import Case, Predictor
 from healnet.preprocess.omics import OmicsConfig
@@ -100,18 +101,20 @@ def test_unknown_modality_is_rejected(data, split):
 
 
 def test_checkpoint_round_trip_gives_identical_predictions(trained, data, split, tmp_path):
-    sha = save_checkpoint(tmp_path / "ckpt", trained.to_checkpoint({"note": "test"}))
+    sha = save_checkpoint(tmp_path / "ckpt", HEALNetEnsemble([trained], []).to_checkpoint({"note": "test"}))
     manifest = json.loads((tmp_path / "ckpt" / "checkpoint.json").read_text())
     assert manifest["sha256"] == sha == verify_checkpoint(tmp_path / "ckpt")
-    restored = TrainedModel.from_checkpoint(load_checkpoint(tmp_path / "ckpt"))
-    np.testing.assert_array_equal(restored.predict(data, split[2]), trained.predict(data, split[2]))
+    restored = HEALNetEnsemble.from_checkpoint(load_checkpoint(tmp_path / "ckpt"))
+    np.testing.assert_array_equal(
+        restored.members[0].predict(data, split[2]), trained.predict(data, split[2])
+    )
     np.testing.assert_array_equal(restored.bins.edges, trained.bins.edges)
-    assert restored.metadata["note"] == "test"
+    assert restored.members[0].metadata["note"] == "test"
 
 
 def test_corrupted_checkpoint_is_refused(trained, tmp_path):
     directory = tmp_path / "ckpt"
-    save_checkpoint(directory, trained.to_checkpoint())
+    save_checkpoint(directory, HEALNetEnsemble([trained], []).to_checkpoint())
     weights = directory / "model.pt"
     raw = bytearray(weights.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
@@ -124,7 +127,7 @@ def test_corrupted_checkpoint_is_refused(trained, tmp_path):
 
 
 def test_predictor_matches_training_path_and_handles_missing_modalities(trained, data, split):
-    predictor = Predictor(trained.to_checkpoint())
+    predictor = Predictor(HEALNetEnsemble([trained], []).to_checkpoint())
     pid = split[2][0]
     case = Case(
         omics={name: frame.loc[pid].to_dict() for name, frame in data.omics.items()},
@@ -144,7 +147,7 @@ def test_predictor_matches_training_path_and_handles_missing_modalities(trained,
 
 
 def test_predictor_reports_imputed_and_unknown_features(trained, data, split):
-    predictor = Predictor(trained.to_checkpoint())
+    predictor = Predictor(HEALNetEnsemble([trained], []).to_checkpoint())
     pid = split[2][1]
     rnaseq = data.omics["rnaseq"].loc[pid].to_dict()
     del rnaseq["G0_rnaseq"]
@@ -192,6 +195,6 @@ def test_feature_tokens_carry_their_values_and_learn_the_signal(data, split):
     # serving rebuilds the same model from the checkpoint, position features included
     pid = split[2][0]
     case = Case(omics={name: frame.loc[pid].to_dict() for name, frame in data.omics.items()})
-    (served,) = Predictor(model.to_checkpoint()).predict([case])
+    (served,) = Predictor(HEALNetEnsemble([model], []).to_checkpoint()).predict([case])
     expected = -torch.cumprod(1 - torch.sigmoid(torch.from_numpy(model.predict(data, [pid]))), 1).sum()
     assert served.risk == pytest.approx(float(expected), abs=1e-5)

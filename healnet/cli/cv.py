@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 HELP = (
-    "Cross-validate HEALNet, CoxNet and a random survival forest on the same patient-level folds "
-    "(everything fitted on training folds only); print mean ± std c-index and write a JSON report."
+    "Cross-validate HEALNet against age alone, CoxNet and a random survival forest on the same patient-level "
+    "folds (everything fitted on training folds only); print mean ± std c-index, the best baseline and "
+    "HEALNet's paired difference to it, and write a JSON report."
 )
 
 
@@ -26,31 +28,39 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--modalities",
         default=None,
-        help="HEALNet input kinds, comma-separated: omic, wsi; all the cohort has when not given",
+        help="HEALNet input kinds, comma-separated: omic, clinical, wsi; all the cohort has when not given",
+    )
+    parser.add_argument(
+        "--recipe",
+        default="tcga",
+        help="named HEALNet recipe (healnet/recipes.py): tcga (omics + clinical, 20-member ensemble) or demo",
     )
     parser.add_argument("--folds", type=int, default=5, help="K of the stratified K-fold")
-    parser.add_argument("--repeats", type=int, default=3, help="independent K-fold partitions")
+    parser.add_argument("--repeats", type=int, default=5, help="independent K-fold partitions")
     parser.add_argument("--seed", type=int, default=0, help="seed of the folds and of every model")
     parser.add_argument(
-        "--models", default="healnet,coxnet,rsf", help="comma-separated subset of healnet, coxnet, rsf"
+        "--models",
+        default="healnet,age,coxnet,coxnet_topk,rsf",
+        help="comma-separated subset of healnet, age (age alone), coxnet (clinical + all omics), "
+        "coxnet_topk (clinical + top-k omics), rsf (forest on clinical + top-k omics)",
     )
     parser.add_argument(
-        "--members",
+        "--members", type=int, default=None, help="HEALNet ensemble size (default: the recipe's)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="HEALNet epochs per member (default: the recipe's)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="HEALNet batch size (default: the recipe's)"
+    )
+    parser.add_argument(
+        "--weight-decay", type=float, default=None, help="HEALNet Adam weight decay (default: the recipe's)"
+    )
+    parser.add_argument(
+        "--top-k",
         type=int,
-        default=20,
-        help="HEALNet ensemble size; each member early-stops on its own part",
-    )
-    parser.add_argument("--epochs", type=int, default=20, help="HEALNet epochs per member")
-    parser.add_argument("--batch-size", type=int, default=64, help="HEALNet batch size")
-    parser.add_argument("--weight-decay", type=float, default=3e-2, help="HEALNet weight decay (Adam, L2)")
-    parser.add_argument(
-        "--top-k", type=int, default=200, help="HEALNet: highest-variance features kept per table"
-    )
-    parser.add_argument(
-        "--coxnet-top-k", type=int, default=200, help="CoxNet: highest-variance features per table"
-    )
-    parser.add_argument(
-        "--forest-top-k", type=int, default=500, help="forest: highest-variance features per table"
+        default=None,
+        help="HEALNet: highest-variance features per table (default: the recipe's)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads and forest jobs")
     parser.add_argument(
@@ -70,10 +80,11 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from healnet.baselines import CoxNetConfig, ForestConfig
-    from healnet.cv import CVConfig, HEALNetRecipe, cross_validate, format_table, write_report
+    from healnet.cv import CVConfig, cross_validate, format_table, write_report
     from healnet.data.cohort import Cohort, ingest
+    from healnet.data.dataset import SlideFeaturesError
     from healnet.experiment import CohortData
+    from healnet.recipes import get_recipe
 
     torch.set_num_threads(args.threads)
     if args.table is not None:
@@ -83,32 +94,40 @@ def run(args: argparse.Namespace) -> int:
         cohort = Cohort.load(args.cohort)
         default_features = args.cohort / "features"
         features = args.features or (default_features if default_features.is_dir() else None)
-    data = CohortData.from_cohort(cohort, features)
+    try:
+        data = CohortData.from_cohort(cohort, features, require_features=args.features is not None)
+    except SlideFeaturesError as error:
+        print(f"healnet cv: {error}", file=sys.stderr)
+        return 2
 
-    recipe = HEALNetRecipe()
+    recipe = get_recipe(args.recipe)
+    train = {
+        key: value
+        for key, value in (
+            ("epochs", args.epochs),
+            ("batch_size", args.batch_size),
+            ("weight_decay", args.weight_decay),
+        )
+        if value is not None
+    }
+    if args.epochs is not None:
+        train["patience"] = args.epochs
     recipe = replace(
         recipe,
-        omics=replace(recipe.omics, top_k=args.top_k),
-        train=replace(
-            recipe.train,
-            epochs=args.epochs,
-            patience=args.epochs,
-            batch_size=args.batch_size,
-            weight_decay=args.weight_decay,
-        ),
-        members=args.members,
+        omics=replace(recipe.omics, top_k=args.top_k or recipe.omics.top_k),
+        train=replace(recipe.train, **train),
+        members=args.members or recipe.members,
     )
-    config = CVConfig(
+    defaults = CVConfig()
+    config = replace(
+        defaults,
         folds=args.folds,
         repeats=args.repeats,
         seed=args.seed,
         models=tuple(args.models.split(",")),
         modalities=tuple(args.modalities.split(",")) if args.modalities else None,
         healnet=recipe,
-        coxnet=CoxNetConfig(omics=replace(CoxNetConfig().omics, top_k=args.coxnet_top_k)),
-        forest=ForestConfig(
-            omics=replace(ForestConfig().omics, top_k=args.forest_top_k), n_jobs=args.threads
-        ),
+        forest=replace(defaults.forest, n_jobs=args.threads),
     )
     report = cross_validate(data, config, progress=not args.no_progress, jobs=args.jobs)
     report["source"] = str(args.table or args.cohort)

@@ -13,23 +13,31 @@ from torch.utils.data import Dataset
 from healnet.preprocess.state import WSI, Preprocessor
 
 
-def load_wsi_bags(cohort, features_dir: Path) -> dict[str, np.ndarray]:
+class SlideFeaturesError(ValueError):
+    """Slide features were asked for (or the cohort lists slides) but none are available."""
+
+
+def load_wsi_bags(cohort, features_dir: Path, *, required: bool = False) -> dict[str, np.ndarray]:
     """Concatenate the patch features of every slide of each patient that has slide features.
 
-    A slide listed in the manifest with a file but without features is an error, not a silent gap.
+    Each manifest slide's feature file is looked up by slide id, whether or not the slide file itself is
+    known here (a cohort ingested from a table alone can use features computed elsewhere). A slide listed
+    with a file but without features is an error, not a silent gap; a slide with neither is absent.
+    `required`: finding no features at all is a `SlideFeaturesError` naming the folder.
     """
     from healnet.preprocess.wsi import feature_file_name, read_slide_features
 
     features_dir = Path(features_dir)
     bags: dict[str, list[np.ndarray]] = {}
     missing = []
+    found = 0
     for row in cohort.slides.itertuples():
-        if not isinstance(row.path, str) or not row.path:
-            continue
         path = features_dir / feature_file_name(row.slide_id)
         if not path.exists():
-            missing.append(row.slide_id)
+            if isinstance(row.path, str) and row.path:
+                missing.append(row.slide_id)
             continue
+        found += 1
         features, _ = read_slide_features(path)
         if len(features):
             bags.setdefault(row.patient_id, []).append(features)
@@ -38,7 +46,30 @@ def load_wsi_bags(cohort, features_dir: Path) -> dict[str, np.ndarray]:
             f"{len(missing)} slide(s) have no features in {features_dir} (first: {missing[0]}); "
             f"run `healnet preprocess-slides {cohort.root}/slides.parquet --out {features_dir}` first"
         )
+    if required and not bags:
+        seen = f"the {found} feature file(s) found hold no patches" if found else "none has a feature file"
+        raise SlideFeaturesError(
+            f"no slide features in {features_dir}: looked for the {len(cohort.slides)} slide(s) of the "
+            f"cohort's manifest by slide id (<slide>.parquet); {seen}"
+        )
     return {pid: np.concatenate(parts).astype(np.float32) for pid, parts in bags.items()}
+
+
+def require_slide_features(cohort, wsi_bags: Mapping[str, np.ndarray], features_dir: Path | None) -> None:
+    """Refuse to drop the slides silently: a cohort that lists slides needs their features.
+
+    Raises `SlideFeaturesError` (saying how to compute the features, or to choose the modalities) when the
+    manifest lists slides and `wsi_bags` is empty.
+    """
+    if len(cohort.slides) == 0 or wsi_bags:
+        return
+    where = f"in {features_dir}" if features_dir is not None else "(no feature folder)"
+    root = cohort.root if cohort.root is not None else "COHORT"
+    raise SlideFeaturesError(
+        f"the cohort lists {len(cohort.slides)} slide(s) but no slide features were found {where}; "
+        f"run `healnet preprocess-slides {root}/slides.parquet --out {root}/features` first, "
+        "or train without slides with `--modalities omic`"
+    )
 
 
 @dataclass
@@ -49,7 +80,10 @@ class Targets:
 
 
 class SurvivalDataset(Dataset):
-    """One item per patient: omic tokens per modality, a patch bag, and survival targets."""
+    """One item per patient: omic and clinical tokens per modality, a patch bag, and survival targets.
+
+    `clinical` is the cohort's clinical table (index patient_id), read by the clinical modality.
+    """
 
     def __init__(
         self,
@@ -61,15 +95,16 @@ class SurvivalDataset(Dataset):
         modalities: Sequence[str],
         max_patches: int | None = None,
         seed: int = 0,
+        clinical=None,
     ):
         self.patient_ids = list(patient_ids)
         self.modalities = list(modalities)
         self.targets = targets
         self.max_patches = max_patches
         self.rng = np.random.default_rng(seed)
-        omic_names = [m for m in self.modalities if m != WSI]
-        tokens = preprocessor.omic_tokens(omic_frames, self.patient_ids) if omic_names else {}
-        self.omics = {name: tokens[name] for name in omic_names}
+        tabular = [m for m in self.modalities if m != WSI]
+        tokens = preprocessor.tabular_tokens(omic_frames, clinical, self.patient_ids) if tabular else {}
+        self.omics = {name: tokens[name] for name in tabular}
         self.bags = (
             [preprocessor.scale_wsi(wsi_bags[pid]) if pid in wsi_bags else None for pid in self.patient_ids]
             if WSI in self.modalities

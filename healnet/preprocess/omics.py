@@ -22,6 +22,9 @@ READABLE_STATE_VERSIONS = (1, 2)
 # "auto" log1p: every observed value is >= 0 and the maximum exceeds this (raw RSEM counts).
 AUTO_LOG1P_MIN_MAX = 100.0
 LOG1P_MODES = ("auto", "always", "never")
+# PORPOISE's rnaseq values are z-scores that reach 10^4: without sign(x)·log1p(|x|), a variance filter
+# keeps the genes with one extreme patient
+RNASEQ = ("rnaseq",)
 
 
 class OmicsTransformError(ValueError):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from healnet.preprocess.clinical import CLINICAL, ClinicalConfig, ClinicalTransform
 from healnet.preprocess.omics import OmicsConfig, OmicsTokens, OmicsTransform
 
 WSI = "wsi"
@@ -19,13 +20,14 @@ WSI = "wsi"
 
 @dataclass
 class Preprocessor:
-    """Omics transform plus a z-score of patch features, both fitted on training patients only."""
+    """Omics and clinical transforms plus a z-score of patch features, all fitted on training patients only."""
 
     omics: OmicsTransform | None
     wsi_mean: np.ndarray | None = None
     wsi_std: np.ndarray | None = None
     wsi_encoder: str = "stats"
     tiling: dict = field(default_factory=dict)
+    clinical: ClinicalTransform | None = None
 
     @classmethod
     def fit(
@@ -37,24 +39,38 @@ class Preprocessor:
         wsi_encoder: str = "stats",
         tiling: dict | None = None,
         omics: OmicsTransform | None = None,
+        clinical: pd.DataFrame | None = None,
+        clinical_config: ClinicalConfig | None = None,
     ) -> Preprocessor:
-        """Fit on `train_ids`; a given `omics` transform (already fitted on them) is used as is."""
+        """Fit on `train_ids`; a given `omics` transform (already fitted on them) is used as is.
+
+        The clinical modality is fitted when both the clinical table and `clinical_config` are given.
+        """
         train = set(train_ids)
         if omics is None and omics_config is not None and omic_frames:
             train_frames = {name: frame[frame.index.isin(train)] for name, frame in omic_frames.items()}
             omics = OmicsTransform.fit(train_frames, omics_config)
+        clinical_transform = None
+        if clinical is not None and clinical_config is not None:
+            clinical_transform = ClinicalTransform.fit(clinical[clinical.index.isin(train)], clinical_config)
         wsi_mean = wsi_std = None
         train_bags = [bag for pid, bag in wsi_bags.items() if pid in train and len(bag)]
         if train_bags:
             stacked = np.concatenate(train_bags)
             wsi_mean = stacked.mean(0).astype(np.float32)
             wsi_std = np.maximum(stacked.std(0), 1e-6).astype(np.float32)
-        return cls(omics, wsi_mean, wsi_std, wsi_encoder, dict(tiling or {}))
+        return cls(omics, wsi_mean, wsi_std, wsi_encoder, dict(tiling or {}), clinical_transform)
 
     @property
     def modalities(self) -> list[str]:
         names = list(self.omics.output_modalities) if self.omics else []
+        names += [CLINICAL] if self.clinical else []
         return names + ([WSI] if self.wsi_mean is not None else [])
+
+    @property
+    def tabular_modalities(self) -> list[str]:
+        """The modalities of one fixed-shape token tensor per patient: omics and clinical."""
+        return [name for name in self.modalities if name != WSI]
 
     @property
     def wsi_dim(self) -> int:
@@ -62,10 +78,25 @@ class Preprocessor:
             raise ValueError("this model was trained without slides")
         return len(self.wsi_mean)
 
-    def omic_tokens(
-        self, frames: Mapping[str, pd.DataFrame], patient_ids: Sequence[str]
+    def tabular_token_size(self, modality: str) -> int:
+        """Values per patient (tokens x channels) of an omic or the clinical modality."""
+        if modality == CLINICAL and self.clinical:
+            return self.clinical.n_features
+        n_tokens, channels = self.omics.token_shape(modality)
+        return n_tokens * channels
+
+    def tabular_tokens(
+        self,
+        frames: Mapping[str, pd.DataFrame],
+        clinical: pd.DataFrame | None,
+        patient_ids: Sequence[str],
     ) -> dict[str, OmicsTokens]:
-        return self.omics.transform(dict(frames), list(patient_ids)) if self.omics else {}
+        """Tokens of the omic modalities and, when the model has it, the clinical modality."""
+        tokens = self.omics.transform(dict(frames), list(patient_ids)) if self.omics else {}
+        if self.clinical:
+            table = clinical if clinical is not None else pd.DataFrame()
+            tokens[CLINICAL] = self.clinical.transform(table, list(patient_ids))
+        return tokens
 
     def scale_wsi(self, bag: np.ndarray) -> np.ndarray:
         """Z-score one bag of patch features (n_patches, dim) with the training statistics."""
@@ -81,6 +112,7 @@ class Preprocessor:
             "wsi_std": None if self.wsi_std is None else self.wsi_std.tolist(),
             "wsi_encoder": self.wsi_encoder,
             "tiling": self.tiling,
+            "clinical": self.clinical.state_dict() if self.clinical else None,
         }
 
     @classmethod
@@ -89,4 +121,8 @@ class Preprocessor:
             return None if state[key] is None else np.asarray(state[key], dtype=np.float32)
 
         omics = OmicsTransform.from_state_dict(state["omics"]) if state["omics"] else None
-        return cls(omics, array("wsi_mean"), array("wsi_std"), state["wsi_encoder"], dict(state["tiling"]))
+        # states written before the clinical modality have no "clinical" key
+        clinical = ClinicalTransform.from_state_dict(state["clinical"]) if state.get("clinical") else None
+        return cls(
+            omics, array("wsi_mean"), array("wsi_std"), state["wsi_encoder"], dict(state["tiling"]), clinical
+        )

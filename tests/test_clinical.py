@@ -1,0 +1,140 @@
+"""The clinical modality: its transform, per-sample missingness in the model, and the linear path."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from healnet.model import HEALNet, HEALNetConfig, ModalitySpec, ModelInputError
+from healnet.preprocess.clinical import ClinicalConfig, ClinicalTransform, ClinicalTransformError
+
+
+def clinical_table(n: int = 60, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "age": rng.normal(60, 10, n),
+            "is_female": pd.array(rng.integers(0, 2, n), dtype="Int8"),
+            "oncotree_code": rng.choice(
+                ["IDC", "IDC", "IDC", "ILC", "RARE"], n, p=[0.3, 0.3, 0.2, 0.17, 0.03]
+            ),
+            "site": rng.choice(["A2", "B6"], n),  # a batch marker: never a covariate
+        },
+        index=pd.Index([f"TCGA-AA-{i:04d}" for i in range(n)], name="patient_id"),
+    )
+
+
+def test_transform_fits_on_training_rows_and_drops_rare_levels_and_the_site():
+    table = clinical_table()
+    table.loc[table.index[0], "oncotree_code"] = "RARE"
+    transform = ClinicalTransform.fit(table, ClinicalConfig(min_level_count=5))
+    # the most frequent level (IDC) is the reference; RARE is seen in fewer than 5 patients
+    assert transform.feature_names == ["age", "is_female", "oncotree_code=ILC"]
+    tokens = transform.transform(table, table.index)
+    assert tokens.values.shape == (60, 3, 1)
+    values = tokens.values[:, :, 0]
+    np.testing.assert_allclose(values.mean(axis=0), 0.0, atol=1e-6)  # z-scored with training statistics
+    np.testing.assert_allclose(values.std(axis=0), 1.0, atol=1e-5)
+    assert tokens.present.all() and not tokens.imputed.any()
+
+
+def test_missing_covariates_are_imputed_and_a_patient_without_any_is_missing():
+    table = clinical_table()
+    transform = ClinicalTransform.fit(table)
+    test = table.iloc[:3].copy()
+    test.loc[test.index[0], "age"] = np.nan
+    test.loc[test.index[1], ["age", "is_female", "oncotree_code"]] = np.nan
+    tokens = transform.transform(test, [*test.index, "TCGA-ZZ-9999"])
+    assert tokens.present.tolist() == [True, False, True, False]
+    assert tokens.imputed.tolist() == [1, 0, 0, 0]
+    median_age = np.median(table["age"])
+    age = transform.features[0]
+    assert tokens.values[0, 0, 0] == pytest.approx((median_age - age.mean) / age.std, rel=1e-5)
+    assert not tokens.values[[1, 3]].any()  # a missing modality is zero-filled
+
+
+def test_records_match_the_table_path_and_report_unknown_names():
+    table = clinical_table()
+    transform = ClinicalTransform.fit(table)
+    row = table.iloc[4]
+    record = {
+        "age": float(row["age"]),
+        "is_female": int(row["is_female"]),
+        "oncotree_code": row["oncotree_code"],
+    }
+    tokens, unknown = transform.transform_records([{**record, "smoker": 1}, {}])
+    np.testing.assert_allclose(tokens.values[0], transform.transform(table, [table.index[4]]).values[0])
+    assert unknown == [["smoker"], []]
+    assert tokens.present.tolist() == [True, False]
+    with pytest.raises(ClinicalTransformError, match="'age' must be a number"):
+        transform.transform_records([{"age": "sixty"}])
+    with pytest.raises(ClinicalTransformError, match="must be finite"):
+        transform.transform_records([{"age": float("inf")}])
+
+
+def test_state_round_trips_through_json():
+    transform = ClinicalTransform.fit(clinical_table())
+    restored = ClinicalTransform.from_state_dict(json.loads(json.dumps(transform.state_dict())))
+    table = clinical_table(seed=1)
+    np.testing.assert_array_equal(
+        restored.transform(table, table.index).values, transform.transform(table, table.index).values
+    )
+    with pytest.raises(ClinicalTransformError, match="format"):
+        ClinicalTransform.from_state_dict({**transform.state_dict(), "format_version": 99})
+
+
+def test_a_cohort_without_varying_covariates_is_refused():
+    table = clinical_table()[["age"]].assign(age=50.0)
+    with pytest.raises(ClinicalTransformError, match="no clinical feature varies"):
+        ClinicalTransform.fit(table)
+
+
+CLINICAL = ModalitySpec("clinical", 1, num_freq_bands=6, max_freq=3.0)
+OMIC = ModalitySpec("omic", 5)
+
+
+def linear_model() -> HEALNet:
+    torch.manual_seed(0)
+    config = HEALNetConfig(
+        modalities=[OMIC, CLINICAL],
+        depth=1,
+        n_latents=4,
+        latent_dim=16,
+        linear_path="clinical",
+        linear_path_inputs=3,
+    )
+    model = HEALNet(config).eval()
+    with torch.no_grad():
+        model.linear_path.weight.copy_(torch.tensor([[0.5, -0.2, 1.0]]))
+    return model
+
+
+def test_a_missing_clinical_modality_changes_nothing_in_that_sample_and_its_linear_term_is_zero():
+    model = linear_model()
+    inputs = {"omic": torch.randn(3, 1, 5), "clinical": torch.randn(3, 3, 1)}
+    present = {"clinical": torch.tensor([False, True, False])}
+    logits = model(inputs, present)
+    for garbage in (torch.full((3, 3, 1), 1e30), torch.full((3, 3, 1), float("nan"))):
+        changed = model({**inputs, "clinical": garbage}, present)
+        assert torch.equal(changed[0], logits[0]) and torch.equal(changed[2], logits[2])
+        assert not torch.allclose(changed[1], logits[1])
+    # a sample without the clinical modality matches a run that never saw it
+    torch.testing.assert_close(model({"omic": inputs["omic"]})[0], logits[0])
+
+
+def test_the_linear_term_is_the_weights_times_the_covariates():
+    model = linear_model()
+    inputs = {"omic": torch.randn(1, 1, 5), "clinical": torch.zeros(1, 3, 1)}
+    shifted = {"omic": inputs["omic"], "clinical": torch.tensor([[[1.0], [0.0], [0.0]]])}
+    # the latent path sees the covariates too, so compare the linear term alone
+    offset = model._linear_offset(shifted["clinical"], {"clinical": (None, None, torch.tensor([True]))})
+    assert offset.item() == pytest.approx(0.5)
+    with pytest.raises(ModelInputError, match="expects 3 values"):
+        model({"omic": inputs["omic"], "clinical": torch.zeros(1, 2, 1)})
+
+
+def test_linear_path_must_name_a_modality():
+    with pytest.raises(ModelInputError, match="linear_path"):
+        HEALNetConfig(modalities=[OMIC], linear_path="clinical", linear_path_inputs=3)
