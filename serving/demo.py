@@ -28,6 +28,8 @@ class DemoSpec:
     wsi_dim: int = 31  # the width of the "stats" patch encoder, so that tile requests work too
     patches: tuple[int, int] = (4, 12)  # patches per bag, drawn uniformly in [low, high)
     epochs: int = 2
+    # age and sex as a clinical modality with a linear path, in an ensemble of two (the tcga recipe's shape)
+    clinical: bool = False
     model_options: tuple[tuple[str, int], ...] = (
         ("depth", 1),
         ("n_latents", 4),
@@ -54,6 +56,8 @@ def demo_cohort(spec: DemoSpec) -> CohortData:
         {
             "survival_months": rng.uniform(1.0, 120.0, spec.patients),
             "event": rng.integers(0, 2, spec.patients),
+            "age": rng.uniform(30.0, 90.0, spec.patients).round(),
+            "is_female": rng.integers(0, 2, spec.patients),
         },
         index=pd.Index(ids, name="patient_id"),
     )
@@ -82,11 +86,13 @@ def train_demo_checkpoint(out_dir: Path, spec: DemoSpec = DemoSpec(), metadata: 
     recipe = replace(
         DEMO,
         name="serving-demo",
-        clinical=None,
-        model=dict(spec.model_options),
+        clinical=DEMO.clinical if spec.clinical else None,
+        model=dict(spec.model_options) | ({"linear_path": "clinical"} if spec.clinical else {}),
         train=TrainConfig(epochs=spec.epochs, batch_size=16, seed=spec.seed, device="cpu"),
+        members=2 if spec.clinical else 1,
     )
-    ensemble = HEALNetEnsemble.fit(data, ids[:split], ids[split:], recipe, ["omic", "wsi"], seed=spec.seed)
+    modalities = ["omic", "clinical", "wsi"] if spec.clinical else ["omic", "wsi"]
+    ensemble = HEALNetEnsemble.fit(data, ids[:split], ids[split:], recipe, modalities, seed=spec.seed)
     quantiles = reference_risk_quantiles(ensemble.risk(data, ids[:split]))
     save_checkpoint(
         out_dir, ensemble.to_checkpoint({"reference_risk_quantiles": quantiles, **(metadata or {})})
@@ -110,6 +116,8 @@ def demo_payload(
         }
     if "wsi" in modalities:
         payload["wsi_features"] = rng.normal(size=(patches, spec.wsi_dim)).round(4).tolist()
+    if "clinical" in modalities:
+        payload["clinical"] = {"age": float(rng.integers(30, 90)), "is_female": int(rng.integers(0, 2))}
     return payload
 
 

@@ -23,6 +23,8 @@ import pytest
 
 from serving.demo import DemoSpec, train_demo_checkpoint
 
+CLINICAL_SPEC = DemoSpec(clinical=True)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVER_START_TIMEOUT_S = 120.0
 
@@ -84,17 +86,31 @@ class DemoRegistry:
         return env
 
 
+@contextmanager
+def champion_registry(checkpoint: Path, home: Path) -> Iterator[DemoRegistry]:
+    from healnet.registry import register_model, set_champion
+
+    with pytest.MonkeyPatch.context() as patch, bentoml_home(home):
+        patch.delenv("HEALNET_MODEL_TAG", raising=False)
+        tag = register_model(checkpoint, labels={"source": "tests"}, metadata={})
+        set_champion(tag, "serving tests")
+        yield DemoRegistry(home, tag, checkpoint)
+
+
 @pytest.fixture(scope="module")
 def demo_registry(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRegistry]:
     """A temporary BentoML store holding the demo model as champion, active for one test module."""
-    from healnet.registry import register_model, set_champion
+    with champion_registry(demo_checkpoint, tmp_path_factory.mktemp("bentoml_home")) as registry:
+        yield registry
 
-    home = tmp_path_factory.mktemp("bentoml_home")
-    with pytest.MonkeyPatch.context() as patch, bentoml_home(home):
-        patch.delenv("HEALNET_MODEL_TAG", raising=False)
-        tag = register_model(demo_checkpoint, labels={"source": "tests"}, metadata={})
-        set_champion(tag, "serving tests")
-        yield DemoRegistry(home, tag, demo_checkpoint)
+
+@pytest.fixture(scope="module")
+def clinical_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoRegistry]:
+    """Like demo_registry, with the clinical variant of the demo model: a two-member ensemble of omic,
+    clinical and wsi with the linear clinical path."""
+    checkpoint = train_demo_checkpoint(tmp_path_factory.mktemp("clinical") / "checkpoint", CLINICAL_SPEC)
+    with champion_registry(checkpoint, tmp_path_factory.mktemp("bentoml_home")) as registry:
+        yield registry
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
