@@ -43,11 +43,13 @@ class Recipe:
         return asdict(self)
 
 
+# The synthetic demo cohort's age and sex carry no risk, so its recipe leaves the clinical modality out.
 DEMO = Recipe(
     name="demo",
     omics=OmicsConfig(combine=True),
     model={"depth": 2, "n_latents": 16, "latent_dim": 64},
     train=TrainConfig(),
+    clinical=None,
 )
 
 # Real TCGA omics and clinical covariates: a small model per table, strong weight decay (few events),

@@ -77,6 +77,7 @@ def train_demo_checkpoint(out_dir: Path, spec: DemoSpec = DemoSpec(), metadata: 
     from healnet.checkpoint import save_checkpoint
     from healnet.ensemble import HEALNetEnsemble
     from healnet.experiment import reference_risk_quantiles
+    from healnet.preprocess.clinical import ClinicalConfig
     from healnet.recipes import DEMO
     from healnet.train import TrainConfig
 
@@ -86,7 +87,7 @@ def train_demo_checkpoint(out_dir: Path, spec: DemoSpec = DemoSpec(), metadata: 
     recipe = replace(
         DEMO,
         name="serving-demo",
-        clinical=DEMO.clinical if spec.clinical else None,
+        clinical=ClinicalConfig() if spec.clinical else None,
         model=dict(spec.model_options) | ({"linear_path": "clinical"} if spec.clinical else {}),
         train=TrainConfig(epochs=spec.epochs, batch_size=16, seed=spec.seed, device="cpu"),
         members=2 if spec.clinical else 1,

@@ -158,7 +158,7 @@ def test_train_writes_a_sealed_checkpoint(pipeline_outputs):
     model = pipeline_outputs["model"]
     checkpoint = Path(model.path) / "checkpoint"
     assert verify_checkpoint(checkpoint) == model.metadata["sha256"]
-    assert set(model.metadata["modalities"]) == {"omic", "clinical", "wsi"}
+    assert set(model.metadata["modalities"]) == {"omic", "wsi"}
     assert model.metadata["recipe"] == "demo" and model.metadata["members"] == 1
     metrics = json.loads((Path(model.path) / "metrics.json").read_text())
     assert metrics["epochs_run"] <= 2 and metrics["recipe"] == "demo"

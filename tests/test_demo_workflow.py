@@ -80,7 +80,7 @@ def test_cli_preprocess_train_evaluate(cohort_dir, tmp_path, capsys):
     model_args = ["--latents", "4", "--latent-dim", "16", "--depth", "1"]
     assert main([*args, *model_args, "--top-k", "50", "--signed-log", "rnaseq"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["modalities"] == ["omic", "clinical", "wsi"] and metrics["recipe"] == "demo"
+    assert metrics["modalities"] == ["omic", "wsi"] and metrics["recipe"] == "demo"
     omics = load_trained(run / "checkpoint").preprocessor.omics
     assert omics.config.signed_log == ("rnaseq",) and omics.config.top_k == 50
     assert len(omics.feature_names["omic"]) == 150  # 50 per table: mut, cnv, rnaseq

@@ -37,7 +37,7 @@ def small_checkpoint(directory, seed: int = 0) -> str:
     model = HEALNet(
         model_config_for(preprocessor, preprocessor.modalities, bins.n_bins, depth=1, n_latents=4)
     )
-    return save_checkpoint(directory, Checkpoint(model.config, model.state_dict(), bins, preprocessor, {}))
+    return save_checkpoint(directory, Checkpoint(model.config, [model.state_dict()], bins, preprocessor, {}))
 
 
 @pytest.fixture
