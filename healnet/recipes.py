@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 from healnet.preprocess.clinical import CLINICAL, ClinicalConfig
 from healnet.preprocess.omics import RNASEQ, OmicsConfig
-from healnet.train import TrainConfig
+from healnet.train_config import TrainConfig
 
 
 class RecipeError(ValueError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import random
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -14,38 +14,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from healnet.survival import harrell_c_or_nan, nll_loss, survival_from_logits
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 40
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    l1: float = 1e-5
-    alpha: float = 0.4
-    patience: int = 8
-    monitor: str = "c_index"
-    max_patches: int | None = 1024
-    bin_weights: bool = False
-    seed: int = 0
-    device: str = "auto"
-    modality_dropout: float = (
-        0.0  # per training sample, mark each present modality missing with this probability
-    )
-    # ridge penalty of the model's linear path, fitted alone before the latent path trains (see fit_linear_path)
-    linear_path_ridge: float = 1e-2
-
-    def __post_init__(self) -> None:
-        if self.monitor not in {"loss", "c_index"}:
-            raise ValueError(f"monitor must be 'loss' or 'c_index', got {self.monitor!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be positive")
-        if not 0.0 <= self.modality_dropout < 1.0:
-            raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from healnet.train_config import TrainConfig
 
 
 @dataclass
