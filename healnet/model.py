@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -162,6 +163,21 @@ def sample_positions(token_mask: Tensor) -> Tensor:
     return torch.stack(coordinates, dim=-1)
 
 
+class Context(NamedTuple):
+    """One modality's input to the cross-attentions."""
+
+    data: Tensor  # (b, j, c) tokens, zero where padded or missing
+    positions: Tensor | None  # (b, j, p) Fourier position features, or None
+    key_mask: Tensor  # (b, j) True = attend
+    has: Tensor  # (b,) the sample has the modality
+
+
+def _token_moments(tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum and sum of squares over channels, (b, j, 1) each: two fast reductions (torch.var_mean is an
+    order of magnitude slower on CPU for slide-sized bags)."""
+    return tokens.sum(dim=-1, keepdim=True), torch.linalg.vector_norm(tokens, dim=-1, keepdim=True).square()
+
+
 # building blocks
 
 
@@ -212,8 +228,13 @@ class Attention(nn.Module):
         self, x: Tensor, context: Tensor, key_mask: Tensor | None = None, return_weights: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """key_mask (b, j): True = attend. Returns the output and, if asked, the weights (b, h, n, j)."""
+        return self.attend(x, *self.to_kv(context).chunk(2, dim=-1), key_mask, return_weights)
+
+    def attend(
+        self, x: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, return_weights: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attention of queries x (b, n, d) to keys and values (b, j, heads * dim_head) already projected."""
         q = self.to_q(x)
-        k, v = self.to_kv(context).chunk(2, dim=-1)
         q, k, v = (rearrange(t, "b n (h e) -> b h n e", h=self.heads) for t in (q, k, v))
         mask = None if key_mask is None else rearrange(key_mask, "b j -> b 1 1 j")
         dropout = self.dropout if self.training else 0.0
@@ -250,11 +271,10 @@ class CrossAttentionBlock(nn.Module):
         self.ff = FeedForward(config.latent_dim, config.ff_mult, config.ff_dropout, config.snn)
 
     def forward(
-        self, latents: Tensor, context: Tensor, key_mask: Tensor, return_weights: bool
+        self, latents: Tensor, keys: Tensor, values: Tensor, key_mask: Tensor, return_weights: bool
     ) -> tuple[Tensor, Tensor | None]:
-        out, weights = self.attn(
-            self.norm_latents(latents), self.norm_context(context), key_mask, return_weights
-        )
+        """keys and values: the context as `to_kv(norm_context(context))`, projected by `project_contexts`."""
+        out, weights = self.attn.attend(self.norm_latents(latents), keys, values, key_mask, return_weights)
         latents = latents + out
         return latents + self.ff(latents), weights
 
@@ -346,19 +366,21 @@ class HEALNet(nn.Module):
             name: self._encode(name, data, present.get(name), token_mask.get(name))
             for name, data in inputs.items()
         }
+        projected = {name: self.project_contexts(name, context) for name, context in contexts.items()}
 
         latents = repeat(self.latents, "n d -> b n d", b=batch)
         any_present = torch.zeros(batch, dtype=torch.bool, device=latents.device)
-        for _, _, has in contexts.values():
-            any_present = any_present | has
+        for context in contexts.values():
+            any_present = any_present | context.has
         attention: dict[str, list[Tensor]] = {name: [] for name in contexts}
 
-        for layer in self.layers:
+        for depth, layer in enumerate(self.layers):
             for name in self.modality_names:
                 if name not in contexts:
                     continue
-                context, key_mask, has = contexts[name]
-                updated, weights = layer.cross[name](latents, context, key_mask, return_attention)
+                keys, values = projected[name][depth]
+                key_mask, has = contexts[name].key_mask, contexts[name].has
+                updated, weights = layer.cross[name](latents, keys, values, key_mask, return_attention)
                 latents = torch.where(rearrange(has, "b -> b 1 1"), updated, latents)
                 if weights is not None:
                     attention[name].append(torch.where(rearrange(has, "b -> b 1 1 1"), weights, 0.0))
@@ -367,10 +389,11 @@ class HEALNet(nn.Module):
 
         logits = self.to_logits(latents)
         if self.linear_path is not None and self.config.linear_path in contexts:
-            logits = logits + self._linear_offset(inputs[self.config.linear_path], contexts)
+            name = self.config.linear_path
+            logits = logits + self._linear_offset(inputs[name], contexts[name].has)
         return (logits, attention) if return_attention else logits
 
-    def _linear_offset(self, data: Tensor, contexts: dict) -> Tensor:
+    def _linear_offset(self, data: Tensor, has: Tensor) -> Tensor:
         """(b, 1) linear term of the linear-path modality; exactly 0 where the sample lacks it."""
         values = rearrange(data, "b ... -> b (...)")
         if values.shape[1] != self.config.linear_path_inputs:
@@ -378,30 +401,57 @@ class HEALNet(nn.Module):
                 f"modality {self.config.linear_path!r}: the linear path expects "
                 f"{self.config.linear_path_inputs} values per sample, got {values.shape[1]}"
             )
-        has = contexts[self.config.linear_path][2]
         return self.linear_path(torch.where(rearrange(has, "b -> b 1"), values, 0.0))
 
-    def _encode(
-        self, name: str, data: Tensor, present: Tensor | None, token_mask: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """-> context (b, j, c), attention key mask (b, j), modality present per sample (b,)."""
+    def _encode(self, name: str, data: Tensor, present: Tensor | None, token_mask: Tensor | None) -> Context:
+        """The modality's tokens flattened to (b, j, c), their position features and masks."""
         spec = self.specs[name]
         if token_mask is None:
             token_mask = torch.ones(data.shape[:-1], dtype=torch.bool, device=data.device)
         if present is None:
             present = torch.ones(data.shape[0], dtype=torch.bool, device=data.device)
+        positions = None
         if spec.num_freq_bands > 0:
             positions = fourier_encode(sample_positions(token_mask), spec.max_freq, spec.num_freq_bands)
-            data = torch.cat((data, positions.to(data.dtype)), dim=-1)
+            positions = rearrange(positions.to(data.dtype), "b ... p -> b (...) p")
         data = rearrange(data, "b ... c -> b (...) c")
         real = rearrange(token_mask, "b ... -> b (...)") & rearrange(present, "b -> b 1")
         has = real.any(dim=-1)
-        # padded tokens and missing samples are zeroed before any arithmetic; a missing sample attends to
-        # all its (zero) tokens so that no softmax row is empty (some SDPA kernels give NaN there), and its
-        # update is discarded afterwards
-        context = torch.where(rearrange(real, "b j -> b j 1"), data, 0.0)
+        # padded tokens and missing samples are zeroed before any arithmetic (the copy is skipped when every
+        # token is real); a missing sample attends to all its (zero) tokens so that no softmax row is empty
+        # (some SDPA kernels give NaN there), and its update is discarded afterwards
+        if torch._C._functorch.is_batchedtensor(real) or not bool(real.all()):
+            data = torch.where(rearrange(real, "b j -> b j 1"), data, 0.0)
         key_mask = real | rearrange(~has, "b -> b 1")
-        return context, key_mask, has
+        return Context(data, positions, key_mask, has)
+
+    def project_contexts(self, name: str, context: Context) -> list[tuple[Tensor, Tensor]]:
+        """Keys and values of one modality for every layer: `to_kv(norm_context(cat(data, positions)))`.
+
+        The normalised context (b, j, c), the largest tensor of a slide bag, is never materialised: the
+        LayerNorm's scale folds into the projection weights, its centring into a rank-one correction and its
+        bias into a constant, so every layer's projection is one matmul over the raw data plus per-token
+        statistics. Layers with tied weights are projected once.
+        """
+        blocks = [layer.cross[name] for layer in self.layers]
+        unique = list({id(block): block for block in blocks}.values())
+        weight = torch.cat([b.attn.to_kv.weight * b.norm_context.weight for b in unique])  # (u * 2i, c)
+        shift = torch.cat([b.attn.to_kv.weight @ b.norm_context.bias for b in unique])
+        data, channels = context.data, context.data.shape[-1]
+        projected = F.linear(data, weight[:, :channels])
+        total, squares = _token_moments(data.float())
+        if context.positions is not None:
+            projected = projected + F.linear(context.positions, weight[:, channels:])
+            position_total, position_squares = _token_moments(context.positions.float())
+            total, squares = total + position_total, squares + position_squares
+        # the variance from the moments in float64: inputs are z-scored, but a token's mean may still be
+        # large next to its spread, and E[x²] − E[x]² would cancel in float32
+        mean = total.double() / weight.shape[1]
+        var = (squares.double() / weight.shape[1] - mean.square()).clamp(min=0.0)
+        scale = torch.rsqrt(var + unique[0].norm_context.eps).float()
+        kv = (projected - mean.float() * weight.sum(dim=1)) * scale + shift
+        per_block = dict(zip(map(id, unique), kv.chunk(len(unique), dim=-1), strict=True))
+        return [per_block[id(block)].chunk(2, dim=-1) for block in blocks]
 
     def _check_inputs(
         self, inputs: dict[str, Tensor], present: dict[str, Tensor], token_mask: dict[str, Tensor]

@@ -262,3 +262,47 @@ def test_one_channel_tokens_need_position_features():
     with pytest.raises(ModelInputError, match="one channel per token"):
         ModalitySpec("rnaseq", 1)
     assert ModalitySpec("rnaseq", 1, num_freq_bands=2).context_dim == 6
+
+
+def unfused_projection(model: HEALNet, name: str, context) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The keys and values as the model computed them before the folded projection: the normalised
+    context materialised, then each layer's to_kv."""
+    full = context.data if context.positions is None else torch.cat((context.data, context.positions), dim=-1)
+    return [
+        layer.cross[name].attn.to_kv(layer.cross[name].norm_context(full)).chunk(2, dim=-1)
+        for layer in model.layers
+    ]
+
+
+@pytest.mark.parametrize("weight_tying", [False, True])
+@pytest.mark.parametrize("masked", [False, True], ids=["all-real", "padded-and-missing"])
+def test_folded_context_projection_equals_layernorm_then_projection(weight_tying, masked, monkeypatch):
+    wsi = ModalitySpec("wsi", 40, num_freq_bands=3)
+    model = make_model(OMIC, wsi, depth=3, weight_tying=weight_tying, self_per_cross_attn=1).train()
+    with torch.no_grad():  # LayerNorm scales and shifts away from their identity initialisation
+        for parameter_name, parameter in model.named_parameters():
+            if "norm_context" in parameter_name:
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+    inputs = {"omic": torch.randn(BATCH, 1, 5), "wsi": torch.randn(BATCH, 9, 40) * 0.5 + 3.0}  # offset tokens
+    token_mask = {"wsi": torch.tensor([[True] * 9, [True] * 4 + [False] * 5, [True] * 9])} if masked else {}
+    present = {"omic": torch.tensor([True, False, True])} if masked else {}
+    context = model._encode("wsi", inputs["wsi"], None, token_mask.get("wsi"))
+    for (k, v), (k_ref, v_ref) in zip(
+        model.project_contexts("wsi", context), unfused_projection(model, "wsi", context), strict=True
+    ):
+        torch.testing.assert_close(k, k_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
+
+    torch.manual_seed(1)  # dropout is off, but keep the two passes identical in every respect
+    model.eval()
+    logits = model(inputs, present, token_mask)
+    logits.sum().backward()
+    fused_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    monkeypatch.setattr(model, "project_contexts", lambda name, ctx: unfused_projection(model, name, ctx))
+    reference = model(inputs, present, token_mask)
+    reference.sum().backward()
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
+    for parameter_name, parameter in model.named_parameters():
+        if parameter.grad is not None:
+            torch.testing.assert_close(fused_grads[parameter_name], parameter.grad, rtol=1e-4, atol=1e-5)
