@@ -16,6 +16,7 @@ def train(
     batch_size: int,
     patience: int,
     seed: int,
+    gpu_count: int,
     slide_features: Input[list[Dataset]],
     omics_transform: Input[Artifact],
     model: Output[Model],
@@ -23,7 +24,9 @@ def train(
 ):
     """Train the named recipe (healnet/recipes.py) on the holdout split: a single model trains on the
     training patients and early-stops on the validation ones; an ensemble uses both. `epochs`,
-    `batch_size` and `patience` override the recipe's when above 0.
+    `batch_size` and `patience` override the recipe's when above 0. With `gpu_count` > 1, a single-model
+    recipe trains data-parallel, one process per GPU; an ensemble recipe trains on one device, so it is
+    refused there.
 
     The model folder holds `checkpoint/` (weights sealed by sha256), `metrics.json` and `history.json`.
     """
@@ -31,12 +34,14 @@ def train(
     import math
     import tempfile
     from dataclasses import replace
+    from functools import partial
     from pathlib import Path
 
     from components.support import merge_feature_shards
     from healnet.experiment import run_training
     from healnet.preprocess.omics import OmicsTransform
     from healnet.recipes import get_recipe
+    from healnet.train import DistributedTrainingError, launch_data_parallel
 
     chosen = get_recipe(recipe)
     overrides = {"epochs": epochs, "batch_size": batch_size, "patience": patience}
@@ -46,18 +51,29 @@ def train(
             chosen.train, seed=seed, **{name: value for name, value in overrides.items() if value > 0}
         ),
     )
+    if gpu_count > 1 and chosen.members > 1:
+        raise DistributedTrainingError(
+            f"recipe {recipe!r} trains {chosen.members} members as one batched model on one GPU; compile the "
+            "pipeline with gpu_count=1 for it (data-parallel training is for single-model recipes)"
+        )
     state = json.loads(Path(omics_transform.path).read_text())
     with tempfile.TemporaryDirectory(prefix="features-") as features_dir:
         merge_feature_shards([artifact.path for artifact in slide_features], Path(features_dir))
-        result = run_training(
+        training = partial(
+            run_training,
             Path(cohort_dir),
             Path(model.path),
-            features_dir=Path(features_dir),
             recipe=chosen,
+            features_dir=Path(features_dir),
             split_repeat=split_repeat,
             omics_transform=OmicsTransform.from_state_dict(state) if state is not None else None,
             progress=False,
         )
+        if gpu_count > 1:
+            launch_data_parallel(training, gpu_count)  # the first process writes metrics.json
+            result = json.loads((Path(model.path) / "metrics.json").read_text())
+        else:
+            result = training()
     model.metadata.update(
         {
             "sha256": result["sha256"],

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 
 from healnet.checkpoint import load_checkpoint, save_checkpoint
 from healnet.data.dataset import SurvivalDataset, Targets, load_wsi_bags, require_slide_features
@@ -19,7 +20,17 @@ from healnet.preprocess.omics import OmicsConfig, OmicsTransform
 from healnet.preprocess.state import WSI, Preprocessor
 from healnet.recipes import DEMO, Recipe
 from healnet.survival import SurvivalBins, survival_from_logits, survival_metrics
-from healnet.train import TrainConfig, TrainResult, fit, make_loader, predict_logits, select_device
+from healnet.train import (
+    DistributedTrainingError,
+    TrainConfig,
+    TrainResult,
+    fit,
+    join_process_group,
+    make_loader,
+    predict_logits,
+    process_rank,
+    select_device,
+)
 
 OMIC = "omic"
 # omic modalities of several tokens (features or groups) get Fourier features of the token index, so that
@@ -226,6 +237,9 @@ def run_training(
 ) -> dict:
     """Train `recipe` on the cohort's holdout split; write `checkpoint/` and `metrics.json` to `out_dir`.
 
+    Started by torchrun (WORLD_SIZE > 1), a single-model recipe trains data-parallel, one process per GPU
+    (or CPU process on gloo), and the first process writes the outputs; an ensemble recipe is refused there.
+
     With one member, the model trains on the split's training patients and early-stops on its validation
     ones; an ensemble uses both (see `HEALNetEnsemble`). The test patients are only evaluated. Without
     explicit `modalities`, a cohort that lists slides but has no slide features is refused
@@ -233,9 +247,46 @@ def run_training(
     `features_dir` from which no features load is refused too.
     """
     from healnet.data.cohort import Cohort
+
+    joined = join_process_group()
+    try:
+        return _train_and_save(
+            Cohort.load(cohort_dir),
+            Path(cohort_dir),
+            Path(out_dir),
+            recipe,
+            features_dir,
+            modalities,
+            split_repeat,
+            progress,
+            omics_transform,
+            require_features,
+        )
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _train_and_save(
+    cohort,
+    cohort_dir: Path,
+    out_dir: Path,
+    recipe: Recipe,
+    features_dir: Path | None,
+    modalities: Sequence[str] | None,
+    split_repeat: int,
+    progress: bool,
+    omics_transform: OmicsTransform | None,
+    require_features: bool,
+) -> dict:
     from healnet.ensemble import HEALNetEnsemble
 
-    cohort = Cohort.load(cohort_dir)
+    rank, world_size = process_rank()
+    if world_size > 1 and recipe.members > 1:
+        raise DistributedTrainingError(
+            f"recipe {recipe.name!r} trains {recipe.members} members as one batched model on one device; "
+            "data-parallel training (torchrun) is for single-model recipes: run it as one process"
+        )
     if features_dir is None and (Path(cohort_dir) / "features").is_dir():
         features_dir = Path(cohort_dir) / "features"
     data = CohortData.from_cohort(cohort, features_dir, require_features)
@@ -265,7 +316,8 @@ def run_training(
         "val": ensemble.evaluate(data, ids["val"], fitted_on),
         "test": ensemble.evaluate(data, ids["test"], fitted_on),
     }
-    out_dir = Path(out_dir)
+    if rank > 0:  # every process holds the same weights; the first one writes them
+        return metrics
     checkpoint_dir = out_dir / "checkpoint"
     sha = save_checkpoint(
         checkpoint_dir,

@@ -1,19 +1,23 @@
-"""Training: device choice, seeding, the epoch loop with OneCycleLR, L1 and early stopping."""
+"""Training: device choice, seeding, the epoch loop with OneCycleLR, L1 and early stopping; data-parallel
+over several processes (DistributedDataParallel) when started by torchrun."""
 
 from __future__ import annotations
 
 import copy
+import os
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from einops import rearrange
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from healnet.survival import harrell_c_or_nan, nll_loss, survival_from_logits
+from healnet.survival import harrell_c_or_nan, nll_loss, nll_per_sample, survival_from_logits
 from healnet.train_config import TrainConfig
 
 
@@ -24,10 +28,61 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
+class DistributedTrainingError(RuntimeError):
+    """A data-parallel run that cannot go ahead as configured; the message says why."""
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) outside a data-parallel run."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def join_process_group() -> bool:
+    """Under torchrun (WORLD_SIZE > 1) join the process group, NCCL on GPUs and gloo on the CPU, each
+    process on the GPU of its LOCAL_RANK; returns whether this process group was joined here."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return False
+    if not dist.is_available():
+        raise DistributedTrainingError("WORLD_SIZE > 1, but this torch build has no torch.distributed")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def launch_data_parallel(function, processes: int) -> None:
+    """Call `function()` in `processes` new processes that form one data-parallel group on this machine, as
+    torchrun would start a command: ranks 0 to processes − 1, one per GPU (LOCAL_RANK), rendezvous on the
+    loopback address. Returns when all have finished; a failure in any of them is raised here."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.start_processes(
+        _data_parallel_process, args=(function, processes, port), nprocs=processes, start_method="spawn"
+    )
+
+
+def _data_parallel_process(rank: int, function, processes: int, port: int) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(processes),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    function()
+
+
 def select_device(preference: str = "auto") -> torch.device:
-    """CUDA when present (or asked for), else CPU."""
+    """CUDA when present (or asked for), else CPU; in a data-parallel run, this process's GPU."""
     if preference == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     device = torch.device(preference)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was requested but no CUDA device is available")
@@ -143,6 +198,33 @@ def fit_linear_path(model, train_set, config: TrainConfig, device: torch.device)
     model.linear_path.weight.requires_grad_(False)
 
 
+def rank_batches(train_set, config: TrainConfig, rank: int, world_size: int):
+    """This rank's share of every global batch, per epoch: (collated batch, per-sample loss weights).
+
+    The global batches are those a single process's shuffled DataLoader draws (same generator, same
+    calls), so that N processes train on the same batches as one. Each rank takes every world_size-th
+    sample of a batch; a sample weighs world_size / global batch size, so that the gradient that
+    DistributedDataParallel averages is the global batch's mean. A rank left without a sample of a short
+    last batch gets one with weight 0, because every rank must take part in each step.
+    """
+    order = DataLoader(
+        range(len(train_set)),
+        batch_size=config.batch_size,
+        shuffle=True,
+        collate_fn=list,
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+
+    def epoch():
+        for indices in order:
+            share = indices[rank::world_size]
+            weight = world_size / len(indices)
+            weights = torch.full((len(share),), weight) if share else torch.zeros(1)
+            yield train_set.collate([train_set[i] for i in share or indices[:1]]), weights
+
+    return order, epoch
+
+
 def fit(
     model: torch.nn.Module,
     train_set,
@@ -151,12 +233,29 @@ def fit(
     bins=None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train with Adam + OneCycleLR; restore a deep copy of the best weights on the validation set."""
+    """Train with Adam + OneCycleLR; restore a deep copy of the best weights on the validation set.
+
+    In a data-parallel run (`join_process_group`), every process trains its share of each global batch
+    through DistributedDataParallel and ends with the same weights as one process would (tested); each
+    scores the whole validation set, so all take the same early-stopping decisions.
+    """
     seed_everything(config.seed)
     device = select_device(config.device)
     model.to(device)
     fit_linear_path(model, train_set, config, device)
-    train_loader = make_loader(train_set, config.batch_size, True, device, config.seed)
+    rank, world_size = process_rank()
+    if world_size > 1:
+        if config.bin_weights:
+            raise DistributedTrainingError("bin weights are not supported in a data-parallel run")
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_loader, epoch_batches = rank_batches(train_set, config, rank, world_size)
+    else:
+        trained = model
+        train_loader = make_loader(train_set, config.batch_size, True, device, config.seed)
+
+        def epoch_batches():
+            return ((batch, None) for batch in train_loader)
+
     val_loader = make_loader(val_set, config.batch_size, False, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -175,23 +274,38 @@ def fit(
     bar = tqdm(range(config.epochs), desc="train", disable=not progress, unit="epoch")
     for epoch in bar:
         model.train()
-        total, count = 0.0, 0
-        for batch in train_loader:
+        total, count = 0.0, 0.0
+        for batch, weights in epoch_batches():
             batch = to_device(batch, device)
             if config.modality_dropout:
                 batch["present"] = drop_modalities(
                     batch["present"], config.modality_dropout, dropout_generator
                 )
-            logits = forward(model, batch, device)
-            loss = nll_loss(logits, batch["labels"], batch["events"], config.alpha, bin_weights)
+            logits = forward(trained, batch, device)
+            penalty = 0.0
             if config.l1:
-                loss = loss + config.l1 * sum(p.abs().sum() for p in model.parameters() if p.requires_grad)
+                penalty = config.l1 * sum(p.abs().sum() for p in model.parameters() if p.requires_grad)
+            if weights is None:
+                loss = nll_loss(logits, batch["labels"], batch["events"], config.alpha, bin_weights) + penalty
+                total += loss.item() * len(batch["labels"])
+                count += len(batch["labels"])
+            else:
+                weights = weights.to(device)
+                per_sample = nll_per_sample(logits, batch["labels"], batch["events"], config.alpha)
+                loss = (per_sample * weights).sum() + penalty
+                real = weights > 0
+                total += float(
+                    (per_sample.detach() + float(penalty.detach() if config.l1 else 0.0))[real].sum()
+                )
+                count += float(real.sum())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += loss.item() * len(batch["labels"])
-            count += len(batch["labels"])
+        if world_size > 1:  # the mean training loss over every rank's samples
+            sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+            dist.all_reduce(sums)
+            total, count = sums.tolist()
         val = evaluate_loader(model, val_loader, device, config.alpha)
         history.append(
             {"epoch": epoch, "train_loss": total / count, **{f"val_{k}": v for k, v in val.items()}}

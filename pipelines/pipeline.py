@@ -110,6 +110,7 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
                 batch_size=batch_size,
                 patience=patience,
                 seed=seed,
+                gpu_count=options.gpu_count,
                 slide_features=dsl.Collected(slides.outputs["features"]),
                 omics_transform=omics.outputs["transform"],
             )

@@ -21,6 +21,7 @@ from healnet.data.cohort import Cohort
 from healnet.data.synth import SynthConfig, synthesize_cohort
 from healnet.preprocess.omics import OmicsTransform
 from healnet.registry import get_champion, list_versions
+from healnet.train import DistributedTrainingError
 
 SHARDS = 2
 
@@ -70,6 +71,7 @@ def pipeline_outputs(tmp_path_factory):
         batch_size=16,
         patience=2,
         seed=0,
+        gpu_count=1,
         slide_features=shards,
         omics_transform=transform,
         model=model,
@@ -164,6 +166,47 @@ def test_train_writes_a_sealed_checkpoint(pipeline_outputs):
     assert metrics["epochs_run"] <= 2 and metrics["recipe"] == "demo"
     assert json.loads((checkpoint / "checkpoint.json").read_text())["metadata"]["recipe"] == "demo"
     assert pipeline_outputs["train_metrics"].metadata["epochs_run"] >= 1
+
+
+def train_with_gpus(outputs: dict, name: str, recipe: str, gpu_count: int) -> tuple[Model, Metrics]:
+    model, metrics = (
+        artifact(Model, outputs["out"], name),
+        artifact(Metrics, outputs["out"], f"{name}_metrics"),
+    )
+    train.python_func(
+        cohort_dir=outputs["cohort"],
+        data_hash=outputs["data_hash"],
+        split_repeat=0,
+        recipe=recipe,
+        epochs=2,
+        batch_size=16,
+        patience=2,
+        seed=0,
+        gpu_count=gpu_count,
+        slide_features=outputs["shards"],
+        omics_transform=outputs["transform"],
+        model=model,
+        metrics=metrics,
+    )
+    return model, metrics
+
+
+@pytest.mark.slow
+def test_train_uses_every_process_it_is_given(pipeline_outputs):
+    """gpu_count 2 on a CPU machine: two data-parallel processes on gloo; the first writes the model."""
+    model, metrics = train_with_gpus(pipeline_outputs, "model_two_processes", "demo", 2)
+    checkpoint = Path(model.path) / "checkpoint"
+    assert verify_checkpoint(checkpoint) == model.metadata["sha256"]
+    assert metrics.metadata["epochs_run"] >= 1
+    single = json.loads((Path(pipeline_outputs["model"].path) / "metrics.json").read_text())
+    # the same global batches as one process: the same model up to float rounding
+    two = json.loads((Path(model.path) / "metrics.json").read_text())
+    assert two["test"]["c_index"] == pytest.approx(single["test"]["c_index"], abs=1e-3)
+
+
+def test_an_ensemble_recipe_is_refused_on_several_gpus(pipeline_outputs):
+    with pytest.raises(DistributedTrainingError, match="gpu_count=1"):
+        train_with_gpus(pipeline_outputs, "model_refused", "tcga", 2)
 
 
 def test_evaluate_logs_test_metrics_and_embeds_the_kaplan_meier_plot(pipeline_outputs):
