@@ -9,7 +9,10 @@ from pathlib import Path
 
 from healnet.recipes import DEFAULT_RECIPE
 
-HELP = "Train HEALNet on a canonical cohort; writes RUN_DIR/checkpoint and RUN_DIR/metrics.json."
+HELP = (
+    "Train HEALNet on a canonical cohort; writes RUN_DIR/checkpoint and RUN_DIR/metrics.json. Under torchrun "
+    "(torchrun --nproc-per-node N -m healnet train ...) a single-model recipe trains data-parallel."
+)
 
 # names of recipe settings that an option overrides: option -> (recipe part, field)
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "patience", "seed", "device")
