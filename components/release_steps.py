@@ -57,8 +57,8 @@ def promote(
 
     use_registry(registry_dir)
     from healnet.checkpoint import verify_checkpoint
-    from healnet.gate import GATE_VERSION
-    from healnet.registry import get_champion, register_model, set_champion
+    from healnet.gate import GATE_VERSION, Champion, GatePolicy, promote_if_still_better
+    from healnet.registry import register_model
 
     if cohort_data_hash(cohort_dir) != data_hash:
         raise PipelineStepError(
@@ -89,15 +89,22 @@ def promote(
         "gate_version": gate_version,
         "gate_reasons": list(gate_report.metadata.get("reasons", [])),
     }
-    previous = get_champion()
+    gated = gate_report.metadata.get("champion")
+    gated = Champion(gated["tag"], gated["c_index"]) if gated else None
+    policy = GatePolicy(**{k: v for k, v in gate_report.metadata["policy"].items() if k != "version"})
     tag = register_model(checkpoint, labels, metadata)
     passed = gate_report.metadata.get("passed", True)
     outcome = f"passed gate v{gate_version}" if passed else f"gate v{gate_version} dry run, checks failed"
-    set_champion(tag, f"pipeline run {run_name or run_id}: test c-index {scores['c_index']:.4f}, {outcome}")
-    rows = [
-        f"| {key} | {value} |"
-        for key, value in {**metadata, "previous champion": previous and previous["tag"]}.items()
-    ]
+    reason = f"pipeline run {run_name or run_id}: test c-index {scores['c_index']:.4f}, {outcome}"
+    # a compare-and-swap: only if the champion is still the one the gate compared against
+    regated, pointer = promote_if_still_better(tag, scores["c_index"], policy, gated, reason)
+    if pointer is None:
+        raise PipelineStepError(
+            f"{tag} is registered but not promoted: the champion changed to {regated.champion.tag} after the "
+            "gate, and the gate taken again rejects the candidate: " + "; ".join(regated.reasons)
+        )
+    previous = pointer["history"][-1]["tag"] if pointer["history"] else None
+    rows = [f"| {key} | {value} |" for key, value in {**metadata, "previous champion": previous}.items()]
     text = "\n".join([f"# Promoted {tag}", "", "| field | value |", "| --- | --- |", *rows]) + "\n"
     Path(report.path).write_text(text, encoding="utf-8")
     print(text)

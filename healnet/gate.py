@@ -93,10 +93,13 @@ def _shown(value: float | None) -> str:
 def decide(candidate_c_index: float, champion: Champion | None, policy: GatePolicy) -> GateResult:
     """Apply the policy to a candidate's test c-index and the current champion (None: no champion)."""
     candidate = float(candidate_c_index)
-    if not math.isfinite(candidate):
-        raise GateError(f"the candidate's test c-index is not a finite number ({candidate_c_index!r})")
     checks: dict[str, bool] = {}
     reasons: list[str] = []
+    if not (math.isfinite(candidate) and 0.0 <= candidate <= 1.0):
+        # no policy, dry run included, promotes a model whose score is not a c-index
+        checks["valid c-index"] = False
+        reasons.append(f"the candidate's test c-index {candidate_c_index!r} is not a number in [0, 1]")
+        return GateResult(REJECT, False, reasons, candidate, champion, policy, checks)
 
     checks["minimum c-index"] = candidate >= policy.min_c_index
     relation = ">=" if checks["minimum c-index"] else "<"
@@ -127,10 +130,47 @@ def decide(candidate_c_index: float, champion: Champion | None, policy: GatePoli
 
 def current_champion() -> Champion | None:
     """The registry's champion and its recorded test c-index (metadata `c_index`), or None."""
-    from healnet.registry import get_champion, show_version
+    from healnet.registry import get_champion
 
     pointer = get_champion()
-    if pointer is None:
+    return champion_of(pointer["tag"] if pointer else None)
+
+
+def champion_of(tag: str | None) -> Champion | None:
+    """A registered version as the gate sees it: its tag and recorded test c-index (None: no champion)."""
+    from healnet.registry import show_version
+
+    if tag is None:
         return None
-    c_index = show_version(pointer["tag"])["metadata"].get("c_index")
-    return Champion(pointer["tag"], float(c_index) if isinstance(c_index, int | float) else None)
+    c_index = show_version(tag)["metadata"].get("c_index")
+    return Champion(tag, float(c_index) if isinstance(c_index, int | float) else None)
+
+
+def promote_if_still_better(
+    tag: str,
+    candidate_c_index: float,
+    policy: GatePolicy,
+    gated: Champion | None,
+    reason: str,
+    attempts: int = 3,
+) -> tuple[GateResult | None, dict | None]:
+    """Make `tag` the champion only if the champion is still `gated`, the one the gate compared against.
+
+    If another promotion or a rollback changed it meanwhile, the gate decision is taken again against the
+    new champion: a reject stops here, a promote retries the compare-and-swap. Returns the repeated gate
+    result (None when the first comparison still held) and the new pointer (None when not promoted).
+    """
+    from healnet.registry import ChampionChangedError, set_champion
+
+    expected, result = (gated.tag if gated else None), None
+    for _ in range(attempts):
+        try:
+            return result, set_champion(tag, reason, expected=expected)
+        except ChampionChangedError as changed:
+            result = decide(candidate_c_index, champion_of(changed.current), policy)
+            if result.decision != PROMOTE:
+                return result, None
+            expected = changed.current
+    raise GateError(
+        f"the champion changed {attempts} times while {tag} was being promoted; run the gate again"
+    )

@@ -56,10 +56,30 @@ def test_report_names_version_decision_and_reasons():
     assert as_dict["champion"] == {"tag": "healnet:abc", "c_index": 0.6}
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf])
-def test_a_non_finite_candidate_is_an_error(bad):
-    with pytest.raises(GateError, match="not a finite number"):
-        decide(bad, None, GatePolicy())
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -0.01, 1.01])
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_a_candidate_score_that_is_not_a_c_index_is_rejected_with_the_reason(bad, dry_run):
+    result = decide(bad, None, GatePolicy(dry_run=dry_run))
+    assert result.decision == REJECT and not result.passed
+    assert result.checks == {"valid c-index": False} and "not a number in [0, 1]" in result.reasons[0]
+
+
+def test_boundaries_pass_exactly_at_the_minimum_and_at_the_tolerance():
+    policy = GatePolicy(min_c_index=0.5, tolerance=0.25)
+    assert decide(0.5, None, policy).decision == PROMOTE  # exactly the minimum
+    assert decide(0.0, None, GatePolicy(min_c_index=0.0)).decision == PROMOTE
+    assert decide(1.0, Champion("healnet:a", 1.0), GatePolicy(tolerance=0.0)).decision == PROMOTE
+    assert (
+        decide(0.5, Champion("healnet:a", 0.75), policy).decision == PROMOTE
+    )  # exactly champion − tolerance
+    assert decide(0.4999, Champion("healnet:a", 0.75), policy).decision == REJECT
+
+
+@pytest.mark.parametrize("recorded", [None, math.nan])
+def test_a_champion_without_a_usable_c_index_is_named_in_the_reasons(recorded):
+    result = decide(0.9, Champion("healnet:old", recorded), GatePolicy())
+    assert result.decision == REJECT and result.checks["not worse than champion"] is False
+    assert any("healnet:old has no recorded c-index" in reason for reason in result.reasons)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,8 @@
 """Model registry (healnet/registry.py): versions in a BentoML store, champion pointer, rollback."""
 
 import json
+import multiprocessing
+import os
 
 import numpy as np
 import pandas as pd
@@ -10,10 +12,13 @@ import torch
 from healnet.checkpoint import WEIGHTS_FILE, Checkpoint, CheckpointError, save_checkpoint
 from healnet.cli import main as healnet_main
 from healnet.experiment import model_config_for
+from healnet.gate import GatePolicy, champion_of, promote_if_still_better
 from healnet.model import HEALNet
 from healnet.preprocess.omics import OmicsConfig
 from healnet.preprocess.state import Preprocessor
 from healnet.registry import (
+    ChampionChangedError,
+    ChampionPointerError,
     RegistryError,
     get_champion,
     list_versions,
@@ -132,3 +137,75 @@ def test_an_empty_registry_lists_nothing(registry, capsys):
     assert list_versions() == []
     assert healnet_main(["registry", "list"]) == 0
     assert "no model versions registered" in capsys.readouterr().out
+
+
+def test_a_promotion_goes_ahead_only_if_the_champion_is_the_one_compared_against(registry, checkpoints):
+    first, second, third = (register_model(path) for path in checkpoints)
+    assert set_champion(first, "first", expected=None)["tag"] == first
+    with pytest.raises(ChampionChangedError, match=f"from none to {first}"):
+        set_champion(second, "stale", expected=None)
+    set_champion(second, "compared against the first", expected=first)
+    with pytest.raises(ChampionChangedError):
+        set_champion(third, "compared against the first again", expected=first)
+    pointer = get_champion()
+    assert pointer["tag"] == second and [entry["tag"] for entry in pointer["history"]] == [first]
+
+
+def test_the_gate_is_taken_again_when_the_champion_changed(registry, checkpoints):
+    weak, strong, candidate = (
+        register_model(path, metadata={"c_index": c})
+        for path, c in zip(checkpoints, (0.60, 0.80, 0.70), strict=True)
+    )
+    set_champion(weak, "first")
+    gated = champion_of(weak)
+    set_champion(strong, "promoted by another run meanwhile")
+    result, pointer = promote_if_still_better(candidate, 0.70, GatePolicy(tolerance=0.02), gated, "run b")
+    assert pointer is None and result.decision == "reject" and result.champion.tag == strong
+    assert get_champion()["tag"] == strong
+    # against a champion it does beat, the second decision promotes
+    set_champion(weak, "rolled back")
+    result, pointer = promote_if_still_better(candidate, 0.70, GatePolicy(), champion_of(strong), "run c")
+    assert result.decision == "promote" and pointer["tag"] == candidate
+
+
+def test_a_corrupt_pointer_is_a_clear_error_and_a_named_rollback_repairs_it(registry, checkpoints):
+    tag = register_model(checkpoints[0])
+    (registry / "champion.json").write_text('{"tag": "healnet:x", "since"')
+    with pytest.raises(ChampionPointerError, match="champion.json is corrupt.*rollback --to TAG"):
+        get_champion()
+    (registry / "champion.json").write_text('{"tag": "healnet:x"}')
+    with pytest.raises(ChampionPointerError, match="not a champion pointer"):
+        resolve()
+    with pytest.raises(ChampionPointerError):
+        rollback()  # without a tag there is nothing to go back to
+    assert rollback(tag)["tag"] == tag
+    kept = list(registry.glob("champion.json.corrupt-*"))
+    assert len(kept) == 1 and kept[0].read_text() == '{"tag": "healnet:x"}'
+
+
+def _promote_repeatedly(home: str, tags: list[str], writer: int, times: int) -> None:
+    """One writer process: `times` champion changes, alternating between the tags."""
+    os.environ["BENTOML_HOME"] = os.environ["HEALNET_REGISTRY_DIR"] = home
+    for i in range(times):
+        set_champion(tags[(writer + i) % len(tags)], f"writer {writer} change {i}")
+
+
+@pytest.mark.slow
+def test_concurrent_writers_in_separate_processes_lose_no_history_entry(registry, checkpoints):
+    tags = [register_model(path) for path in checkpoints]
+    context = multiprocessing.get_context("spawn")
+    writers = [
+        context.Process(target=_promote_repeatedly, args=(str(registry), tags, writer, 10))
+        for writer in range(4)
+    ]
+    for process in writers:
+        process.start()
+    for process in writers:
+        process.join(120)
+        assert process.exitcode == 0
+    pointer = get_champion()
+    reasons = [entry["reason"] for entry in pointer["history"]] + [pointer["reason"]]
+    assert len(reasons) == 40 and len(set(reasons)) == 40  # every change is in the history, once
+    for writer in range(4):
+        mine = [int(r.split()[-1]) for r in reasons if r.startswith(f"writer {writer} ")]
+        assert mine == list(range(10))  # each writer's changes in its own order
