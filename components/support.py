@@ -10,9 +10,11 @@ import os
 import subprocess
 from pathlib import Path
 
-# The tables whose contents define a cohort's data version (slide files are not hashed).
+# The tables whose contents define a cohort's data version; the slides enter by the manifest's contents and
+# each slide file's size and modification time (hashing whole-slide images would read gigabytes per run).
 HASHED_TABLES = ("clinical.parquet",)
 HASHED_FOLDERS = ("omics",)
+SLIDE_MANIFEST = "slides.parquet"
 
 
 class PipelineStepError(RuntimeError):
@@ -29,13 +31,17 @@ def use_registry(registry_dir: str) -> None:
 
 
 def cohort_data_hash(cohort_dir: str | Path) -> str:
-    """sha256 over the cohort's clinical and omics parquet files (names and contents)."""
+    """sha256 over the cohort's clinical and omics parquet files and slide manifest (names and contents) and
+    over each listed slide file's size and modification time, so that changed slides invalidate cached
+    slide features."""
     from healnet.checkpoint import sha256_file
 
     root = Path(cohort_dir)
     files = [root / name for name in HASHED_TABLES]
     for folder in HASHED_FOLDERS:
         files += sorted((root / folder).glob("*.parquet"))
+    if (root / SLIDE_MANIFEST).is_file():
+        files.append(root / SLIDE_MANIFEST)
     missing = [str(path) for path in files if not path.is_file()]
     if missing:
         raise PipelineStepError(f"cannot hash cohort {root}: missing {missing}")
@@ -43,7 +49,24 @@ def cohort_data_hash(cohort_dir: str | Path) -> str:
     for path in files:
         digest.update(path.relative_to(root).as_posix().encode() + b"\0")
         digest.update(sha256_file(path).encode())
+    for slide_id, stamp in _slide_stamps(root):
+        digest.update(f"{slide_id}\0{stamp}\0".encode())
     return digest.hexdigest()
+
+
+def _slide_stamps(root: Path) -> list[tuple[str, str]]:
+    """(slide id, "size:mtime_ns" or "absent") of every slide with a file in the manifest."""
+    if not (root / SLIDE_MANIFEST).is_file():
+        return []
+    from healnet.data.cohort import Cohort
+
+    cohort = Cohort.load(root)
+    stamps = []
+    for slide_id in cohort.slides.loc[cohort.slides["path"].notna(), "slide_id"]:
+        path = cohort.slide_path(slide_id)
+        stat = path.stat() if path.is_file() else None
+        stamps.append((str(slide_id), f"{stat.st_size}:{stat.st_mtime_ns}" if stat else "absent"))
+    return sorted(stamps)
 
 
 def git_sha() -> str:

@@ -101,9 +101,12 @@ def read_manifest(directory: Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"{directory} is not a checkpoint folder: {MANIFEST_FILE} is missing")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path} is not valid JSON: {error}") from error
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), str):
+        raise CheckpointError(f"{path} is not a checkpoint manifest: it records no sha256 of the weights")
+    return manifest
 
 
 def verify_checkpoint(directory: Path) -> str:

@@ -155,6 +155,30 @@ def test_load_names_the_missing_file(tmp_path):
         Cohort.load(tmp_path / "cohort")
 
 
+def test_corrupt_cohort_files_are_a_cohort_format_error_naming_the_file(tmp_path):
+    root = tmp_path / "cohort"
+    ingest(write_table(tmp_path / "table.csv"), root)
+    meta = (root / "cohort.json").read_text()
+    clinical = (root / "clinical.parquet").read_bytes()
+
+    (root / "clinical.parquet").write_bytes(clinical[: len(clinical) // 2])  # truncated
+    with pytest.raises(CohortFormatError, match=r"clinical.parquet: not a readable parquet table"):
+        Cohort.load(root)
+    (root / "clinical.parquet").write_bytes(clinical)
+    pd.DataFrame({"x": [1]}).to_parquet(root / "omics" / "cnv.parquet")
+    with pytest.raises(CohortFormatError, match=r"cnv.parquet: no patient_id column"):
+        Cohort.load(root)
+
+    for text, message in [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object, got list"),
+        (meta.replace('"format_version": 1', '"format_version": 99'), "format_version 99, expected 1"),
+    ]:
+        (root / "cohort.json").write_text(text)
+        with pytest.raises(CohortFormatError, match=message):
+            Cohort.load(root)
+
+
 def write_gdc(path: Path) -> Path:
     header = [
         "case_id",

@@ -2,7 +2,9 @@
 
 import base64
 import json
+import os
 import re
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -108,6 +110,21 @@ def test_validate_returns_the_shards_and_the_data_hash(pipeline_outputs):
     assert pipeline_outputs["data_hash"] == cohort_data_hash(pipeline_outputs["cohort"])
     assert re.fullmatch(r"[0-9a-f]{64}", pipeline_outputs["data_hash"])
     assert "Data validation: passed" in Path(pipeline_outputs["validation_report"].path).read_text()
+
+
+def test_the_data_hash_follows_the_slide_files(pipeline_outputs, tmp_path):
+    copy = tmp_path / "cohort"
+    shutil.copytree(pipeline_outputs["cohort"], copy)
+    before = cohort_data_hash(copy)
+    assert before == cohort_data_hash(copy)  # stable while nothing changes
+    cohort = Cohort.load(copy)
+    slide = cohort.slide_path(cohort.slides.loc[cohort.slides["path"].notna(), "slide_id"].iloc[0])
+    assert slide.is_relative_to(copy)
+    stat = slide.stat()
+    os.utime(
+        slide, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9)
+    )  # a re-scanned slide: same name, new file
+    assert cohort_data_hash(copy) != before
 
 
 def test_validate_stops_on_a_failing_expectation(pipeline_outputs, tmp_path):

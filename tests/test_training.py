@@ -121,6 +121,14 @@ def test_corrupted_checkpoint_is_refused(trained, tmp_path):
     weights.write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match="corrupted: sha256"):
         load_checkpoint(directory)
+    for text, message in [
+        ("{oops", "not valid JSON"),
+        ("[]", "records no sha256"),
+        ('{"sha256": 1}', "no sha256"),
+    ]:
+        (directory / "checkpoint.json").write_text(text)
+        with pytest.raises(CheckpointError, match=message):
+            load_checkpoint(directory)
     (directory / "checkpoint.json").unlink()
     with pytest.raises(CheckpointError, match="checkpoint.json is missing"):
         load_checkpoint(directory)

@@ -104,6 +104,22 @@ def _check_patients(raw: RawCohort) -> None:
             raise CohortFormatError(f"{name} lists patients without a clinical row: {extra.tolist()[:5]}")
 
 
+def _read_parquet(path: Path) -> pd.DataFrame:
+    """A cohort table; an unreadable (truncated, not parquet) file is a CohortFormatError naming it."""
+    import pyarrow
+
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError, pyarrow.ArrowException) as error:
+        raise CohortFormatError(f"{path}: not a readable parquet table ({error})") from None
+
+
+def _by_patient(table: pd.DataFrame, path: Path) -> pd.DataFrame:
+    if "patient_id" not in table.columns:
+        raise CohortFormatError(f"{path}: no patient_id column")
+    return table.set_index("patient_id")
+
+
 @dataclass
 class Cohort:
     root: Path | None
@@ -184,6 +200,8 @@ class Cohort:
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as error:
             raise CohortFormatError(f"{meta_path}: not valid JSON ({error})") from error
+        if not isinstance(meta, dict):
+            raise CohortFormatError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
         missing_keys = [key for key in META_KEYS if key not in meta]
         if missing_keys:
             raise CohortFormatError(f"{meta_path}: missing key(s) {missing_keys}")
@@ -199,10 +217,10 @@ class Cohort:
         ]
         if missing_files:
             raise CohortFormatError(f"{root}: missing {', '.join(missing_files)} (see docs/architecture.md)")
-        tables = {key: pd.read_parquet(root / name) for key, name in TABLE_FILES.items()}
+        tables = {key: _read_parquet(root / name) for key, name in TABLE_FILES.items()}
         for key in INDEXED_BY_PATIENT:
-            tables[key] = tables[key].set_index("patient_id")
-        omics = {m: pd.read_parquet(root / path).set_index("patient_id") for m, path in omic_files.items()}
+            tables[key] = _by_patient(tables[key], root / TABLE_FILES[key])
+        omics = {m: _by_patient(_read_parquet(root / path), root / path) for m, path in omic_files.items()}
         if len(tables["quarantine"]) != meta["rows_quarantined"]:
             raise CohortFormatError(f"{root}: quarantine.parquet does not hold rows_quarantined rows")
         return cls(root=root, omics=omics, meta=meta, **tables)
