@@ -215,17 +215,43 @@ def whole_response(send: Send, rewrite: Callable[[Message, bytes], bytes] | None
 
 
 def guarded_send(send: Send) -> Send:
-    """`whole_response` that also counts BentoML's own 400 answers (schema errors) as invalid_schema."""
-    sending = whole_response(send)
+    """`whole_response` that gives BentoML's own 4xx answers (malformed JSON, schema errors, caught before
+    the service code runs) the service's `{error, reason}` shape and header, counted as invalid_schema."""
+    bentoml_answer = False
+
+    def rewrite(start: Message, body: bytes) -> bytes:
+        return _as_rejection_body(body) if bentoml_answer else body
+
+    sending = whole_response(send, rewrite)
 
     async def guarded(message: Message) -> None:
-        if message["type"] == "http.response.start" and message["status"] == 400:
+        nonlocal bentoml_answer
+        if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
             names = {key.decode("latin-1").lower() for key, _ in message.get("headers", [])}
             if REJECTION_HEADER not in names:
+                bentoml_answer = True
                 metrics.record_rejection("invalid_schema")
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"content-type"]
+                json_type = (b"content-type", JSON_MEDIA_TYPE.encode())
+                message = {
+                    **message,
+                    "headers": [*kept, json_type, (REJECTION_HEADER.encode(), b"invalid_schema")],
+                }
         await sending(message)
 
     return guarded
+
+
+def _as_rejection_body(body: bytes) -> bytes:
+    """BentoML's error body (JSON with an "error", or text) as the service's rejection body."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        parsed = None
+    message = parsed.get("error") if isinstance(parsed, dict) else None
+    error = str(message or text or "the request body is not a valid request")
+    return json.dumps({"error": error, "reason": "invalid_schema"}).encode()
 
 
 def documenting_multipart(send: Send) -> Send:

@@ -84,7 +84,10 @@ def test_schema_errors_are_400_and_counted_once(client, body, content_type):
     before = errors("invalid_schema")
     response = client.post(path, content=body, headers={"content-type": content_type})
     assert response.status_code == 400, response.text
-    assert response.json()["error"]  # BentoML names the failing fields in "detail"
+    # BentoML's own answer, in the service's one error shape
+    assert set(response.json()) == {"error", "reason"} and response.json()["reason"] == "invalid_schema"
+    assert response.json()["error"] and response.headers["x-healnet-rejection"] == "invalid_schema"
+    assert response.headers["content-type"].startswith("application/json")
     assert errors("invalid_schema") == before + 1
 
 

@@ -148,7 +148,8 @@ def test_metrics_count_exactly_what_was_sent(server, metrics_of, demo_registry):
     for name, path, body, status, reason in BAD:
         response = send(server, path, body)
         assert response.status_code == status, f"{name}: {response.text}"
-        assert response.json()["error"], name
+        assert set(response.json()) == {"error", "reason"} and response.json()["error"], name
+        assert response.json()["reason"] == reason, name  # every 4xx body in one shape
         rejections[reason] += 1
     wrong_media = post(server, "/predict", raw=b"omics=1", content_type="text/plain")
     assert wrong_media.status_code == 415
