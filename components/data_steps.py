@@ -8,9 +8,14 @@ from components.images import HEALNET_IMAGE
 
 @dsl.component(base_image=HEALNET_IMAGE, packages_to_install=[], install_kfp_package=False)
 def validate(
-    cohort_dir: str, slide_shards: int, report: Output[Markdown], data_hash: OutputPath(str)
+    cohort_dir: str,
+    slide_shards: int,
+    max_quarantined_fraction: float,
+    report: Output[Markdown],
+    data_hash: OutputPath(str),
 ) -> list[int]:
-    """Validate the cohort with Great Expectations; a failed expectation raises and stops the run.
+    """Validate the cohort with Great Expectations; a failed expectation raises and stops the run, so
+    does a quarantine at ingestion above `max_quarantined_fraction` of the rows or of the patients.
 
     Returns the slide-shard indices `[0, slide_shards)` the ParallelFor fans out over, and writes the
     cohort's data hash (sha256 of its clinical and omics tables) for the later steps.
@@ -20,11 +25,13 @@ def validate(
 
     from components.support import PipelineStepError, cohort_data_hash
     from healnet.validation import validate as validate_cohort
+    from healnet.validation.thresholds import with_quarantine_limit
 
     if slide_shards < 1:
         raise PipelineStepError(f"slide_shards must be at least 1, got {slide_shards}")
+    thresholds = with_quarantine_limit(max_quarantined_fraction)
     with tempfile.TemporaryDirectory(prefix="validation-") as scratch:
-        result = validate_cohort(Path(cohort_dir), Path(scratch))
+        result = validate_cohort(Path(cohort_dir), Path(scratch), thresholds)
         Path(report.path).write_text(result.markdown_path.read_text(encoding="utf-8"), encoding="utf-8")
     report.metadata["success"] = result.success
     if not result.success:

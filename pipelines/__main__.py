@@ -18,7 +18,7 @@ SERVE_COMMAND = "bentoml serve serving.service:HEALNetService"
 
 PARAM_HELP = (
     "KEY=VALUE, repeatable: a pipeline parameter (cohort_dir, registry_dir, slide_shards, split_repeat, "
-    "recipe, epochs, batch_size, patience, seed, min_c_index, tolerance, dry_run, notify_webhook) or a "
+    "max_quarantined_fraction, recipe, epochs, batch_size, patience, seed, min_c_index, tolerance, dry_run, notify_webhook) or a "
     f"compile-time cluster option ({', '.join(OPTION_NAMES)}); see docs/pipeline.md"
 )
 

@@ -14,6 +14,7 @@ from components.model_steps import evaluate, train
 from components.release_steps import gate, notify, promote, reject
 from healnet.gate import PROMOTE
 from healnet.recipes import DEFAULT_RECIPE
+from healnet.validation.thresholds import DEFAULT_THRESHOLDS
 from pipelines.options import DEFAULT_OPTIONS, PARAMETER_TYPES, ClusterOptions
 
 PIPELINE_NAME = "healnet-training"
@@ -75,6 +76,7 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
         cohort_dir: str,
         registry_dir: str = "",
         slide_shards: int = 2,
+        max_quarantined_fraction: float = DEFAULT_THRESHOLDS.max_quarantined_row_fraction,
         split_repeat: int = 0,
         recipe: str = DEFAULT_RECIPE,
         epochs: int = 0,
@@ -89,7 +91,14 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
         finished = notify(run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, webhook_url=notify_webhook)
         finished.set_caching_options(False)
         with dsl.ExitHandler(finished, name="healnet-run"):
-            checked = _cpu_step(validate(cohort_dir=cohort_dir, slide_shards=slide_shards), options)
+            checked = _cpu_step(
+                validate(
+                    cohort_dir=cohort_dir,
+                    slide_shards=slide_shards,
+                    max_quarantined_fraction=max_quarantined_fraction,
+                ),
+                options,
+            )
             checked.set_caching_options(False)  # the cohort is read by path: always re-check it
             data_hash = checked.outputs["data_hash"]
             with dsl.ParallelFor(checked.outputs["Output"], parallelism=options.shard_parallelism) as shard:

@@ -50,7 +50,11 @@ def pipeline_outputs(tmp_path_factory):
     out.mkdir()
     validation_report = artifact(Markdown, out, "validation.md")
     shard_list = validate.python_func(
-        cohort_dir=cohort, slide_shards=SHARDS, report=validation_report, data_hash=str(out / "data_hash")
+        cohort_dir=cohort,
+        slide_shards=SHARDS,
+        max_quarantined_fraction=0.05,
+        report=validation_report,
+        data_hash=str(out / "data_hash"),
     )
     data_hash = (out / "data_hash").read_text()
     shards = []
@@ -140,7 +144,11 @@ def test_validate_stops_on_a_failing_expectation(pipeline_outputs, tmp_path):
     report = artifact(Markdown, tmp_path, "report.md")
     with pytest.raises(PipelineStepError, match="failed validation.*age"):
         validate.python_func(
-            cohort_dir=str(broken), slide_shards=2, report=report, data_hash=str(tmp_path / "h")
+            cohort_dir=str(broken),
+            slide_shards=2,
+            max_quarantined_fraction=0.05,
+            report=report,
+            data_hash=str(tmp_path / "h"),
         )
     assert "FAILED" in Path(report.path).read_text()
     assert report.metadata["success"] is False

@@ -14,13 +14,14 @@ from conftest import FIXTURES, REPO_ROOT
 from healnet.cli import main
 from healnet.data.cohort import Cohort
 from healnet.validation import DEFAULT_THRESHOLDS, validate, validate_cohort
+from healnet.validation.thresholds import with_quarantine_limit
 
 SLIDE = FIXTURES / "CMU-1-Small-Region.svs"
-N_PATIENTS = 20
+N_PATIENTS = 40  # with 2 quarantined rows: 4.8 %, inside the 5 % quarantine threshold
 
 
 def cohort_tables(n: int = N_PATIENTS) -> dict:
-    """A small valid cohort in the canonical layout: 20 patients, two omics modalities, two slides."""
+    """A small valid cohort in the canonical layout: 40 patients, two omics modalities, two slides."""
     rng = np.random.default_rng(7)
     ids = [f"TCGA-AB-{i:04d}" for i in range(n)]
     clinical = pd.DataFrame(
@@ -219,7 +220,7 @@ def test_good_cohort_passes_and_writes_both_reports(tmp_path):
     )
     assert event_rate["observed"] == pytest.approx(0.5)
     markdown = report.markdown_path.read_text(encoding="utf-8")
-    assert "rows in 22 = rows kept 20 + rows quarantined 2" in markdown
+    assert "rows in 42 = rows kept 40 + rows quarantined 2" in markdown
     assert "| bad barcode | 1 |" in markdown and "| duplicate patient | 1 |" in markdown
     assert "| ✓ | patient ids are TCGA patient barcodes | patient_id |" in markdown
     assert "✗" not in markdown
@@ -251,7 +252,7 @@ def test_row_accounting_that_does_not_add_up_fails(tmp_path):
     assert report.suites["accounting"].success is False
     assert "rows in = rows kept + rows quarantined" in report.failures()[0]
     assert (
-        "rows in 25 = rows kept 20 + rows quarantined 2  (DOES NOT ADD UP)"
+        "rows in 25 = rows kept 40 + rows quarantined 2  (DOES NOT ADD UP)"
         in report.markdown_path.read_text()
     )
 
@@ -263,6 +264,27 @@ def test_raw_table_is_ingested_on_the_fly(blca_table, tmp_path):
     assert report.suites["omics_features"].rows > 2000
     assert report.notes == ["437 slide(s) are listed without a file; their file checks were skipped"]
     assert "Note: 437 slide(s)" in report.markdown_path.read_text(encoding="utf-8")
+
+
+def test_a_mostly_quarantined_real_table_fails_naming_the_reasons_and_counts(blca_table, tmp_path):
+    """The real BLCA table with negative survival times in 30 % of its rows: validation must stop it."""
+    table = pd.read_csv(blca_table)
+    bad = np.random.default_rng(0).choice(len(table), int(0.3 * len(table)), replace=False)
+    table.loc[table.index[bad], "survival_months"] *= -1
+    table.to_csv(tmp_path / "tcga_blca_all_clean.csv.gz", index=False)
+    report = validate(tmp_path / "tcga_blca_all_clean.csv.gz", tmp_path / "out")
+    assert not report.success and report.rows_quarantined == len(bad) == 131
+    failures = report.failures()
+    assert any("at most 5% of the rows are quarantined" in message for message in failures)
+    assert any("at most 5% of the patients are lost" in message for message in failures)
+    assert "quarantined 131 of 437 rows; reasons: survival_months must be positive" in failures[-1]
+    # the threshold is a parameter: allowing 35 % lets the same table through
+    assert validate(
+        tmp_path / "tcga_blca_all_clean.csv.gz", tmp_path / "loose", with_quarantine_limit(0.35)
+    ).success
+    assert (
+        main(["validate", str(tmp_path / "tcga_blca_all_clean.csv.gz"), "--out", str(tmp_path / "cli")]) == 1
+    )
 
 
 def test_thresholds_change_the_verdict(tmp_path):

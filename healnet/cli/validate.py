@@ -22,15 +22,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, default=Path("validation"), help="folder for validation.json and validation.md"
     )
+    parser.add_argument(
+        "--max-quarantined-fraction",
+        type=float,
+        default=None,
+        help="largest share of rows, and of patients, that ingestion may quarantine (default: the versioned "
+        "threshold in healnet/validation/thresholds.py, 0.05)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from healnet.data.cohort import CohortFormatError
     from healnet.validation import validate
+    from healnet.validation.thresholds import DEFAULT_THRESHOLDS, with_quarantine_limit
 
+    thresholds = DEFAULT_THRESHOLDS
     try:
-        report = validate(args.input, args.out)
-    except CohortFormatError as error:
+        if args.max_quarantined_fraction is not None:
+            thresholds = with_quarantine_limit(args.max_quarantined_fraction)
+        report = validate(args.input, args.out, thresholds)
+    except (CohortFormatError, ValueError) as error:  # unreadable input, or an impossible threshold
         print(f"healnet validate: {error}", file=sys.stderr)
         return 2
     print(report.summary())

@@ -64,8 +64,18 @@ class ValidationReport:
     notes: list[str] = field(default_factory=list)  # what was not checked, and why
 
     def failures(self) -> list[str]:
-        """One message per failed expectation naming suite, expectation, column and example rows."""
-        return [e.message(s.name) for s in self.suites.values() for e in s.expectations if not e.success]
+        """One message per failed expectation naming suite, expectation, column and example rows; a failed
+        quarantine threshold adds the counts and the reasons of the quarantined rows."""
+        failed = [(s.name, e) for s in self.suites.values() for e in s.expectations if not e.success]
+        messages = [e.message(name) for name, e in failed]
+        if any((e.column or "").startswith("quarantined_") for _, e in failed):
+            reasons = sorted(self.quarantine_reasons.items(), key=lambda item: -item[1])
+            shown = ", ".join(f"{reason} ({n} rows)" for reason, n in reasons[:5])
+            more = f" and {len(reasons) - 5} more reason(s)" if len(reasons) > 5 else ""
+            messages.append(
+                f"quarantined {_count(self.rows_quarantined)} of {_count(self.rows_in)} rows; reasons: {shown}{more}"
+            )
+        return messages
 
     def accounting(self) -> str:
         balanced = _balanced(self.rows_in, self.rows_kept, self.rows_quarantined)

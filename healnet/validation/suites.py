@@ -126,6 +126,18 @@ def accounting_suite(t: Thresholds) -> list:
             column_B="rows_accounted",
             description="rows in = rows kept + rows quarantined",
         ),
+        e.ExpectColumnValuesToBeBetween(
+            column="quarantined_row_fraction",
+            min_value=0.0,
+            max_value=t.max_quarantined_row_fraction,
+            description=f"at most {t.max_quarantined_row_fraction:.0%} of the rows are quarantined",
+        ),
+        e.ExpectColumnValuesToBeBetween(
+            column="quarantined_patient_fraction",
+            min_value=0.0,
+            max_value=t.max_quarantined_patient_fraction,
+            description=f"at most {t.max_quarantined_patient_fraction:.0%} of the patients are lost to quarantine",
+        ),
     ]
 
 

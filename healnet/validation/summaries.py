@@ -138,13 +138,30 @@ def slide_summary(slides: pd.DataFrame, root: Path | None, clinical_ids: pd.Inde
     )
 
 
-def accounting_table(meta: Mapping, name: str) -> pd.DataFrame:
-    """One row: rows in, kept and quarantined at ingestion, and kept + quarantined."""
+def accounting_table(
+    meta: Mapping, name: str, quarantine: pd.DataFrame | None = None, kept_patients: pd.Index | None = None
+) -> pd.DataFrame:
+    """One row: rows in, kept and quarantined at ingestion, kept + quarantined, and the quarantined shares
+    of rows and of patients (a patient counts as lost when none of its rows was kept)."""
     counts = {key: _as_float(meta.get(key)) for key in ("rows_in", "rows_kept", "rows_quarantined")}
     accounted = None
     if counts["rows_kept"] is not None and counts["rows_quarantined"] is not None:
         accounted = counts["rows_kept"] + counts["rows_quarantined"]
-    return pd.DataFrame([{"cohort": name, **counts, "rows_accounted": accounted}]).astype(
+    row_fraction = patient_fraction = 0.0
+    if counts["rows_in"] and counts["rows_quarantined"] is not None:
+        row_fraction = counts["rows_quarantined"] / counts["rows_in"]
+    if quarantine is not None and kept_patients is not None:
+        lost = set(quarantine["id"].dropna().astype(str)) - set(kept_patients.astype(str))
+        seen = len(lost) + len(kept_patients)
+        patient_fraction = len(lost) / seen if seen else 0.0
+    row = {
+        "cohort": name,
+        **counts,
+        "rows_accounted": accounted,
+        "quarantined_row_fraction": row_fraction,
+        "quarantined_patient_fraction": patient_fraction,
+    }
+    return pd.DataFrame([row]).astype(
         {"rows_in": float, "rows_kept": float, "rows_quarantined": float, "rows_accounted": float}
     )
 

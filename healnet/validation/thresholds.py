@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    version: str = "1.0.0"
+    version: str = "1.1.0"
     min_patients: int = 1
     event_rate_min: float = 0.02
     event_rate_max: float = 0.95
@@ -17,11 +17,17 @@ class Thresholds:
     omics_max_missing_fraction: float = 0.2  # per feature, over the patients that have the modality
     omics_min_std: float = 0.0  # a feature's std must be strictly above this
     max_examples: int = 5  # unexpected example rows kept per failed expectation
+    # mostly-bad input stops the run: nobody decided to train on what survives a large quarantine
+    max_quarantined_row_fraction: float = 0.05
+    max_quarantined_patient_fraction: float = 0.05
 
     def __post_init__(self) -> None:
         for name in ("age_max_missing_fraction", "omics_max_missing_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("max_quarantined_row_fraction", "max_quarantined_patient_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.event_rate_min < self.event_rate_max <= 1.0:
             raise ValueError(
                 f"need 0 <= event_rate_min < event_rate_max <= 1, got {self.event_rate_min}, {self.event_rate_max}"
@@ -33,3 +39,10 @@ class Thresholds:
 
 
 DEFAULT_THRESHOLDS = Thresholds()
+
+
+def with_quarantine_limit(fraction: float) -> Thresholds:
+    """The default thresholds with one limit on the quarantined share of rows and of patients."""
+    return replace(
+        DEFAULT_THRESHOLDS, max_quarantined_row_fraction=fraction, max_quarantined_patient_fraction=fraction
+    )

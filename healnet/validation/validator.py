@@ -42,7 +42,7 @@ def validate_cohort(
         "omics_features": summaries.omics_feature_summary(cohort.omics),
         "omics_samples": summaries.omics_sample_summary(cohort.omics, clinical_ids),
         "slides": summaries.slide_summary(cohort.slides, cohort.root, clinical_ids),
-        "accounting": summaries.accounting_table(cohort.meta, name),
+        "accounting": summaries.accounting_table(cohort.meta, name, cohort.quarantine, cohort.clinical.index),
     }
     results = {}
     for suite_name, (id_columns, build) in SUITES.items():
