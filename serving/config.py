@@ -10,7 +10,7 @@ class ConfigError(ValueError):
     """An environment variable of the service holds an invalid value."""
 
 
-def _env_number(name: str, default: float, kind: type = int, low: float = 0.0, high: float | None = None):
+def env_number(name: str, default: float, kind: type = int, low: float = 0.0, high: float | None = None):
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return kind(default)
@@ -36,15 +36,15 @@ class Limits:
     @classmethod
     def from_env(cls) -> Limits:
         return cls(
-            max_body_bytes=_env_number("HEALNET_MAX_BODY_BYTES", cls.max_body_bytes, low=1),
-            max_batch_cases=_env_number("HEALNET_MAX_BATCH_CASES", cls.max_batch_cases, low=1),
-            max_patches=_env_number("HEALNET_MAX_PATCHES", cls.max_patches, low=1),
-            max_tiles=_env_number("HEALNET_MAX_TILES", cls.max_tiles, low=1),
-            max_tile_pixels=_env_number("HEALNET_MAX_TILE_PIXELS", cls.max_tile_pixels, low=1),
-            max_unknown_feature_fraction=_env_number(
+            max_body_bytes=env_number("HEALNET_MAX_BODY_BYTES", cls.max_body_bytes, low=1),
+            max_batch_cases=env_number("HEALNET_MAX_BATCH_CASES", cls.max_batch_cases, low=1),
+            max_patches=env_number("HEALNET_MAX_PATCHES", cls.max_patches, low=1),
+            max_tiles=env_number("HEALNET_MAX_TILES", cls.max_tiles, low=1),
+            max_tile_pixels=env_number("HEALNET_MAX_TILE_PIXELS", cls.max_tile_pixels, low=1),
+            max_unknown_feature_fraction=env_number(
                 "HEALNET_MAX_UNKNOWN_FEATURE_FRACTION", cls.max_unknown_feature_fraction, float, 0.0, 1.0
             ),
-            adaptive_batch_max_cases=_env_number(
+            adaptive_batch_max_cases=env_number(
                 "HEALNET_ADAPTIVE_BATCH_MAX_CASES", cls.adaptive_batch_max_cases, low=1
             ),
         )

@@ -66,6 +66,11 @@ REFERENCE_RISK = Gauge(
     ["training_quantile"],
     multiprocess_mode="livemax",
 )
+RELOAD_FAILURES = Counter(
+    "healnet_model_reload_failures_total",
+    "New champions that failed to load (missing, corrupted or unreadable); the previous model kept answering.",
+    ["tag"],
+)
 VALIDATION_ERRORS = Counter("healnet_validation_errors_total", "Rejected requests by reason.", ["reason"])
 
 for _reason in VALIDATION_REASONS:
@@ -100,6 +105,16 @@ def model_loaded(
         REQUESTS.labels(pattern)
     for modality in modalities:
         MISSING_MODALITY.labels(modality)
+
+
+def model_unloaded(tag: str) -> None:
+    """The version no longer answers: its model-info series drops to 0 (series cannot be removed from the
+    multiprocess files that every worker writes)."""
+    MODEL_INFO.labels(version=tag.partition(":")[2], tag=tag).set(0)
+
+
+def model_reload_failed(tag: str) -> None:
+    RELOAD_FAILURES.labels(tag).inc()
 
 
 def record_prediction(

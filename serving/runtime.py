@@ -16,17 +16,29 @@ from healnet.inference import Case, Prediction, Predictor
 from healnet.preprocess.wsi import PatchEncoder, make_encoder
 from healnet.registry import resolve
 from healnet.train import select_device
+from serving.config import env_number
 from serving.validation import ModelContract
 
 MODEL_TAG_ENV = "HEALNET_MODEL_TAG"
 DEVICE_ENV = "HEALNET_DEVICE"
+FOLLOW_ENV = "HEALNET_FOLLOW_CHAMPION_S"
 logger = logging.getLogger("healnet.serving")
 
 
 def resolve_served_model(packed_tag: str | None = None) -> tuple[str, Path]:
-    """Tag and sha256-verified checkpoint to serve: $HEALNET_MODEL_TAG, else the model packed into the
-    Bento, else the registry's champion. Raises RegistryError or CheckpointError."""
-    return resolve(os.environ.get(MODEL_TAG_ENV) or packed_tag)
+    """Tag and sha256-verified checkpoint to serve: $HEALNET_MODEL_TAG; else, when following the champion,
+    the registry's champion; else the model packed into the Bento, else the champion. Raises RegistryError
+    or CheckpointError."""
+    pinned = os.environ.get(MODEL_TAG_ENV)
+    return resolve(pinned or (None if champion_poll_seconds() else packed_tag))
+
+
+def champion_poll_seconds() -> float | None:
+    """$HEALNET_FOLLOW_CHAMPION_S: how often to look for a new champion in the registry; None when not
+    following (unset or 0, or a model pinned by $HEALNET_MODEL_TAG). Following serves the registry's
+    champion even from an image with a packed model. A bad value is a ConfigError."""
+    seconds = env_number(FOLLOW_ENV, 0.0, float)
+    return seconds if seconds > 0 and not os.environ.get(MODEL_TAG_ENV) else None
 
 
 def serving_device() -> str:

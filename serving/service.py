@@ -3,6 +3,11 @@
 Start-up: the `bentoml serve` process verifies the model's sha256 before any worker starts and exits
 non-zero on a missing or corrupted model. Each worker then loads the model in a background thread,
 so /livez answers at once and /readyz (and the APIs) answer 503 until the model is loaded.
+
+Following the champion ($HEALNET_FOLLOW_CHAMPION_S > 0, unless $HEALNET_MODEL_TAG pins a version): each worker
+polls the champion pointer and, when it moves (promotion or rollback), loads the new version in the
+background, verifies its sha256, warms it up and swaps it in between requests; a version that fails to
+load is counted (healnet_model_reload_failures_total) and the worker keeps serving the one it has.
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ import numpy as np
 from starlette.responses import JSONResponse
 
 from healnet.inference import Case, Prediction
+from healnet.registry import RegistryError, get_champion, resolve
 from serving import metrics
 from serving.batching import ContinuousBatcher
 from serving.bentoml_patches import cancel_request_timers
 from serving.config import Limits
 from serving.middleware import REJECTION_HEADER, RequestGuard
-from serving.runtime import ServedModel, resolve_served_model, serving_device
+from serving.runtime import ServedModel, champion_poll_seconds, resolve_served_model, serving_device
 from serving.schemas import ErrorResponse, PredictRequest, PredictResponse
 from serving.validation import RejectedRequest, to_case
 
@@ -62,11 +68,13 @@ class HEALNetService:
         logger.info("serving model %s", tag)
 
     def __init__(self) -> None:
-        self.model: ServedModel | None = None
-        self.batcher: ContinuousBatcher[Case, Prediction] | None = None
+        # the answering model and its batcher, replaced together by one assignment when the champion moves
+        self.serving: tuple[ServedModel, ContinuousBatcher[Case, Prediction]] | None = None
         self.load_error: str | None = None
+        self.refused_tag: str | None = None  # a champion that failed to load; retried once the pointer moves
         self.limits = Limits.from_env()
         tag, checkpoint_dir = resolve_served_model(PACKED_MODEL_TAG)
+        self.follow_s = champion_poll_seconds()
         threading.Thread(
             target=self._load, args=(tag, checkpoint_dir), name="healnet-load", daemon=True
         ).start()
@@ -79,23 +87,56 @@ class HEALNetService:
             self.load_error = f"model {tag} failed to load: {error}"
             logger.critical(self.load_error, exc_info=True)
             return
-        metrics.model_loaded(tag, model.contract.modalities, model.reference_risk_quantiles)
+        self._swap_in(model)
         # Hide the start-up objects (torch, pandas, BentoML, the model) from the garbage collector:
         # full collections then take milliseconds instead of stalling every request for ~0.2-0.3 s.
         gc.collect()
         gc.freeze()
+        logger.info("model %s loaded in %.1f s", tag, time.perf_counter() - start)
+        if self.follow_s:
+            threading.Thread(target=self._follow_champion, name="healnet-follow", daemon=True).start()
+
+    def _swap_in(self, model: ServedModel) -> None:
+        """Serve `model` from the next request on; requests already running finish on the previous one."""
         on_cpu = model.predictor.device.type == "cpu"
-        self.batcher = ContinuousBatcher(
+        batcher = ContinuousBatcher(
             model.predictor.predict_timed,
             self.limits.adaptive_batch_max_cases,
             fits=lambda cases: padded_patches(cases) <= self.limits.max_patches,
             inline=lambda cases: on_cpu and padded_patches(cases) <= INLINE_PASS_PATCHES,
         )
-        self.model = model
-        logger.info("model %s loaded in %.1f s", tag, time.perf_counter() - start)
+        previous = self.serving
+        self.serving = (model, batcher)
+        metrics.model_loaded(model.tag, model.contract.modalities, model.reference_risk_quantiles)
+        if previous is not None and previous[0].tag != model.tag:
+            metrics.model_unloaded(previous[0].tag)
+
+    def _follow_champion(self) -> None:
+        """Poll the champion pointer every `follow_s` seconds and swap in each new champion that loads."""
+        while True:
+            time.sleep(self.follow_s)
+            try:
+                pointer = get_champion()
+            except RegistryError as error:  # a corrupt pointer: keep serving, say why
+                logger.error("champion pointer unreadable, still serving %s: %s", self.serving[0].tag, error)
+                continue
+            tag = pointer["tag"] if pointer else None
+            if tag is None or tag in (self.serving[0].tag, self.refused_tag):
+                continue
+            try:
+                _, checkpoint_dir = resolve(tag)  # verifies the weights' sha256
+                model = ServedModel.load(tag, checkpoint_dir)
+            except Exception as error:  # whatever stops it, the current model keeps answering
+                self.refused_tag = tag
+                metrics.model_reload_failed(tag)
+                logger.error("champion %s refused, still serving %s: %s", tag, self.serving[0].tag, error)
+                continue
+            self.refused_tag = None
+            self._swap_in(model)
+            logger.info("now serving the champion %s", tag)
 
     def __is_ready__(self) -> bool:
-        return self.model is not None
+        return self.serving is not None
 
     def __is_alive__(self) -> bool:
         return self.load_error is None
@@ -114,9 +155,10 @@ class HEALNetService:
     async def _answer(
         self, requests: list[PredictRequest], batch: bool
     ) -> list[PredictResponse] | JSONResponse:
-        model, batcher = self.model, self.batcher
-        if model is None or batcher is None:
+        serving = self.serving
+        if serving is None:
             return _error(503, "not_ready", self.load_error or "the model is still loading")
+        model, batcher = serving
         try:
             predictions = await self._predict(requests, model, batcher, batch)
         except RejectedRequest as rejection:

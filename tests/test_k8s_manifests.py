@@ -26,7 +26,7 @@ K8S = REPO_ROOT / "k8s"
 SCHEMAS = K8S / "schemas"
 DASHBOARD = K8S / "components" / "monitoring" / "dashboards" / "healnet.json"
 KUBERNETES_VERSIONS = ("1.29", "1.33")
-TARGETS = ("overlays/dev", "overlays/prod", "training")
+TARGETS = ("overlays/dev", "overlays/prod", "overlays/shared-store", "training")
 CUSTOM_RESOURCE_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): SCHEMAS / "servicemonitor-monitoring-v1.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): SCHEMAS / "prometheusrule-monitoring-v1.json",
@@ -204,6 +204,26 @@ def test_overlays_serve_the_model_packed_into_the_image(overlay: str) -> None:
     """Registry versions are BentoML-generated: an empty tag lets the service load the packed model."""
     _, tag = served_model_tag(kustomize(K8S / "overlays" / overlay))
     assert tag == ""
+
+
+@needs_kubectl
+def test_the_shared_store_overlay_follows_the_champion_on_a_read_only_volume() -> None:
+    objects = kustomize(K8S / "overlays" / "shared-store")
+    (deployment,) = by_kind(objects, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["BENTOML_HOME"] == env["HEALNET_REGISTRY_DIR"] == "/registry"
+    assert float(env["HEALNET_FOLLOW_CHAMPION_S"]) > 0
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["registry"] == {"name": "registry", "mountPath": "/registry", "readOnly": True}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    claim = volumes["registry"]["persistentVolumeClaim"]
+    assert claim["readOnly"] is True
+    (pvc,) = by_kind(objects, "PersistentVolumeClaim")
+    assert pvc["metadata"]["name"] == claim["claimName"] and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
 
 
 @needs_kubectl

@@ -18,7 +18,7 @@ from healnet.inference import Case, Predictor
 from healnet.preprocess.wsi import StatsEncoder, encode_tiles
 from serving.config import ConfigError, Limits
 from serving.demo import DemoSpec, demo_feature_names, demo_payload, demo_tiles
-from serving.runtime import resolve_served_model
+from serving.runtime import champion_poll_seconds, resolve_served_model
 from serving.schemas import PredictRequest, PredictResponse
 from serving.service import HEALNetService, padded_patches
 from serving.validation import decode_tile
@@ -314,6 +314,21 @@ def test_a_model_that_fails_to_load_marks_the_worker_dead(
     assert not service.__is_ready__()
     status, reason, error = rejection(asyncio.run(service.predict(PredictRequest(**demo_payload(SPEC)))))
     assert (status, reason) == (503, "not_ready") and "unsupported checkpoint format" in error
+
+
+def test_following_the_champion_is_set_by_the_environment(demo_registry, monkeypatch):
+    monkeypatch.delenv("HEALNET_MODEL_TAG", raising=False)
+    monkeypatch.delenv("HEALNET_FOLLOW_CHAMPION_S", raising=False)
+    assert champion_poll_seconds() is None
+    monkeypatch.setenv("HEALNET_FOLLOW_CHAMPION_S", "0.5")
+    assert champion_poll_seconds() == 0.5
+    # following serves the registry's champion, even from an image with a packed model
+    assert resolve_served_model("healnet:packed")[0] == demo_registry.tag
+    monkeypatch.setenv("HEALNET_MODEL_TAG", demo_registry.tag)  # a pinned version is never followed away
+    assert champion_poll_seconds() is None
+    monkeypatch.setenv("HEALNET_FOLLOW_CHAMPION_S", "soon")
+    with pytest.raises(ConfigError, match="HEALNET_FOLLOW_CHAMPION_S"):
+        champion_poll_seconds()
 
 
 def test_limits_come_from_the_environment(monkeypatch):
