@@ -1,5 +1,6 @@
 """One process of the data-parallel equivalence test (tests/test_distributed.py): trains a small HEALNet on
-a synthetic omics cohort, alone or as one rank under torchrun, and rank 0 saves the final weights.
+the synthetic omics cohort of tests/test_ensemble.py, alone or as one rank under torchrun, and rank 0 saves
+the final weights.
 
     python tests/distributed_worker.py OUT.pt                                   # one process
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed_worker.py OUT.pt
@@ -7,12 +8,11 @@ a synthetic omics cohort, alone or as one rank under torchrun, and rank 0 saves 
 
 import sys
 
-import numpy as np
-import pandas as pd
 import torch
 import torch.distributed as dist
+from test_ensemble import make_data  # the script's folder, tests/, is first on sys.path
 
-from healnet.experiment import CohortData, build_training, fit_preprocessor
+from healnet.experiment import build_training, fit_preprocessor
 from healnet.preprocess.omics import OmicsConfig
 from healnet.survival import SurvivalBins
 from healnet.train import TrainConfig, fit, join_process_group, process_rank
@@ -23,29 +23,10 @@ MODEL = {"depth": 1, "n_latents": 4, "latent_dim": 16, "cross_dim_head": 8, "lat
 CONFIG = TrainConfig(epochs=3, patience=3, batch_size=8, lr=3e-3, weight_decay=1e-2, l1=1e-4, device="cpu")
 
 
-def cohort(n: int = 40, seed: int = 0) -> CohortData:
-    rng = np.random.default_rng(seed)
-    index = pd.Index([f"TCGA-DP-{i:04d}" for i in range(n)], name="patient_id")
-    z = rng.normal(size=n)
-    event_time = rng.exponential(30 * np.exp(-1.5 * z))
-    censor_time = rng.uniform(20, 150, n)
-    clinical = pd.DataFrame(
-        {
-            "survival_months": np.maximum(np.minimum(event_time, censor_time), 0.1),
-            "event": (event_time <= censor_time).astype(int),
-        },
-        index=index,
-    )
-    rna = rng.normal(size=(n, 12))
-    rna[:, :3] += z[:, None]
-    omics = {"rnaseq": pd.DataFrame(rna, index=index, columns=[f"G{i}_rnaseq" for i in range(12)])}
-    return CohortData(clinical, omics, {})
-
-
 def main(out: str) -> None:
     torch.set_num_threads(1)
     joined = join_process_group()
-    data = cohort()
+    data = make_data(40)
     ids = list(data.clinical.index)
     train_ids, val_ids = ids[:25], ids[25:]
     clinical = data.clinical.loc[train_ids]

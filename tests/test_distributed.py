@@ -44,7 +44,7 @@ def run_worker_untrained_state() -> dict:
         import distributed_worker as worker
     finally:
         sys.path.remove(str(WORKER.parent))
-    data = worker.cohort()
+    data = worker.make_data(40)
     ids = list(data.clinical.index)
     bins = experiment.SurvivalBins.fit(data.clinical["survival_months"], data.clinical["event"])
     preprocessor = experiment.fit_preprocessor(
