@@ -6,7 +6,8 @@ REGISTRY ?= build/registry
 PYTEST_ARGS ?=
 
 IMAGE_REGISTRY ?= registry.example.com/healnet
-IMAGE_TAG ?= 0.1.0
+# the image tag is the package version, defined once in pyproject.toml
+IMAGE_TAG ?= $(shell python3 -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['version'])")
 HEALNET_IMAGE ?= $(IMAGE_REGISTRY)/healnet:$(IMAGE_TAG)
 HEALNET_GPU_IMAGE ?= $(IMAGE_REGISTRY)/healnet-gpu:$(IMAGE_TAG)
 GIT_SHA := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)

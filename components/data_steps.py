@@ -1,12 +1,11 @@
 """Data steps: validation (which gates the whole run), omics preprocessing and one slide shard."""
 
-from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Markdown, Output, OutputPath
 
-from components.images import HEALNET_IMAGE
+from components.images import cpu_component
 
 
-@dsl.component(base_image=HEALNET_IMAGE, packages_to_install=[], install_kfp_package=False)
+@cpu_component
 def validate(
     cohort_dir: str,
     slide_shards: int,
@@ -43,7 +42,7 @@ def validate(
     return list(range(slide_shards))
 
 
-@dsl.component(base_image=HEALNET_IMAGE, packages_to_install=[], install_kfp_package=False)
+@cpu_component
 def preprocess_omics(
     cohort_dir: str, split_repeat: int, recipe: str, data_hash: str, transform: Output[Artifact]
 ):
@@ -73,7 +72,7 @@ def preprocess_omics(
     Path(transform.path).write_text(json.dumps(state))
 
 
-@dsl.component(base_image=HEALNET_IMAGE, packages_to_install=[], install_kfp_package=False)
+@cpu_component
 def preprocess_slides(
     cohort_dir: str, shard_index: int, shard_count: int, data_hash: str, features: Output[Dataset]
 ):

@@ -1,12 +1,11 @@
 """Model steps: training (on the GPU image) and evaluation on the held-out test patients."""
 
-from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
-from components.images import HEALNET_GPU_IMAGE, HEALNET_IMAGE
+from components.images import cpu_component, gpu_component
 
 
-@dsl.component(base_image=HEALNET_GPU_IMAGE, packages_to_install=[], install_kfp_package=False)
+@gpu_component
 def train(
     cohort_dir: str,
     data_hash: str,
@@ -94,7 +93,7 @@ def train(
     Path(metrics.path).write_text(json.dumps(metrics.metadata))  # the file too, not only the metadata
 
 
-@dsl.component(base_image=HEALNET_IMAGE, packages_to_install=[], install_kfp_package=False)
+@cpu_component
 def evaluate(
     cohort_dir: str,
     data_hash: str,

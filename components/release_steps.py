@@ -4,10 +4,10 @@ exit-handler notification."""
 from kfp import dsl
 from kfp.dsl import Input, Markdown, Metrics, Model, Output
 
-from components.images import HEALNET_IMAGE
+from components.images import cpu_component
 
 
-@dsl.component(base_image=HEALNET_IMAGE, packages_to_install=[], install_kfp_package=False)
+@cpu_component
 def gate(
     metrics: Input[Metrics],
     min_c_index: float,
@@ -37,7 +37,7 @@ def gate(
     return result.decision
 
 
-@dsl.component(base_image=HEALNET_IMAGE, packages_to_install=[], install_kfp_package=False)
+@cpu_component
 def promote(
     cohort_dir: str,
     data_hash: str,
@@ -111,7 +111,7 @@ def promote(
     return tag
 
 
-@dsl.component(base_image=HEALNET_IMAGE, packages_to_install=[], install_kfp_package=False)
+@cpu_component
 def reject(
     registry_dir: str, metrics: Input[Metrics], gate_report: Input[Markdown], report: Output[Markdown]
 ):
@@ -134,7 +134,7 @@ def reject(
     print(text)
 
 
-@dsl.component(base_image=HEALNET_IMAGE, packages_to_install=[], install_kfp_package=False)
+@cpu_component
 def notify(status: dsl.PipelineTaskFinalStatus, run_name: str, webhook_url: str):
     """Exit handler: log how the run ended and, when `webhook_url` is set, POST it there as JSON."""
     import json

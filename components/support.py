@@ -10,6 +10,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from healnet.errors import HEALNetError
+
 # The tables whose contents define a cohort's data version; the slides enter by the manifest's contents and
 # each slide file's size and modification time (hashing whole-slide images would read gigabytes per run).
 HASHED_TABLES = ("clinical.parquet",)
@@ -17,7 +19,7 @@ HASHED_FOLDERS = ("omics",)
 SLIDE_MANIFEST = "slides.parquet"
 
 
-class PipelineStepError(RuntimeError):
+class PipelineStepError(HEALNetError, RuntimeError):
     """A pipeline step met inputs it cannot work with; the message names the problem."""
 
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from healnet.cv import HEALNetEnsemble, mean_std
 from healnet.data.splits import kfold_splits
+from healnet.errors import HEALNetError
 from healnet.experiment import OMIC, CohortData
 from healnet.preprocess.state import WSI
 from healnet.recipes import TCGA, Recipe
@@ -28,7 +29,7 @@ KINDS = (OMIC, WSI)
 SERVED = ("both", OMIC, WSI)  # what the test patients have at inference
 
 
-class AblationError(ValueError):
+class AblationError(HEALNetError, ValueError):
     """A cohort or configuration the ablation cannot run on; the message says why."""
 
 

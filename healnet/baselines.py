@@ -22,12 +22,13 @@ from sksurv.ensemble import RandomSurvivalForest
 from sksurv.linear_model import CoxnetSurvivalAnalysis
 from sksurv.util import Surv
 
+from healnet.errors import HEALNetError
 from healnet.preprocess.clinical import ClinicalConfig, ClinicalTransform
 from healnet.preprocess.omics import RNASEQ, OmicsConfig, OmicsTransform
 from healnet.survival import harrell_c_or_nan
 
 
-class BaselineError(ValueError):
+class BaselineError(HEALNetError, ValueError):
     """A baseline that cannot be fitted on the given fold; the message says why."""
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from healnet.errors import HEALNetError
 from healnet.model import HEALNet, HEALNetConfig
 from healnet.preprocess.state import Preprocessor
 from healnet.survival import SurvivalBins
@@ -25,7 +26,7 @@ FORMAT_VERSION = 2  # 2: the weights of several members; version 1 held one mode
 READABLE_FORMAT_VERSIONS = (1, 2)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(HEALNetError, RuntimeError):
     """A checkpoint that is missing, corrupted or of an unknown format."""
 
 

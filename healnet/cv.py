@@ -33,6 +33,7 @@ from healnet.baselines import (
 )
 from healnet.data.splits import kfold_splits
 from healnet.ensemble import HEALNetEnsemble
+from healnet.errors import HEALNetError
 from healnet.experiment import CohortData
 from healnet.preprocess.clinical import ClinicalConfig
 from healnet.preprocess.omics import RNASEQ, OmicsConfig
@@ -52,7 +53,7 @@ LABELS = {
 METRICS = ("c_index", "c_index_ipcw", "integrated_brier_score")
 
 
-class CVError(ValueError):
+class CVError(HEALNetError, ValueError):
     """A cross-validation that cannot run as configured; the message says why."""
 
 

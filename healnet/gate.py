@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from healnet.errors import HEALNetError
+
 GATE_VERSION = "1.0.0"
 PROMOTE = "promote"
 REJECT = "reject"
 
 
-class GateError(ValueError):
+class GateError(HEALNetError, ValueError):
     """A gate policy or a candidate that cannot be judged (bad threshold, missing metric)."""
 
 

@@ -18,8 +18,10 @@ from einops import rearrange, repeat
 from einops.layers.torch import Reduce
 from torch import Tensor, nn
 
+from healnet.errors import HEALNetError
 
-class ModelInputError(ValueError):
+
+class ModelInputError(HEALNetError, ValueError):
     """Inputs, masks or a configuration that the model cannot accept."""
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from healnet.errors import HEALNetError
 from healnet.preprocess.clinical import CLINICAL, ClinicalConfig
 from healnet.preprocess.omics import RNASEQ, OmicsConfig
 from healnet.train_config import TrainConfig
 
 
-class RecipeError(ValueError):
+class RecipeError(HEALNetError, ValueError):
     """An unknown recipe name or an impossible recipe; the message says which."""
 
 

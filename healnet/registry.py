@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from healnet.checkpoint import MANIFEST_FILE, read_manifest, verify_checkpoint
+from healnet.errors import HEALNetError
 
 MODEL_NAME = "healnet"
 POINTER_FILE = "champion.json"
@@ -33,7 +34,7 @@ POINTER_KEYS = ("tag", "since", "reason", "history")
 UNCHECKED = object()
 
 
-class RegistryError(RuntimeError):
+class RegistryError(HEALNetError, RuntimeError):
     """A missing version, an empty registry or an invalid rollback."""
 
 

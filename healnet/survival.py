@@ -20,10 +20,12 @@ from sksurv.metrics import concordance_index_censored, concordance_index_ipcw, i
 from sksurv.util import Surv
 from torch import Tensor
 
+from healnet.errors import HEALNetError
+
 LOG_EPS = 1e-7
 
 
-class SurvivalDataError(ValueError):
+class SurvivalDataError(HEALNetError, ValueError):
     """Survival times, events, labels or predictions that cannot be used as given."""
 
 

@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from healnet.errors import HEALNetError
 from healnet.survival import harrell_c_or_nan, nll_loss, nll_per_sample, survival_from_logits
 from healnet.train_config import TrainConfig
 
@@ -28,7 +29,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-class DistributedTrainingError(RuntimeError):
+class DistributedTrainingError(HEALNetError, RuntimeError):
     """A data-parallel run that cannot go ahead as configured; the message says why."""
 
 

@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="The HEALNet Kubeflow pipeline: validate → slide shards ∥ omics → train (GPU) → "
         "evaluate → gate → promote. Step images come from $HEALNET_IMAGE and $HEALNET_GPU_IMAGE.",
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error instead of its one-line message"
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     compile_ = commands.add_parser("compile", help="compile the pipeline to a KFP YAML package")
     compile_.add_argument(
@@ -151,7 +154,7 @@ def run_submit(args: argparse.Namespace) -> int:
                 args.token,
                 args.timeout if args.wait else None,
             )
-        except SubmitError as error:
+        except SubmitError as error:  # the run was submitted and failed, or never started: exit 1, not 2
             print(f"error: {error}", file=sys.stderr)
             return 1
     print(f"uploaded pipeline {submission.pipeline_id} version {submission.version_id}")
@@ -212,12 +215,15 @@ def run_local_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; a library error (HEALNetError) is one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
-    from pipelines.options import ParamError
+    from healnet.errors import HEALNetError
 
     try:
         return args.handler(args)
-    except ParamError as error:
+    except HEALNetError as error:
+        if args.debug:
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 2
 

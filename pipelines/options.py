@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from healnet.errors import HEALNetError
+
 PARAMETER_TYPES = {"String": str, "Integer": int, "Float": float, "Boolean": bool}
 
 
-class ParamError(ValueError):
+class ParamError(HEALNetError, ValueError):
     """A `--param` that is malformed, unknown or of the wrong type."""
 
 

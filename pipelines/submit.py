@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from healnet.errors import HEALNetError
+
 HEALTHZ_PATH = "/apis/v2beta1/healthz"
 
 
-class SubmitError(RuntimeError):
+class SubmitError(HEALNetError, RuntimeError):
     """The KFP API cannot be reached, refuses the credentials, or rejects a request."""
 
 

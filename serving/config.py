@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from healnet.errors import HEALNetError
 
-class ConfigError(ValueError):
+
+class ConfigError(HEALNetError, ValueError):
     """An environment variable of the service holds an invalid value."""
 
 

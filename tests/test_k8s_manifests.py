@@ -8,6 +8,7 @@ rendered overlays; the test ids and a warning say which path was taken.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import warnings
@@ -352,3 +353,11 @@ def test_dashboard_has_a_panel_for(panel_type: str, metric: str) -> None:
         panel["type"] == panel_type and any(metric in target["expr"] for target in panel.get("targets", []))
         for panel in panels
     ), f"no {panel_type} panel queries {metric}"
+
+
+def test_the_example_image_tags_follow_the_package_version() -> None:
+    """The manifests' image tags cannot be computed; this keeps them on the one version of pyproject.toml."""
+    from healnet import __version__
+
+    tags = re.findall(r"image: \S+:(\S+)", "".join(p.read_text() for p in sorted(K8S.rglob("*.yaml"))))
+    assert tags and {tag.removesuffix("-dev") for tag in tags} == {__version__}

@@ -10,6 +10,9 @@ import argparse
 import importlib
 import sys
 
+from healnet import __version__
+from healnet.errors import HEALNetError
+
 COMMANDS = {
     "synth": "healnet.cli.synth",
     "ingest": "healnet.cli.ingest",
@@ -28,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="healnet",
         description="HEALNet multimodal survival models: demo data, ingestion, validation, "
         "preprocessing, training, evaluation and the model registry.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error instead of its one-line message"
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():
@@ -49,8 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a sub-command; a library error (HEALNetError) is one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except HEALNetError as error:
+        if args.debug:
+            raise
+        print(f"healnet {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 HELP = (
@@ -82,7 +81,6 @@ def run(args: argparse.Namespace) -> int:
 
     from healnet.cv import CVConfig, cross_validate, format_table, write_report
     from healnet.data.cohort import Cohort, ingest
-    from healnet.data.dataset import SlideFeaturesError
     from healnet.experiment import CohortData
     from healnet.recipes import get_recipe
 
@@ -94,11 +92,7 @@ def run(args: argparse.Namespace) -> int:
         cohort = Cohort.load(args.cohort)
         default_features = args.cohort / "features"
         features = args.features or (default_features if default_features.is_dir() else None)
-    try:
-        data = CohortData.from_cohort(cohort, features, require_features=args.features is not None)
-    except SlideFeaturesError as error:
-        print(f"healnet cv: {error}", file=sys.stderr)
-        return 2
+    data = CohortData.from_cohort(cohort, features, require_features=args.features is not None)
 
     recipe = get_recipe(args.recipe)
     train = {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 HELP = (
@@ -55,21 +54,16 @@ def summary(cohort) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from healnet.data.cohort import CohortFormatError, ingest
-    from healnet.data.splits import SplitError
+    from healnet.data.cohort import ingest
 
-    try:
-        cohort = ingest(
-            args.input,
-            args.out,
-            name=args.name,
-            seed=args.seed,
-            folds=args.folds,
-            holdout_repeats=args.holdout_repeats,
-            slide_dir=args.slide_dir,
-        )
-    except (CohortFormatError, SplitError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    cohort = ingest(
+        args.input,
+        args.out,
+        name=args.name,
+        seed=args.seed,
+        folds=args.folds,
+        holdout_repeats=args.holdout_repeats,
+        slide_dir=args.slide_dir,
+    )
     print(summary(cohort))
     return 0

@@ -18,23 +18,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from healnet.registry import RegistryError, list_versions, rollback, show_version
+    from healnet.registry import list_versions, rollback, show_version
 
-    try:
-        if args.action == "list":
-            rows = list_versions()
-            if not rows:
-                print("no model versions registered")
-            for row in rows:
-                c_index = row["metadata"].get("c_index")
-                shown = f"{c_index:.4f}" if isinstance(c_index, float) else "-"
-                print(f"{'*' if row['champion'] else ' '} {row['tag']:<32} {row['created']}  c-index {shown}")
-        elif args.action == "show":
-            print(json.dumps(show_version(args.tag), indent=2, default=str))
-        else:
-            pointer = rollback(args.to)
-            print(f"champion is now {pointer['tag']} ({pointer['reason']})")
-    except RegistryError as error:
-        print(f"error: {error}")
-        return 2
+    if args.action == "list":
+        rows = list_versions()
+        if not rows:
+            print("no model versions registered")
+        for row in rows:
+            c_index = row["metadata"].get("c_index")
+            shown = f"{c_index:.4f}" if isinstance(c_index, float) else "-"
+            print(f"{'*' if row['champion'] else ' '} {row['tag']:<32} {row['created']}  c-index {shown}")
+    elif args.action == "show":
+        print(json.dumps(show_version(args.tag), indent=2, default=str))
+    else:
+        pointer = rollback(args.to)
+        print(f"champion is now {pointer['tag']} ({pointer['reason']})")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 from pathlib import Path
 
 from healnet.recipes import DEFAULT_RECIPE
@@ -104,24 +104,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from healnet.data.dataset import SlideFeaturesError
     from healnet.experiment import run_training
 
     modalities = args.modalities.split(",") if args.modalities else None
-    try:
-        metrics = run_training(
-            args.cohort,
-            args.out,
-            features_dir=args.features,
-            modalities=modalities,
-            split_repeat=args.split_repeat,
-            recipe=recipe_from_args(args),
-            progress=not args.no_progress,
-            require_features=args.features is not None,
-        )
-    except SlideFeaturesError as error:
-        print(f"healnet train: {error}", file=sys.stderr)
-        return 2
+    metrics = run_training(
+        args.cohort,
+        args.out,
+        features_dir=args.features,
+        modalities=modalities,
+        split_repeat=args.split_repeat,
+        recipe=recipe_from_args(args),
+        progress=not args.no_progress,
+        require_features=args.features is not None,
+    )
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun the first process reports and writes
+        return 0
     print(
         json.dumps(
             {k: metrics[k] for k in ("recipe", "members", "modalities", "best_epochs", "val", "test")},

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from healnet.errors import HEALNetError
+
 PATIENT_ID_REGEX = r"^TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}$"
 PRIMARY_TUMOR = "01"
 SLIDE_TYPES = ("DX", "TS", "BS", "MS")  # diagnostic, top, bottom, middle section
@@ -23,7 +25,7 @@ _SLIDE = re.compile(rf"(?P<type>{'|'.join(SLIDE_TYPES)})(?P<number>\d+)")
 _CENTER = re.compile(r"\d{2}")
 
 
-class InvalidBarcodeError(ValueError):
+class InvalidBarcodeError(HEALNetError, ValueError):
     """A string that is not a TCGA barcode; the message names the value and what is wrong."""
 
     def __init__(self, value: object, problem: str) -> None:

@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from healnet.errors import HEALNetError
 from healnet.preprocess.state import WSI, Preprocessor
 
 
-class SlideFeaturesError(ValueError):
+class SlideFeaturesError(HEALNetError, ValueError):
     """Slide features were asked for (or the cohort lists slides) but none are available."""
 
 

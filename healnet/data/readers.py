@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from healnet.data.barcodes import PRIMARY_TUMOR, InvalidBarcodeError, parse_barcode
+from healnet.errors import HEALNetError
 
 OMIC_SUFFIXES = ("mut", "cnv", "rnaseq")
 QUARANTINE_COLUMNS = ["source", "row", "id", "reason"]
@@ -56,7 +57,7 @@ GDC_REQUIRED = ("patient", "vital_status", "days_to_death", "days_to_last_follow
 GDC_MISSING = ["'--", "--", "", "not reported", "Not Reported", "unknown", "Unknown", "unspecified"]
 
 
-class CohortFormatError(ValueError):
+class CohortFormatError(HEALNetError, ValueError):
     """An input that cannot be read as a cohort; the message names the file and the problem."""
 
 

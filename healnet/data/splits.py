@@ -11,12 +11,14 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
+from healnet.errors import HEALNetError
+
 SPLIT_COLUMNS = ["patient_id", "scheme", "repeat", "fold", "role"]
 SCHEMES = ("holdout", "kfold")
 ROLES = ("train", "val", "test")
 
 
-class SplitError(ValueError):
+class SplitError(HEALNetError, ValueError):
     """Inputs that cannot be split as asked; the message says why."""
 
 

@@ -14,6 +14,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from healnet.errors import HEALNetError
+
 TILE_SIZE = 256
 MIN_LEVEL_SIZE = 200
 JPEG_QUALITY = 80
@@ -26,7 +28,7 @@ HAEMATOXYLIN_OD = np.array([0.65, 0.70, 0.29], dtype=np.float32)
 EOSIN_OD = np.array([0.07, 0.99, 0.11], dtype=np.float32)
 
 
-class SyntheticSlideError(ValueError):
+class SyntheticSlideError(HEALNetError, ValueError):
     """Raised when the requested synthetic slide cannot be made."""
 
 

@@ -18,13 +18,14 @@ import numpy as np
 import pandas as pd
 from einops import rearrange
 
+from healnet.errors import HEALNetError
 from healnet.preprocess.omics import OmicsTokens
 
 CLINICAL = "clinical"
 STATE_FORMAT_VERSION = 1
 
 
-class ClinicalTransformError(ValueError):
+class ClinicalTransformError(HEALNetError, ValueError):
     """Bad clinical input or configuration; the message names the covariate."""
 
 

@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 from einops import rearrange
 
+from healnet.errors import HEALNetError
+
 COMBINED_MODALITY = "omic"
 STATE_FORMAT_VERSION = 2  # 2 added signed_log; version 1 states load without it
 READABLE_STATE_VERSIONS = (1, 2)
@@ -27,7 +29,7 @@ LOG1P_MODES = ("auto", "always", "never")
 RNASEQ = ("rnaseq",)
 
 
-class OmicsTransformError(ValueError):
+class OmicsTransformError(HEALNetError, ValueError):
     """Bad omics input or configuration; the message names the modality and feature."""
 
 

@@ -24,6 +24,8 @@ from einops import rearrange
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from healnet.errors import HEALNetError
+
 SLIDE_SUFFIXES = frozenset(
     {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi"}
 )
@@ -35,15 +37,15 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
-class SlideError(Exception):
+class SlideError(HEALNetError):
     """A slide that cannot be turned into patch features; the message is the quarantine reason."""
 
 
-class SlideInputError(ValueError):
+class SlideInputError(HEALNetError, ValueError):
     """The slide input (folder, manifest or list) or a feature file is malformed."""
 
 
-class TileError(ValueError):
+class TileError(HEALNetError, ValueError):
     """An image tile is not an RGB uint8 array."""
 
 

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from healnet.errors import HEALNetError
+
+
+class ThresholdError(HEALNetError, ValueError):
+    """A validation threshold out of its range; the message names it."""
+
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -24,18 +30,18 @@ class Thresholds:
     def __post_init__(self) -> None:
         for name in ("age_max_missing_fraction", "omics_max_missing_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+                raise ThresholdError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         for name in ("max_quarantined_row_fraction", "max_quarantined_patient_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ThresholdError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.event_rate_min < self.event_rate_max <= 1.0:
-            raise ValueError(
+            raise ThresholdError(
                 f"need 0 <= event_rate_min < event_rate_max <= 1, got {self.event_rate_min}, {self.event_rate_max}"
             )
         if self.age_min >= self.age_max:
-            raise ValueError(f"age_min must be below age_max, got {self.age_min}, {self.age_max}")
+            raise ThresholdError(f"age_min must be below age_max, got {self.age_min}, {self.age_max}")
         if self.max_examples < 1 or self.min_patients < 0:
-            raise ValueError("max_examples must be >= 1 and min_patients >= 0")
+            raise ThresholdError("max_examples must be >= 1 and min_patients >= 0")
 
 
 DEFAULT_THRESHOLDS = Thresholds()
