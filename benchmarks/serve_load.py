@@ -16,13 +16,9 @@ import asyncio
 import base64
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,8 +26,6 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from serving.demo import DemoSpec, demo_payload
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 P50_OVERHEAD_TARGET_MS = 5.0
 WARM_UP = 20  # requests per mode before measuring
@@ -226,8 +220,7 @@ def demo_service(spec: DemoSpec, threads: int, workers: int):
 
     The registry location goes to the environment before BentoML is first used in this process.
     """
-    import httpx
-
+    from devtools.live_server import live_server
     from healnet.registry import register_model, set_champion
     from serving.demo import train_demo_checkpoint
 
@@ -237,47 +230,14 @@ def demo_service(spec: DemoSpec, threads: int, workers: int):
         set_champion(
             register_model(checkpoint, labels={"source": "benchmark"}, metadata={}), "load benchmark"
         )
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        url = f"http://127.0.0.1:{port}"
         env = {
             **os.environ,
             "OMP_NUM_THREADS": str(threads),
             "BENTOML_DO_NOT_TRACK": "True",
             "BENTOML_CONFIG_OPTIONS": f"services.healnet.workers={workers}",
         }
-        command = [sys.executable, "-m", "bentoml", "serve", "serving.service:HEALNetService"]
-        log_path = Path(tmp) / "serve.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                [*command, "--host", "127.0.0.1", "--port", str(port)],
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        try:
-            deadline = time.monotonic() + 180
-            while process.poll() is None and time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.25)
-            else:
-                raise RuntimeError(f"bentoml serve did not start:\n{log_path.read_text()[-3000:]}")
+        with live_server(env, Path(tmp) / "serve.log", timeout=180) as url:
             yield url, checkpoint
-        finally:
-            with suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            finally:
-                with suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
 
 
 def table(rows: list[dict]) -> str:

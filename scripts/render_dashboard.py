@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -27,7 +26,6 @@ from typing import Any
 import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "tests"))  # monitoring_stack, k8s_queries, serving_fixtures
 
 DEFAULT_OUTPUT = REPO_ROOT / "docs" / "img" / "dashboard.png"
 # Grafana derives $__rate_interval from the scrape interval; 15 s smooths a 1 s scrape over a short run.
@@ -112,7 +110,8 @@ def planned_requests(seconds: float, rate: float, seed: int = 0) -> list[tuple[f
 def send_paced(service_url: str, plan: list[tuple[float, str, dict]]) -> Counter:
     """Send each request at its planned time (4 at most in flight); counts of (kind, status)."""
     import httpx
-    from monitoring_stack import REQUEST_TIMEOUT_S
+
+    from devtools.monitoring_stack import REQUEST_TIMEOUT_S
 
     start = time.monotonic()
     with httpx.Client(timeout=REQUEST_TIMEOUT_S) as client, ThreadPoolExecutor(4) as pool:
@@ -130,8 +129,8 @@ def legend(template: str, labels: dict[str, str]) -> str:
 
 def panel_data(prometheus_url: str, panel: dict, values: dict[str, str], start: float, end: float) -> Any:
     """Stat and table panels: their instant results at `end`; others: their series over the run."""
-    from k8s_queries import substitute_grafana_variables
-    from monitoring_stack import query, query_range
+    from devtools.k8s_queries import substitute_grafana_variables
+    from devtools.monitoring_stack import query, query_range
 
     exprs = [(target, substitute_grafana_variables(target["expr"], values)) for target in panel["targets"]]
     if panel["type"] in {"stat", "table"}:
@@ -263,8 +262,9 @@ def render(prometheus_url: str, start: float, phase_ends: list[float], output: P
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from k8s_queries import dashboard_panels, load_dashboard, variable_values
     from matplotlib.gridspec import GridSpec
+
+    from devtools.k8s_queries import dashboard_panels, load_dashboard, variable_values
 
     dashboard = load_dashboard()
     values = variable_values(dashboard) | {"__rate_interval": RATE_INTERVAL}
@@ -329,9 +329,8 @@ def main() -> int:
     if not 20 <= args.seconds <= 300 or not 0 < args.rate <= 50:
         parser.error("--seconds must be within 20..300 and --rate within (0, 50]")
 
-    from monitoring_stack import mixed_load, run_prometheus, send_load
-    from serving_fixtures import DemoRegistry, bentoml_home, live_server
-
+    from devtools.live_server import DemoRegistry, bentoml_home, live_server
+    from devtools.monitoring_stack import mixed_load, run_prometheus, send_load
     from healnet.registry import checkpoint_path
     from serving.demo import DemoSpec, register_demo_champion
 
@@ -343,7 +342,7 @@ def main() -> int:
             tag = register_demo_champion()
             registry = DemoRegistry(home, tag, checkpoint_path(tag))
         with (
-            live_server(registry, Path(tmp) / "serve.log") as service,
+            live_server(registry.server_env(), Path(tmp) / "serve.log") as service,
             run_prometheus(service, prometheus_dir) as prometheus,
         ):
             # One request of each kind first, so that every series exists before the rates start.

@@ -2,6 +2,8 @@ from pathlib import Path
 
 import pytest
 
+from devtools.monitoring_stack import prometheus_binary
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -38,3 +40,8 @@ def registry(tmp_path, monkeypatch):
         BentoMLContainer.model_store.patch(ModelStore(str(home / "models"))),
     ):
         yield home
+
+
+REQUIRES_PROMETHEUS = pytest.mark.skipif(
+    prometheus_binary() is None, reason="prometheus not found: install the Debian/Ubuntu package `prometheus`"
+)

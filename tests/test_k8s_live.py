@@ -5,9 +5,10 @@ load, every PromQL expression of the dashboard and the rules must evaluate throu
 from __future__ import annotations
 
 import pytest
-from k8s_queries import all_queries, dashboard_queries, load_dashboard, load_prometheus_rule
-from monitoring_stack import (
-    REQUIRES_PROMETHEUS,
+from conftest import REQUIRES_PROMETHEUS
+
+from devtools.k8s_queries import all_queries, dashboard_queries, load_dashboard, load_prometheus_rule
+from devtools.monitoring_stack import (
     all_finite,
     by_labels,
     mixed_load,
@@ -16,7 +17,6 @@ from monitoring_stack import (
     run_prometheus,
     send_load,
 )
-
 from serving.demo import DemoSpec
 
 pytest_plugins = ("serving_fixtures",)

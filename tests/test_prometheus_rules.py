@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 import yaml
-from k8s_queries import (
+
+from devtools.k8s_queries import (
     PROMETHEUS_RULE,
     UnresolvedVariableError,
     all_queries,

@@ -10,9 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from monitoring_stack import REQUIRES_PROMETHEUS, by_labels, run_prometheus
-from monitoring_stack import query as instant_query
+from conftest import REQUIRES_PROMETHEUS
 
+from devtools.monitoring_stack import by_labels, run_prometheus
+from devtools.monitoring_stack import query as instant_query
 from serving.demo import DemoSpec, demo_payload
 
 pytest_plugins = ("serving_fixtures",)

@@ -4,8 +4,7 @@ Used by the live tests and scripts/render_dashboard.py. The scrape job is the on
 generates from k8s/components/monitoring/servicemonitor.yaml (job = the Service's name, the target
 labels namespace/service/pod/container/endpoint, the endpoint's metricRelabelings) with a shorter
 interval, and the PrometheusRule's groups are loaded as a rule file. Helpers raise
-MonitoringStackError; nothing here needs pytest. `serving_fixtures` is imported inside the functions,
-after pytest has loaded it as a plugin (see its docstring).
+MonitoringStackError.
 """
 
 from __future__ import annotations
@@ -21,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import yaml
-from k8s_queries import MONITORING, REPO_ROOT, load_prometheus_rule
 
+from devtools.k8s_queries import MONITORING, REPO_ROOT, load_prometheus_rule
+from devtools.live_server import free_port, stop_server, wait_until
 from serving.demo import DemoSpec, demo_payload
 
 SERVICE_MONITOR = MONITORING / "servicemonitor.yaml"
@@ -43,11 +42,6 @@ class MonitoringStackError(RuntimeError):
 def prometheus_binary() -> str | None:
     """The `prometheus` server (Debian/Ubuntu package `prometheus`), or None."""
     return shutil.which("prometheus")
-
-
-REQUIRES_PROMETHEUS = pytest.mark.skipif(
-    prometheus_binary() is None, reason="prometheus not found: install the Debian/Ubuntu package `prometheus`"
-)
 
 
 def _snake_case(key: str) -> str:
@@ -101,7 +95,6 @@ def _ready(url: str) -> bool:
 def run_prometheus(service_url: str, folder: Path, interval: str = "1s") -> Iterator[str]:
     """A ready Prometheus on a free loopback port scraping `service_url` and evaluating the alert rules
     every `interval`; yields its base URL and always stops it. Its log is `folder/prometheus.log`."""
-    from serving_fixtures import free_port, stop_server, wait_until
 
     binary = prometheus_binary()
     if binary is None:
