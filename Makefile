@@ -35,13 +35,13 @@ compile: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 format: venv
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: venv
-	$(VENV)/bin/ruff check .
+test: lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 test-fast: venv

@@ -60,8 +60,13 @@ def preprocess_omics(
 
     chosen = get_recipe(recipe)
     cohort = Cohort.load(Path(cohort_dir))
-    roles = [cohort.patients("holdout", split_repeat, 0, role) for role in ("train", "val")]
-    train_ids = set(fitting_patients(*roles, chosen.members))
+    train_ids = set(
+        fitting_patients(
+            cohort.patients("holdout", split_repeat, 0, "train"),
+            cohort.patients("holdout", split_repeat, 0, "val"),
+            chosen.members,
+        )
+    )
     state = None
     if cohort.omics:
         frames = {name: frame[frame.index.isin(train_ids)] for name, frame in cohort.omics.items()}

@@ -43,11 +43,14 @@ def train(
     from healnet.train import DistributedTrainingError, launch_data_parallel
 
     chosen = get_recipe(recipe)
-    overrides = {"epochs": epochs, "batch_size": batch_size, "patience": patience}
     chosen = replace(
         chosen,
         train=replace(
-            chosen.train, seed=seed, **{name: value for name, value in overrides.items() if value > 0}
+            chosen.train,
+            seed=seed,
+            epochs=epochs or chosen.train.epochs,
+            batch_size=batch_size or chosen.train.batch_size,
+            patience=patience or chosen.train.patience,
         ),
     )
     if gpu_count > 1 and chosen.members > 1:

@@ -98,7 +98,8 @@ def promote(
     reason = f"pipeline run {run_name or run_id}: test c-index {scores['c_index']:.4f}, {outcome}"
     # a compare-and-swap: only if the champion is still the one the gate compared against
     regated, pointer = promote_if_still_better(tag, scores["c_index"], policy, gated, reason)
-    if pointer is None:
+    if pointer is None:  # the gate, taken again, rejected the candidate
+        assert regated is not None and regated.champion is not None
         raise PipelineStepError(
             f"{tag} is registered but not promoted: the champion changed to {regated.champion.tag} after the "
             "gate, and the gate taken again rejects the candidate: " + "; ".join(regated.reasons)

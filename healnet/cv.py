@@ -37,10 +37,10 @@ from healnet.errors import HEALNetError
 from healnet.experiment import CohortData
 from healnet.preprocess.clinical import ClinicalConfig
 from healnet.preprocess.omics import RNASEQ, OmicsConfig
-from healnet.recipes import TCGA, Recipe
+from healnet.recipes import CV_FOLDS, CV_MODELS, CV_REPEATS, CV_SEED, TCGA, Recipe
 from healnet.survival import harrell_c, uno_c
 
-MODELS = ("healnet", "age", "coxnet", "coxnet_topk", "rsf")
+MODELS = CV_MODELS
 BASELINES = MODELS[1:]
 LABELS = {
     "healnet": "HEALNet",
@@ -59,9 +59,9 @@ class CVError(HEALNetError, ValueError):
 
 @dataclass(frozen=True)
 class CVConfig:
-    folds: int = 5
-    repeats: int = 5
-    seed: int = 0
+    folds: int = CV_FOLDS
+    repeats: int = CV_REPEATS
+    seed: int = CV_SEED
     models: tuple[str, ...] = MODELS
     modalities: tuple[str, ...] | None = None  # HEALNet input kinds ("omic", "clinical", "wsi"); default: all
     healnet: Recipe = TCGA
@@ -134,7 +134,7 @@ def run_fold(
         models["healnet"] = {
             **ensemble.evaluate(data, test_ids, pool),
             "seconds": seconds,
-            "best_epochs": [member.result.best_epoch for member in ensemble.members],
+            "best_epochs": [member.training.best_epoch for member in ensemble.members],
             "bin_edges": ensemble.bins.to_dict()["edges"],
         }
         if len(ensemble.members) > 1:
@@ -182,7 +182,7 @@ def mean_std(values: Sequence[float]) -> dict:
 def paired_difference(folds: list[dict], model: str, baseline: str) -> dict:
     """`model` minus `baseline` in Harrell's C, fold by fold: mean, std, standard error, folds higher."""
     difference = np.asarray([f["models"][model]["c_index"] - f["models"][baseline]["c_index"] for f in folds])
-    spread = mean_std(difference)
+    spread = mean_std(difference.tolist())
     return {
         **spread,
         "standard_error": spread["std"] / np.sqrt(len(difference)),
@@ -194,7 +194,7 @@ def summarize(folds: list[dict]) -> dict:
     """Mean and std over folds per model and metric; the best baseline by mean Harrell C, and HEALNet's
     paired difference to each baseline."""
     names = list(dict.fromkeys(name for fold in folds for name in fold["models"]))
-    summary = {
+    summary: dict = {
         name: {
             metric: mean_std([fold["models"][name][metric] for fold in folds])
             for metric in (*METRICS, "seconds")

@@ -27,6 +27,7 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 from healnet.checkpoint import Checkpoint
 from healnet.data.splits import kfold_splits
 from healnet.experiment import CohortData, TrainedModel, build_training, fit_preprocessor, fitting_patients
+from healnet.model import HEALNet
 from healnet.preprocess.clinical import CLINICAL
 from healnet.preprocess.omics import OmicsTransform
 from healnet.preprocess.state import WSI, Preprocessor
@@ -217,7 +219,7 @@ def fit_members(
     if not len(models) == len(train_sets) == len(val_sets) == len(configs):
         raise ValueError("fit_members needs one train set, validation set and config per model")
     reason = batching_blocker(train_sets, val_sets, configs)
-    collated = None
+    collated: list[dict] = []
     if reason is None:
         collated = [collate_all(dataset) for dataset in train_sets]
         keys = [_group_key(m, c, data) for m, c, data in zip(models, configs, collated, strict=True)]
@@ -226,7 +228,7 @@ def fit_members(
     else:
         log.info("training %d members one by one: %s", len(models), reason)
         groups = [[i] for i in range(len(models))]
-    results: list[TrainResult | None] = [None] * len(models)
+    results: dict[int, TrainResult] = {}
     for group in groups:
         if len(group) == 1:
             i = group[0]
@@ -242,7 +244,7 @@ def fit_members(
         )
         for i, result in zip(group, trained, strict=True):
             results[i] = result
-    return results
+    return [results[i] for i in range(len(models))]
 
 
 def collate_all(dataset) -> dict:
@@ -258,7 +260,7 @@ def _group_key(model: torch.nn.Module, config: TrainConfig, data: dict) -> tuple
         for name, tensor in sorted(data[part].items())
     )
     steps = -(-len(data["labels"]) // config.batch_size)
-    architecture = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+    architecture = json.dumps(cast(HEALNet, model).config.to_dict(), sort_keys=True, default=str)
     parameters = tuple((name, tuple(p.shape)) for name, p in model.named_parameters())
     return architecture, parameters, shapes, steps
 
@@ -328,9 +330,9 @@ def _fit_batched(
 
     # each member's batches in its own DataLoader's order: the sampler and the loader's iterator draw from
     # a generator seeded like make_loader's, and neither depends on anything but the dataset's length
-    orders = [
+    orders: list[DataLoader] = [
         DataLoader(
-            range(len(data["labels"])),
+            cast(Any, range(len(data["labels"]))),  # indices only: batches are taken from `data`
             batch_size=config.batch_size,
             shuffle=True,
             collate_fn=torch.tensor,

@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ import torch.distributed as dist
 from healnet.checkpoint import load_checkpoint, save_checkpoint
 from healnet.data.dataset import SurvivalDataset, Targets, load_wsi_bags, require_slide_features
 from healnet.model import HEALNet, HEALNetConfig, ModalitySpec
-from healnet.preprocess.clinical import CLINICAL, ClinicalConfig
+from healnet.preprocess.clinical import CLINICAL, ClinicalConfig, ClinicalTransform
 from healnet.preprocess.omics import OmicsConfig, OmicsTransform
 from healnet.preprocess.state import WSI, Preprocessor
 from healnet.recipes import DEMO, Recipe
@@ -76,6 +77,13 @@ class TrainedModel:
     result: TrainResult | None = None
     metadata: dict = field(default_factory=dict)
 
+    @property
+    def training(self) -> TrainResult:
+        """How the model trained; a model loaded from a checkpoint has no record of it."""
+        if self.result is None:
+            raise ValueError("this model was loaded, not trained here: it has no training record")
+        return self.result
+
     def dataset(
         self, data: CohortData, patient_ids: Sequence[str], max_patches: int | None = None, seed: int = 0
     ):
@@ -127,14 +135,14 @@ def model_config_for(
             specs.append(ModalitySpec(WSI, preprocessor.wsi_dim))
         elif name == CLINICAL:
             # one token per covariate, always with index features: a model may have a single covariate
-            n_features = preprocessor.clinical.n_features
+            n_features = cast(ClinicalTransform, preprocessor.clinical).n_features
             specs.append(
                 ModalitySpec(
                     CLINICAL, 1, num_freq_bands=OMIC_POSITION_BANDS, max_freq=float(max(n_features, 3))
                 )
             )
         else:
-            specs.append(omic_spec(name, *preprocessor.omics.token_shape(name)))
+            specs.append(omic_spec(name, *cast(OmicsTransform, preprocessor.omics).token_shape(name)))
     linear_path = options.pop("linear_path", None)
     if linear_path in modalities:  # a run without that modality has no linear path
         options["linear_path"] = linear_path
@@ -304,7 +312,7 @@ def _train_and_save(
         omics_transform=omics_transform,
     )
     fitted_on = fitting_patients(ids["train"], ids["val"], recipe.members)
-    results = [member.result for member in ensemble.members]
+    results = [member.training for member in ensemble.members]
     metrics = {
         "recipe": recipe.name,
         "members": len(ensemble.members),

@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from healnet.checkpoint import Checkpoint, load_checkpoint
 from healnet.data.dataset import collate_cases
-from healnet.preprocess.clinical import CLINICAL
+from healnet.preprocess.clinical import CLINICAL, ClinicalTransform
+from healnet.preprocess.omics import OmicsTransform
 from healnet.preprocess.state import WSI
 from healnet.survival import survival_from_curve, survival_from_logits
 
@@ -20,7 +22,7 @@ from healnet.survival import survival_from_curve, survival_from_logits
 class Case:
     """One patient: omics by table and feature name, clinical covariates by name, and/or patch features."""
 
-    omics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    omics: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)  # None: missing
     wsi_features: np.ndarray | None = None
     clinical: Mapping[str, float | str | None] = field(default_factory=dict)
 
@@ -72,12 +74,13 @@ class Predictor:
 
     def prepare_batch(self, cases: Sequence[Case]) -> PreparedBatch:
         """Preprocess cases into one padded model batch (the CPU-side stage of a prediction)."""
-        items = [{"omics": {}, "time": 0.0, "event": 0.0, "label": 0} for _ in cases]
+        items: list[dict[str, Any]] = [{"omics": {}, "time": 0.0, "event": 0.0, "label": 0} for _ in cases]
         imputed = np.zeros(len(cases))
         imputed_features = np.zeros(len(cases), dtype=int)
         unknown: list[list[str]] = [[] for _ in cases]
         if self.omic_modalities:
-            tokens, unknown = self.preprocessor.omics.transform_records([case.omics for case in cases])
+            omics = cast(OmicsTransform, self.preprocessor.omics)  # the model has omic modalities
+            tokens, unknown = omics.transform_records([case.omics for case in cases])
             for i, item in enumerate(items):
                 item["omics"] = {
                     name: (tokens[name].values[i], bool(tokens[name].present[i]))
@@ -89,9 +92,9 @@ class Predictor:
             imputed_features = np.stack([tokens[name].imputed for name in self.omic_modalities]).sum(axis=0)
             imputed = np.divide(fractions.sum(axis=0), counted, out=imputed, where=counted > 0)
         if CLINICAL in self.modalities:
-            clinical, unknown_covariates = self.preprocessor.clinical.transform_records(
-                [case.clinical for case in cases]
-            )
+            clinical, unknown_covariates = cast(
+                ClinicalTransform, self.preprocessor.clinical
+            ).transform_records([case.clinical for case in cases])
             for i, item in enumerate(items):
                 item["omics"][CLINICAL] = (clinical.values[i], bool(clinical.present[i]))
         else:  # covariates given to a model without the clinical modality are not used
@@ -116,12 +119,14 @@ class Predictor:
     @torch.no_grad()
     def predict_prepared(self, batch: PreparedBatch, return_attention: bool = False) -> list[Prediction]:
         """The forward pass of every member and the survival outputs of their mean survival curve."""
-        curves, attentions = [], []
+        curves: list[torch.Tensor] = []
+        attentions: list[dict[str, list[torch.Tensor]]] = []
         for model in self.members:
             out = model(batch.inputs, batch.present, batch.token_mask, return_attention=return_attention)
             logits, attention = out if return_attention else (out, None)
             curves.append(survival_from_logits(logits.float())[1])
-            attentions.append(attention)
+            if attention is not None:
+                attentions.append(attention)
         hazards, survival, risk = (t.cpu().numpy() for t in survival_from_curve(torch.stack(curves).mean(0)))
         attention = mean_attention(attentions) if return_attention else None
         edges = [None if not np.isfinite(e) else float(e) for e in self.checkpoint.bins.edges]

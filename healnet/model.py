@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -230,7 +230,8 @@ class Attention(nn.Module):
         self, x: Tensor, context: Tensor, key_mask: Tensor | None = None, return_weights: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         """key_mask (b, j): True = attend. Returns the output and, if asked, the weights (b, h, n, j)."""
-        return self.attend(x, *self.to_kv(context).chunk(2, dim=-1), key_mask, return_weights)
+        keys, values = self.to_kv(context).chunk(2, dim=-1)
+        return self.attend(x, keys, values, key_mask, return_weights)
 
     def attend(
         self, x: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None = None, return_weights: bool = False
@@ -314,6 +315,12 @@ class HEALNetLayer(nn.Module):
             LatentSelfAttentionBlock(config) for _ in range(config.self_per_cross_attn)
         )
 
+    def cross_block(self, name: str) -> CrossAttentionBlock:
+        return cast(CrossAttentionBlock, self.cross[name])
+
+    def latent_blocks(self) -> list[LatentSelfAttentionBlock]:
+        return [cast(LatentSelfAttentionBlock, block) for block in self.latent]
+
 
 # the model
 
@@ -345,6 +352,10 @@ class HEALNet(nn.Module):
             nn.init.zeros_(self.linear_path.weight)
 
     @property
+    def fusion_layers(self) -> list[HEALNetLayer]:
+        return [cast(HEALNetLayer, layer) for layer in self.layers]
+
+    @property
     def modality_names(self) -> list[str]:
         return list(self.specs)
 
@@ -370,23 +381,23 @@ class HEALNet(nn.Module):
         }
         projected = {name: self.project_contexts(name, context) for name, context in contexts.items()}
 
-        latents = repeat(self.latents, "n d -> b n d", b=batch)
+        latents: Tensor = repeat(self.latents, "n d -> b n d", b=batch)
         any_present = torch.zeros(batch, dtype=torch.bool, device=latents.device)
         for context in contexts.values():
             any_present = any_present | context.has
         attention: dict[str, list[Tensor]] = {name: [] for name in contexts}
 
-        for depth, layer in enumerate(self.layers):
+        for depth, layer in enumerate(self.fusion_layers):
             for name in self.modality_names:
                 if name not in contexts:
                     continue
                 keys, values = projected[name][depth]
                 key_mask, has = contexts[name].key_mask, contexts[name].has
-                updated, weights = layer.cross[name](latents, keys, values, key_mask, return_attention)
+                updated, weights = layer.cross_block(name)(latents, keys, values, key_mask, return_attention)
                 latents = torch.where(rearrange(has, "b -> b 1 1"), updated, latents)
                 if weights is not None:
                     attention[name].append(torch.where(rearrange(has, "b -> b 1 1 1"), weights, 0.0))
-            for block in layer.latent:  # samples without any modality keep the untouched latents
+            for block in layer.latent_blocks():  # samples without any modality keep the untouched latents
                 latents = torch.where(rearrange(any_present, "b -> b 1 1"), block(latents), latents)
 
         logits = self.to_logits(latents)
@@ -403,7 +414,8 @@ class HEALNet(nn.Module):
                 f"modality {self.config.linear_path!r}: the linear path expects "
                 f"{self.config.linear_path_inputs} values per sample, got {values.shape[1]}"
             )
-        return self.linear_path(torch.where(rearrange(has, "b -> b 1"), values, 0.0))
+        linear = cast(nn.Linear, self.linear_path)  # forward calls this only for a model with the path
+        return linear(torch.where(rearrange(has, "b -> b 1"), values, 0.0))
 
     def _encode(self, name: str, data: Tensor, present: Tensor | None, token_mask: Tensor | None) -> Context:
         """The modality's tokens flattened to (b, j, c), their position features and masks."""
@@ -435,7 +447,7 @@ class HEALNet(nn.Module):
         bias into a constant, so every layer's projection is one matmul over the raw data plus per-token
         statistics. Layers with tied weights are projected once.
         """
-        blocks = [layer.cross[name] for layer in self.layers]
+        blocks = [layer.cross_block(name) for layer in self.fusion_layers]
         unique = list({id(block): block for block in blocks}.values())
         weight = torch.cat([b.attn.to_kv.weight * b.norm_context.weight for b in unique])  # (u * 2i, c)
         shift = torch.cat([b.attn.to_kv.weight @ b.norm_context.bias for b in unique])
@@ -453,7 +465,11 @@ class HEALNet(nn.Module):
         scale = torch.rsqrt(var + unique[0].norm_context.eps).float()
         kv = (projected - mean.float() * weight.sum(dim=1)) * scale + shift
         per_block = dict(zip(map(id, unique), kv.chunk(len(unique), dim=-1), strict=True))
-        return [per_block[id(block)].chunk(2, dim=-1) for block in blocks]
+        projections = []
+        for block in blocks:
+            keys, values = per_block[id(block)].chunk(2, dim=-1)
+            projections.append((keys, values))
+        return projections
 
     def _check_inputs(
         self, inputs: dict[str, Tensor], present: dict[str, Tensor], token_mask: dict[str, Tensor]

@@ -71,6 +71,10 @@ TCGA = Recipe(
 )
 
 RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (DEMO, TCGA)}
+
+# The predeclared cross-validation protocol of `healnet cv` (docs/results.md): folds x repeats, seed.
+CV_FOLDS, CV_REPEATS, CV_SEED = 5, 5, 0
+CV_MODELS = ("healnet", "age", "coxnet", "coxnet_topk", "rsf")  # HEALNet, then the baselines
 DEFAULT_RECIPE = DEMO.name
 
 

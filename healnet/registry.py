@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 from healnet.checkpoint import MANIFEST_FILE, read_manifest, verify_checkpoint
 from healnet.errors import HEALNetError
@@ -177,7 +178,7 @@ def set_champion(tag: str, reason: str, expected: str | None | object = UNCHECKE
         previous = get_champion()
         current = previous["tag"] if previous else None
         if expected is not UNCHECKED and current != expected:
-            raise ChampionChangedError(expected, current)
+            raise ChampionChangedError(cast(str | None, expected), current)
         return _write_champion(tag, reason, previous)
 
 

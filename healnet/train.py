@@ -8,6 +8,7 @@ import os
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -148,7 +149,8 @@ def predict_logits(model, loader: DataLoader, device: torch.device) -> np.ndarra
 
 
 def evaluate_loader(model, loader: DataLoader, device: torch.device, alpha: float) -> dict:
-    return score_logits(predict_logits(model, loader, device), loader.dataset.targets, alpha)
+    dataset = cast(Any, loader.dataset)  # a SurvivalDataset
+    return score_logits(predict_logits(model, loader, device), dataset.targets, alpha)
 
 
 def score_logits(logits: np.ndarray, targets, alpha: float) -> dict:
@@ -208,8 +210,8 @@ def rank_batches(train_set, config: TrainConfig, rank: int, world_size: int):
     DistributedDataParallel averages is the global batch's mean. A rank left without a sample of a short
     last batch gets one with weight 0, because every rank must take part in each step.
     """
-    order = DataLoader(
-        range(len(train_set)),
+    order: DataLoader = DataLoader(
+        cast(Any, range(len(train_set))),  # indices only: the samples are collated below
         batch_size=config.batch_size,
         shuffle=True,
         collate_fn=list,
@@ -244,6 +246,7 @@ def fit(
     device = select_device(config.device)
     model.to(device)
     fit_linear_path(model, train_set, config, device)
+    trained: torch.nn.Module
     rank, world_size = process_rank()
     if world_size > 1:
         if config.bin_weights:
@@ -283,9 +286,12 @@ def fit(
                     batch["present"], config.modality_dropout, dropout_generator
                 )
             logits = forward(trained, batch, device)
-            penalty = 0.0
+            penalty = torch.zeros((), device=device)
             if config.l1:
-                penalty = config.l1 * sum(p.abs().sum() for p in model.parameters() if p.requires_grad)
+                penalty = config.l1 * sum(
+                    (p.abs().sum() for p in model.parameters() if p.requires_grad),
+                    torch.zeros((), device=device),
+                )
             if weights is None:
                 loss = nll_loss(logits, batch["labels"], batch["events"], config.alpha, bin_weights) + penalty
                 total += loss.item() * len(batch["labels"])
@@ -295,9 +301,7 @@ def fit(
                 per_sample = nll_per_sample(logits, batch["labels"], batch["events"], config.alpha)
                 loss = (per_sample * weights).sum() + penalty
                 real = weights > 0
-                total += float(
-                    (per_sample.detach() + float(penalty.detach() if config.l1 else 0.0))[real].sum()
-                )
+                total += float((per_sample.detach() + penalty.detach())[real].sum())
                 count += float(real.sum())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

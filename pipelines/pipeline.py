@@ -12,7 +12,7 @@ from kfp.dsl.graph_component import GraphComponent
 from components.data_steps import preprocess_omics, preprocess_slides, validate
 from components.model_steps import evaluate, train
 from components.release_steps import gate, notify, promote, reject
-from healnet.gate import PROMOTE
+from healnet.gate import PROMOTE, GatePolicy
 from healnet.recipes import DEFAULT_RECIPE
 from healnet.validation.thresholds import DEFAULT_THRESHOLDS
 from pipelines.options import DEFAULT_OPTIONS, PARAMETER_TYPES, ClusterOptions
@@ -83,9 +83,9 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
         batch_size: int = 0,
         patience: int = 0,
         seed: int = 0,
-        min_c_index: float = 0.55,
-        tolerance: float = 0.02,
-        dry_run: bool = False,
+        min_c_index: float = GatePolicy.min_c_index,
+        tolerance: float = GatePolicy.tolerance,
+        dry_run: bool = GatePolicy.dry_run,
         notify_webhook: str = "",
     ):
         finished = notify(run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, webhook_url=notify_webhook)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from functools import cache
 from itertools import combinations
+from typing import TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -79,8 +80,11 @@ for _stage in STAGES:
     INFERENCE_DURATION.labels(_stage)
 
 
+Metric = TypeVar("Metric", Counter, Histogram)
+
+
 @cache
-def _labelled(metric: Counter | Histogram, *values: str) -> Counter | Histogram:
+def _labelled(metric: Metric, *values: str) -> Metric:
     """The metric's child for these label values, looked up once (the label sets are bounded)."""
     return metric.labels(*values)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -120,7 +120,7 @@ async def multipart_as_json(scope: dict, body: bytes, max_tiles: int) -> bytes:
     """The JSON body that a multipart /predict stands for: `wsi_tiles` file parts (PNG/JPEG), an optional
     `omics` part holding a JSON object, an optional `return_attention` part ("true"/"false")."""
 
-    async def chunks() -> AsyncIterator[bytes]:
+    async def chunks() -> AsyncGenerator[bytes, None]:
         yield body
 
     parser = MultiPartParser(
@@ -141,17 +141,19 @@ async def multipart_as_json(scope: dict, body: bytes, max_tiles: int) -> bytes:
             )
         request_json: dict = {}
         tiles = form.getlist("wsi_tiles")
-        if tiles:
-            if not all(isinstance(tile, UploadFile) for tile in tiles):
-                raise RejectedRequest("invalid_schema", "wsi_tiles parts must be image files")
-            request_json["wsi_tiles"] = [base64.b64encode(await tile.read()).decode() for tile in tiles]
+        files = [tile for tile in tiles if isinstance(tile, UploadFile)]
+        if len(files) != len(tiles):
+            raise RejectedRequest("invalid_schema", "wsi_tiles parts must be image files")
+        if files:
+            request_json["wsi_tiles"] = [base64.b64encode(await file.read()).decode() for file in files]
         for name in ("omics", "return_attention"):
             values = form.getlist(name)
-            if len(values) > 1 or any(isinstance(value, UploadFile) for value in values):
+            texts = [value for value in values if isinstance(value, str)]
+            if len(values) > 1 or len(texts) != len(values):
                 raise RejectedRequest("invalid_schema", f"{name} must be one text field")
-            if values:
+            if texts:
                 try:
-                    request_json[name] = json.loads(values[0])
+                    request_json[name] = json.loads(texts[0])
                 except json.JSONDecodeError as error:
                     raise RejectedRequest("invalid_schema", f"{name} is not JSON: {error}") from None
     finally:

@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 import bentoml
 import numpy as np
@@ -99,7 +100,7 @@ class HEALNetService:
     def _swap_in(self, model: ServedModel) -> None:
         """Serve `model` from the next request on; requests already running finish on the previous one."""
         on_cpu = model.predictor.device.type == "cpu"
-        batcher = ContinuousBatcher(
+        batcher: ContinuousBatcher[Case, Prediction] = ContinuousBatcher(
             model.predictor.predict_timed,
             self.limits.adaptive_batch_max_cases,
             fits=lambda cases: padded_patches(cases) <= self.limits.max_patches,
@@ -113,15 +114,20 @@ class HEALNetService:
 
     def _follow_champion(self) -> None:
         """Poll the champion pointer every `follow_s` seconds and swap in each new champion that loads."""
+        interval = cast(float, self.follow_s)  # started only when following
         while True:
-            time.sleep(self.follow_s)
+            time.sleep(interval)
+            serving = cast(
+                tuple[ServedModel, ContinuousBatcher], self.serving
+            )  # started after the first load
+            current = serving[0].tag
             try:
                 pointer = get_champion()
             except RegistryError as error:  # a corrupt pointer: keep serving, say why
-                logger.error("champion pointer unreadable, still serving %s: %s", self.serving[0].tag, error)
+                logger.error("champion pointer unreadable, still serving %s: %s", current, error)
                 continue
             tag = pointer["tag"] if pointer else None
-            if tag is None or tag in (self.serving[0].tag, self.refused_tag):
+            if tag is None or tag in (current, self.refused_tag):
                 continue
             try:
                 _, checkpoint_dir = resolve(tag)  # verifies the weights' sha256
@@ -129,7 +135,7 @@ class HEALNetService:
             except Exception as error:  # whatever stops it, the current model keeps answering
                 self.refused_tag = tag
                 metrics.model_reload_failed(tag)
-                logger.error("champion %s refused, still serving %s: %s", tag, self.serving[0].tag, error)
+                logger.error("champion %s refused, still serving %s: %s", tag, current, error)
                 continue
             self.refused_tag = None
             self._swap_in(model)

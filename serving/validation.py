@@ -6,11 +6,12 @@ import base64
 import binascii
 import io
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property, partial
 from itertools import chain
 from operator import is_not
+from typing import cast
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -90,7 +91,7 @@ def to_case(request: PredictRequest, contract: ModelContract, limits: Limits) ->
         elif request.wsi_features_base64 is not None:
             bag = _binary_patch_features(request.wsi_features_base64, contract.wsi_dim, limits)
         else:
-            bag = _encode_tiles(request.wsi_tiles, contract, limits)
+            bag = _encode_tiles(cast(list[str], request.wsi_tiles), contract, limits)  # the one left
     return Case(omics=request.omics, wsi_features=bag, clinical=request.clinical)
 
 
@@ -114,9 +115,9 @@ def _check_omics(
     given = unknown = 0
     for table, features in omics.items():
         # C-level passes over the values and names: this runs for every feature of every request.
-        if not all(map(math.isfinite, filter(_is_given, features.values()))):
+        if not all(map(math.isfinite, cast(Iterable[float], filter(_is_given, features.values())))):
             feature, value = next(
-                (f, v) for f, v in features.items() if _is_given(v) and not math.isfinite(v)
+                (f, v) for f, v in features.items() if v is not None and not math.isfinite(v)
             )
             raise RejectedRequest(
                 "non_finite", f"omics[{table!r}][{feature!r}] is {value}: use null for missing"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from healnet.recipes import CV_FOLDS, CV_MODELS, CV_REPEATS, CV_SEED, TCGA
+
 HELP = (
     "Cross-validate HEALNet against age alone, CoxNet and a random survival forest on the same patient-level "
     "folds (everything fitted on training folds only); print mean ± std c-index, the best baseline and "
@@ -31,15 +33,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--recipe",
-        default="tcga",
+        default=TCGA.name,
         help="named HEALNet recipe (healnet/recipes.py): tcga (omics + clinical, 20-member ensemble) or demo",
     )
-    parser.add_argument("--folds", type=int, default=5, help="K of the stratified K-fold")
-    parser.add_argument("--repeats", type=int, default=5, help="independent K-fold partitions")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the folds and of every model")
+    parser.add_argument("--folds", type=int, default=CV_FOLDS, help="K of the stratified K-fold")
+    parser.add_argument("--repeats", type=int, default=CV_REPEATS, help="independent K-fold partitions")
+    parser.add_argument("--seed", type=int, default=CV_SEED, help="seed of the folds and of every model")
     parser.add_argument(
         "--models",
-        default="healnet,age,coxnet,coxnet_topk,rsf",
+        default=",".join(CV_MODELS),
         help="comma-separated subset of healnet, age (age alone), coxnet (clinical + all omics), "
         "coxnet_topk (clinical + top-k omics), rsf (forest on clinical + top-k omics)",
     )

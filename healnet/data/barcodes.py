@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from healnet.errors import HEALNetError
 
@@ -77,7 +78,7 @@ def parse_barcode(value: str) -> Barcode:
         raise InvalidBarcodeError(value, f"has {len(parts)} dash-separated parts, at most 7 are allowed")
     tss = _match(_ALNUM2, parts[1], value, "the tissue source site must be 2 letters/digits").group()
     participant = _match(_ALNUM4, parts[2], value, "the participant must be 4 letters/digits").group()
-    fields: dict[str, str | int | None] = {}
+    fields: dict[str, Any] = {}  # the optional parts, by Barcode field
     if len(parts) > 3:
         sample = _match(_SAMPLE, parts[3], value, "the sample must be 2 digits and an optional vial letter")
         fields.update(sample_type=sample["type"], vial=sample["vial"])

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import pandas as pd
 
@@ -211,10 +212,9 @@ class Cohort:
             )
         if meta["rows_in"] != meta["rows_kept"] + meta["rows_quarantined"]:
             raise CohortFormatError(f"{meta_path}: rows_in != rows_kept + rows_quarantined")
-        omic_files = {m: Path(OMICS_DIR) / f"{m}.parquet" for m in meta["omic_modalities"]}
-        missing_files = [
-            str(f) for f in [*TABLE_FILES.values(), *omic_files.values()] if not (root / f).is_file()
-        ]
+        omic_files = {str(m): Path(OMICS_DIR) / f"{m}.parquet" for m in meta["omic_modalities"]}
+        expected_files = [Path(name) for name in TABLE_FILES.values()] + list(omic_files.values())
+        missing_files = [str(f) for f in expected_files if not (root / f).is_file()]
         if missing_files:
             raise CohortFormatError(f"{root}: missing {', '.join(missing_files)} (see docs/architecture.md)")
         tables = {key: _read_parquet(root / name) for key, name in TABLE_FILES.items()}
@@ -260,7 +260,7 @@ class Cohort:
             raise CohortFormatError(
                 f"slide {slide_id!r} has the relative path {path} but the cohort has no root"
             )
-        return _absolute(path, self.root)
+        return cast(Path, _absolute(path, self.root))  # a non-empty path string is never None here
 
     def patients(
         self, scheme: str = "holdout", repeat: int = 0, fold: int = 0, role: str = "train"

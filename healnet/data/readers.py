@@ -10,7 +10,7 @@ import csv
 import gzip
 import io
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -418,7 +418,9 @@ def read_cbioportal(folder: Path) -> RawCohort:
     samples, sample_problems = _cbio_samples(folder / CBIO_SAMPLES, clinical.index)
     listed = set(sample_problems.ids.dropna())
 
-    sources = {m: (name, partial(_read_gene_matrix, modality=m)) for m, name in CBIO_MATRICES.items()}
+    sources: dict[str, tuple[str, Callable[[Path], pd.DataFrame]]] = {
+        m: (name, partial(_read_gene_matrix, modality=m)) for m, name in CBIO_MATRICES.items()
+    }
     sources["mut"] = (CBIO_MUTATIONS, _read_mutations)
     omics = {}
     for modality in OMIC_SUFFIXES:
@@ -461,7 +463,7 @@ def read_gdc_clinical(path: Path) -> RawCohort:
     death = pd.to_numeric(raw[names["days_to_death"]], errors="coerce")
     follow_up = pd.to_numeric(raw[names["days_to_last_follow_up"]], errors="coerce")
     days = death.where(event == 1, follow_up)
-    used = np.where(event == 1, names["days_to_death"], names["days_to_last_follow_up"])
+    used = np.where(event == 1, str(names["days_to_death"]), str(names["days_to_last_follow_up"]))
     reported = raw[names["days_to_death"]].where(event == 1, raw[names["days_to_last_follow_up"]])
     problems.add(
         event.notna() & ~(days > 0),

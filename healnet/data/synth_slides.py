@@ -75,7 +75,7 @@ def halve(image: np.ndarray) -> np.ndarray:
 def smooth_noise(rng: np.random.Generator, grid: int, size: int) -> np.ndarray:
     """A smooth random field: a `grid`×`grid` normal sample upsampled bicubically to `size`×`size`."""
     coarse = rng.standard_normal((grid, grid)).astype(np.float32)
-    return np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC))
+    return np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.Resampling.BICUBIC))
 
 
 def stain_colour(haematoxylin: float, eosin: float) -> np.ndarray:

@@ -129,7 +129,7 @@ class ClinicalTransform:
         return self.transform(frame, list(frame.index)), unknown
 
     def _tokens(self, values: np.ndarray, observed: np.ndarray) -> OmicsTokens:
-        present = observed.any(axis=1)
+        present = np.asarray(observed.any(axis=1), dtype=bool)
         means = np.array([f.mean for f in self.features])
         stds = np.array([f.std for f in self.features])
         scaled = ((values - means) / stds).astype(np.float32)

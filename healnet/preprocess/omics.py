@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -187,7 +188,7 @@ class OmicsTransform:
         return rearrange(padded, "n (t c) -> n t c", t=n_tokens, c=channels)
 
     def transform_records(
-        self, cases: Sequence[Mapping[str, Mapping[str, float]]]
+        self, cases: Sequence[Mapping[str, Mapping[str, float | None]]]
     ) -> tuple[dict[str, OmicsTokens], list[list[str]]]:
         """Tokens for cases given as features by name per modality, and per case the names the model does not use.
 
@@ -208,8 +209,8 @@ class OmicsTransform:
                         present[target][row] = True
                 for feature, value in features.items():
                     owner = self._modality_of_feature.get(feature) if combined else modality
-                    column = self._column_of.get((owner, feature))
-                    if column is None:
+                    column = None if owner is None else self._column_of.get((owner, feature))
+                    if owner is None or column is None:
                         unused.append(feature)
                     else:
                         raw[owner][row, column] = _as_float(modality, feature, value)
@@ -255,7 +256,7 @@ class OmicsTransform:
         return cls(OmicsConfig(**state["config"]), stats)
 
 
-def _as_float(modality: str, feature: str, value: object) -> float:
+def _as_float(modality: str, feature: str, value: Any) -> float:
     """A record value as float; None means missing."""
     if value is None:
         return np.nan

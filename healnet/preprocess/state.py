@@ -82,6 +82,8 @@ class Preprocessor:
         """Values per patient (tokens x channels) of an omic or the clinical modality."""
         if modality == CLINICAL and self.clinical:
             return self.clinical.n_features
+        if self.omics is None:
+            raise ValueError(f"modality {modality!r} is not one of this model's: it has no omics")
         n_tokens, channels = self.omics.token_shape(modality)
         return n_tokens * channels
 

@@ -13,7 +13,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import openslide
@@ -262,7 +262,9 @@ def encode_tiles(tiles: Sequence[np.ndarray], encoder: PatchEncoder, patch_size:
                 f"tile {index} must be a non-empty (h, w, 3) uint8 RGB array, got {tile.dtype} {tile.shape}"
             )
         if tile.shape[:2] != (patch_size, patch_size):
-            tile = np.asarray(Image.fromarray(tile).resize((patch_size, patch_size), Image.BILINEAR))
+            tile = np.asarray(
+                Image.fromarray(tile).resize((patch_size, patch_size), Image.Resampling.BILINEAR)
+            )
         resized.append(tile)
     if not resized:
         return np.zeros((0, encoder.dim), dtype=np.float32)
@@ -388,7 +390,7 @@ def consecutive_runs(columns: np.ndarray, max_length: int) -> list[np.ndarray]:
 def to_rgb(region: Image.Image) -> np.ndarray:
     """OpenSlide's RGBA region (not premultiplied) composited over white, as (h, w, 3) uint8."""
     alpha = region.getchannel("A")
-    if alpha.getextrema()[0] < 255:  # transparent where the scanner captured nothing
+    if cast(tuple[int, int], alpha.getextrema())[0] < 255:  # transparent where the scanner captured nothing
         background = Image.new("RGB", region.size, "white")
         background.paste(region, mask=alpha)
         region = background
@@ -450,15 +452,17 @@ def _preprocess_open_slide(
     def level0(index: np.ndarray | int) -> np.ndarray:
         return np.round(np.asarray(index) * read_size * downsample).astype(np.int64)
 
-    batches, tiles, coord_runs = [], [], []  # tiles wait until a full batch goes to the encoder
+    batches: list[np.ndarray] = []
+    tiles: list[np.ndarray] = []  # tiles wait until a full batch goes to the encoder
+    coord_runs: list[np.ndarray] = []
     for row in np.flatnonzero(kept.any(axis=1)):
         for run in consecutive_runs(np.flatnonzero(kept[row]), config.batch_size):
             # one read per run of neighbouring patches, cut into patches with numpy
             region = slide.read_region(
-                (int(level0(run[0])), int(level0(row))), level, (len(run) * read_size, read_size)
+                (int(level0(int(run[0]))), int(level0(int(row)))), level, (len(run) * read_size, read_size)
             )
             tiles.extend(rearrange(to_rgb(region), "h (n w) c -> n h w c", n=len(run)))
-            coord_runs.append(np.stack([level0(run), np.full(len(run), level0(row))], axis=1))
+            coord_runs.append(np.stack([level0(run), np.full(len(run), level0(int(row)))], axis=1))
             if len(tiles) >= config.batch_size:
                 batches.append(encode_tiles(tiles, encoder, config.patch_size))
                 tiles = []
@@ -555,6 +559,7 @@ def resolve_slide_inputs(inputs: str | Path | Iterable[str | Path]) -> list[tupl
     """
     if isinstance(inputs, str | Path):
         source = Path(inputs)
+        pairs: list[tuple[str, Path | None]]
         if source.is_dir():
             pairs = [
                 (p.name, p) for p in source.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES

@@ -156,7 +156,9 @@ def format_example(example: dict) -> str:
 
 
 def _balanced(rows_in: int | None, kept: int | None, quarantined: int | None) -> bool:
-    return None not in (rows_in, kept, quarantined) and rows_in == kept + quarantined
+    if rows_in is None or kept is None or quarantined is None:
+        return False
+    return rows_in == kept + quarantined
 
 
 def _count(value: int | None) -> str:

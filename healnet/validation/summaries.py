@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -91,7 +92,7 @@ def probe_slide(path: Path) -> dict:
     """
     import openslide
 
-    probe = {"exists": path.is_file(), "opens": None, "has_resolution": None, "mpp_x": None}
+    probe: dict[str, Any] = {"exists": path.is_file(), "opens": None, "has_resolution": None, "mpp_x": None}
     probe.update(objective_power=None, vendor=None, error=None)
     if not probe["exists"]:
         probe["error"] = f"no such file: {path}"
@@ -166,7 +167,7 @@ def accounting_table(
     )
 
 
-def _as_float(value: object) -> float | None:
+def _as_float(value: Any) -> float | None:
     try:
         return None if value is None else float(value)
     except (TypeError, ValueError):
