@@ -217,15 +217,9 @@ def run_local_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a library error (HEALNetError) is one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
-    from healnet.errors import HEALNetError
+    from healnet.errors import exit_code_of
 
-    try:
-        return args.handler(args)
-    except HEALNetError as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return exit_code_of(lambda: args.handler(args), "error", args.debug)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from healnet import __version__
-from healnet.errors import HEALNetError
+from healnet.errors import exit_code_of
 
 COMMANDS = {
     "synth": "healnet.cli.synth",
@@ -58,13 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run a sub-command; a library error (HEALNetError) is one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.handler(args)
-    except HEALNetError as error:
-        if args.debug:
-            raise
-        print(f"healnet {args.command}: {error}", file=sys.stderr)
-        return 2
+    return exit_code_of(lambda: args.handler(args), f"healnet {args.command}", args.debug)
 
 
 if __name__ == "__main__":
