@@ -7,7 +7,7 @@ splits of training folds only): docs/results.md.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from healnet.errors import HEALNetError
 from healnet.preprocess.clinical import CLINICAL, ClinicalConfig
@@ -42,6 +42,10 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def without_linear_path(self) -> Recipe:
+        """The same recipe with no modality's linear path."""
+        return replace(self, model={k: v for k, v in self.model.items() if k != "linear_path"})
 
 
 # The synthetic demo cohort's age and sex carry no risk, so its recipe leaves the clinical modality out.

@@ -29,10 +29,8 @@ from healnet.experiment import CohortData
 from healnet.recipes import TCGA
 
 CANDIDATES = {
-    "omics_only": replace(
-        TCGA, clinical=None, model={k: v for k, v in TCGA.model.items() if k != "linear_path"}
-    ),
-    "clinical_token": replace(TCGA, model={k: v for k, v in TCGA.model.items() if k != "linear_path"}),
+    "omics_only": replace(TCGA.without_linear_path(), clinical=None),
+    "clinical_token": TCGA.without_linear_path(),
     "clinical_token_linear": TCGA,
 }
 
