@@ -38,7 +38,14 @@ from tqdm.auto import tqdm
 
 from healnet.checkpoint import Checkpoint
 from healnet.data.splits import kfold_splits
-from healnet.experiment import CohortData, TrainedModel, build_training, fit_preprocessor, fitting_patients
+from healnet.experiment import (
+    PREDICT_BATCH,
+    CohortData,
+    TrainedModel,
+    build_training,
+    fit_preprocessor,
+    fitting_patients,
+)
 from healnet.model import HEALNet
 from healnet.preprocess.clinical import CLINICAL
 from healnet.preprocess.omics import OmicsTransform
@@ -51,6 +58,8 @@ from healnet.train import (
     autocast,
     fit,
     fit_linear_path,
+    make_loader,
+    predict_logits,
     score_logits,
     seed_everything,
     select_device,
@@ -141,9 +150,14 @@ class HEALNetEnsemble:
     def survival(
         self, data: CohortData, patient_ids: Sequence[str], members: int | None = None
     ) -> np.ndarray:
-        """Mean survival per bin (patients, n_bins) over the first `members` members (default: all)."""
+        """Mean survival per bin (patients, n_bins) over the first `members` members (default: all).
+
+        The members share the preprocessing, so the patients' inputs are prepared once for all of them."""
+        first = self.members[0]
+        device = next(first.model.parameters()).device
+        loader = make_loader(first.dataset(data, patient_ids), PREDICT_BATCH, False, device)
         curves = [
-            survival_from_logits(torch.from_numpy(member.predict(data, patient_ids)))[1].numpy()
+            survival_from_logits(torch.from_numpy(predict_logits(member.model, loader, device)))[1].numpy()
             for member in self.members[:members]
         ]
         return np.mean(curves, axis=0)

@@ -37,6 +37,7 @@ OMIC = "omic"
 # omic modalities of several tokens (features or groups) get Fourier features of the token index, so that
 # every token says which features it holds; a one-value token would otherwise be erased by the LayerNorm
 OMIC_POSITION_BANDS = 6
+PREDICT_BATCH = 32  # patients per forward pass when predicting
 
 
 @dataclass
@@ -99,7 +100,9 @@ class TrainedModel:
             clinical=data.clinical,
         )
 
-    def predict(self, data: CohortData, patient_ids: Sequence[str], batch_size: int = 32) -> np.ndarray:
+    def predict(
+        self, data: CohortData, patient_ids: Sequence[str], batch_size: int = PREDICT_BATCH
+    ) -> np.ndarray:
         """Logits for the given patients (all patches of each bag)."""
         device = next(self.model.parameters()).device
         loader = make_loader(self.dataset(data, patient_ids), batch_size, False, device)
