@@ -23,7 +23,7 @@ from healnet.errors import HEALNetError
 from healnet.experiment import OMIC, CohortData
 from healnet.preprocess.state import WSI
 from healnet.recipes import TCGA, Recipe
-from healnet.survival import harrell_c
+from healnet.survival_metrics import harrell_c
 
 KINDS = (OMIC, WSI)
 SERVED = ("both", OMIC, WSI)  # what the test patients have at inference

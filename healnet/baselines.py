@@ -25,7 +25,7 @@ from sksurv.util import Surv
 from healnet.errors import HEALNetError
 from healnet.preprocess.clinical import ClinicalConfig, ClinicalTransform
 from healnet.preprocess.omics import RNASEQ, OmicsConfig, OmicsTransform
-from healnet.survival import harrell_c_or_nan
+from healnet.survival_metrics import harrell_c_or_nan
 
 
 class BaselineError(HEALNetError, ValueError):

@@ -38,7 +38,7 @@ from healnet.experiment import CohortData
 from healnet.preprocess.clinical import ClinicalConfig
 from healnet.preprocess.omics import RNASEQ, OmicsConfig
 from healnet.recipes import CV_FOLDS, CV_MODELS, CV_REPEATS, CV_SEED, TCGA, Recipe
-from healnet.survival import harrell_c, uno_c
+from healnet.survival_metrics import harrell_c, uno_c
 
 MODELS = CV_MODELS
 BASELINES = MODELS[1:]

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from healnet.checkpoint import Checkpoint
 from healnet.data.splits import kfold_splits
+from healnet.device import select_device
 from healnet.experiment import (
     PREDICT_BATCH,
     CohortData,
@@ -51,7 +52,8 @@ from healnet.preprocess.clinical import CLINICAL
 from healnet.preprocess.omics import OmicsTransform
 from healnet.preprocess.state import WSI, Preprocessor
 from healnet.recipes import TCGA, Recipe
-from healnet.survival import SurvivalBins, nll_per_sample, survival_from_logits, survival_metrics
+from healnet.survival import SurvivalBins, nll_per_sample, survival_from_logits
+from healnet.survival_metrics import survival_metrics
 from healnet.train import (
     TrainConfig,
     TrainResult,
@@ -62,7 +64,6 @@ from healnet.train import (
     predict_logits,
     score_logits,
     seed_everything,
-    select_device,
 )
 
 log = logging.getLogger(__name__)

@@ -15,12 +15,14 @@ import torch.distributed as dist
 
 from healnet.checkpoint import load_checkpoint, save_checkpoint
 from healnet.data.dataset import SurvivalDataset, Targets, load_wsi_bags, require_slide_features
+from healnet.device import select_device
 from healnet.model import HEALNet, HEALNetConfig, ModalitySpec
 from healnet.preprocess.clinical import CLINICAL, ClinicalConfig, ClinicalTransform
 from healnet.preprocess.omics import OmicsConfig, OmicsTransform
 from healnet.preprocess.state import WSI, Preprocessor
 from healnet.recipes import DEMO, Recipe
-from healnet.survival import SurvivalBins, survival_from_logits, survival_metrics
+from healnet.survival import SurvivalBins, survival_from_logits
+from healnet.survival_metrics import survival_metrics
 from healnet.train import (
     DistributedTrainingError,
     TrainConfig,
@@ -30,7 +32,6 @@ from healnet.train import (
     make_loader,
     predict_logits,
     process_rank,
-    select_device,
 )
 
 OMIC = "omic"

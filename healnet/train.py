@@ -18,8 +18,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from healnet.device import select_device
 from healnet.errors import HEALNetError
-from healnet.survival import harrell_c_or_nan, nll_loss, nll_per_sample, survival_from_logits
+from healnet.survival import nll_loss, nll_per_sample, survival_from_logits
+from healnet.survival_metrics import harrell_c_or_nan
 from healnet.train_config import TrainConfig
 
 
@@ -79,16 +81,6 @@ def _data_parallel_process(rank: int, function, processes: int, port: int) -> No
         MASTER_PORT=str(port),
     )
     function()
-
-
-def select_device(preference: str = "auto") -> torch.device:
-    """CUDA when present (or asked for), else CPU; in a data-parallel run, this process's GPU."""
-    if preference == "auto":
-        return torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(preference)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but no CUDA device is available")
-    return device
 
 
 def seed_everything(seed: int) -> None:

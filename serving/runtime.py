@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from healnet.checkpoint import load_checkpoint
+from healnet.device import select_device
 from healnet.inference import Case, Prediction, Predictor
-from healnet.preprocess.wsi import PatchEncoder, make_encoder
+from healnet.preprocess.encoders import PatchEncoder, make_encoder
 from healnet.registry import resolve
-from healnet.train import select_device
 from serving.config import env_number
 from serving.validation import ModelContract
 

@@ -17,8 +17,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from healnet.inference import Case, Predictor
+from healnet.preprocess.encoders import PatchEncoder, encode_tiles
 from healnet.preprocess.omics import COMBINED_MODALITY
-from healnet.preprocess.wsi import PatchEncoder, encode_tiles
 from serving.config import Limits
 from serving.schemas import SLIDE_INPUTS, PredictRequest
 

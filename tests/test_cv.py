@@ -26,7 +26,8 @@ from healnet.experiment import CohortData
 from healnet.preprocess.clinical import ClinicalConfig
 from healnet.preprocess.omics import OmicsConfig
 from healnet.recipes import Recipe
-from healnet.survival import SurvivalBins, harrell_c
+from healnet.survival import SurvivalBins
+from healnet.survival_metrics import harrell_c
 from healnet.train import TrainConfig, drop_modalities
 
 TINY = Recipe(

@@ -11,7 +11,7 @@ from healnet.cli import main
 from healnet.data.cohort import Cohort
 from healnet.data.synth import SynthConfig, synthesize_cohort
 from healnet.experiment import load_trained
-from healnet.survival import harrell_c
+from healnet.survival_metrics import harrell_c
 
 
 @pytest.fixture(scope="module")

@@ -37,9 +37,20 @@ def served_modules() -> list[Path]:
 
 
 def imported_top_level_names(path: Path) -> set[str]:
-    """Top-level packages a module imports anywhere in its code (lazy imports in functions too)."""
+    """Top-level packages a module imports anywhere in its code (lazy imports in functions too), except
+    under `if TYPE_CHECKING:`, which never runs."""
+    tree = ast.parse(path.read_text())
+    type_checking_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+        for statement in node.body
+        for inner in ast.walk(statement)
+    }
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in type_checking_only:
+            continue
         if isinstance(node, ast.Import):
             names.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -69,6 +80,29 @@ def test_the_bentofile_lists_every_package_the_service_imports():
             if not distributions & (listed | with_bentoml):
                 missing[name] = f"{sorted(distributions)} (imported by {path.relative_to(REPO_ROOT)})"
     assert not missing, f"add to bentofile.yaml python.packages: {missing}"
+
+
+# Training, slide-reading and pipeline packages: the service must run without them in its image
+# (pandas imports pyarrow when present). Slide tiles are encoded by healnet.preprocess.encoders.
+NOT_SERVED = ("sksurv", "sklearn", "scipy", "openslide", "pandas", "pyarrow", "great_expectations", "kfp")
+
+
+def test_importing_the_service_leaves_out_training_and_slide_reading_packages():
+    code = (
+        "import json, sys, serving.service; "
+        f"print(json.dumps(sorted(name for name in {NOT_SERVED!r} if name in sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.splitlines()[-1]) == []
+
+
+def test_the_bentofile_leaves_out_what_the_service_does_not_import():
+    listed = {distribution_name(requirement) for requirement in BENTOFILE["python"]["packages"]}
+    training_only = {"scikit-survival", "scikit-learn", "openslide-python", "pandas", "pyarrow", "kfp"}
+    assert not listed & training_only
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from healnet.checkpoint import CheckpointError, sha256_file
 from healnet.inference import Case, Predictor
-from healnet.preprocess.wsi import StatsEncoder, encode_tiles
+from healnet.preprocess.encoders import StatsEncoder, encode_tiles
 from serving.config import ConfigError, Limits
 from serving.demo import DemoSpec, demo_feature_names, demo_payload, demo_tiles
 from serving.runtime import champion_poll_seconds, resolve_served_model

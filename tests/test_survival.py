@@ -8,18 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from healnet.survival import (
-    SurvivalBins,
-    SurvivalDataError,
-    harrell_c,
-    harrell_c_or_nan,
-    integrated_brier,
-    nll_loss,
-    step_survival,
-    survival_from_logits,
-    survival_metrics,
-    uno_c,
-)
+from healnet.survival import SurvivalBins, SurvivalDataError, nll_loss, step_survival, survival_from_logits
+from healnet.survival_metrics import harrell_c, harrell_c_or_nan, integrated_brier, survival_metrics, uno_c
 
 LOG2 = math.log(2.0)
 

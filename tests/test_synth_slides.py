@@ -8,12 +8,8 @@ import pytest
 from scipy.stats import spearmanr
 
 from healnet.data.synth_slides import SyntheticSlideError, write_synthetic_slide
-from healnet.preprocess.wsi import (
-    STATS_FEATURE_NAMES,
-    TilingConfig,
-    preprocess_slides,
-    read_slide_features,
-)
+from healnet.preprocess.encoders import STATS_FEATURE_NAMES
+from healnet.preprocess.wsi import TilingConfig, preprocess_slides, read_slide_features
 
 
 @pytest.fixture(scope="module")

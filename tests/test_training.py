@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from healnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, verify_checkpoint
+from healnet.device import select_device
 from healnet.ensemble import HEALNetEnsemble
 from healnet.experiment import CohortData, TrainedModel, train_model
 from healnet.inference import Case, Predictor
 from healnet.preprocess.omics import OmicsConfig
-from healnet.train import TrainConfig, evaluate_loader, make_loader, select_device
+from healnet.train import TrainConfig, evaluate_loader, make_loader
 
 MODEL = {"depth": 1, "n_latents": 8, "latent_dim": 32, "cross_dim_head": 16, "latent_dim_head": 16}
 

@@ -12,15 +12,12 @@ from PIL import Image
 
 from healnet.cli import main
 from healnet.data.synth_slides import synthetic_he_image, write_synthetic_slide
+from healnet.preprocess.encoders import STATS_FEATURE_NAMES, TileError, encode_tiles, make_encoder
 from healnet.preprocess.wsi import (
-    STATS_FEATURE_NAMES,
     SlideInputError,
-    TileError,
     TilingConfig,
     choose_level,
-    encode_tiles,
     feature_file_name,
-    make_encoder,
     preprocess_slide,
     preprocess_slides,
     read_feature_metadata,

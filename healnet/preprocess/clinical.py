@@ -13,13 +13,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
-import pandas as pd
 from einops import rearrange
 
 from healnet.errors import HEALNetError
 from healnet.preprocess.omics import OmicsTokens
+
+if TYPE_CHECKING:  # training passes DataFrames; serving passes records and must not import pandas (pyarrow)
+    import pandas as pd
 
 CLINICAL = "clinical"
 STATE_FORMAT_VERSION = 1
@@ -81,16 +84,16 @@ class ClinicalTransform:
         """Fit on the training patients' clinical rows."""
         features = []
         for covariate in config.observed_covariates(clinical):
-            column = clinical[covariate]
+            column = _as_objects(clinical[covariate])
             if covariate in config.categorical:
-                counts = column.dropna().astype(str).value_counts()
+                counts = clinical[covariate].dropna().astype(str).value_counts()
                 levels = [level for level, n in counts.items() if n >= config.min_level_count][1:]
                 candidates = [(f"{covariate}={level}", level, 0.0) for level in levels]
             else:
                 values = _numeric(covariate, column)
                 candidates = [(covariate, None, float(np.nanmedian(values)))]
             for name, level, fill in candidates:
-                raw = _raw_column(column, level, fill)
+                raw = _feature_column(covariate, column, level, fill)
                 std = float(raw.std())
                 if std > 0:
                     features.append(_Feature(name, covariate, level, fill, float(raw.mean()), std))
@@ -100,33 +103,43 @@ class ClinicalTransform:
     def n_features(self) -> int:
         return len(self.features)
 
-    def transform(self, clinical: pd.DataFrame, patient_ids: Sequence[str]) -> OmicsTokens:
-        """Tokens for `patient_ids` (a patient without a clinical row is missing the modality)."""
-        rows = clinical.reindex(index=list(patient_ids), columns=self.covariates)
-        observed = rows.notna().to_numpy()
-        values = np.stack(
-            [
-                _raw_column(rows[f.covariate], f.level, f.fill) if f.level else _numeric_filled(f, rows)
-                for f in self.features
-            ],
-            axis=1,
+    def transform(self, clinical: pd.DataFrame | None, patient_ids: Sequence[str]) -> OmicsTokens:
+        """Tokens for `patient_ids` (a patient without a clinical row, or no table at all, is missing the
+        modality)."""
+        rows = (
+            None if clinical is None else clinical.reindex(index=list(patient_ids), columns=self.covariates)
         )
-        return self._tokens(values, observed)
+        return self._transform_columns(
+            {
+                c: np.full(len(patient_ids), None, dtype=object) if rows is None else _as_objects(rows[c])
+                for c in self.covariates
+            }
+        )
 
     def transform_records(
         self, records: Sequence[Mapping[str, object]]
     ) -> tuple[OmicsTokens, list[list[str]]]:
-        """Tokens for cases given as {covariate: value}, and per case the names the model does not use."""
-        frame = pd.DataFrame(
-            [
-                {c: _record_value(c, record.get(c), c in self.config.categorical) for c in self.covariates}
+        """Tokens for cases given as {covariate: value}, and per case the names the model does not use.
+        Values go straight into arrays (no DataFrame): this is the serving path."""
+        columns = {}
+        for covariate in self.covariates:
+            column = np.empty(len(records), dtype=object)
+            column[:] = [
+                _record_value(covariate, record.get(covariate), covariate in self.config.categorical)
                 for record in records
-            ],
-            columns=self.covariates,
-            dtype=object,
-        )
+            ]
+            columns[covariate] = column
         unknown = [[name for name in record if name not in self.covariates] for record in records]
-        return self.transform(frame, list(frame.index)), unknown
+        return self._transform_columns(columns), unknown
+
+    def _transform_columns(self, columns: Mapping[str, np.ndarray]) -> OmicsTokens:
+        """The one transform of training and serving: per covariate, an object array with None for missing."""
+        observed = np.stack([columns[c] != None for c in self.covariates], axis=1)  # noqa: E711 (elementwise)
+        values = np.stack(
+            [_feature_column(f.covariate, columns[f.covariate], f.level, f.fill) for f in self.features],
+            axis=1,
+        )
+        return self._tokens(values, observed)
 
     def _tokens(self, values: np.ndarray, observed: np.ndarray) -> OmicsTokens:
         present = np.asarray(observed.any(axis=1), dtype=bool)
@@ -156,28 +169,33 @@ class ClinicalTransform:
         return cls(ClinicalConfig(**state["config"]), [_Feature(**f) for f in state["features"]])
 
 
-def _numeric(covariate: str, column: pd.Series) -> np.ndarray:
-    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    bad = column.notna().to_numpy() & np.isnan(values)
-    if bad.any():
-        raise ClinicalTransformError(
-            f"clinical covariate {covariate!r} has non-numeric value {column[bad].iloc[0]!r}"
-        )
+def _as_objects(column: pd.Series) -> np.ndarray:
+    """A table column as an object array with None for every kind of missing value (NaN, NA, NaT)."""
+    return column.astype(object).where(column.notna(), None).to_numpy(dtype=object)
+
+
+def _numeric(covariate: str, column: np.ndarray) -> np.ndarray:
+    """float64 values of an object column, NaN for None; text or infinite values are errors."""
+    values = np.full(len(column), np.nan)
+    for index, value in enumerate(column):
+        if value is None:
+            continue
+        try:
+            values[index] = float(cast(float, value))
+        except (TypeError, ValueError):
+            values[index] = np.nan
+        if math.isnan(values[index]):
+            raise ClinicalTransformError(f"clinical covariate {covariate!r} has non-numeric value {value!r}")
     if np.isinf(values).any():
         raise ClinicalTransformError(f"clinical covariate {covariate!r} has an infinite value")
     return values
 
 
-def _numeric_filled(feature: _Feature, rows: pd.DataFrame) -> np.ndarray:
-    values = _numeric(feature.covariate, rows[feature.covariate])
-    return np.where(np.isnan(values), feature.fill, values)
-
-
-def _raw_column(column: pd.Series, level: str | None, fill: float) -> np.ndarray:
-    """An indicator of `level`, or the numeric values with missing ones filled."""
+def _feature_column(covariate: str, column: np.ndarray, level: str | None, fill: float) -> np.ndarray:
+    """An indicator of `level` (missing: 0), or the numeric values with missing ones filled."""
     if level is not None:
-        return (column.astype("string") == level).fillna(False).to_numpy(dtype=np.float64)
-    values = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        return np.array([value is not None and str(value) == level for value in column], dtype=np.float64)
+    values = _numeric(covariate, column)
     return np.where(np.isnan(values), fill, values)
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from einops import rearrange
 
 from healnet.errors import HEALNetError
+
+if TYPE_CHECKING:  # training passes DataFrames; serving must not import pandas (it imports pyarrow)
+    import pandas as pd
 
 COMBINED_MODALITY = "omic"
 STATE_FORMAT_VERSION = 2  # 2 added signed_log; version 1 states load without it
@@ -277,7 +279,7 @@ def _numeric_matrix(name: str, frame: pd.DataFrame, columns: Sequence[str]) -> n
     """float64 values of `columns` (absent columns are NaN); rejects text and infinite values."""
     wanted = set(columns)
     non_numeric = [
-        c for c, dtype in frame.dtypes.items() if c in wanted and not pd.api.types.is_numeric_dtype(dtype)
+        c for c in frame.select_dtypes(exclude=["number", "bool", "boolean"]).columns if c in wanted
     ]
     if non_numeric:
         raise OmicsTransformError(f"modality {name!r}: non-numeric feature columns {non_numeric[:5]}")

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from healnet.preprocess.clinical import CLINICAL, ClinicalConfig, ClinicalTransform
 from healnet.preprocess.omics import OmicsConfig, OmicsTokens, OmicsTransform
+
+if TYPE_CHECKING:  # training passes DataFrames; serving must not import pandas (it imports pyarrow)
+    import pandas as pd
 
 WSI = "wsi"
 
@@ -96,8 +99,7 @@ class Preprocessor:
         """Tokens of the omic modalities and, when the model has it, the clinical modality."""
         tokens = self.omics.transform(dict(frames), list(patient_ids)) if self.omics else {}
         if self.clinical:
-            table = clinical if clinical is not None else pd.DataFrame()
-            tokens[CLINICAL] = self.clinical.transform(table, list(patient_ids))
+            tokens[CLINICAL] = self.clinical.transform(clinical, list(patient_ids))
         return tokens
 
     def scale_wsi(self, bag: np.ndarray) -> np.ndarray:
