@@ -58,7 +58,7 @@ def raw_reader(features_paths: list[Path], slide_paths: list[Path]) -> Callable[
 def measure(name: str, slides: list[Path], out_dir: Path, repeats: int) -> dict:
     """Fastest raw and pipeline seconds per clock for one group of slides."""
     config = TilingConfig()
-    report = preprocess_slides(slides, out_dir, "stats", config, progress=False)  # warm-up
+    report = preprocess_slides(slides, out_dir, "stats", config, progress=False, overwrite=True)  # warm-up
     if report.quarantined:
         raise RuntimeError(f"benchmark slides were quarantined: {report.quarantined}")
     by_id = {path.name: path for path in slides}
@@ -69,7 +69,9 @@ def measure(name: str, slides: list[Path], out_dir: Path, repeats: int) -> dict:
     raw, pipeline = [], []
     for _ in range(repeats):  # interleaved so both see the same cache state and machine load
         raw.append(timed(read_all))
-        pipeline.append(timed(lambda: preprocess_slides(slides, out_dir, "stats", config, progress=False)))
+        pipeline.append(
+            timed(lambda: preprocess_slides(slides, out_dir, "stats", config, progress=False, overwrite=True))
+        )  # overwrite: a resumed run would skip every slide
     return {
         "slides": name,
         "n_slides": len(slides),

@@ -69,7 +69,12 @@ def without(data: CohortData, kind: str) -> CohortData:
     """The cohort with one input kind ("omic" or "wsi") removed for every patient."""
     if kind not in KINDS:
         raise AblationError(f"kind must be one of {KINDS}, got {kind!r}")
-    return CohortData(data.clinical, {} if kind == OMIC else data.omics, {} if kind == WSI else data.wsi_bags)
+    return CohortData(
+        data.clinical,
+        {} if kind == OMIC else data.omics,
+        {} if kind == WSI else data.wsi_bags,
+        None if kind == WSI else data.wsi_provenance,
+    )
 
 
 def with_missing(data: CohortData, patient_ids: Sequence[str], fraction: float, seed: int = 0) -> CohortData:
@@ -80,7 +85,7 @@ def with_missing(data: CohortData, patient_ids: Sequence[str], fraction: float, 
     no_omics, no_wsi = set(chosen[~drop_wsi]), set(chosen[drop_wsi])
     omics = {name: frame[~frame.index.isin(no_omics)] for name, frame in data.omics.items()}
     bags = {pid: bag for pid, bag in data.wsi_bags.items() if pid not in no_wsi}
-    return CohortData(data.clinical, omics, bags)
+    return CohortData(data.clinical, omics, bags, data.wsi_provenance)
 
 
 def oracle_scores(data: CohortData, truth: pd.DataFrame, test_ids: Sequence[str]) -> dict[str, float]:

@@ -18,6 +18,7 @@ from healnet.data.dataset import SurvivalDataset, Targets, load_wsi_bags, requir
 from healnet.device import select_device
 from healnet.model import HEALNet, HEALNetConfig, ModalitySpec
 from healnet.preprocess.clinical import CLINICAL, ClinicalConfig, ClinicalTransform
+from healnet.preprocess.encoders import FeatureProvenance
 from healnet.preprocess.omics import OmicsConfig, OmicsTransform
 from healnet.preprocess.state import WSI, Preprocessor
 from healnet.recipes import DEMO, Recipe
@@ -48,16 +49,18 @@ class CohortData:
     clinical: pd.DataFrame
     omics: dict[str, pd.DataFrame]
     wsi_bags: dict[str, np.ndarray]
+    wsi_provenance: FeatureProvenance | None = None  # the encoder and patch grid of the bags' files
 
     @classmethod
     def from_cohort(
         cls, cohort, features_dir: Path | None = None, require_features: bool = False
     ) -> CohortData:
         """`require_features`: no features loading from `features_dir` is a `SlideFeaturesError`."""
-        bags = {}
+        bags: dict[str, np.ndarray] = {}
+        provenance = None
         if features_dir is not None:
-            bags = load_wsi_bags(cohort, features_dir, required=require_features)
-        return cls(cohort.clinical, dict(cohort.omics), bags)
+            bags, provenance = load_wsi_bags(cohort, features_dir, required=require_features)
+        return cls(cohort.clinical, dict(cohort.omics), bags, provenance)
 
     def available_modalities(self) -> list[str]:
         """Input kinds present: "omic" (every omic table together), "clinical" and "wsi"."""
@@ -186,6 +189,7 @@ def fit_preprocessor(
         data.wsi_bags if WSI in requested else {},
         train_ids,
         omics_config if use_omics else None,
+        wsi_provenance=data.wsi_provenance if WSI in requested else None,
         omics=omics_transform if use_omics else None,
         clinical=data.clinical,
         clinical_config=clinical_config if CLINICAL in requested else None,

@@ -12,19 +12,40 @@ import torch
 
 from healnet.checkpoint import Checkpoint, load_checkpoint
 from healnet.data.dataset import collate_cases
+from healnet.errors import HEALNetError
 from healnet.preprocess.clinical import CLINICAL, ClinicalTransform
 from healnet.preprocess.omics import OmicsTransform
 from healnet.preprocess.state import WSI
 from healnet.survival import survival_from_curve, survival_from_logits
 
 
+class CaseError(HEALNetError, ValueError):
+    """A case whose parts do not fit together (patch coordinates that are not one [x, y] per patch)."""
+
+
 @dataclass
 class Case:
-    """One patient: omics by table and feature name, clinical covariates by name, and/or patch features."""
+    """One patient: omics by table and feature name, clinical covariates by name, and/or patch features.
+
+    `wsi_coords` (optional): the level-0 [x, y] of each patch, in the order of `wsi_features`; the model
+    does not use them, a prediction with attention returns them next to the patches' attention."""
 
     omics: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)  # None: missing
     wsi_features: np.ndarray | None = None
     clinical: Mapping[str, float | str | None] = field(default_factory=dict)
+    wsi_coords: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.wsi_coords is None:
+            return
+        coords = np.asarray(self.wsi_coords)
+        patches = 0 if self.wsi_features is None else len(self.wsi_features)
+        if coords.shape != (patches, 2) or not np.issubdtype(coords.dtype, np.integer):
+            raise CaseError(
+                f"wsi_coords must be one integer [x, y] per patch ({patches} patches), got an array of "
+                f"shape {coords.shape} and type {coords.dtype}"
+            )
+        self.wsi_coords = coords.astype(np.int64, copy=False)
 
 
 @dataclass
@@ -38,7 +59,13 @@ class Prediction:
     imputed_features: int  # omic features of the present modalities that were missing and imputed
     imputed_fraction: float
     unknown_features: list[str]
+    # with return_attention: per modality, the attention of each token averaged over layers, heads and
+    # latents (each layer's sums to 1 over the tokens) ...
     attention: dict[str, list[float]] | None = None
+    # ... the same per layer (layers × tokens) ...
+    attention_layers: dict[str, list[list[float]]] | None = None
+    # ... and the case's wsi_coords, the [x, y] of each patch in the order of attention["wsi"]
+    attention_coords: list[list[int]] | None = None
 
 
 @dataclass
@@ -51,6 +78,7 @@ class PreparedBatch:
     imputed_features: list[int]
     imputed_fraction: list[float]
     unknown_features: list[list[str]]
+    wsi_coords: list[np.ndarray | None] = field(default_factory=list)  # per case, when given
 
 
 class Predictor:
@@ -114,6 +142,7 @@ class Predictor:
             imputed_features.tolist(),
             imputed.tolist(),
             unknown,
+            [case.wsi_coords for case in cases],
         )
 
     @torch.no_grad()
@@ -135,6 +164,8 @@ class Predictor:
             zip(batch.imputed_features, batch.imputed_fraction, batch.unknown_features, strict=True)
         ):
             used = [m for m in self.modalities if bool(batch.present[m][i])]
+            mean, layers = self._attention(attention, i, batch.token_mask) if attention else (None, None)
+            coords = batch.wsi_coords[i] if attention and i < len(batch.wsi_coords) else None
             results.append(
                 Prediction(
                     risk=float(risk[i]),
@@ -146,7 +177,9 @@ class Predictor:
                     imputed_features=imputed_features,
                     imputed_fraction=imputed,
                     unknown_features=unknown,
-                    attention=self._attention(attention, i, batch.token_mask) if attention else None,
+                    attention=mean,
+                    attention_layers=layers,
+                    attention_coords=None if coords is None else coords.tolist(),
                 )
             )
         return results
@@ -155,15 +188,19 @@ class Predictor:
         return self.predict_prepared(self.prepare_batch(cases), return_attention)
 
     @staticmethod
-    def _attention(attention: dict, index: int, token_mask: dict) -> dict[str, list[float]]:
-        """Per-token attention of one case: mean over layers, heads and latents, padding removed."""
-        summary = {}
+    def _attention(
+        attention: dict, index: int, token_mask: dict
+    ) -> tuple[dict[str, list[float]], dict[str, list[list[float]]]]:
+        """Per-token attention of one case, padding removed: the mean over layers, heads and latents, and
+        the mean over heads and latents per layer (layers × tokens)."""
+        means, per_layer = {}, {}
         for name, layers in attention.items():
-            weights = torch.stack([layer[index].float() for layer in layers]).mean(dim=(0, 1, 2))
+            weights = torch.stack([layer[index].float() for layer in layers]).mean(dim=(1, 2))
             if name in token_mask:
-                weights = weights[token_mask[name][index]]
-            summary[name] = weights.cpu().tolist()
-        return summary
+                weights = weights[:, token_mask[name][index]]
+            means[name] = weights.mean(0).cpu().tolist()
+            per_layer[name] = weights.cpu().tolist()
+        return means, per_layer
 
 
 def mean_attention(attentions: list[dict[str, list[torch.Tensor]]]) -> dict[str, list[torch.Tensor]]:

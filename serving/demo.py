@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from healnet.experiment import CohortData
 
 OMIC_TABLES = ("mut", "cnv", "rnaseq")
+DEMO_PATCH_SIZE = 224
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ def demo_feature_names(spec: DemoSpec) -> dict[str, list[str]]:
 def demo_cohort(spec: DemoSpec) -> CohortData:
     """Random clinical table, omic tables and patch bags for `spec.patients` TCGA-like patients."""
     from healnet.experiment import CohortData
+    from healnet.preprocess.encoders import FeatureProvenance, StatsEncoder
 
     rng = np.random.default_rng(spec.seed)
     ids = [f"TCGA-{rng.integers(10, 99)}-{i:04d}" for i in range(spec.patients)]
@@ -69,7 +71,10 @@ def demo_cohort(spec: DemoSpec) -> CohortData:
         pid: rng.normal(size=(int(rng.integers(*spec.patches)), spec.wsi_dim)).astype(np.float32)
         for pid in ids
     }
-    return CohortData(clinical, omics, bags)
+    # the random bags stand in for the statistics encoder's features (same width), so tiles work too
+    stats_like = spec.wsi_dim == StatsEncoder.dim
+    provenance = FeatureProvenance(StatsEncoder.provenance, DEMO_PATCH_SIZE, 1.0) if stats_like else None
+    return CohortData(clinical, omics, bags, provenance)
 
 
 def train_demo_checkpoint(out_dir: Path, spec: DemoSpec = DemoSpec(), metadata: dict | None = None) -> Path:

@@ -22,6 +22,7 @@ VALIDATION_REASONS = (
     "too_large",
     "invalid_schema",
     "bad_image",
+    "no_encoder",
 )
 STAGES = ("preprocess", "forward")
 RISK_BUCKETS = tuple(-4.0 + 0.25 * i for i in range(17))

@@ -14,7 +14,7 @@ import numpy as np
 from healnet.checkpoint import load_checkpoint
 from healnet.device import select_device
 from healnet.inference import Case, Prediction, Predictor
-from healnet.preprocess.encoders import PatchEncoder, make_encoder
+from healnet.preprocess.encoders import EncoderError, PatchEncoder, find_encoder
 from healnet.registry import resolve
 from serving.config import env_number
 from serving.validation import ModelContract
@@ -22,6 +22,7 @@ from serving.validation import ModelContract
 MODEL_TAG_ENV = "HEALNET_MODEL_TAG"
 DEVICE_ENV = "HEALNET_DEVICE"
 FOLLOW_ENV = "HEALNET_FOLLOW_CHAMPION_S"
+ENCODER_DIR_ENV = "HEALNET_ENCODER_DIR"
 logger = logging.getLogger("healnet.serving")
 
 
@@ -75,7 +76,7 @@ class ServedModel:
         checkpoint = load_checkpoint(checkpoint_dir)
         device = serving_device()
         predictor = TimedPredictor(checkpoint, device=device)
-        contract = ModelContract.from_predictor(predictor, _tile_encoder(predictor, device))
+        contract = ModelContract.from_predictor(predictor, *tile_encoder(predictor, device))
         warm_up = Case(
             omics={table: {} for table in contract.omic_tables},
             wsi_features=None if contract.wsi_dim is None else np.zeros((1, contract.wsi_dim), np.float32),
@@ -84,24 +85,22 @@ class ServedModel:
         return cls(tag, predictor, contract, checkpoint.metadata.get("reference_risk_quantiles"))
 
 
-def _tile_encoder(predictor: Predictor, device: str) -> PatchEncoder | None:
-    """The checkpoint's patch encoder, or None (tile requests are then refused) when it cannot be built here."""
+def encoder_dirs() -> list[Path]:
+    """$HEALNET_ENCODER_DIR: folders (separated by ':') holding patch-encoder weight files."""
+    return [Path(part) for part in os.environ.get(ENCODER_DIR_ENV, "").split(os.pathsep) if part]
+
+
+def tile_encoder(predictor: Predictor, device: str) -> tuple[PatchEncoder | None, str]:
+    """The checkpoint's own patch encoder, or None and the reason tile requests are refused: the model
+    has no slides, records no encoder, or its weights file (matched by sha256) is not in encoder_dirs()."""
     if predictor.wsi_dim is None:
-        return None
-    spec = predictor.preprocessor.wsi_encoder
+        return None, "the model has no slide modality"
+    provenance = predictor.preprocessor.wsi_encoder
+    if provenance is None:
+        return None, "the model records no patch encoder (trained before 0.3, or on features given in memory)"
     try:
-        encoder = make_encoder(spec, device)
-    except (OSError, ValueError, RuntimeError) as error:
-        logger.warning(
-            "patch encoder %r unavailable, requests with wsi_tiles will be refused: %s", spec, error
-        )
-        return None
-    if encoder.dim != predictor.wsi_dim:
-        logger.warning(
-            "patch encoder %r gives %d features but the model expects %d: requests with wsi_tiles will be refused",
-            spec,
-            encoder.dim,
-            predictor.wsi_dim,
-        )
-        return None
-    return encoder
+        return find_encoder(provenance, encoder_dirs(), device), ""
+    except EncoderError as error:
+        reason = f"{error}; set ${ENCODER_DIR_ENV} to a folder with that file, or send wsi_features"
+        logger.warning("requests with wsi_tiles will be refused: %s", reason)
+        return None, reason

@@ -49,6 +49,15 @@ class PredictRequest(BaseModel):
         min_length=1,
         description="Slide tiles as base64-encoded PNG or JPEG images, encoded by the model's patch encoder.",
     )
+    wsi_coords: list[list[int]] | None = Field(
+        default=None,
+        min_length=1,
+        description=(
+            "Optional level-0 pixel [x, y] (top-left) of each patch, one per row of the slide input and in "
+            "its order (the x, y columns of a `healnet preprocess-slides` feature file). The model does not "
+            "use them; with return_attention they come back as attention_coords, to draw the heatmap."
+        ),
+    )
     return_attention: bool = Field(default=False, description="Add attention per WSI patch and omic token.")
 
     @model_validator(mode="after")
@@ -56,6 +65,10 @@ class PredictRequest(BaseModel):
         slide_inputs = [name for name in SLIDE_INPUTS if getattr(self, name) is not None]
         if len(slide_inputs) > 1:
             raise ValueError(f"give the slide once, as one of {list(SLIDE_INPUTS)}; got {slide_inputs}")
+        if self.wsi_coords is not None and not slide_inputs:
+            raise ValueError(
+                f"wsi_coords locate the patches of a slide: give it as one of {list(SLIDE_INPUTS)}"
+            )
         empty = [table for table, features in self.omics.items() if not features]
         if empty:
             raise ValueError(f"omics tables {empty} have no feature: leave an absent table out")
@@ -76,7 +89,18 @@ class PredictResponse(BaseModel):
     unknown_features: list[str] = Field(description="Given feature names that the model does not use.")
     model_version: str = Field(description="Tag of the model version that answered (healnet:VERSION).")
     attention: dict[str, list[float]] | None = Field(
-        default=None, description="With return_attention: attention per WSI patch and per omic token."
+        default=None,
+        description=(
+            "With return_attention: attention per WSI patch and per omic token, averaged over the layers, "
+            "heads and latents (each modality's sums to 1)."
+        ),
+    )
+    attention_coords: list[list[int]] | None = Field(
+        default=None,
+        description=(
+            "With return_attention and wsi_coords: the [x, y] of each patch, in the order of "
+            "attention['wsi'] (what `healnet.explain.SlideAttention.from_response` draws)."
+        ),
     )
 
 

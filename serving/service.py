@@ -246,6 +246,7 @@ def _response(model: ServedModel, request: PredictRequest, prediction: Predictio
         unknown_features=prediction.unknown_features,
         model_version=model.tag,
         attention=prediction.attention if request.return_attention else None,
+        attention_coords=prediction.attention_coords if request.return_attention else None,
     )
 
 

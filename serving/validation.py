@@ -48,9 +48,12 @@ class ModelContract:
     encoder: PatchEncoder | None
     patch_size: int
     categorical_covariates: frozenset[str] = frozenset()
+    encoder_unavailable: str = "the model has no slide modality"  # why tiles are refused without an encoder
 
     @classmethod
-    def from_predictor(cls, predictor: Predictor, encoder: PatchEncoder | None) -> ModelContract:
+    def from_predictor(
+        cls, predictor: Predictor, encoder: PatchEncoder | None, encoder_unavailable: str = ""
+    ) -> ModelContract:
         omics, clinical = predictor.preprocessor.omics, predictor.preprocessor.clinical
         tables = set(omics.input_modalities) if omics else set()
         if omics and omics.config.combine:
@@ -63,6 +66,7 @@ class ModelContract:
             encoder=encoder,
             patch_size=int(predictor.preprocessor.tiling.get("patch_size", DEFAULT_PATCH_SIZE)),
             categorical_covariates=frozenset(clinical.config.categorical if clinical else ()),
+            encoder_unavailable=encoder_unavailable or cls.encoder_unavailable,
         )
 
     @cached_property
@@ -80,7 +84,7 @@ def to_case(request: PredictRequest, contract: ModelContract, limits: Limits) ->
         )
     _check_omics(request.omics, contract, limits)
     _check_clinical(request.clinical, contract)
-    bag = None
+    bag = coords = None
     if has_slide:
         if contract.wsi_dim is None:
             raise RejectedRequest(
@@ -91,8 +95,11 @@ def to_case(request: PredictRequest, contract: ModelContract, limits: Limits) ->
         elif request.wsi_features_base64 is not None:
             bag = _binary_patch_features(request.wsi_features_base64, contract.wsi_dim, limits)
         else:
-            bag = _encode_tiles(cast(list[str], request.wsi_tiles), contract, limits)  # the one left
-    return Case(omics=request.omics, wsi_features=bag, clinical=request.clinical)
+            tiles = cast(list[str], request.wsi_tiles)  # the one left
+            _patch_coords(request.wsi_coords, len(tiles))  # refused before the costly encoding
+            bag = _encode_tiles(tiles, contract, limits)
+        coords = _patch_coords(request.wsi_coords, len(bag))
+    return Case(omics=request.omics, wsi_features=bag, clinical=request.clinical, wsi_coords=coords)
 
 
 def _check_clinical(clinical: Mapping[str, float | str | None], contract: ModelContract) -> None:
@@ -185,11 +192,27 @@ def _binary_patch_features(data: str, wsi_dim: int, limits: Limits) -> np.ndarra
     return bag
 
 
+def _patch_coords(coords: list[list[int]] | None, patches: int) -> np.ndarray | None:
+    """wsi_coords as (patches, 2) int64: one [x, y] per patch of the slide input."""
+    if coords is None:
+        return None
+    if len(coords) != patches:
+        raise RejectedRequest(
+            "wrong_dimensions",
+            f"wsi_coords has {len(coords)} rows for {patches} patches: give one [x, y] per patch",
+        )
+    if set(map(len, coords)) != {2}:
+        index, row = next((i, row) for i, row in enumerate(coords) if len(row) != 2)
+        raise RejectedRequest("wrong_dimensions", f"wsi_coords row {index} has {len(row)} values, not [x, y]")
+    try:
+        return np.array(coords, dtype=np.int64)
+    except OverflowError:
+        raise RejectedRequest("invalid_schema", "wsi_coords values must fit in 64-bit integers") from None
+
+
 def _encode_tiles(tiles: list[str], contract: ModelContract, limits: Limits) -> np.ndarray:
     if contract.encoder is None:
-        raise RejectedRequest(
-            "bad_image", "this deployment has no patch encoder for the model: send wsi_features"
-        )
+        raise RejectedRequest("no_encoder", f"tiles cannot be encoded: {contract.encoder_unavailable}")
     if len(tiles) > limits.max_tiles:
         raise RejectedRequest("too_large", f"{len(tiles)} tiles exceed the limit of {limits.max_tiles}")
     images = [decode_tile(index, tile, limits.max_tile_pixels) for index, tile in enumerate(tiles)]

@@ -178,6 +178,7 @@ def test_metrics_count_exactly_what_was_sent(server, metrics_of, demo_registry):
         "too_large",
         "invalid_schema",
         "bad_image",
+        "no_encoder",
     ):
         expected[("healnet_validation_errors_total", (("reason", reason),))] = rejections[reason]
     expected[("healnet_imputed_feature_fraction_count", ())] = sum(

@@ -15,13 +15,13 @@ from pydantic import ValidationError
 
 from healnet.checkpoint import CheckpointError, sha256_file
 from healnet.inference import Case, Predictor
-from healnet.preprocess.encoders import StatsEncoder, encode_tiles
+from healnet.preprocess.encoders import StatsEncoder, encode_tiles, make_encoder
 from serving.config import ConfigError, Limits
 from serving.demo import DemoSpec, demo_feature_names, demo_payload, demo_tiles
-from serving.runtime import champion_poll_seconds, resolve_served_model
+from serving.runtime import champion_poll_seconds, resolve_served_model, tile_encoder
 from serving.schemas import PredictRequest, PredictResponse
 from serving.service import HEALNetService, padded_patches
-from serving.validation import decode_tile
+from serving.validation import ModelContract, RejectedRequest, decode_tile, to_case
 
 pytest_plugins = ("serving_fixtures",)
 SPEC = DemoSpec()  # the demo model of the fixtures
@@ -348,3 +348,34 @@ def test_a_merged_pass_is_sized_by_its_longest_bag():
     bags = [np.zeros((3, 2), np.float32), None, np.zeros((5, 2), np.float32)]
     assert padded_patches([Case(wsi_features=bag) for bag in bags]) == 15
     assert padded_patches([Case(omics={"mut": {GENE: 1.0}})]) == 0
+
+
+def test_tiles_are_encoded_only_with_the_encoder_the_model_was_trained_with(
+    demo_registry, tmp_path, monkeypatch
+):
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(
+        torch.nn.Conv2d(3, SPEC.wsi_dim, 16, stride=16), torch.nn.AdaptiveAvgPool2d(1)
+    )
+    weights = tmp_path / "trained-with.pt"
+    torch.jit.script(network.eval()).save(str(weights))
+    predictor = Predictor.from_dir(demo_registry.checkpoint)
+    predictor.preprocessor.wsi_encoder = make_encoder(str(weights), device="cpu").provenance
+    request = PredictRequest(wsi_tiles=demo_tiles(2, size=32))
+
+    monkeypatch.setenv("HEALNET_ENCODER_DIR", str(tmp_path / "elsewhere"))
+    encoder, reason = tile_encoder(predictor, "cpu")
+    assert encoder is None and sha256_file(weights) in reason and "HEALNET_ENCODER_DIR" in reason
+    with pytest.raises(RejectedRequest) as refusal:
+        to_case(request, ModelContract.from_predictor(predictor, encoder, reason), Limits.from_env())
+    assert refusal.value.reason == "no_encoder" and "trained-with" in str(refusal.value)
+
+    # with the weights file in the encoder folder, under any name, tiles are encoded with it
+    (tmp_path / "encoders").mkdir()
+    (tmp_path / "encoders" / "copy.pt").write_bytes(weights.read_bytes())
+    monkeypatch.setenv("HEALNET_ENCODER_DIR", str(tmp_path / "encoders"))
+    encoder, reason = tile_encoder(predictor, "cpu")
+    assert encoder is not None and reason == ""
+    case = to_case(request, ModelContract.from_predictor(predictor, encoder, reason), Limits.from_env())
+    tiles = [decode_tile(i, tile, 10**6) for i, tile in enumerate(request.wsi_tiles or [])]
+    np.testing.assert_allclose(case.wsi_features, encode_tiles(tiles, encoder, 224), rtol=1e-6)

@@ -7,12 +7,20 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from healnet.checkpoint import load_checkpoint
 from healnet.cli import main
 from healnet.data.cohort import Cohort, ingest
 from healnet.data.dataset import SlideFeaturesError, load_wsi_bags
 from healnet.data.synth import TABLE_NAME, SynthConfig, synthesize_cohort
 from healnet.experiment import CohortData, run_training
-from healnet.preprocess.wsi import feature_file_name
+from healnet.preprocess.encoders import EncoderProvenance, StatsEncoder
+from healnet.preprocess.wsi import (
+    SlideInputError,
+    feature_file_name,
+    read_feature_metadata,
+    read_slide_features,
+    write_slide_features,
+)
 from healnet.recipes import DEMO
 from healnet.train import TrainConfig
 
@@ -66,7 +74,7 @@ def test_a_slide_with_a_file_but_no_features_is_still_an_error(demo, tmp_path):
     with_file = cohort.slides[cohort.slides["path"].notna()]
     partial = tmp_path / "partial"
     shutil.copytree(demo["features"], partial)
-    (partial / feature_file_name(with_file["slide_id"].iloc[0])).unlink()
+    (partial / "stats" / feature_file_name(with_file["slide_id"].iloc[0])).unlink()
     with pytest.raises(FileNotFoundError, match="1 slide\\(s\\) have no features"):
         load_wsi_bags(cohort, partial)
 
@@ -130,3 +138,26 @@ def test_train_on_a_table_cohort_uses_features_given_and_refuses_an_empty_folder
     assert main([*train, "--out", str(tmp_path / "run"), "--features", str(demo["features"])]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert {"omic", "wsi"} <= set(metrics["modalities"])
+    # the checkpoint records the encoder and patch grid of the features it was trained on
+    preprocessor = load_checkpoint(tmp_path / "run" / "checkpoint").preprocessor
+    assert preprocessor.wsi_encoder == StatsEncoder.provenance
+    assert preprocessor.tiling == {"patch_size": 224, "target_mpp": 1.0}
+
+
+def test_training_refuses_features_of_mixed_encoders(demo, tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(demo["features"] / "stats", mixed)
+    victim = sorted(mixed.glob("*.parquet"))[0]
+    features, coords = read_slide_features(victim)
+    metadata = read_feature_metadata(victim)
+    other = EncoderProvenance("uni", "ab" * 32, features.shape[1], 224, "imagenet")
+    write_slide_features(victim, features, coords, metadata | {"encoder": other.to_dict()})
+    with pytest.raises(SlideFeaturesError, match="2 different encoders") as refusal:
+        CohortData.from_cohort(Cohort.load(demo["cohort"]), mixed)
+    assert "uni (weights sha256 abababababab" in str(refusal.value) and victim.stem in str(refusal.value)
+    # two encoders' folders side by side: the caller must choose one
+    (demo_two := tmp_path / "two").mkdir()
+    shutil.copytree(demo["features"] / "stats", demo_two / "stats")
+    shutil.copytree(mixed, demo_two / "uni-abababababab")
+    with pytest.raises(SlideInputError, match="holds features of 2 encoders"):
+        CohortData.from_cohort(Cohort.load(demo["cohort"]), demo_two)

@@ -7,12 +7,24 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+import torch
 from conftest import FIXTURES
 from PIL import Image
 
 from healnet.cli import main
 from healnet.data.synth_slides import synthetic_he_image, write_synthetic_slide
-from healnet.preprocess.encoders import STATS_FEATURE_NAMES, TileError, encode_tiles, make_encoder
+from healnet.preprocess import wsi
+from healnet.preprocess.encoders import (
+    STATS_FEATURE_NAMES,
+    EncoderError,
+    EncoderProvenance,
+    StatsEncoder,
+    TileError,
+    encode_tiles,
+    find_encoder,
+    make_encoder,
+    sha256_of,
+)
 from healnet.preprocess.wsi import (
     SlideInputError,
     TilingConfig,
@@ -21,6 +33,7 @@ from healnet.preprocess.wsi import (
     preprocess_slide,
     preprocess_slides,
     read_feature_metadata,
+    read_feature_provenance,
     read_slide_features,
     tissue_mask,
 )
@@ -80,7 +93,8 @@ def test_cmu_grid_at_one_micron(tmp_path):
     assert np.all(coords >= 0) and np.all(coords + read_size <= CMU_SIZE)
     assert len({tuple(xy) for xy in coords}) == len(coords)
     metadata = read_feature_metadata(tissue.features_path)
-    assert metadata["encoder"] == "stats" and metadata["patch_size"] == 224
+    assert metadata["encoder"] == StatsEncoder.provenance.to_dict() and metadata["patch_size"] == 224
+    assert read_feature_provenance(tissue.features_path).encoder == StatsEncoder.provenance
     assert metadata["target_mpp"] == 1.0 and metadata["slide_mpp"] == pytest.approx(0.499)
     assert metadata["feature_names"] == list(STATS_FEATURE_NAMES)
 
@@ -114,6 +128,7 @@ def test_objective_power_fallback_and_missing_resolution(tmp_path):
     )  # fmt: skip
     result = preprocess_slide(aperio, tmp_path / "out", make_encoder(), TilingConfig(min_tissue_fraction=0.0))
     assert result.mpp == pytest.approx(0.5) and result.n_patches == 4  # 448 px patches on 1024 px
+    assert read_feature_metadata(result.features_path)["slide_mpp_source"] == "objective-power"
 
     write_tiff(tmp_path / "no-resolution.tif", image, mpp=None)
     report = preprocess_slides([tmp_path / "no-resolution.tif"], tmp_path / "out", progress=False)
@@ -126,6 +141,84 @@ def test_coarse_slide_is_quarantined(tmp_path):
     write_tiff(tmp_path / "coarse.tif", image, mpp=2.0)
     report = preprocess_slides(tmp_path, tmp_path / "out", progress=False)
     assert len(report.quarantined) == 1 and "coarser than the target" in report.quarantined[0][1]
+
+
+# ---------------------------------------------------------------------------------- µm/px sources
+
+
+def mpp_of(result) -> tuple[float, str]:
+    metadata = read_feature_metadata(result.features_path)
+    assert metadata["slide_mpp"] == result.mpp
+    return result.mpp, metadata["slide_mpp_source"]
+
+
+def test_mpp_from_openslide_and_tiff_resolution_tags(tmp_path):
+    encoder, config = make_encoder(), TilingConfig(min_tissue_fraction=0.0)
+    cmu = preprocess_slide(CMU, tmp_path / "cmu", encoder, config)
+    assert mpp_of(cmu) == (pytest.approx(0.499), "openslide")
+
+    image = synthetic_he_image(1024, 0.5, np.random.default_rng(0))
+    centimeter = write_tiff(tmp_path / "cm.tif", image, mpp=0.5)
+    result = preprocess_slide(centimeter, tmp_path / "out", encoder, config)
+    assert mpp_of(result) == (pytest.approx(0.5), "tiff") and result.n_patches == 4
+    inch = tmp_path / "inch.tif"
+    tifffile.imwrite(
+        inch, image, photometric="rgb", tile=(256, 256), compression="jpeg", metadata=None,
+        resolution=(25_400 / 0.5, 25_400 / 0.5), resolutionunit="INCH",
+    )  # fmt: skip
+    assert mpp_of(preprocess_slide(inch, tmp_path / "out", encoder, config)) == (pytest.approx(0.5), "tiff")
+
+    editor = tmp_path / "screenshot.tif"  # 72 dpi: an image editor's default, not a scanner's resolution
+    tifffile.imwrite(
+        editor, image, photometric="rgb", tile=(256, 256), compression="jpeg", metadata=None,
+        resolution=(72, 72), resolutionunit="INCH",
+    )  # fmt: skip
+    report = preprocess_slides([editor], tmp_path / "out", progress=False)
+    ((slide, reason),) = report.quarantined
+    assert slide == "screenshot.tif" and "no resolution" in reason and "352.8 µm/px" in reason
+
+
+def test_mpp_from_the_manifest(slides, tmp_path):
+    image = synthetic_he_image(1024, 0.5, np.random.default_rng(0))
+    write_tiff(tmp_path / "untagged.tif", image, mpp=None)
+    write_tiff(tmp_path / "tagged.tif", image, mpp=0.5)
+    write_tiff(tmp_path / "neither.tif", image, mpp=None)
+    (tmp_path / "cmu.svs").symlink_to(CMU)
+    manifest = tmp_path / "slides.csv"
+    pd.DataFrame(
+        {
+            "slide_id": ["untagged.tif", "tagged.tif", "neither.tif", "cmu.svs"],
+            "path": ["untagged.tif", "tagged.tif", "neither.tif", "cmu.svs"],
+            "mpp": [0.5, 0.25, None, 0.25],
+        }
+    ).to_csv(manifest, index=False)
+    config = TilingConfig(min_tissue_fraction=0.0)
+    report = preprocess_slides(manifest, tmp_path / "out", config=config, progress=False)
+    results = {result.slide_id: result for result in report.processed}
+    assert mpp_of(results["untagged.tif"]) == (0.5, "manifest") and results["untagged.tif"].n_patches == 4
+    assert mpp_of(results["tagged.tif"]) == (0.25, "manifest")  # the manifest wins over the TIFF tags ...
+    assert results["tagged.tif"].n_patches == 1  # 896 px patches at 0.25 µm/px
+    assert mpp_of(results["cmu.svs"]) == (pytest.approx(0.499), "openslide")  # ... not over the slide's own
+    ((slide, reason),) = report.quarantined  # no tags, no objective power, no manifest value
+    assert slide == "neither.tif" and "no resolution" in reason and "`mpp` column of a manifest" in reason
+
+    # resuming: a changed manifest µm/px recomputes the slides that used it, and only those
+    pd.read_csv(manifest).assign(mpp=[0.5, 0.5, None, 0.5]).to_csv(manifest, index=False)
+    rerun = preprocess_slides(manifest, tmp_path / "out", config=config, progress=False)
+    assert [result.slide_id for result in rerun.processed] == ["tagged.tif"]
+    assert sorted(result.slide_id for result in rerun.skipped) == ["cmu.svs", "untagged.tif"]
+    pd.read_csv(manifest).drop(columns="mpp").to_csv(manifest, index=False)
+    rerun = preprocess_slides(manifest, tmp_path / "out", config=config, progress=False)
+    assert sorted(result.slide_id for result in rerun.processed) == ["tagged.tif"]  # TIFF tags now
+    assert mpp_of(rerun.processed[0]) == (0.5, "tiff")
+    assert sorted(slide for slide, _ in rerun.quarantined) == ["neither.tif", "untagged.tif"]
+
+    for bad in [-1, "fast"]:
+        pd.DataFrame({"slide_id": ["tagged.tif"], "path": ["tagged.tif"], "mpp": [bad]}).to_csv(
+            manifest, index=False
+        )
+        with pytest.raises(SlideInputError, match="not a positive number"):
+            preprocess_slides(manifest, tmp_path / "bad", progress=False)
 
 
 # ----------------------------------------------------------------------------------------- mask
@@ -144,6 +237,33 @@ def test_otsu_tissue_mask_finds_the_blob():
     assert not tissue_mask(rng.integers(238, 250, (64, 64, 3), dtype=np.uint8)).any()
     with pytest.raises(TileError):
         tissue_mask(image[..., 0])
+
+
+def test_tissue_mask_drops_specks_and_fills_small_holes():
+    rng = np.random.default_rng(0)
+    image = rng.integers(238, 250, (200, 300, 3), dtype=np.uint8)  # glass with noise
+    yy, xx = np.mgrid[:200, :300]
+    blob = (yy - 100) ** 2 + (xx - 120) ** 2 < 60**2
+    small_hole = (abs(yy - 100) < 3) & (abs(xx - 100) < 3)  # 25 px of glass inside the tissue
+    large_hole = (abs(yy - 100) < 12) & (abs(xx - 140) < 12)  # 529 px: a lumen, it stays glass
+    strand = (yy == 100) & (xx >= 175) & (xx < 240)  # a 1 px strand attached to the tissue
+    specks = np.zeros_like(blob)
+    specks[rng.integers(0, 200, 40), rng.integers(250, 300, 40)] = True  # isolated pixels on the glass
+    specks[10:14, 10:14] = True  # a 16 px fleck of debris
+    tissue = (blob & ~small_hole & ~large_hole) | strand | specks
+    stain = rng.normal([200, 120, 190], 12, (200, 300, 3)).clip(0, 255).astype(np.uint8)
+    image[tissue] = stain[tissue]
+
+    raw = tissue_mask(image, min_area_px=0)  # Otsu alone keeps the noise and the holes
+    assert raw[specks].all() and not raw[small_hole].any()
+    mask = tissue_mask(image, min_area_px=100)
+    assert not mask[specks].any()  # specks dropped
+    assert mask[small_hole].all()  # small hole filled
+    assert not mask[large_hole].any()  # larger hole kept
+    assert mask[strand].all()  # area filters do not shave thin tissue, unlike an opening
+    assert (mask == (blob & ~large_hole | strand)).mean() > 0.999
+    # by default the threshold is MIN_AREA_FRACTION of the thumbnail (60 px here)
+    np.testing.assert_array_equal(tissue_mask(image), mask)
 
 
 # ------------------------------------------------------------------------------------- encoders
@@ -180,15 +300,23 @@ def test_encode_tiles_resizes_any_size():
         encode_tiles([flat_full, flat_full.astype(np.float32)], encoder)
 
 
-def test_torchscript_encoder(tmp_path, slides):
-    torch = pytest.importorskip("torch")
+@pytest.mark.parametrize("export_format", ["torchscript", "torch.export"])
+def test_weights_encoder_records_its_provenance(tmp_path, slides, export_format):
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.AdaptiveAvgPool2d(2))
-    path = tmp_path / "tiny.pt"
-    torch.jit.script(model).save(str(path))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.AdaptiveAvgPool2d(2)).eval()
+    if export_format == "torchscript":
+        path = tmp_path / "tiny.pt"
+        torch.jit.script(model).save(str(path))
+    else:
+        path = tmp_path / "tiny.pt2"
+        example = torch.zeros(2, 3, 224, 224)
+        batch = torch.export.Dim("batch")
+        torch.export.save(torch.export.export(model, (example,), dynamic_shapes=({0: batch},)), str(path))
 
-    encoder = make_encoder(f"torchscript:{path}", device="cpu")
-    assert encoder.dim == 16 and encoder.name == "torchscript:tiny.pt"
+    encoder = make_encoder(str(path), device="cpu")
+    assert encoder.dim == 16 and encoder.name == "tiny"
+    assert encoder.provenance == EncoderProvenance("tiny", sha256_of(path), 16, 224, "imagenet")
+    assert encoder.provenance.key == f"tiny-{sha256_of(path)[:12]}"
     patches = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     expected_input = torch.tensor(((patches / 255 - mean) / std).transpose(0, 3, 1, 2), dtype=torch.float32)
@@ -200,14 +328,26 @@ def test_torchscript_encoder(tmp_path, slides):
 
     result = preprocess_slide(slides["good-a"], tmp_path / "out", encoder)
     assert read_slide_features(result.features_path)[0].shape == (result.n_patches, 16)
-    assert read_feature_metadata(result.features_path)["encoder"] == "torchscript:tiny.pt"
+    assert read_feature_provenance(result.features_path).encoder == encoder.provenance
+    # the service finds the same encoder by its weights' sha256, whatever the file is called
+    renamed = tmp_path / "encoders" / f"renamed{path.suffix}"
+    renamed.parent.mkdir()
+    renamed.write_bytes(path.read_bytes())
+    assert find_encoder(encoder.provenance, [renamed.parent], "cpu").provenance.weights_sha256 == sha256_of(
+        path
+    )
+    with pytest.raises(EncoderError, match="not available here"):
+        find_encoder(encoder.provenance, [tmp_path / "out"], "cpu")
 
 
 def test_make_encoder_errors(tmp_path):
-    with pytest.raises(ValueError, match="resnet"):
+    with pytest.raises(EncoderError, match="resnet"):
         make_encoder("resnet")
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(EncoderError, match="missing.pt"):
         make_encoder(f"torchscript:{tmp_path / 'missing.pt'}")
+    (tmp_path / "garbage.pt2").write_bytes(b"not a model")
+    with pytest.raises(EncoderError, match="torch.export"):
+        make_encoder(str(tmp_path / "garbage.pt2"))
 
 
 # ------------------------------------------------------------------------------- many slides
@@ -285,6 +425,74 @@ def test_manifest_and_folder_inputs(slides, tmp_path):
         preprocess_slides(tmp_path / "empty", tmp_path / "e", progress=False)
 
 
+class CountingEncoder:
+    """The statistics encoder, counting the patches it encodes."""
+
+    def __init__(self) -> None:
+        self.inner = make_encoder()
+        self.name, self.dim, self.provenance = self.inner.name, self.inner.dim, self.inner.provenance
+        self.feature_names = self.inner.feature_names
+        self.patches = 0
+
+    def encode(self, patches: np.ndarray) -> np.ndarray:
+        self.patches += len(patches)
+        return self.inner.encode(patches)
+
+
+def test_rerun_resumes_an_interrupted_run(slides, tmp_path, monkeypatch):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for path in slides.values():  # fine.tif, good-a.tif, good-b.tif in sorted order
+        (folder / path.name).write_bytes(path.read_bytes())
+
+    write = wsi.write_slide_features
+
+    def interrupted_on_the_second_slide(path, features, coords, metadata):
+        if (out / "fine.parquet").exists():
+            path.with_name(path.name + ".partial").write_bytes(b"PAR1 half a file")
+            raise KeyboardInterrupt
+        write(path, features, coords, metadata)
+
+    monkeypatch.setattr(wsi, "write_slide_features", interrupted_on_the_second_slide)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_slides(folder, out, progress=False)
+    monkeypatch.undo()
+    assert (out / "good-a.parquet.partial").exists() and not (out / "good-a.parquet").exists()
+    done = (out / "fine.parquet").stat().st_mtime_ns
+
+    encoder = CountingEncoder()
+    report = preprocess_slides(folder, out, encoder, progress=False)
+    assert [result.slide_id for result in report.skipped] == ["fine.tif"]
+    assert [result.slide_id for result in report.processed] == ["good-a.tif", "good-b.tif"]
+    assert encoder.patches == report.n_patches  # the finished slide was not encoded again
+    assert (out / "fine.parquet").stat().st_mtime_ns == done
+    assert not list(out.glob("*.partial"))
+    skipped, n_fine = report.skipped[0], len(read_slide_features(out / "fine.parquet")[0])
+    assert (skipped.level, skipped.mpp, skipped.n_patches) == (1, pytest.approx(0.5), n_fine)
+    summary = json.loads((out / "report.json").read_text())
+    assert summary["n_skipped"] == 1 and summary["skipped"][0]["slide_id"] == "fine.tif"
+    assert read_feature_metadata(out / "good-a.parquet")["min_tissue_fraction"] == 0.5
+
+    encoder = CountingEncoder()
+    report = preprocess_slides(folder, out, encoder, progress=False)
+    assert (len(report.skipped), report.processed, encoder.patches) == (3, [], 0)
+
+    (out / "good-b.parquet").write_bytes((out / "good-b.parquet").read_bytes()[:-100])  # truncated
+    (out / "fine.thumbnail.png").unlink()  # outputs of a slide are complete only with the thumbnail
+    report = preprocess_slides(folder, out, encoder, progress=False)
+    assert [result.slide_id for result in report.processed] == ["fine.tif", "good-b.tif"]
+
+    for changed in [TilingConfig(min_tissue_fraction=0.6), TilingConfig(target_mpp=2.0)]:
+        report = preprocess_slides(folder, out, encoder, changed, progress=False)
+        assert len(report.processed) == 3 and not report.skipped
+    report = preprocess_slides(folder, out, encoder, TilingConfig(target_mpp=2.0), progress=False)
+    assert len(report.skipped) == 3
+    report = preprocess_slides(
+        folder, out, encoder, TilingConfig(target_mpp=2.0), progress=False, overwrite=True
+    )
+    assert len(report.processed) == 3 and not report.skipped
+
+
 def test_read_slide_features_rejects_foreign_parquet(tmp_path):
     pd.DataFrame({"x": [0], "y": [0], "feature": [1.0]}).to_parquet(tmp_path / "foreign.parquet")
     with pytest.raises(SlideInputError, match="columns"):
@@ -304,8 +512,10 @@ def test_cli_end_to_end(slides, corrupt_slide, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0
     assert "processed 1 slide(s)" in printed and "corrupt.svs: unreadable slide" in printed
-    assert read_slide_features(out / "good-a.parquet")[0].shape[1] == len(STATS_FEATURE_NAMES)
-    assert json.loads((out / "report.json").read_text())["config"]["min_tissue_fraction"] == 0.6
+    keyed = out / "stats"  # feature folders are keyed by encoder
+    assert f"-> {keyed}" in printed
+    assert read_slide_features(keyed / "good-a.parquet")[0].shape[1] == len(STATS_FEATURE_NAMES)
+    assert json.loads((keyed / "report.json").read_text())["config"]["min_tissue_fraction"] == 0.6
 
     only_bad = tmp_path / "only-bad"
     only_bad.mkdir()
@@ -318,6 +528,22 @@ def test_cli_end_to_end(slides, corrupt_slide, tmp_path, capsys):
     assert "no slides" in capsys.readouterr().err
 
 
+def test_cli_resume_and_overwrite(slides, tmp_path, capsys):
+    folder, out = slides["good-a"].parent, tmp_path / "out"
+    command = ["preprocess-slides", str(folder), "--out", str(out), "--no-progress"]
+    assert main(command) == 0
+    assert "processed 3 slide(s)" in capsys.readouterr().out
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    assert "processed 0 slide(s)" in printed and "skipped 3 slide(s) already done" in printed
+    assert json.loads((out / "stats" / "report.json").read_text())["n_skipped"] == 3
+    assert main([*command, "--overwrite"]) == 0
+    printed = capsys.readouterr().out
+    assert "processed 3 slide(s)" in printed and "skipped" not in printed
+    assert main([*command, "--min-tissue", "0.7"]) == 0
+    assert "processed 3 slide(s)" in capsys.readouterr().out
+
+
 def test_cli_shard_option(slides, tmp_path, capsys):
     folder = slides["good-a"].parent
     assert (
@@ -325,7 +551,7 @@ def test_cli_shard_option(slides, tmp_path, capsys):
         == 0
     )
     assert "processed 1 slide(s)" in capsys.readouterr().out
-    assert (tmp_path / "report.shard-1-of-3.json").exists()
+    assert (tmp_path / "stats" / "report.shard-1-of-3.json").exists()
     for bad in ["1-4", "4/4", "a/b", "1/"]:
         with pytest.raises(SystemExit) as exit_info:
             main(["preprocess-slides", str(folder), "--out", str(tmp_path), "--shard", bad])

@@ -9,7 +9,10 @@ from pathlib import Path
 
 HELP = (
     "Tile whole-slide images into tissue patches at a fixed µm/px, encode each patch and write "
-    "OUT/<slide>.parquet (x, y, f_0..f_{d-1}), a thumbnail with the tissue mask and report.json."
+    "OUT/<encoder>/<slide>.parquet (x, y, f_0..f_{d-1}, with the encoder's provenance), a thumbnail "
+    "with the tissue mask and report.json. Feature folders are keyed by encoder (name and weights "
+    "sha256), so that features of different encoders never mix. A rerun resumes: slides whose feature "
+    "file is complete for the same encoder and settings are skipped (--overwrite recomputes them)."
 )
 
 
@@ -26,7 +29,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "inputs",
         metavar="SLIDE_DIR_OR_MANIFEST",
         help="a folder of slides (.svs, .tif, .tiff, .ndpi, .mrxs, ...), a manifest (.csv or .parquet "
-        "with columns slide_id, path; relative paths are resolved against its folder) or one slide file",
+        "with columns slide_id, path and optionally mpp, the µm/px of slides that record none; relative "
+        "paths are resolved against its folder) or one slide file",
     )
     parser.add_argument(
         "--out",
@@ -40,8 +44,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--encoder",
         default="stats",
         metavar="SPEC",
-        help="'stats' (colour and texture statistics, no weights) or 'torchscript:PATH' (a TorchScript "
-        "patch encoder such as a ResNet50/UNI/CONCH export; runs on CUDA when available)",
+        help="'stats' (colour and texture statistics, no weights) or the path of a patch encoder exported "
+        "with TorchScript (.pt) or torch.export (.pt2), such as ResNet50-trunc, UNI or CONCH (see "
+        "scripts/export_encoders.py); runs on CUDA when available",
     )
     parser.add_argument("--target-mpp", type=float, default=1.0, help="patch resolution in µm per pixel")
     parser.add_argument("--patch-size", type=int, default=224, help="patch side in pixels at --target-mpp")
@@ -58,32 +63,49 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="i/n",
         help="process only shard i of n: the sorted slide list [i::n] (for parallel workers)",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="recompute every slide; by default slides whose feature file an earlier run completed with "
+        "the same encoder, --target-mpp, --patch-size and --min-tissue are skipped",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
+    from healnet.preprocess.encoders import make_encoder
     from healnet.preprocess.wsi import TilingConfig, preprocess_slides, shard_file_name
 
     try:
         config = TilingConfig(
             target_mpp=args.target_mpp, patch_size=args.patch_size, min_tissue_fraction=args.min_tissue
         )
+        encoder = make_encoder(args.encoder)
+        out = args.out / encoder.provenance.key
         report = preprocess_slides(
-            args.inputs, args.out, args.encoder, config, args.shard, progress=not args.no_progress
+            args.inputs,
+            out,
+            encoder,
+            config,
+            args.shard,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    print(f"processed {len(report.processed)} slide(s), {report.n_patches} patches -> {args.out}")
+    print(f"processed {len(report.processed)} slide(s), {report.n_patches} patches -> {out}")
+    if report.skipped:
+        print(f"skipped {len(report.skipped)} slide(s) already done (--overwrite recomputes them)")
     if report.quarantined:
         print(f"quarantined {len(report.quarantined)} slide(s):")
         for slide, reason in report.quarantined:
             print(f"  {slide}: {reason}")
-    print(f"report: {args.out / shard_file_name('report.json', args.shard)}")
-    if report.quarantined and not report.processed:
+    print(f"report: {out / shard_file_name('report.json', args.shard)}")
+    if report.quarantined and not report.processed and not report.skipped:
         print("error: every slide was quarantined", file=sys.stderr)
         return 1
-    if not report.processed:
+    if not (report.processed or report.skipped or report.quarantined):
         print(f"shard {args.shard[0]}/{args.shard[1]} holds no slides")
     return 0

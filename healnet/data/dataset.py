@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,25 +14,38 @@ from torch.utils.data import Dataset
 from healnet.errors import HEALNetError
 from healnet.preprocess.state import WSI, Preprocessor
 
+if TYPE_CHECKING:
+    from healnet.preprocess.encoders import FeatureProvenance
+
 
 class SlideFeaturesError(HEALNetError, ValueError):
     """Slide features were asked for (or the cohort lists slides) but none are available."""
 
 
-def load_wsi_bags(cohort, features_dir: Path, *, required: bool = False) -> dict[str, np.ndarray]:
+def load_wsi_bags(
+    cohort, features_dir: Path, *, required: bool = False
+) -> tuple[dict[str, np.ndarray], FeatureProvenance | None]:
     """Concatenate the patch features of every slide of each patient that has slide features.
 
     Each manifest slide's feature file is looked up by slide id, whether or not the slide file itself is
     known here (a cohort ingested from a table alone can use features computed elsewhere). A slide listed
     with a file but without features is an error, not a silent gap; a slide with neither is absent.
     `required`: finding no features at all is a `SlideFeaturesError` naming the folder.
+    Returns the bags and the encoder and patch grid they share (None without features); feature files of
+    different encoders or grids are a `SlideFeaturesError`: their features are not comparable.
     """
-    from healnet.preprocess.wsi import feature_file_name, read_slide_features
+    from healnet.preprocess.wsi import (
+        feature_file_name,
+        read_feature_provenance,
+        read_slide_features,
+        resolve_feature_dir,
+    )
 
-    features_dir = Path(features_dir)
+    features_dir = resolve_feature_dir(Path(features_dir))
     bags: dict[str, list[np.ndarray]] = {}
     missing = []
     found = 0
+    provenances: dict[FeatureProvenance, list[str]] = {}
     for row in cohort.slides.itertuples():
         path = features_dir / feature_file_name(row.slide_id)
         if not path.exists():
@@ -39,6 +53,7 @@ def load_wsi_bags(cohort, features_dir: Path, *, required: bool = False) -> dict
                 missing.append(row.slide_id)
             continue
         found += 1
+        provenances.setdefault(read_feature_provenance(path), []).append(row.slide_id)
         features, _ = read_slide_features(path)
         if len(features):
             bags.setdefault(row.patient_id, []).append(features)
@@ -53,7 +68,17 @@ def load_wsi_bags(cohort, features_dir: Path, *, required: bool = False) -> dict
             f"no slide features in {features_dir}: looked for the {len(cohort.slides)} slide(s) of the "
             f"cohort's manifest by slide id (<slide>.parquet); {seen}"
         )
-    return {pid: np.concatenate(parts).astype(np.float32) for pid, parts in bags.items()}
+    if len(provenances) > 1:
+        kinds = "; ".join(
+            f"{provenance.describe()}: {len(slides)} slide(s), e.g. {slides[0]}"
+            for provenance, slides in provenances.items()
+        )
+        raise SlideFeaturesError(
+            f"the feature files in {features_dir} come from {len(provenances)} different encoders or patch "
+            f"grids, whose features are not comparable ({kinds}); keep one encoder's files per folder"
+        )
+    provenance = next(iter(provenances), None)
+    return {pid: np.concatenate(parts).astype(np.float32) for pid, parts in bags.items()}, provenance
 
 
 def require_slide_features(cohort, wsi_bags: Mapping[str, np.ndarray], features_dir: Path | None) -> None:

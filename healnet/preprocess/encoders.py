@@ -1,14 +1,21 @@
-"""Patch encoders: pixels → features, shared by slide preprocessing and serving.
+"""Patch encoders: pixels → features, shared by slide preprocessing and serving, and their provenance.
 
+Every encoder carries an `EncoderProvenance` (name, weights sha256, output width, input size,
+normalisation). Feature files record it, training refuses features of mixed encoders, the checkpoint
+keeps it, and serving encodes tiles only with an encoder whose provenance matches the model's.
 Torch, numpy and Pillow only (no OpenSlide, pandas or pyarrow), so that the service can encode tiles
 without the slide-reading stack.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import re
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from einops import rearrange
@@ -24,9 +31,69 @@ class TileError(HEALNetError, ValueError):
     """An image tile is not an RGB uint8 array."""
 
 
+class EncoderError(HEALNetError, ValueError):
+    """An encoder file that cannot be loaded or run, or features whose encoder does not match."""
+
+
+# Input normalisations an encoder may expect; "none": raw uint8 pixels (the statistics encoder).
+NORMALISATIONS = ("none", "imagenet")
+ENCODER_INPUT_SIZE = 224  # px side of the probe batch that tells a weight file's feature width
+TORCHSCRIPT_PREFIX, EXPORT_PREFIX = "torchscript:", "export:"
+
+
+@dataclass(frozen=True)
+class EncoderProvenance:
+    """Which encoder made a set of patch features. Two feature sets are comparable only when their
+    provenances are equal; `key` names their folder."""
+
+    name: str  # "stats", the weight file's stem, or the name given when importing features
+    weights_sha256: str | None  # None: no weights (the statistics encoder) or not known (imported)
+    dim: int
+    input_size: int
+    normalisation: str
+
+    def __post_init__(self) -> None:
+        if self.normalisation not in NORMALISATIONS and not self.normalisation.startswith("custom:"):
+            raise EncoderError(
+                f"encoder normalisation must be one of {NORMALISATIONS} or 'custom:<description>', "
+                f"got {self.normalisation!r}"
+            )
+        if self.dim < 1 or self.input_size < 1:
+            raise EncoderError(
+                f"encoder dim and input_size must be positive, got {self.dim}, {self.input_size}"
+            )
+
+    @property
+    def key(self) -> str:
+        """Folder name of this encoder's feature files: the name, and the weights' first 12 hex digits."""
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", self.name).strip("-") or "encoder"
+        return slug if self.weights_sha256 is None else f"{slug}-{self.weights_sha256[:12]}"
+
+    def describe(self) -> str:
+        weights = f"weights sha256 {self.weights_sha256[:12]}…" if self.weights_sha256 else "no weights file"
+        return f"{self.name} ({weights}, {self.dim} features, {self.input_size} px, {self.normalisation})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: Mapping[str, Any]) -> EncoderProvenance:
+        try:
+            return cls(
+                str(state["name"]),
+                None if state.get("weights_sha256") is None else str(state["weights_sha256"]),
+                int(state["dim"]),
+                int(state["input_size"]),
+                str(state["normalisation"]),
+            )
+        except (KeyError, TypeError, ValueError) as error:
+            raise EncoderError(f"malformed encoder provenance {dict(state)!r}: {error}") from error
+
+
 class PatchEncoder(Protocol):
     name: str
     dim: int
+    provenance: EncoderProvenance
 
     def encode(self, patches: np.ndarray) -> np.ndarray:
         """uint8 (n, patch_size, patch_size, 3) -> float32 (n, dim)."""
@@ -83,6 +150,7 @@ class StatsEncoder:
     name = "stats"
     feature_names = STATS_FEATURE_NAMES
     dim = len(STATS_FEATURE_NAMES)
+    provenance = EncoderProvenance("stats", None, len(STATS_FEATURE_NAMES), ENCODER_INPUT_SIZE, "none")
 
     def encode(self, patches: np.ndarray) -> np.ndarray:
         columns = colour_statistics(patches[:, ::8, ::8]) | texture_statistics(patches[:, ::4, ::4, 1])
@@ -141,22 +209,59 @@ def texture_statistics(grey_u8: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-class TorchScriptEncoder:
-    """A user's TorchScript export (ResNet50, UNI, CONCH, ...): ImageNet-normalised NCHW float input."""
+@dataclass(frozen=True)
+class FeatureProvenance:
+    """The encoder and patch grid of a feature file; files are comparable only when these are equal."""
 
-    def __init__(self, path: Path, device: str | None = None):
+    encoder: EncoderProvenance
+    patch_size: int
+    target_mpp: float
+
+    @property
+    def tiling(self) -> dict:
+        return {"patch_size": self.patch_size, "target_mpp": self.target_mpp}
+
+    def describe(self) -> str:
+        return f"{self.encoder.describe()}, {self.patch_size} px patches at {self.target_mpp} µm/px"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class WeightsEncoder:
+    """A user's exported network (ResNet50-trunc, UNI, CONCH, ...) from a local file: TorchScript
+    (`torch.jit.save`) or `torch.export` (`.pt2`). It takes ImageNet-normalised NCHW float input of
+    `input_size` px; tiles are resized to it."""
+
+    def __init__(self, path: Path, exported: bool, device: str | None = None):
         import torch
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = torch.jit.load(str(path), map_location=self.device).eval()
-        self.name = f"torchscript:{path.name}"
-        probe = np.zeros((1, 224, 224, 3), dtype=np.uint8)  # a 224 px probe tells the feature width
         try:
-            self.dim = self._forward(probe).shape[1]
+            if exported:
+                self.model = torch.export.load(str(path)).module().to(self.device)
+            else:
+                self.model = torch.jit.load(str(path), map_location=self.device).eval()
+        except (RuntimeError, ValueError, OSError, zipfile.BadZipFile) as error:
+            kind = "torch.export (.pt2)" if exported else "TorchScript"
+            raise EncoderError(f"{path} is not a loadable {kind} encoder: {error}") from error
+        self.name = path.stem
+        probe = np.zeros((1, ENCODER_INPUT_SIZE, ENCODER_INPUT_SIZE, 3), dtype=np.uint8)
+        try:
+            dim = self._forward(probe).shape[1]
         except RuntimeError as error:
-            raise ValueError(
-                f"TorchScript encoder {path} fails on a (1, 3, 224, 224) batch: {error}"
+            raise EncoderError(
+                f"encoder {path} fails on a (1, 3, {ENCODER_INPUT_SIZE}, {ENCODER_INPUT_SIZE}) batch: {error}"
             ) from error
+        self.dim = int(dim)
+        self.provenance = EncoderProvenance(
+            self.name, sha256_of(path), self.dim, ENCODER_INPUT_SIZE, "imagenet"
+        )
 
     def _forward(self, patches: np.ndarray) -> np.ndarray:
         import torch
@@ -172,15 +277,54 @@ class TorchScriptEncoder:
 
 
 def make_encoder(spec: str = "stats", device: str | None = None) -> PatchEncoder:
-    """`"stats"` or `"torchscript:PATH"` (CUDA when available unless `device` says otherwise)."""
+    """`"stats"`, `"torchscript:PATH"`, `"export:PATH"`, or a PATH (`.pt2`: torch.export, else
+    TorchScript). Weight files run on CUDA when available unless `device` says otherwise."""
     if spec == "stats":
         return StatsEncoder()
-    if spec.startswith("torchscript:"):
-        path = Path(spec.removeprefix("torchscript:"))
-        if not path.is_file():
-            raise FileNotFoundError(f"TorchScript encoder file not found: {path}")
-        return TorchScriptEncoder(path, device)
-    raise ValueError(f"unknown encoder spec {spec!r}: expected 'stats' or 'torchscript:PATH'")
+    exported = spec.startswith(EXPORT_PREFIX) or (
+        not spec.startswith(TORCHSCRIPT_PREFIX) and spec.endswith(".pt2")
+    )
+    path = Path(spec.removeprefix(EXPORT_PREFIX).removeprefix(TORCHSCRIPT_PREFIX))
+    if not path.is_file():
+        raise EncoderError(
+            f"encoder {spec!r}: expected 'stats' or the path of a TorchScript or torch.export (.pt2) file, "
+            f"and {path} is not a file"
+        )
+    return WeightsEncoder(path, exported, device)
+
+
+def find_encoder(
+    provenance: EncoderProvenance, search_dirs: Sequence[Path], device: str | None = None
+) -> PatchEncoder:
+    """An encoder matching `provenance`: the statistics encoder, or the weight file in `search_dirs`
+    whose sha256 is the provenance's. Raises EncoderError naming what is missing."""
+    if provenance == StatsEncoder.provenance:
+        return StatsEncoder()
+    if provenance.weights_sha256 is None:
+        raise EncoderError(
+            f"the model's patch encoder {provenance.describe()} has no recorded weights file "
+            "(features imported from elsewhere): send patch features, not tiles"
+        )
+    candidates = sorted(
+        path
+        for folder in search_dirs
+        if folder.is_dir()
+        for path in folder.iterdir()
+        if path.is_file() and path.suffix in (".pt", ".pt2", ".ts", ".jit", ".pth")
+    )
+    for path in candidates:
+        if sha256_of(path) == provenance.weights_sha256:
+            encoder = WeightsEncoder(path, path.suffix == ".pt2", device)
+            if encoder.provenance.dim != provenance.dim:
+                raise EncoderError(
+                    f"encoder {path} gives {encoder.dim} features, the model expects {provenance.dim}"
+                )
+            return encoder
+    where = ", ".join(str(folder) for folder in search_dirs) or "no encoder folder"
+    raise EncoderError(
+        f"the model's patch encoder {provenance.describe()} is not available here: no file with weights "
+        f"sha256 {provenance.weights_sha256} in {where}"
+    )
 
 
 def encode_tiles(tiles: Sequence[np.ndarray], encoder: PatchEncoder, patch_size: int = 224) -> np.ndarray:

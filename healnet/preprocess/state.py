@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from healnet.preprocess.clinical import CLINICAL, ClinicalConfig, ClinicalTransform
+from healnet.preprocess.encoders import EncoderProvenance, FeatureProvenance
 from healnet.preprocess.omics import OmicsConfig, OmicsTokens, OmicsTransform
 
 if TYPE_CHECKING:  # training passes DataFrames; serving must not import pandas (it imports pyarrow)
@@ -28,7 +29,8 @@ class Preprocessor:
     omics: OmicsTransform | None
     wsi_mean: np.ndarray | None = None
     wsi_std: np.ndarray | None = None
-    wsi_encoder: str = "stats"
+    # the encoder and patch grid of the training features (None: no slides, or bags given in memory)
+    wsi_encoder: EncoderProvenance | None = None
     tiling: dict = field(default_factory=dict)
     clinical: ClinicalTransform | None = None
 
@@ -39,8 +41,7 @@ class Preprocessor:
         wsi_bags: Mapping[str, np.ndarray],
         train_ids: Sequence[str],
         omics_config: OmicsConfig | None,
-        wsi_encoder: str = "stats",
-        tiling: dict | None = None,
+        wsi_provenance: FeatureProvenance | None = None,
         omics: OmicsTransform | None = None,
         clinical: pd.DataFrame | None = None,
         clinical_config: ClinicalConfig | None = None,
@@ -62,7 +63,9 @@ class Preprocessor:
             stacked = np.concatenate(train_bags)
             wsi_mean = stacked.mean(0).astype(np.float32)
             wsi_std = np.maximum(stacked.std(0), 1e-6).astype(np.float32)
-        return cls(omics, wsi_mean, wsi_std, wsi_encoder, dict(tiling or {}), clinical_transform)
+        encoder = wsi_provenance.encoder if wsi_provenance and train_bags else None
+        tiling = wsi_provenance.tiling if wsi_provenance and train_bags else {}
+        return cls(omics, wsi_mean, wsi_std, encoder, tiling, clinical_transform)
 
     @property
     def modalities(self) -> list[str]:
@@ -114,7 +117,7 @@ class Preprocessor:
             "omics": self.omics.state_dict() if self.omics else None,
             "wsi_mean": None if self.wsi_mean is None else self.wsi_mean.tolist(),
             "wsi_std": None if self.wsi_std is None else self.wsi_std.tolist(),
-            "wsi_encoder": self.wsi_encoder,
+            "wsi_encoder": self.wsi_encoder.to_dict() if self.wsi_encoder else None,
             "tiling": self.tiling,
             "clinical": self.clinical.state_dict() if self.clinical else None,
         }
@@ -127,6 +130,7 @@ class Preprocessor:
         omics = OmicsTransform.from_state_dict(state["omics"]) if state["omics"] else None
         # states written before the clinical modality have no "clinical" key
         clinical = ClinicalTransform.from_state_dict(state["clinical"]) if state.get("clinical") else None
-        return cls(
-            omics, array("wsi_mean"), array("wsi_std"), state["wsi_encoder"], dict(state["tiling"]), clinical
-        )
+        # before 0.3 this was always the string "stats", whatever encoder made the features: not evidence
+        encoder = state.get("wsi_encoder")
+        provenance = EncoderProvenance.from_dict(encoder) if isinstance(encoder, dict) else None
+        return cls(omics, array("wsi_mean"), array("wsi_std"), provenance, dict(state["tiling"]), clinical)

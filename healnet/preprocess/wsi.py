@@ -2,16 +2,18 @@
 `healnet.preprocess.encoders`).
 
 Slides are read with OpenSlide only. A slide becomes a bag of patches on a regular grid at
-`TilingConfig.target_mpp` µm/px; patches whose tissue fraction (from the thumbnail's Otsu mask)
-reaches `min_tissue_fraction` are encoded and written to `out_dir/<feature_file_name(slide_id)>`.
-Slides that cannot be processed are quarantined with a reason, never skipped silently.
+`TilingConfig.target_mpp` µm/px; patches whose tissue fraction (from the thumbnail's Otsu mask, cleaned
+of specks and small holes) reaches `min_tissue_fraction` are encoded and written to
+`out_dir/<feature_file_name(slide_id)>`. Slides that cannot be processed are quarantined with a reason,
+never skipped silently; slides whose feature file is already complete for the same encoder and tiling
+settings are skipped (resume) unless `overwrite=True`.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import cast
@@ -23,18 +25,36 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from einops import rearrange
 from PIL import Image, ImageDraw
+from scipy import ndimage
 from tqdm import tqdm
 
 from healnet.errors import HEALNetError
-from healnet.preprocess.encoders import PatchEncoder, TileError, encode_tiles, make_encoder
+from healnet.preprocess.encoders import (
+    EncoderError,
+    EncoderProvenance,
+    FeatureProvenance,
+    PatchEncoder,
+    StatsEncoder,
+    TileError,
+    encode_tiles,
+    make_encoder,
+)
 
+# the formats OpenSlide 4 reads (DICOM and Zeiss CZI included)
 SLIDE_SUFFIXES = frozenset(
-    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi"}
+    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi", ".dcm"}
 )
 MPP_TOLERANCE = 0.02  # a level counts as "finer than target" up to 2 % coarser (0.499 × 2 vs 1.0)
 MIN_TISSUE_SATURATION = 0.05  # below it a pixel is glass whatever Otsu says (blank slides)
 THUMBNAIL_PX_PER_PATCH = 16  # a finer tissue mask only costs time ...
 MIN_THUMBNAIL = 256  # ... but the thumbnail stays large enough to look at
+# Tissue mask clean-up: tissue components smaller than this are specks (dust, debris, noise) and are
+# dropped; glass holes smaller than this inside tissue are filled (0.01 mm², a 100 µm square).
+MIN_TISSUE_AREA_UM2 = 10_000.0
+MIN_AREA_FRACTION = 1e-3  # the same clean-up by thumbnail area, when the thumbnail's µm/px is not given
+# TIFF resolution tags coarser than this are an image editor's default (72, 96 or 300 dpi), not a scan.
+MAX_TIFF_MPP = 50.0
+MPP_SOURCES = ("openslide", "manifest", "tiff", "objective-power")  # in order of precedence
 
 
 class SlideError(HEALNetError):
@@ -81,6 +101,7 @@ class SlideResult:
 class PreprocessReport:
     processed: list[SlideResult] = field(default_factory=list)
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (slide, reason)
+    skipped: list[SlideResult] = field(default_factory=list)  # feature file already complete (resume)
 
     @property
     def n_patches(self) -> int:
@@ -104,10 +125,13 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[np.argmax(between) + 1])
 
 
-def tissue_mask(thumbnail_rgb: np.ndarray) -> np.ndarray:
-    """Boolean tissue mask of an (h, w, 3) uint8 thumbnail: Otsu on HSV saturation.
+def tissue_mask(thumbnail_rgb: np.ndarray, min_area_px: float | None = None) -> np.ndarray:
+    """Boolean tissue mask of an (h, w, 3) uint8 thumbnail: Otsu on HSV saturation, then cleaned up.
 
     Pixels below `MIN_TISSUE_SATURATION` are glass whatever Otsu says, so a blank slide has no tissue.
+    The clean-up (`clean_mask`) drops tissue specks and fills glass holes smaller than `min_area_px`
+    thumbnail pixels; by default `MIN_AREA_FRACTION` of the thumbnail (slide tiling passes
+    `MIN_TISSUE_AREA_UM2` converted to thumbnail pixels).
     """
     if thumbnail_rgb.dtype != np.uint8 or thumbnail_rgb.ndim != 3 or thumbnail_rgb.shape[2] != 3:
         raise TileError(
@@ -116,7 +140,30 @@ def tissue_mask(thumbnail_rgb: np.ndarray) -> np.ndarray:
     high = thumbnail_rgb.max(axis=2).astype(np.float32)
     low = thumbnail_rgb.min(axis=2).astype(np.float32)
     saturation = (high - low) / np.maximum(high, 1.0)
-    return saturation >= max(otsu_threshold(saturation), MIN_TISSUE_SATURATION)
+    mask = saturation >= max(otsu_threshold(saturation), MIN_TISSUE_SATURATION)
+    if min_area_px is None:
+        min_area_px = MIN_AREA_FRACTION * mask.size
+    return clean_mask(mask, min_area_px)
+
+
+def clean_mask(mask: np.ndarray, min_area_px: float) -> np.ndarray:
+    """`mask` without its connected components (8-connected) smaller than `min_area_px` pixels, and
+    with its holes (4-connected glass regions that do not touch the border) smaller than that filled.
+
+    Area filters instead of an opening or closing: they remove isolated specks and fill small holes
+    without shaving thin tissue strands or bridging neighbouring fragments."""
+    if min_area_px <= 1 or not mask.any():
+        return mask
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    cleaned = (sizes >= min_area_px)[labels] & mask
+    glass, count = ndimage.label(~cleaned)  # 4-connected: glass does not leak through diagonal tissue
+    sizes = np.bincount(glass.ravel(), minlength=count + 1)
+    border = np.unique(np.concatenate([glass[0], glass[-1], glass[:, 0], glass[:, -1]]))
+    hole = sizes < min_area_px
+    hole[0] = False  # label 0 is the tissue itself
+    hole[border] = False
+    return cleaned | hole[glass]
 
 
 def cell_tissue_fractions(
@@ -143,9 +190,6 @@ def cell_tissue_fractions(
 
 
 # Slide file extensions that OpenSlide reads (and DICOM); only these are cut from a slide id.
-SLIDE_SUFFIXES = frozenset(
-    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".dcm"}
-)
 
 
 def slide_stem(slide_id: str) -> str:
@@ -164,22 +208,64 @@ def thumbnail_file_name(slide_id: str) -> str:
     return slide_stem(slide_id) + ".thumbnail.png"
 
 
-def slide_mpp(slide: openslide.OpenSlide) -> float:
-    """Level-0 µm/px: `openslide.mpp-x`, else 10 / `openslide.objective-power` (20× ≈ 0.5 µm/px)."""
+def slide_mpp(slide: openslide.OpenSlide, manifest_mpp: float | None = None) -> float:
+    """Level-0 µm/px (see `slide_mpp_and_source`)."""
+    return slide_mpp_and_source(slide, manifest_mpp)[0]
+
+
+def slide_mpp_and_source(slide: openslide.OpenSlide, manifest_mpp: float | None = None) -> tuple[float, str]:
+    """Level-0 µm/px and where it comes from (`MPP_SOURCES`), the first usable of:
+
+    - "openslide": `openslide.mpp-x` as the slide format records it (except for generic TIFFs, where
+      OpenSlide 4 derives it from the resolution tags: those count as "tiff", whatever the version);
+    - "manifest": the manifest's `mpp` column for this slide (`manifest_mpp`);
+    - "tiff": the TIFF resolution tags, `tiff.XResolution` px per `tiff.ResolutionUnit` (inch or
+      centimeter), unless coarser than `MAX_TIFF_MPP` (an image editor's 72 dpi is not a scan);
+    - "objective-power": 10 / `openslide.objective-power` (20× ≈ 0.5 µm/px), a rough estimate.
+
+    Raises `SlideError` (the quarantine reason) when none is usable.
+    """
     properties = slide.properties
-    for name, to_mpp in (
-        (openslide.PROPERTY_NAME_MPP_X, float),
-        (openslide.PROPERTY_NAME_OBJECTIVE_POWER, lambda power: 10.0 / float(power)),
-    ):
-        if name in properties:
-            try:
-                mpp = to_mpp(properties[name])
-            except (ValueError, ZeroDivisionError):
-                raise SlideError(f"unusable resolution property {name}={properties[name]!r}") from None
-            if mpp > 0:
-                return mpp
-            raise SlideError(f"unusable resolution property {name}={properties[name]!r}")
-    raise SlideError("no resolution: neither openslide.mpp-x nor openslide.objective-power is set")
+    problems: list[str] = []
+
+    def positive(name: str, value: object, convert: Callable[[float], float] = float) -> float | None:
+        try:
+            mpp = convert(float(cast(str, value)))
+        except (TypeError, ValueError, ZeroDivisionError):
+            mpp = float("nan")
+        if np.isfinite(mpp) and mpp > 0:
+            return mpp
+        problems.append(f"unusable {name}={value!r}")
+        return None
+
+    generic_tiff = properties.get(openslide.PROPERTY_NAME_VENDOR) == "generic-tiff"
+    if openslide.PROPERTY_NAME_MPP_X in properties and not generic_tiff:
+        mpp = positive(openslide.PROPERTY_NAME_MPP_X, properties[openslide.PROPERTY_NAME_MPP_X])
+        if mpp is not None:
+            return mpp, "openslide"
+    if manifest_mpp is not None and (mpp := positive("manifest mpp", manifest_mpp)) is not None:
+        return mpp, "manifest"
+    um_per_unit = {"inch": 25_400.0, "centimeter": 10_000.0}.get(properties.get("tiff.ResolutionUnit", ""))
+    if um_per_unit is not None and "tiff.XResolution" in properties:
+        mpp = positive("tiff.XResolution", properties["tiff.XResolution"], lambda px: um_per_unit / px)
+        if mpp is not None and mpp <= MAX_TIFF_MPP:
+            return mpp, "tiff"
+        if mpp is not None:
+            problems.append(
+                f"the TIFF resolution tags give {mpp:.1f} µm/px ({properties['tiff.XResolution']} px per "
+                f"{properties['tiff.ResolutionUnit']}), an image editor's default rather than a scan"
+            )
+    if openslide.PROPERTY_NAME_OBJECTIVE_POWER in properties:
+        power = properties[openslide.PROPERTY_NAME_OBJECTIVE_POWER]
+        mpp = positive(openslide.PROPERTY_NAME_OBJECTIVE_POWER, power, lambda value: 10.0 / value)
+        if mpp is not None:
+            return mpp, "objective-power"
+    found = f" ({'; '.join(problems)})" if problems else ""
+    raise SlideError(
+        "no resolution: neither openslide.mpp-x, TIFF resolution tags (inch or centimeter), "
+        f"openslide.objective-power nor a manifest mpp gives the slide's µm/px{found}; give it in an "
+        "`mpp` column of a manifest (slide_id, path, mpp)"
+    )
 
 
 def choose_level(level_mpps: Sequence[float], target_mpp: float) -> int:
@@ -218,11 +304,14 @@ def preprocess_slide(
     encoder: PatchEncoder,
     config: TilingConfig = TilingConfig(),
     slide_id: str | None = None,
+    mpp: float | None = None,
 ) -> SlideResult:
-    """Tile one slide, encode its tissue patches and write its feature file and thumbnail.
+    """Tile one slide, encode its tissue patches and write its thumbnail, then its feature file (last,
+    atomically: a feature file is only there when the slide is done).
 
-    Raises `SlideError` (the quarantine reason) when the slide is unreadable, has no resolution,
-    is coarser than the target or has no tissue patch.
+    `mpp` is the manifest's µm/px for the slide, if any (see `slide_mpp_and_source`). Raises
+    `SlideError` (the quarantine reason) when the slide is unreadable, has no resolution, is coarser
+    than the target or has no tissue patch.
     """
     path, out_dir = Path(path), Path(out_dir)
     slide_id = slide_id or path.name
@@ -230,15 +319,20 @@ def preprocess_slide(
         raise SlideError(f"file not found: {path}")
     try:
         with openslide.OpenSlide(path) as slide:
-            return _preprocess_open_slide(slide, out_dir, encoder, config, slide_id)
+            return _preprocess_open_slide(slide, out_dir, encoder, config, slide_id, mpp)
     except openslide.OpenSlideError as error:
         raise SlideError(f"unreadable slide ({type(error).__name__}): {error}") from error
 
 
 def _preprocess_open_slide(
-    slide: openslide.OpenSlide, out_dir: Path, encoder: PatchEncoder, config: TilingConfig, slide_id: str
+    slide: openslide.OpenSlide,
+    out_dir: Path,
+    encoder: PatchEncoder,
+    config: TilingConfig,
+    slide_id: str,
+    manifest_mpp: float | None = None,
 ) -> SlideResult:
-    mpp = slide_mpp(slide)
+    mpp, mpp_source = slide_mpp_and_source(slide, manifest_mpp)
     level = choose_level([mpp * downsample for downsample in slide.level_downsamples], config.target_mpp)
     downsample = slide.level_downsamples[level]
     read_size = max(1, round(config.patch_size * config.target_mpp / (mpp * downsample)))
@@ -251,7 +345,8 @@ def _preprocess_open_slide(
 
     side = min(config.thumbnail_max, max(MIN_THUMBNAIL, THUMBNAIL_PX_PER_PATCH * max(n_rows, n_cols)))
     thumbnail = np.asarray(slide.get_thumbnail((side, side)).convert("RGB"))
-    mask = tissue_mask(thumbnail)
+    thumbnail_mpp = mpp * slide.dimensions[0] / thumbnail.shape[1]
+    mask = tissue_mask(thumbnail, min_area_px=MIN_TISSUE_AREA_UM2 / thumbnail_mpp**2)
     fractions = cell_tissue_fractions(mask, slide.dimensions, read_size * downsample, n_rows, n_cols)
     kept = fractions >= config.min_tissue_fraction
     if not kept.any():
@@ -281,22 +376,32 @@ def _preprocess_open_slide(
     features, coords = np.concatenate(batches), np.concatenate(coord_runs)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    thumbnail_path = out_dir / thumbnail_file_name(slide_id)
+    scale = np.array(thumbnail.shape[1::-1]) / np.array(slide.dimensions)  # thumbnail px per level-0 px
+    boxes = np.concatenate([coords * scale, (coords + level0(1)) * scale], axis=1)
+    draw_overlay(thumbnail, mask, boxes).save(thumbnail_path, compress_level=1)
     features_path = out_dir / feature_file_name(slide_id)
     metadata = {
-        "encoder": encoder.name,
-        "target_mpp": config.target_mpp,
-        "patch_size": config.patch_size,
+        **tiling_metadata(encoder, config),
         "slide_mpp": mpp,
+        "slide_mpp_source": mpp_source,
         "level": level,
         "slide_id": slide_id,
         "feature_names": list(getattr(encoder, "feature_names", [])),
     }
     write_slide_features(features_path, features, coords, metadata)
-    thumbnail_path = out_dir / thumbnail_file_name(slide_id)
-    scale = np.array(thumbnail.shape[1::-1]) / np.array(slide.dimensions)  # thumbnail px per level-0 px
-    boxes = np.concatenate([coords * scale, (coords + level0(1)) * scale], axis=1)
-    draw_overlay(thumbnail, mask, boxes).save(thumbnail_path, compress_level=1)
     return SlideResult(slide_id, len(features), features_path, thumbnail_path, level, mpp)
+
+
+def tiling_metadata(encoder: PatchEncoder, config: TilingConfig) -> dict:
+    """The feature file metadata that must match for a resumed run to keep the file."""
+    return {
+        "encoder": encoder.provenance.to_dict(),
+        "target_mpp": config.target_mpp,
+        "patch_size": config.patch_size,
+        "min_tissue_fraction": config.min_tissue_fraction,
+        "thumbnail_max": config.thumbnail_max,
+    }
 
 
 def draw_overlay(thumbnail: np.ndarray, mask: np.ndarray, boxes: np.ndarray) -> Image.Image:
@@ -347,6 +452,45 @@ def read_slide_features(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return features, coords
 
 
+def read_feature_provenance(path: Path) -> FeatureProvenance:
+    """Encoder and patch grid recorded in a feature file; a file without them is a SlideInputError."""
+    metadata = read_feature_metadata(path)
+    encoder = metadata.get("encoder")
+    if encoder == StatsEncoder.name:  # written before provenance was recorded: the only weight-free encoder
+        encoder = StatsEncoder.provenance.to_dict()
+    if not isinstance(encoder, dict) or "patch_size" not in metadata or "target_mpp" not in metadata:
+        raise SlideInputError(
+            f"{path}: no encoder provenance (encoder, patch_size, target_mpp) in the file; recompute it with "
+            "`healnet preprocess-slides` or bring it in with `healnet import-features`"
+        )
+    try:
+        return FeatureProvenance(
+            EncoderProvenance.from_dict(encoder), int(metadata["patch_size"]), float(metadata["target_mpp"])
+        )
+    except (EncoderError, TypeError, ValueError) as error:
+        raise SlideInputError(f"{path}: malformed encoder provenance: {error}") from error
+
+
+def resolve_feature_dir(features_dir: Path) -> Path:
+    """The folder of one encoder's feature files: `features_dir` itself when it holds feature files, else
+    its only encoder subfolder (`preprocess-slides` and `import-features` write `OUT/<encoder key>/`).
+    Several encoder subfolders are a SlideInputError naming them: features of different encoders are not
+    comparable, so the caller must choose one."""
+    features_dir = Path(features_dir)
+    if not features_dir.is_dir() or any(features_dir.glob("*.parquet")):
+        return features_dir
+    keyed = sorted(
+        folder for folder in features_dir.iterdir() if folder.is_dir() and any(folder.glob("*.parquet"))
+    )
+    if len(keyed) > 1:
+        names = ", ".join(folder.name for folder in keyed)
+        raise SlideInputError(
+            f"{features_dir} holds features of {len(keyed)} encoders ({names}); choose one, e.g. "
+            f"--features {keyed[0]}"
+        )
+    return keyed[0] if keyed else features_dir
+
+
 def read_feature_metadata(path: Path) -> dict:
     """The schema metadata of a feature file (encoder, target_mpp, patch_size, slide_mpp, ...)."""
     metadata = pq.read_schema(path).metadata or {}
@@ -355,6 +499,44 @@ def read_feature_metadata(path: Path) -> dict:
         for key, value in metadata.items()
         if key.decode().startswith(METADATA_PREFIX)
     }
+
+
+def completed_slide(
+    out_dir: Path,
+    slide_id: str,
+    encoder: PatchEncoder,
+    config: TilingConfig,
+    manifest_mpp: float | None = None,
+) -> SlideResult | None:
+    """An earlier run's result for this slide when its outputs are complete and were made with the
+    same encoder provenance, tiling settings and µm/px source; None when the slide must be computed.
+
+    Complete: the thumbnail and a readable feature file (written last and atomically) whose metadata
+    matches `tiling_metadata`, the slide id and the manifest's µm/px (a file that used the manifest's
+    value needs the same value, one that did not needs no manifest value or an OpenSlide one)."""
+    features_path = out_dir / feature_file_name(slide_id)
+    thumbnail_path = out_dir / thumbnail_file_name(slide_id)
+    if not (features_path.is_file() and thumbnail_path.is_file()):
+        return None
+    try:
+        parquet = pq.ParquetFile(features_path)
+        n_patches, names = parquet.metadata.num_rows, parquet.schema_arrow.names
+        metadata = read_feature_metadata(features_path)
+    except (OSError, ValueError, pa.ArrowException):  # truncated or not a parquet file: recompute
+        return None
+    expected = {**tiling_metadata(encoder, config), "slide_id": slide_id}
+    if any(metadata.get(key) != value for key, value in expected.items()):
+        return None
+    if names != ["x", "y", *(f"f_{i}" for i in range(encoder.dim))] or n_patches == 0:
+        return None
+    source, mpp, level = metadata.get("slide_mpp_source"), metadata.get("slide_mpp"), metadata.get("level")
+    if manifest_mpp is None:
+        matches_mpp = source in MPP_SOURCES and source != "manifest"
+    else:
+        matches_mpp = source == "openslide" or (source == "manifest" and mpp == manifest_mpp)
+    if not (matches_mpp and isinstance(mpp, int | float) and isinstance(level, int)):
+        return None
+    return SlideResult(slide_id, n_patches, features_path, thumbnail_path, level, float(mpp))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,6 +572,15 @@ def resolve_slide_inputs(inputs: str | Path | Iterable[str | Path]) -> list[tupl
 
 
 def read_manifest(manifest: Path) -> list[tuple[str, Path | None]]:
+    table = read_manifest_table(manifest)
+    return [
+        (str(slide_id), manifest.parent / path if isinstance(path, str) and path else None)
+        for slide_id, path in zip(table["slide_id"], table["path"], strict=True)
+    ]
+
+
+def read_manifest_table(manifest: Path) -> pd.DataFrame:
+    """A manifest's rows, checked: columns slide_id and path, no empty slide id."""
     if not manifest.is_file():
         raise SlideInputError(f"manifest not found: {manifest}")
     table = pd.read_parquet(manifest) if manifest.suffix.lower() == ".parquet" else pd.read_csv(manifest)
@@ -401,10 +592,29 @@ def read_manifest(manifest: Path) -> list[tuple[str, Path | None]]:
     unnamed = table.index[table["slide_id"].isna() | (table["slide_id"].astype(str) == "")].tolist()
     if unnamed:
         raise SlideInputError(f"manifest {manifest}: rows {unnamed[:10]} have an empty slide_id")
-    return [
-        (str(slide_id), manifest.parent / path if isinstance(path, str) and path else None)
-        for slide_id, path in zip(table["slide_id"], table["path"], strict=True)
-    ]
+    return table
+
+
+def manifest_mpps(inputs: str | Path | Iterable[str | Path]) -> dict[str, float]:
+    """slide_id -> µm/px from the optional `mpp` column of a manifest (empty cells give none); {} for
+    other inputs. A value that is not a positive number is a SlideInputError."""
+    if not isinstance(inputs, str | Path) or Path(inputs).suffix.lower() not in {".csv", ".parquet"}:
+        return {}
+    manifest = Path(inputs)
+    table = read_manifest_table(manifest)
+    if "mpp" not in table.columns:
+        return {}
+    given = table["mpp"].notna() & (table["mpp"].astype(str).str.strip() != "")
+    mpp = pd.to_numeric(table["mpp"].where(given), errors="coerce")
+    bad = table.index[given & ~(np.isfinite(mpp) & (mpp > 0))].tolist()
+    if bad:
+        raise SlideInputError(
+            f"manifest {manifest}: rows {bad[:10]} have an mpp that is not a positive number of µm per pixel"
+        )
+    return {
+        str(slide_id): float(value)
+        for slide_id, value in zip(table["slide_id"][given], mpp[given], strict=True)
+    }
 
 
 def shard_file_name(name: str, shard: tuple[int, int]) -> str:
@@ -423,11 +633,16 @@ def preprocess_slides(
     config: TilingConfig = TilingConfig(),
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
+    overwrite: bool = False,
 ) -> PreprocessReport:
     """Preprocess the shard `sorted slides[i::n]` of `inputs` into `out_dir`; bad slides are quarantined.
 
-    Writes `out_dir/report.json` (and `quarantine.csv` when any slide was quarantined); a sharded run
-    names them per shard (`shard_file_name`). Raises `SlideInputError` when the input has no slides.
+    Resumes: a slide whose outputs an earlier run completed with the same encoder and settings
+    (`completed_slide`) is skipped and listed in `report.skipped`, unless `overwrite`; an interrupted
+    run's `.partial` feature file is removed. A manifest's optional `mpp` column gives the µm/px of
+    slides that do not record one (`slide_mpp_and_source`). Writes `out_dir/report.json` (and
+    `quarantine.csv` when any slide was quarantined); a sharded run names them per shard
+    (`shard_file_name`). Raises `SlideInputError` when the input has no slides.
     """
     index, count = shard
     if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
@@ -439,6 +654,7 @@ def preprocess_slides(
     for slide_id, path in entries:
         if path is not None:
             first_owner.setdefault(feature_file_name(slide_id), (slide_id, path))
+    mpps = manifest_mpps(inputs)
     encoder = make_encoder(encoder) if isinstance(encoder, str) else encoder
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -455,12 +671,29 @@ def preprocess_slides(
             )
             report.quarantined.append((slide_id, reason))
             continue
+        # only this shard's own slides: other shards may be writing theirs into the same folder
+        partial = out_dir / (feature_file_name(slide_id) + ".partial")
+        partial.unlink(missing_ok=True)
+        done = None if overwrite else completed_slide(out_dir, slide_id, encoder, config, mpps.get(slide_id))
+        if done is not None:
+            report.skipped.append(done)
+            continue
         try:
-            report.processed.append(preprocess_slide(path, out_dir, encoder, config, slide_id))
+            report.processed.append(
+                preprocess_slide(path, out_dir, encoder, config, slide_id, mpps.get(slide_id))
+            )
         except SlideError as error:
             report.quarantined.append((slide_id, str(error)))
     write_report(report, out_dir, encoder, config, shard)
     return report
+
+
+def result_summary(result: SlideResult) -> dict:
+    return {
+        **asdict(result),
+        "features_path": str(result.features_path),
+        "thumbnail_path": str(result.thumbnail_path),
+    }
 
 
 def write_report(
@@ -476,14 +709,9 @@ def write_report(
         "config": asdict(config),
         "shard": list(shard),
         "n_patches": report.n_patches,
-        "processed": [
-            {
-                **asdict(result),
-                "features_path": str(result.features_path),
-                "thumbnail_path": str(result.thumbnail_path),
-            }
-            for result in report.processed
-        ],
+        "processed": [result_summary(result) for result in report.processed],
+        "n_skipped": len(report.skipped),  # already done by an earlier run with the same settings
+        "skipped": [result_summary(result) for result in report.skipped],
         "quarantined": [{"slide": slide, "reason": reason} for slide, reason in report.quarantined],
     }
     (out_dir / shard_file_name("report.json", shard)).write_text(json.dumps(summary, indent=2))
