@@ -36,7 +36,7 @@ def cohort_data_hash(cohort_dir: str | Path) -> str:
     """sha256 over the cohort's clinical and omics parquet files and slide manifest (names and contents) and
     over each listed slide file's size and modification time, so that changed slides invalidate cached
     slide features."""
-    from healnet.checkpoint import sha256_file
+    from healnet.files import sha256_file
 
     root = Path(cohort_dir)
     files = [root / name for name in HASHED_TABLES]

@@ -7,7 +7,6 @@ every member of an ensemble (one for a single model); the members share the conf
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from healnet.errors import HEALNetError
+from healnet.files import sha256_file
 from healnet.model import HEALNet, HEALNetConfig
 from healnet.preprocess.state import Preprocessor
 from healnet.survival import SurvivalBins
@@ -54,14 +54,6 @@ class Checkpoint:
         if self.preprocessor.wsi_mean is not None:
             names["wsi"] = [f"f_{i}" for i in range(self.preprocessor.wsi_dim)]
         return names
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> str:

@@ -13,7 +13,8 @@ import torch
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
-from healnet.checkpoint import CheckpointError, sha256_file
+from healnet.checkpoint import CheckpointError
+from healnet.files import sha256_file
 from healnet.inference import Case, Predictor
 from healnet.preprocess.encoders import StatsEncoder, encode_tiles, make_encoder
 from serving.config import ConfigError, Limits

@@ -13,6 +13,7 @@ from PIL import Image
 
 from healnet.cli import main
 from healnet.data.synth_slides import synthetic_he_image, write_synthetic_slide
+from healnet.files import sha256_file
 from healnet.preprocess import wsi
 from healnet.preprocess.encoders import (
     STATS_FEATURE_NAMES,
@@ -23,7 +24,6 @@ from healnet.preprocess.encoders import (
     encode_tiles,
     find_encoder,
     make_encoder,
-    sha256_of,
 )
 from healnet.preprocess.wsi import (
     SlideInputError,
@@ -315,8 +315,8 @@ def test_weights_encoder_records_its_provenance(tmp_path, slides, export_format)
 
     encoder = make_encoder(str(path), device="cpu")
     assert encoder.dim == 16 and encoder.name == "tiny"
-    assert encoder.provenance == EncoderProvenance("tiny", sha256_of(path), 16, 224, "imagenet")
-    assert encoder.provenance.key == f"tiny-{sha256_of(path)[:12]}"
+    assert encoder.provenance == EncoderProvenance("tiny", sha256_file(path), 16, 224, "imagenet")
+    assert encoder.provenance.key == f"tiny-{sha256_file(path)[:12]}"
     patches = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), dtype=np.uint8)
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     expected_input = torch.tensor(((patches / 255 - mean) / std).transpose(0, 3, 1, 2), dtype=torch.float32)
@@ -333,7 +333,7 @@ def test_weights_encoder_records_its_provenance(tmp_path, slides, export_format)
     renamed = tmp_path / "encoders" / f"renamed{path.suffix}"
     renamed.parent.mkdir()
     renamed.write_bytes(path.read_bytes())
-    assert find_encoder(encoder.provenance, [renamed.parent], "cpu").provenance.weights_sha256 == sha256_of(
+    assert find_encoder(encoder.provenance, [renamed.parent], "cpu").provenance.weights_sha256 == sha256_file(
         path
     )
     with pytest.raises(EncoderError, match="not available here"):

@@ -9,7 +9,6 @@ without the slide-reading stack.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -22,6 +21,7 @@ from einops import rearrange
 from PIL import Image
 
 from healnet.errors import HEALNetError
+from healnet.files import sha256_file
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -225,14 +225,6 @@ class FeatureProvenance:
         return f"{self.encoder.describe()}, {self.patch_size} px patches at {self.target_mpp} µm/px"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class WeightsEncoder:
     """A user's exported network (ResNet50-trunc, UNI, CONCH, ...) from a local file: TorchScript
     (`torch.jit.save`) or `torch.export` (`.pt2`). It takes ImageNet-normalised NCHW float input of
@@ -260,7 +252,7 @@ class WeightsEncoder:
             ) from error
         self.dim = int(dim)
         self.provenance = EncoderProvenance(
-            self.name, sha256_of(path), self.dim, ENCODER_INPUT_SIZE, "imagenet"
+            self.name, sha256_file(path), self.dim, ENCODER_INPUT_SIZE, "imagenet"
         )
 
     def _forward(self, patches: np.ndarray) -> np.ndarray:
@@ -313,7 +305,7 @@ def find_encoder(
         if path.is_file() and path.suffix in (".pt", ".pt2", ".ts", ".jit", ".pth")
     )
     for path in candidates:
-        if sha256_of(path) == provenance.weights_sha256:
+        if sha256_file(path) == provenance.weights_sha256:
             encoder = WeightsEncoder(path, path.suffix == ".pt2", device)
             if encoder.provenance.dim != provenance.dim:
                 raise EncoderError(

@@ -27,7 +27,6 @@ import's patch grid) is quarantined with the reason, never written. h5py and tor
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from collections import Counter
@@ -46,6 +45,7 @@ from healnet.preprocess.wsi import (
     SlideInputError,
     feature_file_name,
     read_feature_provenance,
+    write_quarantine,
     write_slide_features,
 )
 
@@ -613,11 +613,4 @@ def write_import_report(report: ImportReport) -> None:
     }
     report.out_dir.mkdir(parents=True, exist_ok=True)
     (report.out_dir / "report.json").write_text(json.dumps(summary, indent=2))
-    quarantine_path = report.out_dir / "quarantine.csv"
-    if not report.quarantined:
-        quarantine_path.unlink(missing_ok=True)  # a previous run's list would mislead
-        return
-    with quarantine_path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["slide", "reason"])
-        writer.writerows(report.quarantined)
+    write_quarantine(report.out_dir / "quarantine.csv", report.quarantined)

@@ -715,11 +715,16 @@ def write_report(
         "quarantined": [{"slide": slide, "reason": reason} for slide, reason in report.quarantined],
     }
     (out_dir / shard_file_name("report.json", shard)).write_text(json.dumps(summary, indent=2))
-    quarantine_path = out_dir / shard_file_name("quarantine.csv", shard)
-    if not report.quarantined:
-        quarantine_path.unlink(missing_ok=True)  # a previous run's list would mislead
+    write_quarantine(out_dir / shard_file_name("quarantine.csv", shard), report.quarantined)
+
+
+def write_quarantine(path: Path, quarantined: Sequence[tuple[str, str]]) -> None:
+    """The quarantined slides and their reasons as CSV (slide, reason); no file when there are none, so
+    that a previous run's list cannot mislead."""
+    if not quarantined:
+        path.unlink(missing_ok=True)
         return
-    with quarantine_path.open("w", newline="") as handle:
+    with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["slide", "reason"])
-        writer.writerows(report.quarantined)
+        writer.writerows(quarantined)
