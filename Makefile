@@ -12,7 +12,7 @@ HEALNET_IMAGE ?= $(IMAGE_REGISTRY)/healnet:$(IMAGE_TAG)
 HEALNET_GPU_IMAGE ?= $(IMAGE_REGISTRY)/healnet-gpu:$(IMAGE_TAG)
 GIT_SHA := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 
-.PHONY: venv run serve compile test test-fast lint format bench images clean
+.PHONY: venv run serve compile test test-fast lint format bench images images-docker images-buildah images-test clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -52,12 +52,36 @@ bench: venv
 	$(PY) benchmarks/tiling.py
 	$(PY) benchmarks/serve_load.py
 
-images:
-	@command -v docker >/dev/null && docker info >/dev/null 2>&1 || { echo "make images: no Docker engine on this machine; run it where Docker is available (see docs/pipeline.md)"; exit 1; }
-	DOCKER_BUILDKIT=1 docker build -f components/Dockerfile --build-arg GIT_SHA=$(GIT_SHA) -t $(HEALNET_IMAGE) .
-	DOCKER_BUILDKIT=1 docker build -f components/Dockerfile.gpu --build-arg GIT_SHA=$(GIT_SHA) -t $(HEALNET_GPU_IMAGE) .
+HEALNET_SERVICE_IMAGE ?= $(IMAGE_REGISTRY)/healnet-service:$(IMAGE_TAG)
+IMAGE_NAMES = HEALNET_IMAGE=$(HEALNET_IMAGE) HEALNET_GPU_IMAGE=$(HEALNET_GPU_IMAGE) HEALNET_SERVICE_IMAGE=$(HEALNET_SERVICE_IMAGE) REGISTRY=$(REGISTRY)
+# Base images other than the Dockerfiles' defaults, e.g. pinned by digest (README, Images):
+#   make images PYTHON_IMAGE=python:3.11.10-slim-bookworm@sha256:... TORCH_IMAGE=pytorch/pytorch:...@sha256:...
+PYTHON_BASE_ARG = $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE))
+TORCH_BASE_ARG = $(if $(TORCH_IMAGE),--build-arg TORCH_IMAGE=$(TORCH_IMAGE))
+
+# The three images: CPU steps, GPU training and the service (a Bento packing the champion of $(REGISTRY)).
+# With a Docker engine they are built and pushed. Without one, rootful buildah/podman build them (scripts/images.sh
+# build: bases that cannot be pulled are stood in for, the CUDA base by a CPU one) and nothing is pushed.
+DOCKER_ENGINE = $(shell command -v docker >/dev/null && docker info >/dev/null 2>&1 && echo yes)
+.SECONDEXPANSION:
+images: $$(if $$(DOCKER_ENGINE),images-docker,images-buildah)
+
+images-buildah: venv
+	@echo "make images: no Docker engine here: building with buildah/podman; nothing is pushed, there is no registry"
+	$(IMAGE_NAMES) scripts/images.sh build
+
+# Build the images with buildah/podman, then run the pipeline's steps and the service inside them (CI).
+images-test: venv
+	$(IMAGE_NAMES) scripts/images.sh test
+
+images-docker: venv
+	DOCKER_BUILDKIT=1 docker build -f components/Dockerfile $(PYTHON_BASE_ARG) --build-arg GIT_SHA=$(GIT_SHA) -t $(HEALNET_IMAGE) .
+	DOCKER_BUILDKIT=1 docker build -f components/Dockerfile.gpu $(TORCH_BASE_ARG) --build-arg GIT_SHA=$(GIT_SHA) -t $(HEALNET_GPU_IMAGE) .
+	$(IMAGE_NAMES) scripts/images.sh context
+	DOCKER_BUILDKIT=1 docker build -f serving/Dockerfile $(PYTHON_BASE_ARG) --build-arg GIT_SHA=$(GIT_SHA) -t $(HEALNET_SERVICE_IMAGE) build/images/bento-context
 	docker push $(HEALNET_IMAGE)
 	docker push $(HEALNET_GPU_IMAGE)
+	docker push $(HEALNET_SERVICE_IMAGE)
 
 clean:
 	rm -rf build

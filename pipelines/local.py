@@ -52,12 +52,15 @@ def run_local(
     options: ClusterOptions = DEFAULT_OPTIONS,
     cache: bool = False,
     stream_logs: bool = False,
+    runner: object | None = None,
 ) -> LocalRun:
     """Run the pipeline with `arguments` under `pipeline_root`; a failed step ends the run (reported,
     not raised) after the exit handler has run. With `cache`, steps whose inputs are unchanged reuse
     the outputs of an earlier run under the same root (validation and the release steps always run).
     The steps' own output goes to the terminal with `stream_logs`, else to `steps.log` in the run folder
-    (kfp.local's one-line progress per task is printed either way)."""
+    (kfp.local's one-line progress per task is printed either way). `runner` is a kfp.local runner; the
+    default, SubprocessRunner(use_venv=False), runs every step in this interpreter (a DockerRunner runs
+    them in the step images: scripts/pipeline_in_images.py)."""
     from kfp import local
 
     from pipelines.pipeline import PIPELINE_NAME, build_pipeline
@@ -66,7 +69,9 @@ def run_local(
     pipeline_root.mkdir(parents=True, exist_ok=True)
     before = set(pipeline_root.glob(f"{PIPELINE_NAME}-*"))
     local.init(
-        runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), enable_caching=cache
+        runner=runner or local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(pipeline_root),
+        enable_caching=cache,
     )
     error = ""
     original_print = builtins.print

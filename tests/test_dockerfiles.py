@@ -1,4 +1,5 @@
-"""The pipeline images' Dockerfiles: hadolint-clean, multi-stage, non-root, parameterised, pinned."""
+"""The images' Dockerfiles (pipeline steps and service): hadolint-clean, multi-stage, non-root, parameterised,
+pinned. scripts/images.sh builds and runs them (make images-test, CI); these checks need no engine."""
 
 import json
 import re
@@ -10,7 +11,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCKERFILES = {"cpu": REPO / "components" / "Dockerfile", "gpu": REPO / "components" / "Dockerfile.gpu"}
+DOCKERFILES = {
+    "cpu": REPO / "components" / "Dockerfile",
+    "gpu": REPO / "components" / "Dockerfile.gpu",
+    "serving": REPO / "serving" / "Dockerfile",
+}
+# the step images are built from the repository root; the service image from a Bento directory
+FROM_REPOSITORY = ("cpu", "gpu")
 BUILD_TOOLS = ("build-essential", "gcc", "g++", "make ", "cmake", "git ")
 
 
@@ -62,7 +69,9 @@ def test_multi_stage_with_a_lean_non_root_final_stage(kind):
     assert ("COPY", "--from=build /opt/venv /opt/venv") in final
 
 
-@pytest.mark.parametrize(("kind", "base_arg"), [("cpu", "PYTHON_IMAGE"), ("gpu", "TORCH_IMAGE")])
+@pytest.mark.parametrize(
+    ("kind", "base_arg"), [("cpu", "PYTHON_IMAGE"), ("gpu", "TORCH_IMAGE"), ("serving", "PYTHON_IMAGE")]
+)
 def test_base_images_are_build_args_with_pinned_defaults(kind, base_arg):
     steps = instructions(DOCKERFILES[kind])
     default = next(
@@ -81,7 +90,7 @@ def test_base_images_are_build_args_with_pinned_defaults(kind, base_arg):
         assert name == "pytorch/pytorch" and "cuda" in tag and tag.endswith("-runtime")
 
 
-@pytest.mark.parametrize("kind", DOCKERFILES)
+@pytest.mark.parametrize("kind", FROM_REPOSITORY)
 def test_the_copied_sources_exist_and_are_not_ignored(kind):
     path = DOCKERFILES[kind]
     ignore = Path(f"{path}.dockerignore").read_text().split()
@@ -105,3 +114,37 @@ def test_hadolint_does_flag_a_careless_dockerfile(tmp_path):
     )
     codes = {finding["code"] for finding in json.loads(done.stdout)}
     assert {"DL3007", "DL3008", "DL3013"} <= codes and done.returncode != 0
+
+
+def arg_default(kind: str, name: str) -> str:
+    return next(
+        args.split("=", 1)[1]
+        for keyword, args in instructions(DOCKERFILES[kind])
+        if keyword == "ARG" and args.startswith(f"{name}=")
+    )
+
+
+def test_the_service_and_step_images_share_their_python_base():
+    # one base to pin (and, without a registry, one stand-in for scripts/images.sh to assemble)
+    assert arg_default("serving", "PYTHON_IMAGE") == arg_default("cpu", "PYTHON_IMAGE")
+
+
+def test_the_service_image_holds_the_bentos_packages_only_and_serves_as_the_k8s_user():
+    steps = instructions(DOCKERFILES["serving"])
+    runs = " ".join(args for keyword, args in steps if keyword == "RUN")
+    # the Bento's requirements (bentofile.yaml's packages and bentoml), CPU torch first; never the project
+    assert "-r /tmp/requirements.txt" in runs and "download.pytorch.org/whl/cpu" in runs
+    assert "pip install --no-cache-dir ." not in runs
+    assert ("COPY", "env/python/requirements.txt /tmp/requirements.txt") in steps
+    final = final_stage(DOCKERFILES["serving"])
+    deployment = (REPO / "k8s" / "base" / "deployment.yaml").read_text()
+    user = [args for keyword, args in final if keyword == "USER"][-1]
+    assert f"runAsUser: {user}" in deployment
+    assert ("ENTRYPOINT", '["bentoml", "serve", "/home/bentoml/bento"]') in final
+    assert ("EXPOSE", "3000") in final
+
+
+def test_the_gpu_image_requires_cuda_unless_told_otherwise():
+    assert arg_default("gpu", "REQUIRE_CUDA") == "1"
+    runs = " ".join(args for keyword, args in instructions(DOCKERFILES["gpu"]) if keyword == "RUN")
+    assert "torch.version.cuda" in runs and "REQUIRE_CUDA" in runs

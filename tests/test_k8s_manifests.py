@@ -171,8 +171,8 @@ def test_overlay_contains_the_monitoring_resources(overlay: str) -> None:
 @pytest.mark.parametrize(
     ("overlay", "namespace", "image", "min_replicas"),
     [
-        ("dev", "healnet-dev", "registry.example.com/healnet/healnet-service:0.2.0-dev", 1),
-        ("prod", "healnet", "registry.example.com/healnet/healnet-service:0.2.0", 3),
+        ("dev", "healnet-dev", "registry.example.com/healnet/healnet-service:0.3.0-dev", 1),
+        ("prod", "healnet", "registry.example.com/healnet/healnet-service:0.3.0", 3),
     ],
 )
 def test_overlay_sets_namespace_image_replicas_and_release(
