@@ -170,8 +170,11 @@ def coordinate_spacing(coords: np.ndarray) -> float:
 
 
 def patch_footprint(metadata: Mapping[str, Any], coords: np.ndarray) -> tuple[float, str]:
-    """Level-0 px side of a patch and where it came from: patch_size × target_mpp / slide_mpp from a
-    feature file's metadata, else the coordinates' spacing."""
+    """Level-0 px side of a patch and where it came from: the feature file's patch_size_level0 (imported
+    features) or patch_size × target_mpp / slide_mpp, else the coordinates' spacing."""
+    level0 = metadata.get("patch_size_level0")
+    if isinstance(level0, int | float) and math.isfinite(level0) and level0 > 0:
+        return float(level0), "feature metadata"
     try:
         footprint = (
             float(metadata["patch_size"]) * float(metadata["target_mpp"]) / float(metadata["slide_mpp"])

@@ -376,4 +376,6 @@ def test_import_then_serve_then_heatmap(imported_cohort, tmp_path, monkeypatch, 
     assert "heatmap:" in capsys.readouterr().out
     report = json.loads(out.with_suffix(".json").read_text())
     assert [[patch["x"], patch["y"]] for patch in report["patches"]] == coords.tolist()
+    # the imported files' level-0 patch side, not a guess from the coordinates' spacing
+    assert (report["patch_footprint_px"], report["footprint_source"]) == (512, "feature metadata")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -228,7 +228,8 @@ class FeatureProvenance:
 class WeightsEncoder:
     """A user's exported network (ResNet50-trunc, UNI, CONCH, ...) from a local file: TorchScript
     (`torch.jit.save`) or `torch.export` (`.pt2`). It takes ImageNet-normalised NCHW float input of
-    `input_size` px; tiles are resized to it."""
+    ENCODER_INPUT_SIZE px (`scripts/export_encoders.py` wraps networks that expect another size or
+    normalisation)."""
 
     def __init__(self, path: Path, exported: bool, device: str | None = None):
         import torch
@@ -306,7 +307,7 @@ def find_encoder(
     )
     for path in candidates:
         if sha256_file(path) == provenance.weights_sha256:
-            encoder = WeightsEncoder(path, path.suffix == ".pt2", device)
+            encoder = make_encoder(str(path), device)
             if encoder.provenance.dim != provenance.dim:
                 raise EncoderError(
                     f"encoder {path} gives {encoder.dim} features, the model expects {provenance.dim}"
