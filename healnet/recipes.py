@@ -70,7 +70,7 @@ TCGA = Recipe(
         "latent_dim_head": 8,
         "linear_path": CLINICAL,
     },
-    train=TrainConfig(epochs=20, patience=20, monitor="loss", batch_size=64, weight_decay=3e-2),
+    train=TrainConfig(epochs=40, patience=40, monitor="loss", batch_size=64, weight_decay=3e-2),
     members=20,
 )
 

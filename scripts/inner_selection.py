@@ -5,8 +5,8 @@ seed), a stratified 75/25 split (random_state = SET + fold) gives an inner train
 Every candidate and baseline is fitted on the inner training set and scored on the inner test set.
 The protocol and the rule that picks a candidate are in docs/results.md, written before the run.
 
-    python scripts/inner_selection.py --table ../shared/data/tcga/tcga_blca_all_clean.csv.gz --set 400 \
-        --json build/inner/blca_400.json
+    python scripts/inner_selection.py --table ../shared/data/tcga/tcga_blca_all_clean.csv.gz --round 2 \
+        --set 500 --json build/inner/blca_500.json
 """
 
 from __future__ import annotations
@@ -26,12 +26,32 @@ from healnet.cv import BASELINES, CVConfig, run_fold
 from healnet.data.cohort import ingest
 from healnet.data.splits import kfold_splits
 from healnet.experiment import CohortData
-from healnet.recipes import TCGA
+from healnet.recipes import TCGA, Recipe
 
-CANDIDATES = {
-    "omics_only": replace(TCGA.without_linear_path(), clinical=None),
-    "clinical_token": TCGA.without_linear_path(),
-    "clinical_token_linear": TCGA,
+
+def _changed(model: dict | None = None, **train: object) -> Recipe:
+    """The `tcga` recipe with some model settings and training settings changed."""
+    return replace(TCGA, model={**TCGA.model, **(model or {})}, train=replace(TCGA.train, **train))
+
+
+# Each round's candidates, as declared in docs/results.md before its run.
+ROUNDS: dict[int, dict[str, Recipe]] = {
+    1: {
+        "omics_only": replace(TCGA.without_linear_path(), clinical=None),
+        "clinical_token": TCGA.without_linear_path(),
+        "clinical_token_linear": TCGA,
+    },
+    2: {
+        "current": TCGA,
+        "epochs_40": _changed(epochs=40, patience=40),
+        "dropout": _changed({"ff_dropout": 0.3, "attn_dropout": 0.1}),
+        "snn": _changed({"snn": True}),
+        "bin_weights": _changed(bin_weights=True),
+        "weight_decay_0.1": _changed(weight_decay=1e-1),
+        "reference_choices": _changed(
+            {"snn": True, "ff_dropout": 0.3, "attn_dropout": 0.1}, bin_weights=True
+        ),
+    },
 }
 
 
@@ -63,6 +83,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--table", type=Path, required=True)
+    parser.add_argument("--round", type=int, default=2, choices=sorted(ROUNDS), help="which candidates")
     parser.add_argument("--set", type=int, default=400, help="inner split seed offset")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
@@ -74,7 +95,7 @@ def main() -> None:
     sets = inner_sets(data, args.folds, args.seed, args.set)
     tasks = [
         (name, replace(CVConfig(), models=("healnet",), healnet=recipe))
-        for name, recipe in CANDIDATES.items()
+        for name, recipe in ROUNDS[args.round].items()
     ] + [("baselines", replace(CVConfig(), models=BASELINES))]
     jobs = [
         delayed(score)(data, name, config, train, test, args.seed * 1000 + index)
@@ -83,16 +104,26 @@ def main() -> None:
     ]
     results = Parallel(n_jobs=args.jobs)(jobs)
     by_candidate: dict[str, list[float]] = {}
+    seconds: dict[str, list[float]] = {}
     for result in results:
+        seconds.setdefault(result["candidate"], []).append(result["seconds"])
         for model, metrics in result["models"].items():
             key = result["candidate"] if model == "healnet" else model
             if model != "healnet_single":
                 by_candidate.setdefault(key, []).append(metrics["c_index"])
-    summary = {key: {"mean": float(np.mean(v)), "per_set": v} for key, v in by_candidate.items()}
+    summary = {
+        key: {"mean": float(np.mean(v)), "per_set": v, "median_seconds": float(np.median(seconds[key]))}
+        if key in seconds
+        else {"mean": float(np.mean(v)), "per_set": v}
+        for key, v in by_candidate.items()
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"set": args.set, "summary": summary, "results": results}, indent=1))
+    args.json.write_text(
+        json.dumps({"round": args.round, "set": args.set, "summary": summary, "results": results}, indent=1)
+    )
     for key, value in summary.items():
-        print(f"{key:<24} {value['mean']:.4f}  " + " ".join(f"{c:.3f}" for c in value["per_set"]))
+        timing = f"  {value['median_seconds']:.1f} s/fit" if "median_seconds" in value else ""
+        print(f"{key:<24} {value['mean']:.4f}  " + " ".join(f"{c:.3f}" for c in value["per_set"]) + timing)
 
 
 if __name__ == "__main__":
