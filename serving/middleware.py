@@ -22,7 +22,9 @@ REJECTION_HEADER = "x-healnet-rejection"  # set on every rejection the service i
 JSON_MEDIA_TYPE = "application/json"
 MULTIPART_MEDIA_TYPE = "multipart/form-data"
 MULTIPART_PATH = "/predict"
-MULTIPART_FIELDS = ("wsi_tiles", "omics", "return_attention")
+# Text parts, each holding the JSON value of the JSON request's field of the same name.
+MULTIPART_JSON_FIELDS = ("omics", "clinical", "wsi_coords", "return_attention")
+MULTIPART_FIELDS = ("wsi_tiles", *MULTIPART_JSON_FIELDS)
 OPENAPI_PATH = "/docs.json"
 # The multipart form of /predict, added to BentoML's OpenAPI document (BentoML never sees that form).
 MULTIPART_SCHEMA = {
@@ -34,6 +36,11 @@ MULTIPART_SCHEMA = {
             "description": "Slide tiles as PNG or JPEG files, one part each.",
         },
         "omics": {"type": "string", "description": "JSON object: the omics field of the JSON request."},
+        "clinical": {"type": "string", "description": "JSON object: the clinical field of the JSON request."},
+        "wsi_coords": {
+            "type": "string",
+            "description": "JSON array of [x, y], one per tile in upload order: the wsi_coords field.",
+        },
         "return_attention": {"type": "string", "enum": ["true", "false"]},
     },
 }
@@ -117,8 +124,9 @@ class RequestGuard:
 
 
 async def multipart_as_json(scope: dict, body: bytes, max_tiles: int) -> bytes:
-    """The JSON body that a multipart /predict stands for: `wsi_tiles` file parts (PNG/JPEG), an optional
-    `omics` part holding a JSON object, an optional `return_attention` part ("true"/"false")."""
+    """The JSON body that a multipart /predict stands for: `wsi_tiles` file parts (PNG/JPEG), and optional
+    text parts `omics`, `clinical`, `wsi_coords` and `return_attention`, each holding the JSON value of the
+    JSON request's field of that name."""
 
     async def chunks() -> AsyncGenerator[bytes, None]:
         yield body
@@ -146,7 +154,7 @@ async def multipart_as_json(scope: dict, body: bytes, max_tiles: int) -> bytes:
             raise RejectedRequest("invalid_schema", "wsi_tiles parts must be image files")
         if files:
             request_json["wsi_tiles"] = [base64.b64encode(await file.read()).decode() for file in files]
-        for name in ("omics", "return_attention"):
+        for name in MULTIPART_JSON_FIELDS:
             values = form.getlist(name)
             texts = [value for value in values if isinstance(value, str)]
             if len(values) > 1 or len(texts) != len(values):

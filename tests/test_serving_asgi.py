@@ -112,20 +112,23 @@ def tile_files(
 
 
 def test_multipart_tiles_get_the_same_answer_as_base64_json(client):
-    omics = demo_payload(SPEC, ("omic",))["omics"]
+    fields = demo_payload(SPEC, ("omic", "clinical"))
+    coords = [[0, 0], [256, 0], [0, 256]]
     files = tile_files(3)
+    tiles = [base64.b64encode(f[1][1]).decode() for f in files]
     as_json = client.post(
-        "/predict",
-        json={"omics": omics, "wsi_tiles": [base64.b64encode(f[1][1]).decode() for f in files]},
+        "/predict", json={**fields, "wsi_tiles": tiles, "wsi_coords": coords, "return_attention": True}
     )
-    as_multipart = client.post(
-        "/predict", files=files, data={"omics": json.dumps(omics), "return_attention": "true"}
-    )
+    text_parts = {name: json.dumps(value) for name, value in {**fields, "wsi_coords": coords}.items()}
+    as_multipart = client.post("/predict", files=files, data={**text_parts, "return_attention": "true"})
     assert as_json.status_code == as_multipart.status_code == 200, as_multipart.text
     answer = as_multipart.json()
     assert answer["risk"] == pytest.approx(as_json.json()["risk"], abs=1e-6)
-    assert answer["modalities_used"] == ["omic", "wsi"]
+    assert answer["modalities_used"] == as_json.json()["modalities_used"] == ["omic", "wsi"]
+    # the demo model has no clinical modality: the covariates arrive and are named as unused
+    assert answer["unknown_features"] == as_json.json()["unknown_features"] == ["age", "is_female"]
     assert len(answer["attention"]["wsi"]) == 3
+    assert answer["attention_coords"] == coords
     tiles_only = client.post("/predict", files=tile_files(2))
     assert tiles_only.status_code == 200 and tiles_only.json()["modalities_used"] == ["wsi"]
 
@@ -139,6 +142,12 @@ MULTIPART_ERRORS = {
     "unknown field": ({"files": tile_files(1), "data": {"slide": "x"}}, 400, "invalid_schema"),
     "omics not JSON": ({"files": tile_files(1), "data": {"omics": "{mut"}}, 400, "invalid_schema"),
     "omics of wrong type": ({"files": tile_files(1), "data": {"omics": '{"mut": 1}'}}, 400, "invalid_schema"),
+    "clinical not JSON": ({"files": tile_files(1), "data": {"clinical": "age=61"}}, 400, "invalid_schema"),
+    "coords of wrong count": (
+        {"files": tile_files(2), "data": {"wsi_coords": "[[0, 0]]"}},
+        422,
+        "wrong_dimensions",
+    ),
     "GIF tile": ({"files": tile_files(1, image_format="GIF")}, 422, "bad_image"),
     "too many tiles": ({"files": tile_files(MAX_TILES + 1, size=8)}, 413, "too_large"),
     "far too many tiles": ({"files": tile_files(MAX_TILES + 3, size=8)}, 413, "too_large"),
@@ -299,6 +308,6 @@ def test_the_openapi_document_describes_both_forms_of_predict(client):
     content = response.json()["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert set(content) == {"application/json", "multipart/form-data"}
     form = content["multipart/form-data"]["schema"]["properties"]
-    assert set(form) == {"wsi_tiles", "omics", "return_attention"}
+    assert set(form) == {"wsi_tiles", "omics", "clinical", "wsi_coords", "return_attention"}
     assert form["wsi_tiles"]["items"] == {"type": "string", "format": "binary"}
     assert int(response.headers["content-length"]) == len(response.content)

@@ -493,6 +493,29 @@ def test_rerun_resumes_an_interrupted_run(slides, tmp_path, monkeypatch):
     assert len(report.processed) == 3 and not report.skipped
 
 
+def test_a_slide_that_fails_its_recompute_keeps_no_stale_features(slides, tmp_path, monkeypatch):
+    folder, out = tmp_path / "in", tmp_path / "out"
+    folder.mkdir()
+    for path in slides.values():
+        (folder / path.name).write_bytes(path.read_bytes())
+    preprocess_slides(folder, out, progress=False)
+    earlier = (out / "good-a.parquet").read_bytes()
+    compute = wsi.preprocess_slide
+
+    def fails_for_good_a(path, *args, **kwargs):
+        if path.name == "good-a.tif":
+            raise wsi.SlideError("unreadable slide: the file changed")
+        return compute(path, *args, **kwargs)
+
+    monkeypatch.setattr(wsi, "preprocess_slide", fails_for_good_a)
+    report = preprocess_slides(folder, out, config=TilingConfig(min_tissue_fraction=0.6), progress=False)
+    [(slide, reason)] = report.quarantined
+    assert slide == "good-a.tif" and "kept as good-a.parquet.superseded" in reason
+    assert not (out / "good-a.parquet").exists()  # not read as features of the new settings
+    assert (out / "good-a.parquet.superseded").read_bytes() == earlier  # nothing lost
+    assert sorted(path.name for path in out.glob("*.parquet")) == ["fine.parquet", "good-b.parquet"]
+
+
 def test_read_slide_features_rejects_foreign_parquet(tmp_path):
     pd.DataFrame({"x": [0], "y": [0], "feature": [1.0]}).to_parquet(tmp_path / "foreign.parquet")
     with pytest.raises(SlideInputError, match="columns"):

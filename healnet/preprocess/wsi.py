@@ -421,6 +421,8 @@ def draw_overlay(thumbnail: np.ndarray, mask: np.ndarray, boxes: np.ndarray) -> 
 # Feature files
 
 METADATA_PREFIX = "healnet."
+# An earlier feature file of a slide that a later run quarantined: kept, but no longer read as features
+SUPERSEDED_SUFFIX = ".superseded"
 
 
 def write_slide_features(path: Path, features: np.ndarray, coords: np.ndarray, metadata: dict) -> None:
@@ -639,7 +641,8 @@ def preprocess_slides(
 
     Resumes: a slide whose outputs an earlier run completed with the same encoder and settings
     (`completed_slide`) is skipped and listed in `report.skipped`, unless `overwrite`; an interrupted
-    run's `.partial` feature file is removed. A manifest's optional `mpp` column gives the µm/px of
+    run's `.partial` feature file is removed, and a slide quarantined on recompute keeps an earlier run's
+    feature file only as `<file>.superseded` (`set_aside_earlier_features`). A manifest's optional `mpp` column gives the µm/px of
     slides that do not record one (`slide_mpp_and_source`). Writes `out_dir/report.json` (and
     `quarantine.csv` when any slide was quarantined); a sharded run names them per shard
     (`shard_file_name`). Raises `SlideInputError` when the input has no slides.
@@ -683,9 +686,21 @@ def preprocess_slides(
                 preprocess_slide(path, out_dir, encoder, config, slide_id, mpps.get(slide_id))
             )
         except SlideError as error:
-            report.quarantined.append((slide_id, str(error)))
+            report.quarantined.append((slide_id, set_aside_earlier_features(out_dir, slide_id, str(error))))
     write_report(report, out_dir, encoder, config, shard)
     return report
+
+
+def set_aside_earlier_features(out_dir: Path, slide_id: str, reason: str) -> str:
+    """Rename the feature file an earlier run wrote for a slide that this run failed to recompute (other
+    settings, or `overwrite`) to `<file>.superseded`, so that training does not read features of settings
+    this run no longer stands for; nothing is deleted. Returns the quarantine reason, saying so."""
+    earlier = out_dir / feature_file_name(slide_id)
+    if not earlier.exists():
+        return reason
+    kept = earlier.with_name(earlier.name + SUPERSEDED_SUFFIX)
+    earlier.replace(kept)
+    return f"{reason}; the earlier run's feature file is kept as {kept.name}"
 
 
 def result_summary(result: SlideResult) -> dict:
