@@ -642,8 +642,8 @@ def preprocess_slides(
     Resumes: a slide whose outputs an earlier run completed with the same encoder and settings
     (`completed_slide`) is skipped and listed in `report.skipped`, unless `overwrite`; an interrupted
     run's `.partial` feature file is removed, and a slide quarantined on recompute keeps an earlier run's
-    feature file only as `<file>.superseded` (`set_aside_earlier_features`). A manifest's optional `mpp` column gives the µm/px of
-    slides that do not record one (`slide_mpp_and_source`). Writes `out_dir/report.json` (and
+    feature file only as `<file>.superseded` (`set_aside_earlier_features`). A manifest's optional `mpp`
+    column gives the µm/px of slides that do not record one (`slide_mpp_and_source`). Writes `out_dir/report.json` (and
     `quarantine.csv` when any slide was quarantined); a sharded run names them per shard
     (`shard_file_name`). Raises `SlideInputError` when the input has no slides.
     """
