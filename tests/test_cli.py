@@ -1,5 +1,6 @@
 """The entry points: one line and exit code 2 for a library error, the traceback only with --debug."""
 
+import argparse
 import importlib
 import inspect
 import pkgutil
@@ -9,7 +10,9 @@ import sys
 import pytest
 
 import healnet
+import healnet.cli as healnet_cli
 from healnet.errors import HEALNetError
+from healnet.recipes import RECIPES
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -52,3 +55,26 @@ def library_exceptions() -> list[type]:
 @pytest.mark.parametrize("error", library_exceptions(), ids=lambda cls: cls.__name__)
 def test_every_library_exception_derives_from_the_one_base(error):
     assert issubclass(error, HEALNetError)
+
+
+def subcommand_parser(command: str) -> argparse.ArgumentParser:
+    parser = healnet_cli.build_parser()
+    subparsers = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    return subparsers.choices[command]
+
+
+@pytest.mark.parametrize("command", sorted(healnet_cli.COMMANDS))
+def test_every_option_help_says_what_it_does_and_no_default_reads_none(command):
+    subparser = subcommand_parser(command)
+    for action in subparser._actions:
+        assert action.help, f"healnet {command} {action.option_strings or action.dest} has no help"
+    printed = subparser.format_help()
+    assert "(default: None)" not in printed and "(default: False)" not in printed
+
+
+def test_an_option_that_overrides_the_recipe_shows_each_recipe_value():
+    subparser = subcommand_parser("train")
+    epochs = next(action for action in subparser._actions if "--epochs" in action.option_strings)
+    expected = ", ".join(f"{name} {recipe.train.epochs}" for name, recipe in RECIPES.items())
+    assert epochs.help.endswith(f"(default: the recipe's: {expected})")
+    assert subparser.parse_args(["--cohort", "c", "--out", "o"]).epochs is None  # the recipe decides

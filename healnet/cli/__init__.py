@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 from healnet import __version__
 from healnet.errors import exit_code_of
@@ -26,6 +27,25 @@ COMMANDS = {
     "ablate": "healnet.cli.ablate",
     "registry": "healnet.cli.registry",
 }
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions and epilogs as written; an option's default is shown unless it is None or False (an
+    option that is off unless given) or its help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def recipe_default(describe: Callable) -> str:
+    """'(default: the recipe's: demo X, tcga Y)': what an option that overrides a recipe setting is without it.
+    `describe(recipe)` gives one recipe's value."""
+    from healnet.recipes import RECIPES
+
+    values = ", ".join(f"{name} {describe(recipe)}" for name, recipe in RECIPES.items())
+    return f"(default: the recipe's: {values})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=module.HELP,
             description=module.HELP,
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         module.configure(sub)
         sub.set_defaults(handler=module.run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from healnet.cli import recipe_default
 from healnet.recipes import CV_FOLDS, CV_MODELS, CV_REPEATS, CV_SEED, TCGA
 
 HELP = (
@@ -45,24 +46,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="comma-separated subset of healnet, age (age alone), coxnet (clinical + all omics), "
         "coxnet_topk (clinical + top-k omics), rsf (forest on clinical + top-k omics)",
     )
-    parser.add_argument(
-        "--members", type=int, default=None, help="HEALNet ensemble size (default: the recipe's)"
-    )
-    parser.add_argument(
-        "--epochs", type=int, default=None, help="HEALNet epochs per member (default: the recipe's)"
-    )
-    parser.add_argument(
-        "--batch-size", type=int, default=None, help="HEALNet batch size (default: the recipe's)"
-    )
-    parser.add_argument(
-        "--weight-decay", type=float, default=None, help="HEALNet Adam weight decay (default: the recipe's)"
-    )
-    parser.add_argument(
-        "--top-k",
-        type=int,
-        default=None,
-        help="HEALNet: highest-variance features per table (default: the recipe's)",
-    )
+    recipe_options = {
+        "--members": (int, "HEALNet ensemble size", lambda r: r.members),
+        "--epochs": (int, "HEALNet epochs per member", lambda r: r.train.epochs),
+        "--batch-size": (int, "HEALNet batch size", lambda r: r.train.batch_size),
+        "--weight-decay": (float, "HEALNet Adam weight decay", lambda r: r.train.weight_decay),
+        "--top-k": (int, "HEALNet: highest-variance features per table", lambda r: r.omics.top_k or "all"),
+    }
+    for option, (kind, text, describe) in recipe_options.items():
+        parser.add_argument(option, type=kind, default=None, help=f"{text} {recipe_default(describe)}")
     parser.add_argument("--threads", type=int, default=1, help="torch threads and forest jobs")
     parser.add_argument(
         "--jobs",

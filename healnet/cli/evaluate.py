@@ -20,7 +20,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--role", choices=["train", "val", "test"], default="test", help="which split to evaluate"
     )
-    parser.add_argument("--split-repeat", type=int, default=0)
+    parser.add_argument(
+        "--split-repeat",
+        type=int,
+        default=0,
+        help="which stored holdout split; give the one the run was trained on (`healnet train --split-repeat`)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -56,17 +56,7 @@ example:
 """
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The layout tables as written, and defaults shown unless they are None or False."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = _Formatter
     parser.description = DESCRIPTION
     parser.epilog = EPILOG
     parser.add_argument(

@@ -9,7 +9,9 @@ HELP = "Manage model versions in the registry (BentoML model store + champion po
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions = parser.add_subparsers(
+        dest="action", metavar="ACTION", required=True, help="list, show or rollback"
+    )
     actions.add_parser("list", help="list every version, newest first; * marks the champion")
     show = actions.add_parser("show", help="print one version's labels and metadata as JSON")
     show.add_argument("tag", help="model tag (healnet:VERSION) or version")

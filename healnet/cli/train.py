@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from healnet.cli import recipe_default
 from healnet.recipes import DEFAULT_RECIPE
 
 HELP = (
@@ -76,30 +77,48 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--omics-grouping",
         choices=["combined", "per-table"],
         default=None,
-        help="one omic modality, or one per table (mut, cnv, rnaseq)",
+        help="one omic modality, or one per table (mut, cnv, rnaseq) "
+        + recipe_default(lambda r: "combined" if r.omics.combine else "per-table"),
     )
-    parser.add_argument("--omics-tokens", default=None, help="single | features | groups:N")
     parser.add_argument(
-        "--top-k", type=int, default=None, help="highest-variance features kept per omic table"
+        "--omics-tokens",
+        default=None,
+        help="single | features | groups:N " + recipe_default(lambda r: r.omics.tokens),
+    )
+    parser.add_argument(
+        "--top-k",
+        type=int,
+        default=None,
+        help="highest-variance features kept per omic table "
+        + recipe_default(lambda r: r.omics.top_k or "all"),
     )
     parser.add_argument(
         "--signed-log",
         default=None,
         help="comma-separated omic tables mapped by sign(x)·log1p(|x|) before fitting, e.g. rnaseq; saved with "
-        "the model, so serving applies it too",
+        "the model, so serving applies it too "
+        + recipe_default(lambda r: ",".join(r.omics.signed_log) or "none"),
     )
     parser.add_argument("--split-repeat", type=int, default=0, help="which stored holdout split to use")
-    parser.add_argument("--members", type=int, default=None, help="ensemble members")
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None, help="peak learning rate of OneCycleLR")
-    parser.add_argument("--weight-decay", type=float, default=None, help="Adam weight decay (L2)")
-    parser.add_argument("--patience", type=int, default=None, help="early-stopping patience in epochs")
-    parser.add_argument("--depth", type=int, default=None, help="number of fusion layers")
-    parser.add_argument("--latents", type=int, default=None, help="number of latent vectors")
-    parser.add_argument("--latent-dim", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--device", default=None, help="auto, cpu or cuda (default: the recipe's, auto)")
+    recipe_options = {
+        "--members": (int, "ensemble members", lambda r: r.members),
+        "--epochs": (int, "training epochs per member", lambda r: r.train.epochs),
+        "--batch-size": (int, "patients per training step", lambda r: r.train.batch_size),
+        "--lr": (float, "peak learning rate of OneCycleLR", lambda r: r.train.lr),
+        "--weight-decay": (float, "Adam weight decay (L2)", lambda r: r.train.weight_decay),
+        "--patience": (int, "early-stopping patience in epochs", lambda r: r.train.patience),
+        "--depth": (int, "number of fusion layers", lambda r: r.model.get("depth", "the model's")),
+        "--latents": (int, "number of latent vectors", lambda r: r.model.get("n_latents", "the model's")),
+        "--latent-dim": (
+            int,
+            "width of each latent vector",
+            lambda r: r.model.get("latent_dim", "the model's"),
+        ),
+        "--seed": (int, "seed of the weight initialisation and the batch order", lambda r: r.train.seed),
+        "--device": (str, "auto, cpu or cuda", lambda r: r.train.device),
+    }
+    for option, (kind, text, describe) in recipe_options.items():
+        parser.add_argument(option, type=kind, default=None, help=f"{text} {recipe_default(describe)}")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
