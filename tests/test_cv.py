@@ -367,3 +367,20 @@ def test_ablation_scores_every_condition():
     assert report["summary"]["oracle"]["both"]["mean"] > 0.75
     assert all(0 <= s["mean"] <= 1 for row in report["summary"].values() for s in row.values())
     assert "true-factor bound" in format_ablation(report)
+
+
+def test_cli_names_the_quarantined_rows_and_keeps_them_in_the_report(table, tmp_path, capsys):
+    damaged = tmp_path / "tcga_damaged_all_clean.csv.gz"
+    rows = pd.read_csv(table, index_col=0)
+    rows.loc[[1, 2], "survival_months"] = -1.0  # two patients with one slide each get an unusable time
+    rows.to_csv(damaged)
+    out = tmp_path / "cv.json"
+    code = main(["cv", "--table", str(damaged), "--models", "age", "--repeats", "1", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["patients"] == 118
+    assert [row["id"] for row in report["quarantine"]] == ["TCGA-AB-0001", "TCGA-AB-0002"]
+    assert all("survival_months must be positive" in row["reason"] for row in report["quarantine"])
+    stderr = capsys.readouterr().err
+    assert f"rows: {len(rows)} read, {len(rows) - 2} kept, 2 quarantined" in stderr
+    assert "TCGA-AB-0001" in stderr and "survival_months must be positive" in stderr

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -119,3 +121,15 @@ def test_kfold_roles_partition_patients(n, folds, seed, rate):
     assert len(splits) == n * folds
     assert (splits[splits["role"] == "test"]["patient_id"].value_counts() == 1).all()
     assert set(splits["role"]) == {"train", "val", "test"}
+
+
+def test_fewer_events_than_folds_is_one_warning_in_the_patients_terms():
+    ids = [f"TCGA-AB-{i:04d}" for i in range(40)]
+    events = [1] * 3 + [0] * 37
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        splits = kfold_splits(ids, events, folds=5, repeats=2)
+    assert [str(w.message) for w in caught] == [
+        "3 patient(s) with an event for 5 folds: at least 2 fold(s) hold none of them"
+    ]
+    assert set(splits.loc[splits.role == "test", "patient_id"]) == set(ids)  # still every patient tested

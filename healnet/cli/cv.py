@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from healnet.cli import recipe_default
+from healnet.cli.ingest import quarantine_lines
 from healnet.recipes import CV_FOLDS, CV_MODELS, CV_REPEATS, CV_SEED, TCGA
 
 HELP = (
@@ -13,6 +15,7 @@ HELP = (
     "folds (everything fitted on training folds only); print mean ± std c-index, the best baseline and "
     "HEALNet's paired difference to it, and write a JSON report."
 )
+QUARANTINE_SHOWN = 5  # rows listed on stderr; the JSON report keeps them all
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -117,8 +120,13 @@ def run(args: argparse.Namespace) -> int:
         healnet=recipe,
         forest=replace(defaults.forest, n_jobs=args.threads),
     )
+    if len(cohort.quarantine):
+        # rows the reader could not use are left out of every model: say so before the hours of fitting
+        where = f"in the report's quarantine ({args.json})" if args.json else "(give --json to keep them all)"
+        print("\n".join(quarantine_lines(cohort, where, shown=QUARANTINE_SHOWN)), file=sys.stderr)
     report = cross_validate(data, config, progress=not args.no_progress, jobs=args.jobs)
     report["source"] = str(args.table or args.cohort)
+    report["quarantine"] = cohort.quarantine.to_dict(orient="records")
     print(format_table(report, title=f"{cohort.meta.get('name', '')}:"))
     if args.json is not None:
         write_report(report, args.json)

@@ -30,7 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def summary(cohort) -> str:
     """Patients, events, modalities, slides and quarantined rows, one fact per line."""
-    clinical, slides, quarantine = cohort.clinical, cohort.slides, cohort.quarantine
+    clinical, slides = cohort.clinical, cohort.slides
     lines = [
         f"cohort {cohort.meta['name']} written to {cohort.root}",
         f"patients: {len(clinical)} ({int(clinical['event'].sum())} events)",
@@ -42,15 +42,22 @@ def summary(cohort) -> str:
         f"slides: {len(slides)} listed, {located} with a file, "
         f"{int(cohort.availability['wsi'].sum())} patients with a slide file"
     )
-    meta = cohort.meta
-    lines.append(
-        f"rows: {meta['rows_in']} read, {meta['rows_kept']} kept, {meta['rows_quarantined']} quarantined"
-    )
-    for row in quarantine.head(QUARANTINE_SHOWN).itertuples(index=False):
-        lines.append(f"  {row.source} row {row.row} ({row.id}): {row.reason}")
-    if len(quarantine) > QUARANTINE_SHOWN:
-        lines.append(f"  ... {len(quarantine) - QUARANTINE_SHOWN} more in quarantine.parquet")
+    lines.extend(quarantine_lines(cohort, "in quarantine.parquet"))
     return "\n".join(lines)
+
+
+def quarantine_lines(cohort, rest_where: str, shown: int = QUARANTINE_SHOWN) -> list[str]:
+    """The row counts, then the first `shown` quarantined rows with their reasons; `rest_where` says where
+    the others are."""
+    meta, quarantine = cohort.meta, cohort.quarantine
+    lines = [
+        f"rows: {meta['rows_in']} read, {meta['rows_kept']} kept, {meta['rows_quarantined']} quarantined"
+    ]
+    for row in quarantine.head(shown).itertuples(index=False):
+        lines.append(f"  {row.source} row {row.row} ({row.id}): {row.reason}")
+    if len(quarantine) > shown:
+        lines.append(f"  ... {len(quarantine) - shown} more {rest_where}")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:

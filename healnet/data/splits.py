@@ -5,6 +5,7 @@ Inputs are one id per patient; split slide-level tables by patient, never by row
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -125,12 +126,23 @@ def kfold_splits(
         raise SplitError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if repeats < 1:
         raise SplitError(f"repeats must be at least 1, got {repeats}")
+    per_class = np.bincount(labels, minlength=2)
+    fewest = per_class.min()
+    if fewest < folds:
+        kind = "with" if per_class.argmin() == 1 else "without"
+        warnings.warn(
+            f"{fewest} patient(s) {kind} an event for {folds} folds: at least {folds - fewest} fold(s) hold "
+            f"none of them",
+            stacklevel=2,
+        )
     frames = []
     for repeat in range(repeats):
         state = _random_state(seed, repeat)
         splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=state)
         try:
-            fold_positions = list(splitter.split(ids, labels))
+            with warnings.catch_warnings():  # said once above, in the patients' terms
+                warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+                fold_positions = list(splitter.split(ids, labels))
         except ValueError as error:
             raise SplitError(f"cannot make {folds} folds stratified by event: {error}") from error
         for fold, (rest, test_positions) in enumerate(fold_positions):
