@@ -112,7 +112,7 @@ def test_train_refuses_a_cohort_with_slides_but_no_features(demo, tmp_path, caps
     captured = capsys.readouterr()
     message = captured.err.strip()
     assert message.startswith("healnet train: the cohort lists")
-    assert "healnet preprocess-slides" in message and "--modalities omic" in message
+    assert "healnet preprocess-slides" in message and "--modalities omic,clinical" in message
     assert "\n" not in message and not (tmp_path / "refused" / "metrics.json").exists()
 
     assert main([*train, "--out", str(tmp_path / "omic"), "--modalities", "omic"]) == 0

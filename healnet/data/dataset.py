@@ -94,7 +94,7 @@ def require_slide_features(cohort, wsi_bags: Mapping[str, np.ndarray], features_
     raise SlideFeaturesError(
         f"the cohort lists {len(cohort.slides)} slide(s) but no slide features were found {where}; "
         f"run `healnet preprocess-slides {root}/slides.parquet --out {root}/features` first, "
-        "or train without slides with `--modalities omic`"
+        "or train without slides by naming the other inputs, e.g. `--modalities omic,clinical`"
     )
 
 
