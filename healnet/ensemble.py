@@ -64,6 +64,7 @@ from healnet.train import (
     predict_logits,
     score_logits,
     seed_everything,
+    training_bin_weights,
 )
 
 log = logging.getLogger(__name__)
@@ -211,8 +212,6 @@ def batching_blocker(train_sets: Sequence, val_sets: Sequence, configs: Sequence
         return "the members' training configurations differ in more than the seed"
     if first.modality_dropout:
         return "modality dropout"
-    if first.bin_weights:
-        return "bin weights"
     if any(WSI in dataset.modalities for dataset in (*train_sets, *val_sets)):
         return "patch bags (wsi) of variable length"
     return None
@@ -255,6 +254,7 @@ def fit_members(
             [collated[i] for i in group],
             [val_sets[i] for i in group],
             [configs[i] for i in group],
+            bins,
             progress,
         )
         for i, result in zip(group, trained, strict=True):
@@ -314,6 +314,7 @@ def _fit_batched(
     train_data: list[dict],
     val_sets: list,
     configs: list[TrainConfig],
+    bins,
     progress: bool,
 ) -> list[TrainResult]:
     """One group of stackable members; `train_data`: each train set collated whole (`collate_all`)."""
@@ -325,6 +326,14 @@ def _fit_batched(
         model.to(device)
         fit_linear_path(model, train_set, member_config, device)
     train = _stack(train_data, device)
+    bin_weights = None  # (members, n_bins): each member weighs the bins of its own training labels, as `fit`
+    if config.bin_weights:
+        bin_weights = torch.stack(
+            [
+                cast(Tensor, training_bin_weights(c, bins, s, device))
+                for c, s in zip(configs, train_sets, strict=True)
+            ]
+        ).float()
     val = _stack([collate_all(dataset) for dataset in val_sets], device)
     val_lengths = [len(dataset) for dataset in val_sets]
 
@@ -392,7 +401,9 @@ def _fit_batched(
                 logits.flatten(0, 1), batch["labels"].flatten(), batch["events"].flatten(), config.alpha
             ).view(members, width)
             sizes = weight.sum(1)
-            losses = (per_sample * weight).sum(1) / sizes
+            if bin_weights is not None:
+                weight = weight * bin_weights[rows, batch["labels"].long()]
+            losses = (per_sample * weight).sum(1) / weight.sum(1)
             if config.l1:
                 losses = losses + config.l1 * sum(p.abs().flatten(1).sum(1) for p in trainable.values())
             optimizer.zero_grad(set_to_none=True)

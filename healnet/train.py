@@ -220,6 +220,16 @@ def rank_batches(train_set, config: TrainConfig, rank: int, world_size: int):
     return order, epoch
 
 
+def training_bin_weights(config: TrainConfig, bins, train_set, device: torch.device) -> torch.Tensor | None:
+    """The NLL's per-bin weights (n_bins,) from the training set's labels when `config.bin_weights`, else
+    None."""
+    if not config.bin_weights:
+        return None
+    if bins is None:
+        raise ValueError("bin_weights=True needs the fitted SurvivalBins")
+    return torch.as_tensor(bins.inverse_frequency_weights(train_set.targets.labels), device=device)
+
+
 def fit(
     model: torch.nn.Module,
     train_set,
@@ -257,11 +267,7 @@ def fit(
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=config.lr, epochs=config.epochs, steps_per_epoch=len(train_loader)
     )
-    bin_weights = None
-    if config.bin_weights:
-        if bins is None:
-            raise ValueError("bin_weights=True needs the fitted SurvivalBins")
-        bin_weights = torch.as_tensor(bins.inverse_frequency_weights(train_set.targets.labels), device=device)
+    bin_weights = training_bin_weights(config, bins, train_set, device)
 
     sign = -1.0 if config.monitor == "c_index" else 1.0
     best_score, best_epoch, best_state, waited = float("inf"), -1, None, 0

@@ -94,11 +94,17 @@ def train_both(data, config: TrainConfig, monkeypatch, **build_options):
     parts, bins, test_ids = member_parts(data)
     configs = [replace(config, seed=i) for i in range(3)]
     loop = build(data, parts, bins, config, **build_options)
-    loop_results = [fit(t.model, s, v, c, progress=False) for (t, s, v), c in zip(loop, configs, strict=True)]
+    loop_results = [
+        fit(t.model, s, v, c, bins=bins, progress=False) for (t, s, v), c in zip(loop, configs, strict=True)
+    ]
     batched = build(data, parts, bins, config, **build_options)
     monkeypatch.setattr(healnet.ensemble, "fit", lambda *a, **k: pytest.fail("fell back to fit"))
     batched_results = fit_members(
-        [t.model for t, _, _ in batched], [s for _, s, _ in batched], [v for _, _, v in batched], configs
+        [t.model for t, _, _ in batched],
+        [s for _, s, _ in batched],
+        [v for _, _, v in batched],
+        configs,
+        bins=bins,
     )
     return loop, batched, loop_results, batched_results, test_ids
 
@@ -123,8 +129,8 @@ def assert_members_equal(data, loop, batched, loop_results, batched_results, tes
 
 @pytest.mark.parametrize(
     "config",
-    [TRAIN, replace(TRAIN, epochs=5, patience=1, monitor="c_index")],
-    ids=["loss", "c_index-early-stop"],
+    [TRAIN, replace(TRAIN, epochs=5, patience=1, monitor="c_index"), replace(TRAIN, bin_weights=True)],
+    ids=["loss", "c_index-early-stop", "bin-weights"],
 )
 def test_batched_members_equal_members_fitted_one_by_one(data, config, monkeypatch):
     parts, _, _ = member_parts(data)
