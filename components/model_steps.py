@@ -7,16 +7,18 @@ from components.images import cpu_component, gpu_component
 
 @gpu_component
 def train(
-    cohort_dir: str,
+    cohort: Input[Dataset],
     data_hash: str,
     split_repeat: int,
     recipe: str,
+    modalities: str,
     epochs: int,
     batch_size: int,
     patience: int,
     seed: int,
     gpu_count: int,
     slide_features: Input[list[Dataset]],
+    imported_features: Input[Dataset],
     omics_transform: Input[Artifact],
     model: Output[Model],
     metrics: Output[Metrics],
@@ -25,7 +27,8 @@ def train(
     training patients and early-stops on the validation ones; an ensemble uses both. `epochs`,
     `batch_size` and `patience` override the recipe's when above 0. With `gpu_count` > 1, a single-model
     recipe trains data-parallel, one process per GPU; an ensemble recipe trains on one device, so it is
-    refused there.
+    refused there. `modalities` (resolved by `validate`) are the inputs it trains on; the patch features
+    are the tiled shards' and the imported ones together (only one of the two holds any).
 
     The model folder holds `checkpoint/` (weights sealed by sha256), `metrics.json` and `history.json`.
     """
@@ -36,9 +39,10 @@ def train(
     from functools import partial
     from pathlib import Path
 
-    from components.support import merge_feature_shards
+    from components.support import feature_folders, merge_feature_shards
     from healnet.experiment import run_training
     from healnet.preprocess.omics import OmicsTransform
+    from healnet.preprocess.state import WSI
     from healnet.recipes import get_recipe
     from healnet.train import DistributedTrainingError, launch_data_parallel
 
@@ -60,13 +64,15 @@ def train(
         )
     state = json.loads(Path(omics_transform.path).read_text())
     with tempfile.TemporaryDirectory(prefix="features-") as features_dir:
-        merge_feature_shards([artifact.path for artifact in slide_features], Path(features_dir))
+        merge_feature_shards(feature_folders(slide_features, imported_features), Path(features_dir))
         training = partial(
             run_training,
-            Path(cohort_dir),
+            Path(cohort.path),
             Path(model.path),
             recipe=chosen,
-            features_dir=Path(features_dir),
+            # a run without slides reads no feature folder: its slides may have files but no features
+            features_dir=Path(features_dir) if WSI in modalities.split(",") else None,
+            modalities=modalities.split(","),
             split_repeat=split_repeat,
             omics_transform=OmicsTransform.from_state_dict(state) if state is not None else None,
             progress=False,
@@ -85,6 +91,9 @@ def train(
             "best_epochs": result["best_epochs"],
             "device": result["device"],
             "data_hash": data_hash,
+            # slides trained without (their patients keep other slides or lack the modality)
+            "slides_quarantined": result["slides_quarantined"]["count"],
+            "quarantined_slide_ids": result["slides_quarantined"]["slides"],
         }
     )
     for name, value in result["val"].items():
@@ -98,34 +107,58 @@ def train(
 
 @cpu_component
 def evaluate(
-    cohort_dir: str,
+    cohort: Input[Dataset],
     data_hash: str,
     split_repeat: int,
     model: Input[Model],
     slide_features: Input[list[Dataset]],
+    imported_features: Input[Dataset],
     metrics: Output[Metrics],
+    predictions: Output[Dataset],
+    test_features: Output[Dataset],
     report: Output[HTML],
 ):
-    """Evaluate the model on the held-out test patients: c-index, IPCW c-index and integrated Brier
-    score as metrics, and an HTML report embedding the Kaplan-Meier plot of the risk groups."""
+    """Evaluate the model on the held-out test patients through the serving path (`Predictor` on the
+    sealed checkpoint, each patient as the case a client would send): c-index with its patient-bootstrap
+    interval (`c_index_ci_low`, `c_index_ci_high`), the test events, IPCW c-index and integrated Brier score
+    as metrics; each patient's outcome and risk as `predictions` (parquet), which the gate re-samples; and an
+    HTML report embedding the Kaplan-Meier plot of the risk groups.
+
+    `test_features` holds the test patients' slide features (when the model reads slides), so that the gate
+    and promote can score a champion on them: a single artifact, as a task inside the pipeline's If branch
+    cannot take the slide shards' `dsl.Collected` list."""
     import json
+    import math
+    import shutil
     import tempfile
     from pathlib import Path
 
-    from components.support import evaluation_html, finite_metrics, merge_feature_shards
+    from components.support import evaluation_html, feature_folders, finite_metrics, merge_feature_shards
+    from healnet.data.cohort import Cohort
     from healnet.evaluate import evaluate_checkpoint
+    from healnet.preprocess.state import WSI
+    from healnet.scoring import ScoredPatients, copy_patient_features
 
     with tempfile.TemporaryDirectory(prefix="evaluation-") as scratch:
         features_dir = Path(scratch) / "features"
-        merge_feature_shards([artifact.path for artifact in slide_features], features_dir)
+        merge_feature_shards(feature_folders(slide_features, imported_features), features_dir)
         evaluation = evaluate_checkpoint(
             Path(model.path) / "checkpoint",
-            Path(cohort_dir),
+            Path(cohort.path),
             Path(scratch) / "evaluation",
             features_dir=features_dir,
             role="test",
             split_repeat=split_repeat,
         )
+        shutil.copyfile(evaluation.pop("predictions_parquet"), predictions.path)
+        Path(test_features.path).mkdir(parents=True, exist_ok=True)
+        if WSI in evaluation["modalities"]:
+            copy_patient_features(
+                Cohort.load(Path(cohort.path)),
+                ScoredPatients.read_parquet(Path(predictions.path)).patient_ids,
+                features_dir,
+                Path(test_features.path),
+            )
         report_rows = {**evaluation, "data_hash": data_hash}
         Path(report.path).write_text(
             evaluation_html(report_rows, "HEALNet evaluation: held-out test patients")
@@ -133,6 +166,13 @@ def evaluate(
     scores = finite_metrics(evaluation, ("c_index", "c_index_ipcw", "integrated_brier_score"))
     for name, value in scores.items():
         metrics.log_metric(name, value)
+    for bound in ("c_index_ci_low", "c_index_ci_high"):
+        if math.isfinite(evaluation[bound]):  # NaN only when no resample holds a comparable pair
+            metrics.log_metric(bound, evaluation[bound])
     metrics.log_metric("test_patients", evaluation["patients"])
     metrics.log_metric("test_events", evaluation["events"])
+    metrics.log_metric("bootstrap_resamples", evaluation["bootstrap_resamples"])
+    # their patients were trained and scored without those slides
+    metrics.log_metric("slides_quarantined", model.metadata.get("slides_quarantined", 0))
+    predictions.metadata.update({"patients": evaluation["patients"], "events": evaluation["events"]})
     Path(metrics.path).write_text(json.dumps(metrics.metadata))  # the file too, not only the metadata

@@ -2,75 +2,100 @@
 exit-handler notification."""
 
 from kfp import dsl
-from kfp.dsl import Input, Markdown, Metrics, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Metrics, Model, Output
 
 from components.images import cpu_component
 
 
 @cpu_component
 def gate(
+    cohort: Input[Dataset],
+    data_hash: str,
+    model: Input[Model],
     metrics: Input[Metrics],
+    predictions: Input[Dataset],
+    test_features: Input[Dataset],
     min_c_index: float,
     tolerance: float,
+    min_test_events: int,
     dry_run: bool,
     registry_dir: str,
     report: Output[Markdown],
+    gate_json: Output[Artifact],
+    gate_metrics: Output[Metrics],
 ) -> str:
-    """Apply the versioned promotion policy (`healnet.gate`) to the candidate's test c-index and the
-    current champion; returns "promote" or "reject" and writes the reasons to the report."""
+    """Apply the versioned promotion policy (`healnet.gate`) to the candidate's risks on its test patients
+    (evaluate's `predictions`) and to the current champion, scored on the same patients (and evaluate's
+    `test_features`) through the serving path when it is comparable; returns "promote" or "reject". Writes
+    the reasons to the report (gate.md), every number and the rule that decided to `gate_json` (gate.json),
+    and the numbers to `gate_metrics`."""
+    import json
     from pathlib import Path
 
-    from components.support import PipelineStepError, use_registry
+    from components.support import use_registry
 
     use_registry(registry_dir)
-    from healnet.gate import GatePolicy, current_champion, decide
+    from healnet.checkpoint import load_checkpoint
+    from healnet.gate import GatePolicy, assess_champion, current_champion_tag, decide, model_inputs
+    from healnet.scoring import ScoredPatients, test_patients_loader
 
-    if "c_index" not in metrics.metadata:
-        raise PipelineStepError(f"the evaluation metrics carry no c_index (have {sorted(metrics.metadata)})")
-    result = decide(
-        metrics.metadata["c_index"], current_champion(), GatePolicy(min_c_index, tolerance, dry_run)
-    )
+    candidate = ScoredPatients.read_parquet(Path(predictions.path))
+    inputs = model_inputs(load_checkpoint(Path(model.path) / "checkpoint"))
+    load_patients = test_patients_loader(cohort.path, candidate, inputs["modalities"], test_features.path)
+    champion = assess_champion(current_champion_tag(), inputs, load_patients)
+    result = decide(candidate, champion, GatePolicy(min_c_index, tolerance, min_test_events, dry_run))
+    record = {**result.to_dict(), "data_hash": data_hash, "candidate_metrics": dict(metrics.metadata)}
+    Path(gate_json.path).write_text(json.dumps(record, indent=2), encoding="utf-8")
     Path(report.path).write_text(result.to_markdown(), encoding="utf-8")
-    report.metadata.update(result.to_dict())
-    report.metadata["candidate_metrics"] = dict(metrics.metadata)
+    report.metadata.update(record)
+    for name, value in result.metrics().items():
+        gate_metrics.log_metric(name, value)
+    Path(gate_metrics.path).write_text(json.dumps(gate_metrics.metadata))  # the file too, for the cache
     print(result.to_markdown())
     return result.decision
 
 
 @cpu_component
 def promote(
-    cohort_dir: str,
+    cohort: Input[Dataset],
     data_hash: str,
     registry_dir: str,
     run_id: str,
     run_name: str,
     model: Input[Model],
     metrics: Input[Metrics],
-    gate_report: Input[Markdown],
+    predictions: Input[Dataset],
+    test_features: Input[Dataset],
+    gate_json: Input[Artifact],
     report: Output[Markdown],
 ) -> str:
     """Register the checkpoint in the BentoML model store with its provenance (metrics, data hash,
-    git sha, pipeline run, weights sha256) and make it the champion; returns the model tag."""
+    git sha, pipeline run, weights sha256, the gate's interval and rule) and make it the champion; returns the
+    model tag. The cohort is an immutable artifact of this run, so nothing can change it between the gate and
+    here: its data hash is recorded, not checked again.
+
+    The champion moves by compare-and-swap: only if it is still the one the gate judged against. If it
+    changed, the gate is taken again by the same rules, scoring the new champion on the same test patients
+    (a reject fails the step with its reasons, leaving the candidate registered but not the champion)."""
+    import json
     from pathlib import Path
 
-    from components.support import PipelineStepError, cohort_data_hash, git_sha, use_registry
+    from components.support import PipelineStepError, git_sha, use_registry
 
     use_registry(registry_dir)
-    from healnet.checkpoint import verify_checkpoint
-    from healnet.gate import GATE_VERSION, Champion, GatePolicy, promote_if_still_better
+    from healnet.checkpoint import load_checkpoint, verify_checkpoint
+    from healnet.gate import GatePolicy, assess_champion, model_inputs, promote_if_still_better
     from healnet.registry import register_model
+    from healnet.scoring import ScoredPatients, test_patients_loader
 
-    if cohort_data_hash(cohort_dir) != data_hash:
-        raise PipelineStepError(
-            f"cohort {cohort_dir} changed during the run: the model no longer matches its data"
-        )
+    gated = json.loads(Path(gate_json.path).read_text(encoding="utf-8"))
     checkpoint = Path(model.path) / "checkpoint"
     weights_sha256 = verify_checkpoint(checkpoint)
     scores = {
         name: float(metrics.metadata[name]) for name in ("c_index", "c_index_ipcw", "integrated_brier_score")
     }
     code_version = git_sha()
-    gate_version = str(gate_report.metadata.get("policy", {}).get("version", GATE_VERSION))
+    gate_version = str(gated["gate_version"])
     labels = {
         "pipeline": "healnet",
         "gate_version": gate_version,
@@ -80,32 +105,51 @@ def promote(
     }
     metadata = {
         **scores,
+        "c_index_ci": gated["c_index_ci"],
+        "test_events": gated["test_events"],
         "data_hash": data_hash,
         "git_sha": code_version,
         "pipeline_run_id": run_id,
         "pipeline_run_name": run_name,
-        "cohort": cohort_dir,
+        "cohort": cohort.path,
         "weights_sha256": weights_sha256,
         "gate_version": gate_version,
-        "gate_reasons": list(gate_report.metadata.get("reasons", [])),
+        "gate_rule": gated["rule"],
+        "gate_reasons": list(gated["reasons"]),
     }
-    gated = gate_report.metadata.get("champion")
-    gated = Champion(gated["tag"], gated["c_index"]) if gated else None
-    policy = GatePolicy(**{k: v for k, v in gate_report.metadata["policy"].items() if k != "version"})
+    champion = gated["champion"]
+    policy = GatePolicy(**{k: v for k, v in gated["policy"].items() if k != "version"})
+    candidate = ScoredPatients.read_parquet(Path(predictions.path))
     tag = register_model(checkpoint, labels, metadata)
-    passed = gate_report.metadata.get("passed", True)
-    outcome = f"passed gate v{gate_version}" if passed else f"gate v{gate_version} dry run, checks failed"
+    outcome = (
+        f"passed gate v{gate_version}" if gated["passed"] else f"gate v{gate_version} dry run, checks failed"
+    )
     reason = f"pipeline run {run_name or run_id}: test c-index {scores['c_index']:.4f}, {outcome}"
-    # a compare-and-swap: only if the champion is still the one the gate compared against
-    regated, pointer = promote_if_still_better(tag, scores["c_index"], policy, gated, reason)
+    inputs = model_inputs(load_checkpoint(checkpoint))
+    load_patients = test_patients_loader(cohort.path, candidate, inputs["modalities"], test_features.path)
+    # a compare-and-swap: only if the champion is still the one the gate judged against
+    regated, pointer = promote_if_still_better(
+        tag,
+        candidate,
+        policy,
+        champion["tag"] if champion else None,
+        reason,
+        lambda current: assess_champion(current, inputs, load_patients),
+    )
     if pointer is None:  # the gate, taken again, rejected the candidate
         assert regated is not None and regated.champion is not None
         raise PipelineStepError(
             f"{tag} is registered but not promoted: the champion changed to {regated.champion.tag} after the "
-            "gate, and the gate taken again rejects the candidate: " + "; ".join(regated.reasons)
+            f"gate, and the gate taken again rejects the candidate by the rule: {regated.rule} ("
+            + "; ".join(regated.reasons)
+            + ")"
         )
     previous = pointer["history"][-1]["tag"] if pointer["history"] else None
     rows = [f"| {key} | {value} |" for key, value in {**metadata, "previous champion": previous}.items()]
+    if regated is not None:
+        rows.append(
+            f"| gate taken again against {regated.champion.tag if regated.champion else 'none'} | {regated.rule} |"
+        )
     text = "\n".join([f"# Promoted {tag}", "", "| field | value |", "| --- | --- |", *rows]) + "\n"
     Path(report.path).write_text(text, encoding="utf-8")
     print(text)
@@ -114,9 +158,11 @@ def promote(
 
 @cpu_component
 def reject(
-    registry_dir: str, metrics: Input[Metrics], gate_report: Input[Markdown], report: Output[Markdown]
+    registry_dir: str, gate_json: Input[Artifact], gate_report: Input[Markdown], report: Output[Markdown]
 ):
-    """The gate's "reject" branch: report why the candidate was not promoted and which champion stays."""
+    """The gate's "reject" branch: report why the candidate was not promoted (the rule that decided, with
+    the interval) and which champion stays."""
+    import json
     from pathlib import Path
 
     from components.support import use_registry
@@ -124,12 +170,19 @@ def reject(
     use_registry(registry_dir)
     from healnet.registry import get_champion
 
+    gated = json.loads(Path(gate_json.path).read_text(encoding="utf-8"))
     champion = get_champion()
     kept = f"the champion stays {champion['tag']}" if champion else "no model is promoted yet"
-    c_index = metrics.metadata.get("c_index")
+    c_index, (low, high) = gated["c_index"], gated["c_index_ci"]
+    shown = "not a number" if c_index is None else f"{c_index:.4f}"
+    interval = (
+        ""
+        if low is None or high is None
+        else f", {gated['bootstrap']['confidence'] * 100:g} % CI {low:.4f}–{high:.4f}"
+    )
     text = (
-        f"# Candidate rejected\n\nThe candidate (test c-index {c_index:.4f}) was not registered; {kept}.\n\n"
-        + Path(gate_report.path).read_text(encoding="utf-8")
+        f"# Candidate rejected\n\nThe candidate (test c-index {shown}{interval}, {gated['test_events']} test "
+        f"events) was not registered; {kept}.\n\n" + Path(gate_report.path).read_text(encoding="utf-8")
     )
     Path(report.path).write_text(text, encoding="utf-8")
     print(text)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import math
 import os
@@ -11,12 +10,6 @@ import subprocess
 from pathlib import Path
 
 from healnet.errors import HEALNetError
-
-# The tables whose contents define a cohort's data version; the slides enter by the manifest's contents and
-# each slide file's size and modification time (hashing whole-slide images would read gigabytes per run).
-HASHED_TABLES = ("clinical.parquet",)
-HASHED_FOLDERS = ("omics",)
-SLIDE_MANIFEST = "slides.parquet"
 
 
 class PipelineStepError(HEALNetError, RuntimeError):
@@ -33,42 +26,19 @@ def use_registry(registry_dir: str) -> None:
 
 
 def cohort_data_hash(cohort_dir: str | Path) -> str:
-    """sha256 over the cohort's clinical and omics parquet files and slide manifest (names and contents) and
-    over each listed slide file's size and modification time, so that changed slides invalidate cached
-    slide features."""
-    from healnet.files import sha256_file
+    """The key of the steps' cached results: `healnet.data.cohort.data_hash` of the cohort folder (every
+    table a step reads, splits included, and the slide files' sizes and times) and of the code version
+    (`code_version()`), so that neither other data nor other code reuses them."""
+    from healnet.data.cohort import data_hash
 
-    root = Path(cohort_dir)
-    files = [root / name for name in HASHED_TABLES]
-    for folder in HASHED_FOLDERS:
-        files += sorted((root / folder).glob("*.parquet"))
-    if (root / SLIDE_MANIFEST).is_file():
-        files.append(root / SLIDE_MANIFEST)
-    missing = [str(path) for path in files if not path.is_file()]
-    if missing:
-        raise PipelineStepError(f"cannot hash cohort {root}: missing {missing}")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
-        digest.update(sha256_file(path).encode())
-    for slide_id, stamp in _slide_stamps(root):
-        digest.update(f"{slide_id}\0{stamp}\0".encode())
-    return digest.hexdigest()
+    return data_hash(Path(cohort_dir), code_version=code_version())
 
 
-def _slide_stamps(root: Path) -> list[tuple[str, str]]:
-    """(slide id, "size:mtime_ns" or "absent") of every slide with a file in the manifest."""
-    if not (root / SLIDE_MANIFEST).is_file():
-        return []
-    from healnet.data.cohort import Cohort
+def code_version() -> str:
+    """The version of the code the steps run: the healnet package version and `git_sha()`."""
+    from healnet import __version__
 
-    cohort = Cohort.load(root)
-    stamps = []
-    for slide_id in cohort.slides.loc[cohort.slides["path"].notna(), "slide_id"]:
-        path = cohort.slide_path(slide_id)
-        stat = path.stat() if path.is_file() else None
-        stamps.append((str(slide_id), f"{stat.st_size}:{stat.st_mtime_ns}" if stat else "absent"))
-    return sorted(stamps)
+    return f"{__version__}+{git_sha()}"
 
 
 def git_sha() -> str:
@@ -91,12 +61,17 @@ def git_sha() -> str:
 
 
 def merge_feature_shards(shard_dirs: list[str], out_dir: Path) -> int:
-    """Link every slide-feature file of the shard folders into `out_dir`; returns how many.
+    """Link every slide-feature file of the shard folders into `out_dir`, and write the shards' quarantine
+    lists together as `out_dir/quarantine.csv`, so that training and evaluation take the quarantined slides
+    as missing rather than unprocessed; returns how many feature files.
 
     Two shards writing the same feature file means the shards overlap: that is an error.
     """
+    from healnet.preprocess.wsi import QUARANTINE_FILE, read_quarantine, write_quarantine
+
     out_dir.mkdir(parents=True, exist_ok=True)
     owners: dict[str, str] = {}
+    quarantined: dict[str, str] = {}
     for shard_dir in shard_dirs:
         shard = Path(shard_dir)
         if not shard.is_dir():
@@ -108,6 +83,9 @@ def merge_feature_shards(shard_dirs: list[str], out_dir: Path) -> int:
                 )
             owners[path.name] = str(shard)
             (out_dir / path.name).symlink_to(path.resolve())
+        for slide, reason in read_quarantine(shard).items():
+            quarantined.setdefault(slide, reason)
+    write_quarantine(out_dir / QUARANTINE_FILE, sorted(quarantined.items()))
     return len(owners)
 
 
@@ -149,3 +127,45 @@ th,td{{border:1px solid #ccc;padding:4px 10px;text-align:left}}</style></head>
 
 def _shown(value: object) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def feature_folders(slide_shards: list, imported) -> list[str]:
+    """The folders of the run's patch-feature files: every tiled shard's, and the imported artifact's
+    encoder folder (`import_features` writes `<artifact>/<encoder key>/`) when it holds any."""
+    from healnet.preprocess.wsi import resolve_feature_dir
+
+    folders = [artifact.path for artifact in slide_shards]
+    if Path(imported.path).is_dir():
+        folders.append(str(resolve_feature_dir(Path(imported.path))))
+    return folders
+
+
+def import_config(encoder_name: str, weights_sha256: str, mpp: float, patch_size: int):
+    """The pipeline's import parameters as an `ImportConfig` (0 and "": the files' attributes, unknown
+    weights); its checks raise on a missing encoder name or a malformed sha256."""
+    from healnet.preprocess.feature_import import ImportConfig
+
+    return ImportConfig(
+        encoder_name=encoder_name,
+        weights_sha256=weights_sha256 or None,
+        patch_size=patch_size or None,
+        mpp=mpp or None,
+    )
+
+
+def check_import(
+    features_dir: str, encoder_name: str, weights_sha256: str, mpp: float, patch_size: int
+) -> None:
+    """Raise (one line) when an import from `features_dir` could not start: no such folder, no feature
+    files in a known layout, or import settings that `ImportConfig` refuses."""
+    from healnet.preprocess.feature_import import detect_layout
+
+    if not Path(features_dir).is_dir():
+        raise PipelineStepError(f"features_dir {features_dir} is not a folder the step can read")
+    config = import_config(encoder_name, weights_sha256, mpp, patch_size)
+    layout = detect_layout(Path(features_dir), config.encoder_name)
+    if not layout.sources:
+        raise PipelineStepError(
+            f"features_dir {features_dir} holds no feature files ({layout.kind} layout): expected CLAM "
+            "h5_files/<slide>.h5 or pt_files/<slide>.pt, or a TRIDENT job's features_<encoder>/<slide>.h5"
+        )

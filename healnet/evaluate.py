@@ -1,4 +1,5 @@
-"""Evaluation of a trained checkpoint on a cohort split: metrics table and Kaplan-Meier plot."""
+"""Evaluation of a trained checkpoint on a cohort split, through the serving path: metrics with the
+bootstrap interval of Harrell's C, each patient's risk, and the Kaplan-Meier plot of the risk groups."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from healnet.experiment import CohortData, load_trained
+from healnet.survival_metrics import DEFAULT_BOOTSTRAP, Bootstrap
 
 
 def risk_groups(risk: np.ndarray, threshold: float) -> np.ndarray:
@@ -60,41 +61,74 @@ def evaluate_checkpoint(
     features_dir: Path | None = None,
     role: str = "test",
     split_repeat: int = 0,
+    bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
 ) -> dict:
-    """Metrics on one split role of the cohort, a Kaplan-Meier PNG and `evaluation.json` in `out_dir`."""
+    """Metrics of the checkpoint on one split role of the cohort, scored through the serving path: the
+    sealed checkpoint folder loaded by `Predictor`, each patient sent as the `Case` a client would send
+    (`healnet.scoring`). Harrell's C with its patient-bootstrap interval (`bootstrap`), the number of events,
+    Uno's C, the integrated Brier score and the log-rank p of the risk groups (split at the median risk of
+    the training patients).
+
+    Writes to `out_dir` the Kaplan-Meier PNG, `predictions_<role>.parquet` (each patient's outcome and risk:
+    what the promotion gate re-samples) and `evaluation.json`, the returned dict.
+    """
     from healnet.data.cohort import Cohort
+    from healnet.inference import Predictor
+    from healnet.preprocess.state import WSI
+    from healnet.scoring import CohortPatients, survival_matrix
+    from healnet.survival_metrics import harrell_c_interval, survival_metrics
 
     cohort = Cohort.load(cohort_dir)
-    trained = load_trained(checkpoint_dir)
-    if features_dir is None and "wsi" in trained.modalities:
+    predictor = Predictor.from_dir(checkpoint_dir)
+    if WSI not in predictor.modalities:
+        features_dir = None
+    elif features_dir is None:
         features_dir = Path(cohort_dir) / "features"
-    data = CohortData.from_cohort(cohort, features_dir if "wsi" in trained.modalities else None)
-    train_ids = cohort.patients("holdout", split_repeat, 0, "train")
     ids = cohort.patients("holdout", split_repeat, 0, role)
-    metrics = trained.evaluate(data, ids, train_ids)
-    risk = trained.risk(data, ids)
-    train_risk = trained.risk(data, train_ids)
-    clinical = data.clinical.loc[ids]
+    train_ids = cohort.patients("holdout", split_repeat, 0, "train")
+    patients = CohortPatients.load(cohort, ids, features_dir)
+    training = CohortPatients.load(cohort, train_ids, features_dir)
+    survival = survival_matrix(patients.predict(predictor))
+    scored = patients.scored(survival)
+    train_risk = training.scored(survival_matrix(training.predict(predictor))).risk
+    metrics = survival_metrics(
+        training.times, training.events, scored.times, scored.events, survival, predictor.checkpoint.bins
+    )
+    low, high = harrell_c_interval(scored.times, scored.events, scored.risk, bootstrap)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_path = out_dir / f"kaplan_meier_{role}.png"
     p_value = plot_kaplan_meier(
-        clinical["survival_months"].to_numpy(),
-        clinical["event"].to_numpy(),
-        risk_groups(risk, float(np.median(train_risk))),
+        scored.times,
+        scored.events,
+        risk_groups(scored.risk, float(np.median(train_risk))),
         plot_path,
-        f"HEALNet risk groups, {role} split ({'+'.join(trained.modalities)})",
+        f"HEALNet risk groups, {role} split ({'+'.join(predictor.modalities)})",
     )
     result = {
         "role": role,
+        "modalities": predictor.modalities,
         "patients": len(ids),
-        "events": int(clinical["event"].sum()),
-        **metrics,
+        "events": scored.event_count,
+        "c_index": metrics["c_index"],
+        "c_index_ci_low": low,
+        "c_index_ci_high": high,
+        "c_index_ipcw": metrics["c_index_ipcw"],
+        "integrated_brier_score": metrics["integrated_brier_score"],
         "logrank_p": p_value,
+        "bootstrap_resamples": bootstrap.resamples,
+        "bootstrap_seed": bootstrap.seed,
+        "confidence": bootstrap.confidence,
         "kaplan_meier_png": str(plot_path),
+        "predictions_parquet": str(scored.to_parquet(out_dir / f"predictions_{role}.parquet")),
     }
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def c_index_summary(c_index: float, low: float, high: float, confidence: float) -> str:
+    """The point estimate with its bootstrap interval: "c_index 0.6200 (95 % CI 0.5500–0.7000)"."""
+    return f"c_index {c_index:.4f} ({confidence * 100:g} % CI {low:.4f}–{high:.4f})"
 
 
 def format_table(rows: dict[str, float | int | str]) -> str:

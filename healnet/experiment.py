@@ -15,12 +15,13 @@ import torch.distributed as dist
 
 from healnet.checkpoint import load_checkpoint, save_checkpoint
 from healnet.data.dataset import SurvivalDataset, Targets, load_wsi_bags, require_slide_features
+from healnet.data.modalities import ModalityError
 from healnet.device import select_device
 from healnet.model import HEALNet, HEALNetConfig, ModalitySpec
 from healnet.preprocess.clinical import CLINICAL, ClinicalConfig, ClinicalTransform
 from healnet.preprocess.encoders import FeatureProvenance
 from healnet.preprocess.omics import OmicsConfig, OmicsTransform
-from healnet.preprocess.state import WSI, Preprocessor
+from healnet.preprocess.state import OMIC, WSI, Preprocessor
 from healnet.recipes import DEMO, Recipe
 from healnet.survival import SurvivalBins, survival_from_logits
 from healnet.survival_metrics import survival_metrics
@@ -35,7 +36,6 @@ from healnet.train import (
     process_rank,
 )
 
-OMIC = "omic"
 # omic modalities of several tokens (features or groups) get Fourier features of the token index, so that
 # every token says which features it holds; a one-value token would otherwise be erased by the LayerNorm
 OMIC_POSITION_BANDS = 6
@@ -50,17 +50,22 @@ class CohortData:
     omics: dict[str, pd.DataFrame]
     wsi_bags: dict[str, np.ndarray]
     wsi_provenance: FeatureProvenance | None = None  # the encoder and patch grid of the bags' files
+    # slide id -> reason: slides the feature folder quarantined, left out of their patients' bags
+    quarantined_slides: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_cohort(
         cls, cohort, features_dir: Path | None = None, require_features: bool = False
     ) -> CohortData:
         """`require_features`: no features loading from `features_dir` is a `SlideFeaturesError`."""
-        bags: dict[str, np.ndarray] = {}
-        provenance = None
-        if features_dir is not None:
-            bags, provenance = load_wsi_bags(cohort, features_dir, required=require_features)
-        return cls(cohort.clinical, dict(cohort.omics), bags, provenance)
+        if features_dir is None:
+            return cls(cohort.clinical, dict(cohort.omics), {})
+        slides = load_wsi_bags(cohort, features_dir, required=require_features)
+        return cls(cohort.clinical, dict(cohort.omics), slides.bags, slides.provenance, slides.quarantined)
+
+    def quarantine_summary(self) -> dict:
+        """How many of the cohort's slides were quarantined, and which (sorted): for metrics and reports."""
+        return {"count": len(self.quarantined_slides), "slides": sorted(self.quarantined_slides)}
 
     def available_modalities(self) -> list[str]:
         """Input kinds present: "omic" (every omic table together), "clinical" and "wsi"."""
@@ -182,7 +187,7 @@ def fit_preprocessor(
     requested = list(modalities or available)
     unknown = [m for m in requested if m not in available]
     if unknown or not requested:
-        raise ValueError(f"modalities {requested} are not all in this cohort; available: {available}")
+        raise ModalityError(f"modalities {requested} are not all in this cohort; available: {available}")
     use_omics = OMIC in requested
     return Preprocessor.fit(
         data.omics if use_omics else {},
@@ -260,7 +265,11 @@ def run_training(
     ones; an ensemble uses both (see `HEALNetEnsemble`). The test patients are only evaluated. Without
     explicit `modalities`, a cohort that lists slides but has no slide features is refused
     (`SlideFeaturesError`) rather than trained on omics alone; `require_features`: an explicit
-    `features_dir` from which no features load is refused too.
+    `features_dir` from which no features load is refused too. Slides that the feature folder quarantined
+    are a missing modality for their patients (see `load_wsi_bags`).
+
+    Returns the metrics that `metrics.json` holds, among them `slides_quarantined`: {"count": n,
+    "slides": [slide ids]}, the cohort's slides left out because they were quarantined.
     """
     from healnet.data.cohort import Cohort
 
@@ -307,7 +316,7 @@ def _train_and_save(
         features_dir = Path(cohort_dir) / "features"
     data = CohortData.from_cohort(cohort, features_dir, require_features)
     if modalities is None:
-        require_slide_features(cohort, data.wsi_bags, features_dir)
+        require_slide_features(cohort, data.wsi_bags, features_dir, data.quarantined_slides)
     ids = {role: cohort.patients("holdout", split_repeat, 0, role) for role in ("train", "val", "test")}
     ensemble = HEALNetEnsemble.fit(
         data,
@@ -329,6 +338,7 @@ def _train_and_save(
         "best_epochs": [result.best_epoch for result in results],
         "epochs_run": max(len(result.history) for result in results),
         "patients": {role: len(pids) for role, pids in ids.items()},
+        "slides_quarantined": data.quarantine_summary(),
         "val": ensemble.evaluate(data, ids["val"], fitted_on),
         "test": ensemble.evaluate(data, ids["test"], fitted_on),
     }

@@ -59,6 +59,8 @@ class Prediction:
     imputed_features: int  # omic features of the present modalities that were missing and imputed
     imputed_fraction: float
     unknown_features: list[str]
+    # clinical covariates given a plausible value outside the training patients' range
+    out_of_training_range: list[str]
     # with return_attention: per modality, the attention of each token averaged over layers, heads and
     # latents (each layer's sums to 1 over the tokens) ...
     attention: dict[str, list[float]] | None = None
@@ -78,6 +80,7 @@ class PreparedBatch:
     imputed_features: list[int]
     imputed_fraction: list[float]
     unknown_features: list[list[str]]
+    out_of_training_range: list[list[str]]
     wsi_coords: list[np.ndarray | None] = field(default_factory=list)  # per case, when given
 
 
@@ -120,13 +123,15 @@ class Predictor:
             imputed_features = np.stack([tokens[name].imputed for name in self.omic_modalities]).sum(axis=0)
             imputed = np.divide(fractions.sum(axis=0), counted, out=imputed, where=counted > 0)
         if CLINICAL in self.modalities:
-            clinical, unknown_covariates = cast(
-                ClinicalTransform, self.preprocessor.clinical
-            ).transform_records([case.clinical for case in cases])
+            transform = cast(ClinicalTransform, self.preprocessor.clinical)
+            records = [case.clinical for case in cases]
+            clinical, unknown_covariates = transform.transform_records(records)
+            outside_training_range = transform.outside_training_range(records)
             for i, item in enumerate(items):
                 item["omics"][CLINICAL] = (clinical.values[i], bool(clinical.present[i]))
         else:  # covariates given to a model without the clinical modality are not used
             unknown_covariates = [list(case.clinical) for case in cases]
+            outside_training_range = [[] for _ in cases]
         unknown = [
             [*names, *covariates] for names, covariates in zip(unknown, unknown_covariates, strict=True)
         ]
@@ -142,6 +147,7 @@ class Predictor:
             imputed_features.tolist(),
             imputed.tolist(),
             unknown,
+            outside_training_range,
             [case.wsi_coords for case in cases],
         )
 
@@ -160,8 +166,14 @@ class Predictor:
         attention = mean_attention(attentions) if return_attention else None
         edges = [None if not np.isfinite(e) else float(e) for e in self.checkpoint.bins.edges]
         results = []
-        for i, (imputed_features, imputed, unknown) in enumerate(
-            zip(batch.imputed_features, batch.imputed_fraction, batch.unknown_features, strict=True)
+        for i, (imputed_features, imputed, unknown, outside_training_range) in enumerate(
+            zip(
+                batch.imputed_features,
+                batch.imputed_fraction,
+                batch.unknown_features,
+                batch.out_of_training_range,
+                strict=True,
+            )
         ):
             used = [m for m in self.modalities if bool(batch.present[m][i])]
             mean, layers = self._attention(attention, i, batch.token_mask) if attention else (None, None)
@@ -177,6 +189,7 @@ class Predictor:
                     imputed_features=imputed_features,
                     imputed_fraction=imputed,
                     unknown_features=unknown,
+                    out_of_training_range=outside_training_range,
                     attention=mean,
                     attention_layers=layers,
                     attention_coords=None if coords is None else coords.tolist(),

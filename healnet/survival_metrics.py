@@ -1,9 +1,12 @@
 """Evaluation metrics of survival predictions via scikit-survival: Harrell's C, Uno's C and the integrated
-Brier score. Training and evaluation import it; serving does not (scikit-survival stays out of its image).
+Brier score, and a patient-bootstrap interval of Harrell's C. Training and evaluation import it; serving does
+not (scikit-survival stays out of its image).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -12,6 +15,9 @@ from sksurv.metrics import concordance_index_censored, concordance_index_ipcw, i
 from sksurv.util import Surv
 
 from healnet.survival import SurvivalBins, SurvivalDataError, as_numpy, check_survival_set, step_survival
+
+# scikit-survival's concordance_index_censored counts two risks this close as tied (its tied_tol default)
+TIED_RISK_TOLERANCE = 1e-8
 
 
 def harrell_c(times: Any, events: Any, risk: Any) -> float:
@@ -37,6 +43,91 @@ def harrell_c_or_nan(times: Any, events: Any, risk: Any) -> float:
         if isinstance(error.__cause__, NoComparablePairException) or not np.any(events):
             return float("nan")
         raise
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """How uncertain a C on a few test patients is: `resamples` draws of the patients with replacement from a
+    generator seeded with `seed`, and the percentile interval at `confidence`. Evaluation and the promotion
+    gate both take these defaults from here."""
+
+    resamples: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.resamples, bool) or not isinstance(self.resamples, int) or self.resamples < 1:
+            raise SurvivalDataError(f"bootstrap resamples must be a positive integer, got {self.resamples!r}")
+        if not 0.0 < self.confidence < 1.0:
+            raise SurvivalDataError(f"bootstrap confidence must be in (0, 1), got {self.confidence!r}")
+
+    def counts(self, n_patients: int) -> np.ndarray:
+        """(resamples, n_patients): how often each patient is drawn in each resample (n_patients draws each)."""
+        rng = np.random.default_rng(self.seed)
+        return rng.multinomial(n_patients, np.full(n_patients, 1.0 / n_patients), size=self.resamples)
+
+    def interval(self, resampled: np.ndarray) -> tuple[float, float]:
+        """The percentile interval of a statistic over the resamples where it is defined (NaN: none is)."""
+        defined = np.asarray(resampled, dtype=np.float64)
+        defined = defined[np.isfinite(defined)]
+        if defined.size == 0:
+            return float("nan"), float("nan")
+        tail = (1.0 - self.confidence) / 2.0
+        low, high = np.quantile(defined, [tail, 1.0 - tail])
+        return float(low), float(high)
+
+
+DEFAULT_BOOTSTRAP = Bootstrap()
+
+
+def comparable_pairs(times: np.ndarray, events: np.ndarray) -> np.ndarray:
+    """(n, n) bool: the pairs Harrell's C counts, as scikit-survival does. Patient i's death is observed before
+    j's time, or at j's time when j is censored then (two deaths at one time are not ordered)."""
+    observed = np.asarray(events, dtype=bool)
+    earlier = times[:, None] < times[None, :]
+    tied_with_censored = (times[:, None] == times[None, :]) & ~observed[None, :]
+    return observed[:, None] & (earlier | tied_with_censored)
+
+
+def concordance_scores(risk: np.ndarray) -> np.ndarray:
+    """(n, n): 1 where patient i's risk is above j's, 1/2 where the two tie, 0 where it is below."""
+    difference = risk[:, None] - risk[None, :]
+    return np.where(np.abs(difference) <= TIED_RISK_TOLERANCE, 0.5, (difference > 0).astype(np.float64))
+
+
+def harrell_c_weighted(times: Any, events: Any, risk: Any, counts: np.ndarray) -> np.ndarray:
+    """Harrell's C of the patients repeated `counts` times, for each row of counts (resamples, n) at once:
+    a pair of drawn patients counts counts[i] * counts[j] times. NaN for a row without a comparable pair.
+
+    The numerator and denominator are quadratic forms of the counts with the pair matrices, so a thousand
+    resamples are two matrix products rather than a thousand calls of scikit-survival."""
+    times, events = np.asarray(times, dtype=np.float64), np.asarray(events, dtype=bool)
+    risk = as_numpy(risk, "risk").astype(np.float64)
+    if risk.shape != times.shape:
+        raise SurvivalDataError(f"risk must have shape {times.shape}, got {risk.shape}")
+    weights = np.atleast_2d(np.asarray(counts, dtype=np.float64))
+    pairs = comparable_pairs(times, events).astype(np.float64)
+    compared = np.einsum("bi,ij,bj->b", weights, pairs, weights, optimize=True)
+    concordant = np.einsum("bi,ij,bj->b", weights, pairs * concordance_scores(risk), weights, optimize=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(compared > 0, concordant / compared, np.nan)
+
+
+def harrell_c_bootstrap(
+    times: Any, events: Any, risks: Sequence[Any], bootstrap: Bootstrap = DEFAULT_BOOTSTRAP
+) -> np.ndarray:
+    """Harrell's C of each risk vector on every bootstrap resample of the patients: (len(risks), resamples).
+    Every vector is scored on the same resamples, so that differences between models are paired."""
+    times = as_numpy(times, "times").astype(np.float64)
+    counts = bootstrap.counts(len(times))
+    return np.stack([harrell_c_weighted(times, events, risk, counts) for risk in risks])
+
+
+def harrell_c_interval(
+    times: Any, events: Any, risk: Any, bootstrap: Bootstrap = DEFAULT_BOOTSTRAP
+) -> tuple[float, float]:
+    """The patient-bootstrap percentile interval of Harrell's C."""
+    return bootstrap.interval(harrell_c_bootstrap(times, events, [risk], bootstrap)[0])
 
 
 def _ipcw_horizon(train_times: np.ndarray, test_times: np.ndarray) -> float:

@@ -7,9 +7,10 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from pipelines.options import OPTION_NAMES
+from pipelines.options import OPTION_NAMES, split_params
 
 DEFAULT_PACKAGE = Path("build/healnet_pipeline.yaml")
 DEFAULT_LOCAL_ROOT = Path("build/kfp-local")
@@ -17,10 +18,15 @@ DEMO_COHORT = Path("build/demo")
 SERVE_COMMAND = "bentoml serve serving.service:HEALNetService"
 
 PARAM_HELP = (
-    "KEY=VALUE, repeatable: a pipeline parameter (cohort_dir, registry_dir, slide_shards, split_repeat, "
-    "max_quarantined_fraction, recipe, epochs, batch_size, patience, seed, min_c_index, tolerance, dry_run, notify_webhook) or a "
+    "KEY=VALUE, repeatable: a pipeline parameter (the cohort: source (a PORPOISE table, cBioPortal study "
+    "folder or GDC clinical.tsv) or cohort_dir (a canonical cohort folder); the slides: slide_dir, or "
+    "features_dir with encoder_name, weights_sha256, mpp, patch_size; modalities (default: all the cohort "
+    "has), split_seed, registry_dir, slide_shards, split_repeat, max_quarantined_fraction, "
+    "min_events_per_split, recipe, epochs, "
+    "batch_size, patience, seed, min_c_index, tolerance, min_test_events, dry_run, notify_webhook) or a "
     f"compile-time cluster option ({', '.join(OPTION_NAMES)}); see docs/pipeline.md"
 )
+COHORT_INPUTS = ("source", "cohort_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
         "run-local",
         help="run the whole pipeline on this machine with kfp.local",
         description="Run the pipeline with kfp.local's SubprocessRunner in this Python environment (cluster "
-        "settings are ignored). Without --cohort it uses build/demo, generating the synthetic demo "
-        "cohort there first when missing. The model registry is $BENTOML_HOME (or --param registry_dir).",
+        "settings are ignored, and no step is retried unless --param retries=N: there is no preemption "
+        "here). The cohort is --param source=TABLE (ingested as the first step), --cohort or --param "
+        "cohort_dir (a canonical folder); with none of them it uses build/demo, generating the synthetic "
+        "demo cohort there first when missing. The model registry is $BENTOML_HOME (or --param "
+        "registry_dir).",
     )
     local.add_argument(
         "--cohort",
@@ -135,9 +144,11 @@ def run_submit(args: argparse.Namespace) -> int:
     from pipelines.submit import SubmitError, submit
 
     options, arguments = _parse(args.param)
-    if "cohort_dir" not in arguments:
+    if sum(bool(arguments.get(name)) for name in COHORT_INPUTS) != 1:
         print(
-            "error: --param cohort_dir=PATH is required (a path the pipeline steps can read)", file=sys.stderr
+            "error: give exactly one of --param source=PATH (a raw table or study folder) and --param "
+            "cohort_dir=PATH (a canonical cohort folder), at a path the pipeline steps can read",
+            file=sys.stderr,
         )
         return 2
     with tempfile.TemporaryDirectory() as tmp:
@@ -179,14 +190,28 @@ def run_local_command(args: argparse.Namespace) -> int:
     from pipelines.local import run_local
 
     options, arguments = _parse(args.param)
-    if args.cohort is not None and "cohort_dir" in arguments:
-        print("error: give the cohort either as --cohort or as --param cohort_dir, not both", file=sys.stderr)
+    if "retries" not in split_params(args.param):
+        options = replace(options, retries=0)
+    cohort_inputs = {
+        "--cohort": args.cohort,
+        **{f"--param {name}": arguments.get(name) for name in COHORT_INPUTS},
+    }
+    given = [name for name, value in cohort_inputs.items() if value]
+    if len(given) > 1:
+        print(f"error: give the cohort once, not as {' and '.join(given)}", file=sys.stderr)
         return 2
-    cohort = Path(arguments.get("cohort_dir") or args.cohort or _demo_cohort())
-    if not cohort.is_dir():
-        print(f"error: cohort folder {cohort} does not exist", file=sys.stderr)
-        return 2
-    arguments["cohort_dir"] = str(cohort.resolve())
+    for name in ("source", "slide_dir", "features_dir"):
+        if arguments.get(name):
+            if not Path(arguments[name]).exists():
+                print(f"error: {name} {arguments[name]} does not exist", file=sys.stderr)
+                return 2
+            arguments[name] = str(Path(arguments[name]).resolve())
+    if not arguments.get("source"):
+        cohort = Path(arguments.get("cohort_dir") or args.cohort or _demo_cohort())
+        if not cohort.is_dir():
+            print(f"error: cohort folder {cohort} does not exist", file=sys.stderr)
+            return 2
+        arguments["cohort_dir"] = str(cohort.resolve())
     started = time.monotonic()
     result = run_local(arguments, args.pipeline_root, options, cache=args.cache, stream_logs=args.verbose)
     print(f"\npipeline run folder: {result.run_dir} ({time.monotonic() - started:.0f} s)")
@@ -198,12 +223,13 @@ def run_local_command(args: argparse.Namespace) -> int:
         )
         print(f"pipeline FAILED: {result.error}{where}\nnothing was promoted", file=sys.stderr)
         return 1
-    shown = [
-        f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}"
-        for name, value in result.metrics.items()
-    ]
-    print("test metrics: " + ", ".join(shown))
-    print(f"gate decision: {result.decision}")
+    print("test metrics: " + result.metrics_line())
+    if result.quarantined_slides:
+        print(
+            f"slides quarantined, their patients predicted without them: {len(result.quarantined_slides)} "
+            f"({', '.join(result.quarantined_slides)})"
+        )
+    print(f"gate decision: {result.decision}" + (f" (rule: {result.rule})" if result.rule else ""))
     if result.model_tag is None:
         print("no model promoted: the champion is unchanged")
         return 0

@@ -22,6 +22,7 @@ REPORTS = {
     "validation.md": ("validate", "report"),
     "evaluation.html": ("evaluate", "report"),
     "gate.md": ("gate", "report"),
+    "gate.json": ("gate", "gate_json"),
     "promotion.md": ("promote", "report"),
     "rejection.md": ("reject", "report"),
 }
@@ -35,6 +36,12 @@ class _NoStreamedLogsNotice(logging.Filter):
         return "Streamed logs" not in record.getMessage()
 
 
+# evaluate's metrics that `LocalRun.metrics_line` folds into the c-index's entry or leaves out
+INTERVAL_METRICS = ("c_index_ci_low", "c_index_ci_high", "bootstrap_resamples")
+# counts, shown as whole numbers (a cached evaluation's metrics come back as floats)
+COUNT_METRICS = ("test_patients", "test_events", "slides_quarantined")
+
+
 @dataclass
 class LocalRun:
     run_dir: Path
@@ -44,6 +51,33 @@ class LocalRun:
     decision: str | None = None
     model_tag: str | None = None
     reports: dict[str, Path] = field(default_factory=dict)
+    gate: dict = field(default_factory=dict)  # the gate's gate.json: every number and the rule that decided
+    quarantined_slides: list[str] = field(default_factory=list)  # named by train when it ran in this run
+
+    @property
+    def rule(self) -> str | None:
+        """The text of the gate rule that decided."""
+        return self.gate.get("rule")
+
+    def metrics_line(self) -> str:
+        """The test metrics in one line, the c-index first with its bootstrap interval when it has one:
+        "c_index 0.6200 (95 % CI 0.5500–0.7000), c_index_ipcw 0.6000, ..., test_events 24"."""
+        from healnet.evaluate import c_index_summary
+        from healnet.survival_metrics import DEFAULT_BOOTSTRAP
+
+        with_interval = {"c_index", *INTERVAL_METRICS[:2]} <= set(self.metrics)
+        shown = []
+        if with_interval:
+            low, high = (self.metrics[bound] for bound in INTERVAL_METRICS[:2])
+            shown.append(c_index_summary(self.metrics["c_index"], low, high, DEFAULT_BOOTSTRAP.confidence))
+        for name, value in self.metrics.items():
+            if name in INTERVAL_METRICS or (name == "c_index" and with_interval):
+                continue
+            if name in COUNT_METRICS:
+                shown.append(f"{name} {int(value)}")
+            else:
+                shown.append(f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}")
+        return ", ".join(shown)
 
 
 def run_local(
@@ -116,9 +150,15 @@ def collect(run_dir: Path, error: str = "") -> LocalRun:
     evaluation = _executor_output(run_dir, "evaluate")
     if evaluation:
         result.metrics = evaluation["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    trained = _executor_output(run_dir, "train")
+    if trained:
+        model = trained["artifacts"]["model"]["artifacts"][0]["metadata"]
+        result.quarantined_slides = list(model.get("quarantined_slide_ids", []))
     decided = _executor_output(run_dir, "gate")
     if decided:
         result.decision = decided["parameterValues"]["Output"]
+        record = run_dir / "gate" / "gate_json"
+        result.gate = json.loads(record.read_text()) if record.is_file() else {}
         # a cached evaluation has no folder in this run; the gate recorded the metrics it judged
         result.metrics = (
             result.metrics or decided["artifacts"]["report"]["artifacts"][0]["metadata"]["candidate_metrics"]

@@ -9,7 +9,14 @@ from kfp import dsl, kubernetes
 from kfp.dsl import PipelineTask
 from kfp.dsl.graph_component import GraphComponent
 
-from components.data_steps import preprocess_omics, preprocess_slides, validate
+from components.data_steps import (
+    fingerprint,
+    import_features,
+    ingest,
+    preprocess_omics,
+    preprocess_slides,
+    validate,
+)
 from components.model_steps import evaluate, train
 from components.release_steps import gate, notify, promote, reject
 from healnet.gate import PROMOTE, GatePolicy
@@ -36,7 +43,10 @@ def _mount_registry(task: PipelineTask, options: ClusterOptions) -> PipelineTask
 
 
 def _retry(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
-    """Retries with exponential back-off for steps that can fail transiently (storage, preemption)."""
+    """Retries with exponential back-off for steps that can fail transiently (storage, preemption).
+
+    The steps that see a user's mistakes (fingerprint, ingest, validate) are not retried: what a retry
+    would meet again is found there once, before any retried step runs."""
     if options.retries:
         task.set_retry(
             num_retries=options.retries, backoff_duration=options.retry_backoff, backoff_factor=2.0
@@ -73,10 +83,20 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
         "and promote the model to the registry when it passes the gate.",
     )
     def healnet_pipeline(
-        cohort_dir: str,
+        source: str = "",
+        cohort_dir: str = "",
+        slide_dir: str = "",
+        features_dir: str = "",
+        encoder_name: str = "",
+        weights_sha256: str = "",
+        mpp: float = 0.0,
+        patch_size: int = 0,
+        modalities: str = "",
+        split_seed: int = 0,
         registry_dir: str = "",
         slide_shards: int = 2,
         max_quarantined_fraction: float = DEFAULT_THRESHOLDS.max_quarantined_row_fraction,
+        min_events_per_split: int = DEFAULT_THRESHOLDS.min_events_per_split,
         split_repeat: int = 0,
         recipe: str = DEFAULT_RECIPE,
         epochs: int = 0,
@@ -85,77 +105,138 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
         seed: int = 0,
         min_c_index: float = GatePolicy.min_c_index,
         tolerance: float = GatePolicy.tolerance,
+        min_test_events: int = GatePolicy.min_test_events,
         dry_run: bool = GatePolicy.dry_run,
         notify_webhook: str = "",
     ):
         finished = notify(run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, webhook_url=notify_webhook)
         finished.set_caching_options(False)
         with dsl.ExitHandler(finished, name="healnet-run"):
-            checked = _cpu_step(
-                validate(
+            # never cached: it reads the source, so an unchanged one reuses the cached ingest below
+            fingerprinted = _cpu_step(
+                fingerprint(source=source, cohort_dir=cohort_dir, slide_dir=slide_dir, split_seed=split_seed),
+                options,
+            )
+            fingerprinted.set_caching_options(False)
+            ingested = _cpu_step(
+                ingest(
+                    source=source,
                     cohort_dir=cohort_dir,
-                    slide_shards=slide_shards,
-                    max_quarantined_fraction=max_quarantined_fraction,
+                    slide_dir=slide_dir,
+                    split_seed=split_seed,
+                    source_hash=fingerprinted.output,
                 ),
                 options,
             )
-            checked.set_caching_options(False)  # the cohort is read by path: always re-check it
+            cohort = ingested.outputs["cohort"]
+            checked = _cpu_step(
+                validate(
+                    cohort=cohort,
+                    slide_shards=slide_shards,
+                    max_quarantined_fraction=max_quarantined_fraction,
+                    min_events_per_split=min_events_per_split,
+                    modalities=modalities,
+                    features_dir=features_dir,
+                    encoder_name=encoder_name,
+                    weights_sha256=weights_sha256,
+                    mpp=mpp,
+                    patch_size=patch_size,
+                ),
+                options,
+            )
+            checked.set_caching_options(False)  # cheap, and its report belongs in every run
             data_hash = checked.outputs["data_hash"]
+            slide_source = checked.outputs["slide_source"]
+            chosen_modalities = checked.outputs["chosen_modalities"]
+            imported = _cpu_step(
+                import_features(
+                    slide_source=slide_source,
+                    features_dir=features_dir,
+                    encoder_name=encoder_name,
+                    weights_sha256=weights_sha256,
+                    mpp=mpp,
+                    patch_size=patch_size,
+                    data_hash=data_hash,
+                ),
+                options,
+                retry=True,
+            )
             with dsl.ParallelFor(checked.outputs["Output"], parallelism=options.shard_parallelism) as shard:
                 slides = preprocess_slides(
-                    cohort_dir=cohort_dir, shard_index=shard, shard_count=slide_shards, data_hash=data_hash
+                    cohort=cohort,
+                    slide_source=shard.slide_source,
+                    shard_index=shard.shard_index,
+                    shard_count=shard.shard_count,
+                    data_hash=shard.data_hash,
                 )
                 _cpu_step(slides, options, retry=True)
             omics = preprocess_omics(
-                cohort_dir=cohort_dir, split_repeat=split_repeat, recipe=recipe, data_hash=data_hash
+                cohort=cohort,
+                split_repeat=split_repeat,
+                recipe=recipe,
+                modalities=chosen_modalities,
+                data_hash=data_hash,
             )
             _cpu_step(omics, options, retry=True)
             trained = train(
-                cohort_dir=cohort_dir,
+                cohort=cohort,
                 data_hash=data_hash,
                 split_repeat=split_repeat,
                 recipe=recipe,
+                modalities=chosen_modalities,
                 epochs=epochs,
                 batch_size=batch_size,
                 patience=patience,
                 seed=seed,
                 gpu_count=options.gpu_count,
                 slide_features=dsl.Collected(slides.outputs["features"]),
+                imported_features=imported.outputs["features"],
                 omics_transform=omics.outputs["transform"],
             )
             _gpu_training(trained, options)
             evaluated = evaluate(
-                cohort_dir=cohort_dir,
+                cohort=cohort,
                 data_hash=data_hash,
                 split_repeat=split_repeat,
                 model=trained.outputs["model"],
                 slide_features=dsl.Collected(slides.outputs["features"]),
+                imported_features=imported.outputs["features"],
             )
             _cpu_step(evaluated, options, retry=True)
+            # the gate scores a comparable champion on the test patients: it reads the cohort and features
             decided = gate(
+                cohort=cohort,
+                data_hash=data_hash,
+                model=trained.outputs["model"],
                 metrics=evaluated.outputs["metrics"],
+                predictions=evaluated.outputs["predictions"],
+                test_features=evaluated.outputs["test_features"],
                 min_c_index=min_c_index,
                 tolerance=tolerance,
+                min_test_events=min_test_events,
                 dry_run=dry_run,
                 registry_dir=registry_dir,
             )
-            _mount_registry(decided, options).set_caching_options(False)  # the champion changes between runs
+            # the champion changes between runs
+            _mount_registry(_cpu_step(decided, options), options).set_caching_options(False)
             with dsl.If(decided.outputs["Output"] == PROMOTE, name="promote-candidate"):
                 promoted = promote(
-                    cohort_dir=cohort_dir,
+                    cohort=cohort,
                     data_hash=data_hash,
                     registry_dir=registry_dir,
                     run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                     run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
                     model=trained.outputs["model"],
                     metrics=evaluated.outputs["metrics"],
-                    gate_report=decided.outputs["report"],
+                    predictions=evaluated.outputs["predictions"],
+                    test_features=evaluated.outputs["test_features"],
+                    gate_json=decided.outputs["gate_json"],
                 )
                 _mount_registry(_cpu_step(promoted, options), options).set_caching_options(False)
             with dsl.Else(name="keep-champion"):
                 rejected = reject(
                     registry_dir=registry_dir,
-                    metrics=evaluated.outputs["metrics"],
+                    gate_json=decided.outputs["gate_json"],
                     gate_report=decided.outputs["report"],
                 )
                 _mount_registry(rejected, options).set_caching_options(False)

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 
 from healnet.errors import HEALNetError
 
+MISSING_FEATURE_FRACTION_ENV = "HEALNET_MAX_MISSING_FEATURE_FRACTION"
+# It bounded the share of a request's features unknown to the model, which no longer refuses a request:
+# a deployment that still sets it is told what replaced it rather than silently ignored.
+RETIRED_UNKNOWN_FEATURE_FRACTION_ENV = "HEALNET_MAX_UNKNOWN_FEATURE_FRACTION"
+
 
 class ConfigError(HEALNetError, ValueError):
     """An environment variable of the service holds an invalid value."""
@@ -32,19 +37,26 @@ class Limits:
     max_patches: int = 8192
     max_tiles: int = 256
     max_tile_pixels: int = 4096 * 4096
-    max_unknown_feature_fraction: float = 0.5
+    # a given omic table that lacks a larger share of the model's features of that table is refused
+    max_missing_feature_fraction: float = 0.5
     adaptive_batch_max_cases: int = 16  # most cases that queued requests share in one model pass; 1: off
 
     @classmethod
     def from_env(cls) -> Limits:
+        if os.environ.get(RETIRED_UNKNOWN_FEATURE_FRACTION_ENV):
+            raise ConfigError(
+                f"{RETIRED_UNKNOWN_FEATURE_FRACTION_ENV} is no longer read: features unknown to the model are "
+                f"ignored; {MISSING_FEATURE_FRACTION_ENV} bounds the share of the model's features that a "
+                "given omic table may lack"
+            )
         return cls(
             max_body_bytes=env_number("HEALNET_MAX_BODY_BYTES", cls.max_body_bytes, low=1),
             max_batch_cases=env_number("HEALNET_MAX_BATCH_CASES", cls.max_batch_cases, low=1),
             max_patches=env_number("HEALNET_MAX_PATCHES", cls.max_patches, low=1),
             max_tiles=env_number("HEALNET_MAX_TILES", cls.max_tiles, low=1),
             max_tile_pixels=env_number("HEALNET_MAX_TILE_PIXELS", cls.max_tile_pixels, low=1),
-            max_unknown_feature_fraction=env_number(
-                "HEALNET_MAX_UNKNOWN_FEATURE_FRACTION", cls.max_unknown_feature_fraction, float, 0.0, 1.0
+            max_missing_feature_fraction=env_number(
+                MISSING_FEATURE_FRACTION_ENV, cls.max_missing_feature_fraction, float, 0.0, 1.0
             ),
             adaptive_batch_max_cases=env_number(
                 "HEALNET_ADAPTIVE_BATCH_MAX_CASES", cls.adaptive_batch_max_cases, low=1

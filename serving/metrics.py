@@ -2,7 +2,8 @@
 
 Created with prometheus_client at import: BentoML workers start with PROMETHEUS_MULTIPROC_DIR already
 set, so these land in the multiprocess files that BentoML's /metrics aggregates. Labels are bounded:
-modality names, presence patterns, pipeline stages and the fixed rejection reasons, never case data.
+modality names, presence patterns, pipeline stages, the fixed rejection reasons and the model's clinical
+covariate names, never case data.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ VALIDATION_REASONS = (
     "no_modality",
     "wrong_dimensions",
     "non_finite",
-    "unknown_features",
+    "missing_features",
+    "out_of_range",
     "too_large",
     "invalid_schema",
     "bad_image",
@@ -35,6 +37,11 @@ REQUESTS = Counter(
 )
 MISSING_MODALITY = Counter(
     "healnet_missing_modality_total", "Predicted cases lacking a modality.", ["modality"]
+)
+OUT_OF_TRAINING_RANGE = Counter(
+    "healnet_out_of_training_range_total",
+    "Predicted cases with a clinical value inside its plausible range but outside the training patients' range.",
+    ["field"],
 )
 IMPUTED_FRACTION = Histogram(
     "healnet_imputed_feature_fraction",
@@ -100,7 +107,10 @@ def presence_patterns(modalities: Sequence[str]) -> list[str]:
 
 
 def model_loaded(
-    tag: str, modalities: Sequence[str], reference_quantiles: Mapping[str, float] | None
+    tag: str,
+    modalities: Sequence[str],
+    reference_quantiles: Mapping[str, float] | None,
+    training_range_fields: Sequence[str],
 ) -> None:
     """Publish the served model and create its label values at zero, so rates start from the first scrape."""
     MODEL_INFO.labels(version=tag.partition(":")[2], tag=tag).set(1)
@@ -110,6 +120,8 @@ def model_loaded(
         REQUESTS.labels(pattern)
     for modality in modalities:
         MISSING_MODALITY.labels(modality)
+    for field in training_range_fields:
+        OUT_OF_TRAINING_RANGE.labels(field)
 
 
 def model_unloaded(tag: str) -> None:
@@ -127,10 +139,13 @@ def record_prediction(
     modalities_missing: Sequence[str],
     imputed_fraction: float | None,
     risk: float,
+    out_of_training_range: Sequence[str],
 ) -> None:
     _labelled(REQUESTS, "+".join(modalities_used)).inc()
     for modality in modalities_missing:
         _labelled(MISSING_MODALITY, modality).inc()
+    for field in out_of_training_range:
+        _labelled(OUT_OF_TRAINING_RANGE, field).inc()
     if imputed_fraction is not None:
         IMPUTED_FRACTION.observe(imputed_fraction)
     RISK_SCORE.observe(risk)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from healnet.preprocess.clinical import BINARY_RANGE, PLAUSIBLE_RANGES
+
 # Strict: numbers must be JSON numbers (not strings or booleans); unknown fields are refused.
 STRICT = ConfigDict(strict=True, extra="forbid")
 SLIDE_INPUTS = ("wsi_features", "wsi_features_base64", "wsi_tiles")
@@ -19,7 +21,9 @@ class PredictRequest(BaseModel):
         description=(
             "Omic features by table and feature name, e.g. {'mut': {'TP53_mut': 1}, 'rnaseq': {...}}; a model "
             "trained on the combined grouping also accepts them under 'omic'. null marks a missing value "
-            "(imputed with the training median), as does a feature left out of a given table."
+            "(imputed with the training median), as does a feature left out of a given table; a given table "
+            "that lacks most of the model's features of that table is refused (missing_features). Features "
+            "the model does not use are ignored and listed in the response's unknown_features."
         ),
     )
     clinical: dict[str, float | str | None] = Field(
@@ -27,7 +31,9 @@ class PredictRequest(BaseModel):
         description=(
             "Clinical covariates by name, e.g. {'age': 61, 'is_female': 1, 'oncotree_code': 'IDC'}: numbers for "
             "age and is_female, text for categorical ones (oncotree_code, stage, grade). null or a left-out "
-            "covariate is imputed; a case without any is missing the clinical modality."
+            "covariate is imputed; a case without any is missing the clinical modality. A value outside its "
+            f"plausible range (age {PLAUSIBLE_RANGES['age']} years, binary covariates {BINARY_RANGE}) is "
+            "refused (out_of_range)."
         ),
     )
     wsi_features: list[list[float]] | None = Field(
@@ -86,7 +92,15 @@ class PredictResponse(BaseModel):
     imputed_fraction: float = Field(
         description="Share of the omic features of the present omic modalities imputed."
     )
-    unknown_features: list[str] = Field(description="Given feature names that the model does not use.")
+    unknown_features: list[str] = Field(
+        description="Given omic feature and clinical covariate names that the model does not use (ignored)."
+    )
+    out_of_training_range: list[str] = Field(
+        description=(
+            "Clinical covariates whose value is plausible but outside the range of the training patients: "
+            "the model extrapolates for them."
+        )
+    )
     model_version: str = Field(description="Tag of the model version that answered (healnet:VERSION).")
     attention: dict[str, list[float]] | None = Field(
         default=None,

@@ -108,7 +108,13 @@ class HEALNetService:
         )
         previous = self.serving
         self.serving = (model, batcher)
-        metrics.model_loaded(model.tag, model.contract.modalities, model.reference_risk_quantiles)
+        clinical = model.predictor.preprocessor.clinical
+        metrics.model_loaded(
+            model.tag,
+            model.contract.modalities,
+            model.reference_risk_quantiles,
+            list(clinical.training_ranges) if clinical else [],
+        )
         if previous is not None and previous[0].tag != model.tag:
             metrics.model_unloaded(previous[0].tag)
 
@@ -233,6 +239,7 @@ def _response(model: ServedModel, request: PredictRequest, prediction: Predictio
         prediction.modalities_missing,
         prediction.imputed_fraction if has_omics else None,
         prediction.risk,
+        prediction.out_of_training_range,
     )
     return PredictResponse(
         risk=prediction.risk,
@@ -244,6 +251,7 @@ def _response(model: ServedModel, request: PredictRequest, prediction: Predictio
         imputed_features=prediction.imputed_features,
         imputed_fraction=prediction.imputed_fraction,
         unknown_features=prediction.unknown_features,
+        out_of_training_range=prediction.out_of_training_range,
         model_version=model.tag,
         attention=prediction.attention if request.return_attention else None,
         attention_coords=prediction.attention_coords if request.return_attention else None,

@@ -7,8 +7,8 @@ import binascii
 import io
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from functools import cached_property, partial
+from dataclasses import dataclass, field
+from functools import partial
 from itertools import chain
 from operator import is_not
 from typing import cast
@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from healnet.inference import Case, Predictor
+from healnet.preprocess.clinical import PlausibleRange
 from healnet.preprocess.encoders import PatchEncoder, encode_tiles
 from healnet.preprocess.omics import COMBINED_MODALITY
 from serving.config import Limits
@@ -25,6 +26,7 @@ from serving.schemas import SLIDE_INPUTS, PredictRequest
 IMAGE_FORMATS = ("PNG", "JPEG")
 DEFAULT_PATCH_SIZE = 224
 HTTP_STATUS = {"too_large": 413, "invalid_schema": 400}  # every other reason: 422 Unprocessable Content
+EXAMPLE_NAMES = 5  # feature names quoted in a missing_features rejection, to show the expected naming
 _is_given = partial(is_not, None)  # an omic value that is not null
 
 
@@ -39,15 +41,19 @@ class RejectedRequest(Exception):
 
 @dataclass(frozen=True)
 class ModelContract:
-    """What the loaded model accepts: omic tables and feature names, slide feature width, tile encoder."""
+    """What the loaded model accepts: omic tables and feature names, clinical covariates and their
+    plausible ranges, slide feature width, tile encoder."""
 
     modalities: list[str]
-    omic_tables: frozenset[str]
+    # per omic table a request may give (with the combined grouping, also "omic"): the model's features in it
+    table_features: dict[str, frozenset[str]]
     feature_names: dict[str, list[str]]  # per omic model modality
     wsi_dim: int | None
     encoder: PatchEncoder | None
     patch_size: int
+    clinical_covariates: frozenset[str] = frozenset()  # empty: the model has no clinical modality
     categorical_covariates: frozenset[str] = frozenset()
+    plausible_ranges: dict[str, PlausibleRange] = field(default_factory=dict)  # per numeric covariate
     encoder_unavailable: str = "the model has no slide modality"  # why tiles are refused without an encoder
 
     @classmethod
@@ -55,23 +61,25 @@ class ModelContract:
         cls, predictor: Predictor, encoder: PatchEncoder | None, encoder_unavailable: str = ""
     ) -> ModelContract:
         omics, clinical = predictor.preprocessor.omics, predictor.preprocessor.clinical
-        tables = set(omics.input_modalities) if omics else set()
+        tables = {t: frozenset(names) for t, names in omics.input_feature_names.items()} if omics else {}
         if omics and omics.config.combine:
-            tables.add(COMBINED_MODALITY)
+            tables[COMBINED_MODALITY] = frozenset(chain.from_iterable(tables.values()))
         return cls(
             modalities=list(predictor.modalities),
-            omic_tables=frozenset(tables),
+            table_features=tables,
             feature_names=dict(omics.feature_names) if omics else {},
             wsi_dim=predictor.wsi_dim,
             encoder=encoder,
             patch_size=int(predictor.preprocessor.tiling.get("patch_size", DEFAULT_PATCH_SIZE)),
+            clinical_covariates=frozenset(clinical.covariates if clinical else ()),
             categorical_covariates=frozenset(clinical.config.categorical if clinical else ()),
+            plausible_ranges=dict(clinical.plausible_ranges) if clinical else {},
             encoder_unavailable=encoder_unavailable or cls.encoder_unavailable,
         )
 
-    @cached_property
-    def known_features(self) -> frozenset[str]:
-        return frozenset(name for names in self.feature_names.values() for name in names)
+    @property
+    def omic_tables(self) -> frozenset[str]:
+        return frozenset(self.table_features)
 
 
 def to_case(request: PredictRequest, contract: ModelContract, limits: Limits) -> Case:
@@ -84,6 +92,8 @@ def to_case(request: PredictRequest, contract: ModelContract, limits: Limits) ->
         )
     _check_omics(request.omics, contract, limits)
     _check_clinical(request.clinical, contract)
+    if not has_slide:
+        _check_some_modality_is_the_models(request, contract)
     bag = coords = None
     if has_slide:
         if contract.wsi_dim is None:
@@ -102,8 +112,24 @@ def to_case(request: PredictRequest, contract: ModelContract, limits: Limits) ->
     return Case(omics=request.omics, wsi_features=bag, clinical=request.clinical, wsi_coords=coords)
 
 
+def _check_some_modality_is_the_models(request: PredictRequest, contract: ModelContract) -> None:
+    """Inputs the model does not use are ignored, so a case made only of them would be predicted from
+    nothing: refused, naming what the model takes."""
+    given_covariates = {name for name, value in request.clinical.items() if value is not None}
+    if set(request.omics) & contract.omic_tables or given_covariates & contract.clinical_covariates:
+        return
+    inputs = {"omic tables": contract.omic_tables, "clinical covariates": contract.clinical_covariates}
+    takes = "; ".join(f"{kind} {sorted(names)}" for kind, names in inputs.items() if names)
+    slide = " or a slide" if contract.wsi_dim is not None else ""
+    raise RejectedRequest(
+        "no_modality",
+        f"the case gives no input the model uses (omic tables {sorted(request.omics)}, clinical values "
+        f"for {sorted(given_covariates)}): the model takes {takes}{slide}",
+    )
+
+
 def _check_clinical(clinical: Mapping[str, float | str | None], contract: ModelContract) -> None:
-    """Numbers for the numeric covariates (finite), text for the categorical ones."""
+    """Numbers for the numeric covariates (finite and plausible), text for the categorical ones."""
     for name, value in clinical.items():
         if value is None:
             continue
@@ -114,12 +140,17 @@ def _check_clinical(clinical: Mapping[str, float | str | None], contract: ModelC
             raise RejectedRequest("invalid_schema", f"clinical[{name!r}] must be a number, got {value!r}")
         elif not math.isfinite(value):
             raise RejectedRequest("non_finite", f"clinical[{name!r}] is {value}: use null for missing")
+        elif (bounds := contract.plausible_ranges.get(name)) is not None and not bounds.holds(value):
+            raise RejectedRequest(
+                "out_of_range", f"clinical[{name!r}] is {value:g}, outside its plausible range {bounds}"
+            )
 
 
 def _check_omics(
     omics: Mapping[str, Mapping[str, float | None]], contract: ModelContract, limits: Limits
 ) -> None:
-    given = unknown = 0
+    """Finite values, and each given table with most of the model's features of that table. Names the
+    model does not use are ignored (the prediction lists them); a table the model lacks is not checked."""
     for table, features in omics.items():
         # C-level passes over the values and names: this runs for every feature of every request.
         if not all(map(math.isfinite, cast(Iterable[float], filter(_is_given, features.values())))):
@@ -129,21 +160,19 @@ def _check_omics(
             raise RejectedRequest(
                 "non_finite", f"omics[{table!r}][{feature!r}] is {value}: use null for missing"
             )
-        given += len(features)
-        known_table = table in contract.omic_tables
-        unknown += len(features.keys() - contract.known_features) if known_table else len(features)
-    if given and unknown / given > limits.max_unknown_feature_fraction:
-        unknown_tables = sorted(set(omics) - contract.omic_tables)
-        hint = (
-            f"; tables {unknown_tables} are not among {sorted(contract.omic_tables)}"
-            if unknown_tables
-            else ""
-        )
-        raise RejectedRequest(
-            "unknown_features",
-            f"{unknown} of {given} omic features are unknown to the model, above the allowed fraction "
-            f"{limits.max_unknown_feature_fraction}{hint}",
-        )
+        expected = contract.table_features.get(table)
+        if not expected:
+            continue
+        missing = len(expected) - len(expected.intersection(features))
+        if missing / len(expected) > limits.max_missing_feature_fraction:
+            unknown = sorted(features.keys() - expected)[:EXAMPLE_NAMES]
+            raise RejectedRequest(
+                "missing_features",
+                f"omics[{table!r}] lacks {missing} of the model's {len(expected)} {table} features "
+                f"({missing / len(expected):.0%}), above the allowed share {limits.max_missing_feature_fraction}: "
+                f"the model expects names such as {sorted(expected.difference(features))[:EXAMPLE_NAMES]}"
+                + (f"; given names it does not use include {unknown}" if unknown else ""),
+            )
 
 
 def _check_patch_count(count: int, limits: Limits) -> None:

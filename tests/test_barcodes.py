@@ -5,7 +5,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from healnet.data.barcodes import PATIENT_ID_REGEX, Barcode, InvalidBarcodeError, parse_barcode, patient_id
+from healnet.data.barcodes import (
+    PATIENT_ID_REGEX,
+    Barcode,
+    InvalidBarcodeError,
+    parse_barcode,
+    patient_id,
+    patient_prefix,
+)
 
 ALNUM = string.ascii_uppercase + string.digits
 
@@ -89,3 +96,22 @@ def test_generated_slide_barcodes_round_trip(tss, participant, sample, slide):
     assert barcode.patient_id == patient
     assert re.fullmatch(PATIENT_ID_REGEX, barcode.patient_id)
     assert (int(barcode.sample_type), barcode.slide_number) == (sample, slide)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("TCGA-2F-A9KO", "TCGA-2F-A9KO"),
+        ("TCGA-2F-A9KO-01Z-00-DX1.195576CF-B739-4BD9-B15B-4A70AE287D3E.svs", "TCGA-2F-A9KO"),
+        ("TCGA-2F-A9KO.svs", "TCGA-2F-A9KO"),
+        ("TCGA-2F-A9KO-01Z-00-DX1-rescan.svs", "TCGA-2F-A9KO"),  # later parts need not parse
+        ("TCGA-2F-A9KO5-01", None),  # a five-character participant is no patient barcode
+        ("tcga-2f-a9ko", None),
+        ("scan-0004.svs", None),
+        ("", None),
+        (None, None),
+        (12, None),
+    ],
+)
+def test_patient_prefix_of_any_identifier(value, expected):
+    assert patient_prefix(value) == expected

@@ -85,6 +85,48 @@ def test_state_round_trips_through_json():
         ClinicalTransform.from_state_dict({**transform.state_dict(), "format_version": 99})
 
 
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"age": 300}, r"'age' is 300, outside its plausible range 0 to 120"),
+        ({"age": -1.0}, r"'age' is -1.0, outside its plausible range 0 to 120"),
+        ({"is_female": 2}, r"'is_female' is 2, outside its plausible range 0 or 1"),
+        ({"is_female": 0.5}, r"'is_female' is 0.5, outside its plausible range 0 or 1"),
+    ],
+)
+def test_an_implausible_record_value_is_refused_naming_the_covariate_and_its_range(record, message):
+    transform = ClinicalTransform.fit(clinical_table())
+    with pytest.raises(ClinicalTransformError, match=message):
+        transform.transform_records([record])
+    tokens, _ = transform.transform_records([{"age": 0, "is_female": 1.0}, {"age": 120}])  # bounds included
+    assert tokens.present.all()
+
+
+def test_the_training_range_travels_in_the_state_and_flags_values_outside_it():
+    table = clinical_table()
+    transform = ClinicalTransform.fit(table.iloc[:40])
+    low, high = table["age"].iloc[:40].min(), table["age"].iloc[:40].max()
+    assert transform.training_ranges == {"age": (low, high), "is_female": (0.0, 1.0)}
+    state = json.loads(json.dumps(transform.state_dict()))
+    restored = ClinicalTransform.from_state_dict(state)
+    records = [{"age": high + 1, "is_female": 1}, {"age": low - 1}, {"age": low, "oncotree_code": "IDC"}, {}]
+    assert restored.outside_training_range(records) == [["age"], ["age"], [], []]
+    # a state written before version 2 has no training range: it loads and flags nothing
+    version_1 = {
+        **state,
+        "format_version": 1,
+        "features": [
+            {k: v for k, v in f.items() if k not in ("training_min", "training_max")}
+            for f in state["features"]
+        ],
+    }
+    old = ClinicalTransform.from_state_dict(version_1)
+    assert old.training_ranges == {} and old.outside_training_range(records) == [[], [], [], []]
+    np.testing.assert_array_equal(
+        old.transform_records(records)[0].values, restored.transform_records(records)[0].values
+    )
+
+
 def test_a_cohort_without_varying_covariates_is_refused():
     table = clinical_table()[["age"]].assign(age=50.0)
     with pytest.raises(ClinicalTransformError, match="no clinical feature varies"):

@@ -1,4 +1,6 @@
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -7,7 +9,7 @@ import pandas as pd
 import pytest
 
 from healnet.cli import main
-from healnet.data.cohort import Cohort, CohortFormatError, ingest
+from healnet.data.cohort import Cohort, CohortFormatError, data_hash, ingest
 from healnet.data.readers import RawCohort, empty_quarantine, empty_slides
 
 N_PATIENTS = 40
@@ -325,3 +327,63 @@ def test_real_blca_cohort_splits_by_patient(blca_table, tmp_path):
     test_counts = loaded.splits[loaded.splits["role"] == "test"].groupby(["scheme", "patient_id"]).size()
     assert (test_counts.loc["kfold"] == 1).all() and len(test_counts.loc["kfold"]) == 373
     pd.testing.assert_frame_equal(loaded.omics["rnaseq"], cohort.omics["rnaseq"])
+
+
+def test_a_byte_order_mark_or_quoted_header_is_still_recognised(tmp_path):
+    plain = write_table(tmp_path / "table.csv")
+    marked = tmp_path / "marked.csv"
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert len(ingest(marked).clinical) == N_PATIENTS
+    gdc = write_gdc(tmp_path / "clinical.tsv")
+    (tmp_path / "marked.tsv").write_bytes(b"\xef\xbb\xbf" + gdc.read_bytes())
+    assert len(ingest(tmp_path / "marked.tsv").clinical) == 30
+    quoted = tmp_path / "quoted.csv"  # R's write.csv quotes every column name
+    pd.read_csv(plain, index_col=0).to_csv(quoted, quoting=1)
+    assert len(ingest(quoted).clinical) == N_PATIENTS
+
+
+def test_a_patient_whose_only_slide_is_foreign_keeps_clinical_and_omics(tmp_path):
+    table = pd.read_csv(write_table(tmp_path / "table.csv"), index_col=0)
+    table.loc[table["case_id"] == patient(1), "slide_id"] = f"{patient(2)}-01Z-00-DX9.UID.svs"
+    table.to_csv(tmp_path / "table.csv")
+    cohort = ingest(tmp_path / "table.csv", tmp_path / "cohort")
+    assert patient(1) in cohort.clinical.index and patient(1) in cohort.omics["rnaseq"].index
+    assert patient(1) not in set(cohort.slides["patient_id"])
+    foreign = cohort.quarantine[cohort.quarantine["id"] == patient(1)]
+    assert foreign["reason"].str.contains(f"is a slide of patient {patient(2)}, not {patient(1)}").all()
+    assert (cohort.meta["rows_in"], cohort.meta["rows_kept"], cohort.meta["rows_quarantined"]) == (51, 49, 2)
+
+
+def test_data_hash_follows_the_splits_and_the_code_not_the_time_of_writing(tmp_path):
+    table = write_table(tmp_path / "table.csv")
+    ingest(table, tmp_path / "first", seed=0)
+    ingest(table, tmp_path / "again", seed=0)  # the same inputs, written later elsewhere
+    assert json.loads((tmp_path / "first" / "cohort.json").read_text())["seed"] == 0
+    first = data_hash(tmp_path / "first", code_version="1.0 abc")
+    assert re.fullmatch(r"[0-9a-f]{64}", first)
+    assert data_hash(tmp_path / "again", code_version="1.0 abc") == first
+    assert data_hash(tmp_path / "first", code_version="1.0 def") != first
+
+    ingest(table, tmp_path / "first", seed=1)  # re-ingested into the same folder with another split seed
+    assert not Cohort.load(tmp_path / "first").splits.equals(Cohort.load(tmp_path / "again").splits)
+    assert data_hash(tmp_path / "first", code_version="1.0 abc") != first
+
+
+def test_data_hash_covers_every_table_a_step_reads_and_the_slide_files(tmp_path):
+    root = tmp_path / "cohort"
+    slide_dir = write_slides(tmp_path / "slides", skip=set())
+    ingest(write_table(tmp_path / "table.csv"), root, slide_dir=slide_dir)
+    before = data_hash(root, code_version="")
+    for name in ("clinical.parquet", "availability.parquet", "quarantine.parquet", "omics/cnv.parquet"):
+        frame = pd.read_parquet(root / name)
+        frame[frame.columns[::-1]].to_parquet(root / name, index=False)  # columns reordered: another file
+        assert data_hash(root, code_version="") != before, name
+        frame.to_parquet(root / name, index=False)
+        assert data_hash(root, code_version="") == before, name
+    slide = slide_dir / f"{patient(0)}-01Z-00-DX1.UID.svs"
+    stat = slide.stat()
+    os.utime(slide, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # re-scanned: same name, new file
+    assert data_hash(root, code_version="") != before
+    (root / "splits.parquet").unlink()
+    with pytest.raises(CohortFormatError, match="missing splits.parquet"):
+        data_hash(root, code_version="")

@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import threading
+from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -21,8 +22,12 @@ from components.support import PipelineStepError, cohort_data_hash, merge_featur
 from healnet.checkpoint import verify_checkpoint
 from healnet.data.cohort import Cohort
 from healnet.data.synth import SynthConfig, synthesize_cohort
+from healnet.gate import ENOUGH_EVENTS, GATE_VERSION, GatePolicy, rule_texts
 from healnet.preprocess.omics import OmicsTransform
-from healnet.registry import get_champion, list_versions
+from healnet.preprocess.wsi import feature_file_name
+from healnet.registry import get_champion, list_versions, register_model, set_champion
+from healnet.scoring import ScoredPatients
+from healnet.survival_metrics import harrell_c
 from healnet.train import DistributedTrainingError
 
 SHARDS = 2
@@ -48,49 +53,71 @@ def pipeline_outputs(tmp_path_factory):
     cohort = str(synth_validated_cohort(root / "cohort", patients=48, seed=3))
     out = root / "outputs"
     out.mkdir()
+    cohort_artifact = artifact(Dataset, root, "cohort")  # as the ingest step hands it on: the cohort folder
+    imported = artifact(Dataset, out, "imported_features")  # nothing imported: tiled slides
     validation_report = artifact(Markdown, out, "validation.md")
+    plan = {name: str(out / name) for name in ("data_hash", "chosen_modalities", "slide_source")}
     shard_list = validate.python_func(
-        cohort_dir=cohort,
+        cohort=cohort_artifact,
         slide_shards=SHARDS,
         max_quarantined_fraction=0.05,
+        min_events_per_split=1,
+        modalities="",
+        features_dir="",
+        encoder_name="",
+        weights_sha256="",
+        mpp=0.0,
+        patch_size=0,
         report=validation_report,
-        data_hash=str(out / "data_hash"),
+        **plan,
     )
-    data_hash = (out / "data_hash").read_text()
+    data_hash, modalities = (Path(plan[name]).read_text() for name in ("data_hash", "chosen_modalities"))
     shards = []
-    for index in shard_list:
-        shards.append(artifact(Dataset, out, f"features-{index}"))
-        preprocess_slides.python_func(
-            cohort_dir=cohort, shard_index=index, shard_count=SHARDS, data_hash=data_hash, features=shards[-1]
-        )
+    for shard in shard_list:
+        shards.append(artifact(Dataset, out, f"features-{shard['shard_index']}"))
+        preprocess_slides.python_func(cohort=cohort_artifact, **shard, features=shards[-1])
     transform = artifact(Artifact, out, "omics_transform.json")
     preprocess_omics.python_func(
-        cohort_dir=cohort, split_repeat=0, recipe="demo", data_hash=data_hash, transform=transform
+        cohort=cohort_artifact,
+        split_repeat=0,
+        recipe="demo",
+        modalities=modalities,
+        data_hash=data_hash,
+        transform=transform,
     )
     model, train_metrics = artifact(Model, out, "model"), artifact(Metrics, out, "train_metrics")
     train.python_func(
-        cohort_dir=cohort,
+        cohort=cohort_artifact,
         data_hash=data_hash,
         split_repeat=0,
         recipe="demo",
+        modalities=modalities,
         epochs=2,
         batch_size=16,
         patience=2,
         seed=0,
         gpu_count=1,
         slide_features=shards,
+        imported_features=imported,
         omics_transform=transform,
         model=model,
         metrics=train_metrics,
     )
     test_metrics, report = artifact(Metrics, out, "metrics"), artifact(HTML, out, "evaluation.html")
+    predictions, test_features = (
+        artifact(Dataset, out, "predictions"),
+        artifact(Dataset, out, "test_features"),
+    )
     evaluate.python_func(
-        cohort_dir=cohort,
+        cohort=cohort_artifact,
         data_hash=data_hash,
         split_repeat=0,
         model=model,
         slide_features=shards,
+        imported_features=imported,
         metrics=test_metrics,
+        predictions=predictions,
+        test_features=test_features,
         report=report,
     )
     torch.set_num_threads(threads)
@@ -105,12 +132,19 @@ def pipeline_outputs(tmp_path_factory):
         "model": model,
         "train_metrics": train_metrics,
         "metrics": test_metrics,
+        "predictions": predictions,
+        "test_features": test_features,
         "report": report,
     }
 
 
 def test_validate_returns_the_shards_and_the_data_hash(pipeline_outputs):
-    assert pipeline_outputs["shard_list"] == list(range(SHARDS))
+    shards = pipeline_outputs["shard_list"]
+    assert [(shard["shard_index"], shard["shard_count"]) for shard in shards] == [
+        (i, SHARDS) for i in range(SHARDS)
+    ]
+    assert {shard["slide_source"] for shard in shards} == {"tile"}
+    assert {shard["data_hash"] for shard in shards} == {pipeline_outputs["data_hash"]}
     assert pipeline_outputs["data_hash"] == cohort_data_hash(pipeline_outputs["cohort"])
     assert re.fullmatch(r"[0-9a-f]{64}", pipeline_outputs["data_hash"])
     assert "Data validation: passed" in Path(pipeline_outputs["validation_report"].path).read_text()
@@ -131,6 +165,38 @@ def test_the_data_hash_follows_the_slide_files(pipeline_outputs, tmp_path):
     assert cohort_data_hash(copy) != before
 
 
+def write_porpoise_table(path: Path, patients: int = 30) -> Path:
+    """A minimal PORPOISE table: one slide row per patient, one omics feature."""
+    ids = [f"TCGA-AB-{i:04d}" for i in range(patients)]
+    pd.DataFrame(
+        {
+            "case_id": ids,
+            "slide_id": [f"{patient}-01Z-00-DX1.svs" for patient in ids],
+            "survival_months": [5.0 + i for i in range(patients)],
+            "censorship": [i % 2 for i in range(patients)],
+            "TP53_rnaseq": [0.1 * i for i in range(patients)],
+        }
+    ).to_csv(path, index=False)
+    return path
+
+
+def test_the_data_hash_follows_the_split_seed_and_the_code_version(tmp_path, monkeypatch):
+    from healnet.data.cohort import ingest
+
+    table = write_porpoise_table(tmp_path / "table.csv")
+    monkeypatch.setenv("HEALNET_GIT_SHA", "1" * 40)  # the code version the images carry
+    ingest(table, tmp_path / "cohort", seed=0)
+    ingest(table, tmp_path / "same", seed=0)
+    before = cohort_data_hash(tmp_path / "cohort")
+    assert cohort_data_hash(tmp_path / "same") == before  # the same inputs give the same hash
+
+    monkeypatch.setenv("HEALNET_GIT_SHA", "2" * 40)
+    assert cohort_data_hash(tmp_path / "cohort") != before  # other code: cached results do not apply
+    monkeypatch.setenv("HEALNET_GIT_SHA", "1" * 40)
+    ingest(table, tmp_path / "cohort", seed=1)  # the same table with another split seed, same folder
+    assert cohort_data_hash(tmp_path / "cohort") != before
+
+
 def test_validate_stops_on_a_failing_expectation(pipeline_outputs, tmp_path):
     cohort = Path(pipeline_outputs["cohort"])
     broken = tmp_path / "cohort"
@@ -144,11 +210,20 @@ def test_validate_stops_on_a_failing_expectation(pipeline_outputs, tmp_path):
     report = artifact(Markdown, tmp_path, "report.md")
     with pytest.raises(PipelineStepError, match="failed validation.*age"):
         validate.python_func(
-            cohort_dir=str(broken),
+            cohort=artifact(Dataset, tmp_path, "cohort"),
             slide_shards=2,
             max_quarantined_fraction=0.05,
+            min_events_per_split=1,
+            modalities="",
+            features_dir="",
+            encoder_name="",
+            weights_sha256="",
+            mpp=0.0,
+            patch_size=0,
             report=report,
             data_hash=str(tmp_path / "h"),
+            chosen_modalities=str(tmp_path / "m"),
+            slide_source=str(tmp_path / "s"),
         )
     assert "FAILED" in Path(report.path).read_text()
     assert report.metadata["success"] is False
@@ -199,16 +274,18 @@ def train_with_gpus(outputs: dict, name: str, recipe: str, gpu_count: int) -> tu
         artifact(Metrics, outputs["out"], f"{name}_metrics"),
     )
     train.python_func(
-        cohort_dir=outputs["cohort"],
+        cohort=artifact(Dataset, Path(outputs["cohort"]).parent, "cohort"),
         data_hash=outputs["data_hash"],
         split_repeat=0,
         recipe=recipe,
+        modalities="omic,clinical,wsi",
         epochs=2,
         batch_size=16,
         patience=2,
         seed=0,
         gpu_count=gpu_count,
         slide_features=outputs["shards"],
+        imported_features=artifact(Dataset, outputs["out"], "imported_features"),
         omics_transform=outputs["transform"],
         model=model,
         metrics=metrics,
@@ -238,62 +315,113 @@ def test_evaluate_logs_test_metrics_and_embeds_the_kaplan_meier_plot(pipeline_ou
     metrics = pipeline_outputs["metrics"].metadata
     assert 0.0 <= metrics["c_index"] <= 1.0 and 0.0 <= metrics["c_index_ipcw"] <= 1.0
     assert 0.0 < metrics["integrated_brier_score"] < 1.0
+    assert metrics["c_index_ci_low"] <= metrics["c_index"] <= metrics["c_index_ci_high"]
     cohort = Cohort.load(Path(pipeline_outputs["cohort"]))
-    assert metrics["test_patients"] == len(cohort.patients("holdout", 0, 0, "test"))
+    test_ids = cohort.patients("holdout", 0, 0, "test")
+    assert metrics["test_patients"] == len(test_ids) and metrics["bootstrap_resamples"] == 1000
+    assert metrics["test_events"] == int(cohort.clinical.loc[test_ids, "event"].sum())
     html = Path(pipeline_outputs["report"].path).read_text()
     encoded = re.search(r'src="data:image/png;base64,([^"]+)"', html).group(1)
     assert base64.b64decode(encoded).startswith(b"\x89PNG")
-    assert pipeline_outputs["data_hash"] in html
+    assert pipeline_outputs["data_hash"] in html and "c_index_ci_low" in html
 
 
-def test_gate_promotes_or_rejects_against_the_threshold(pipeline_outputs, registry, tmp_path):
-    c_index = pipeline_outputs["metrics"].metadata["c_index"]
+def test_evaluate_hands_the_gate_each_test_patients_risk_and_slide_features(pipeline_outputs):
+    scored = ScoredPatients.read_parquet(Path(pipeline_outputs["predictions"].path))
+    cohort = Cohort.load(Path(pipeline_outputs["cohort"]))
+    test_ids = cohort.patients("holdout", 0, 0, "test")
+    assert scored.patient_ids == test_ids
+    c_index = harrell_c(scored.times, scored.events, scored.risk)
+    assert c_index == pytest.approx(pipeline_outputs["metrics"].metadata["c_index"], abs=1e-12)
+    slides = cohort.slides[cohort.slides["patient_id"].isin(test_ids) & cohort.slides["path"].notna()]
+    copied = sorted(path.name for path in Path(pipeline_outputs["test_features"].path).glob("*.parquet"))
+    assert copied and copied == sorted(feature_file_name(slide) for slide in slides["slide_id"])
+
+
+def run_gate(outputs: dict, folder: Path, **policy) -> tuple[str, Markdown, Artifact, Metrics]:
+    """The gate step on the evaluated candidate; `policy` overrides the gate's defaults."""
+    settings = {**asdict(GatePolicy()), **policy}
+    folder.mkdir(parents=True, exist_ok=True)
+    report = artifact(Markdown, folder, "gate.md")
+    record, numbers = artifact(Artifact, folder, "gate.json"), artifact(Metrics, folder, "gate_metrics")
+    decision = gate.python_func(
+        cohort=artifact(Dataset, Path(outputs["cohort"]).parent, "cohort"),
+        data_hash=outputs["data_hash"],
+        model=outputs["model"],
+        metrics=outputs["metrics"],
+        predictions=outputs["predictions"],
+        test_features=outputs["test_features"],
+        min_c_index=settings["min_c_index"],
+        tolerance=settings["tolerance"],
+        min_test_events=settings["min_test_events"],
+        dry_run=settings["dry_run"],
+        registry_dir="",
+        report=report,
+        gate_json=record,
+        gate_metrics=numbers,
+    )
+    return decision, report, record, numbers
+
+
+def test_gate_decides_on_the_interval_and_writes_every_number(pipeline_outputs, registry, tmp_path):
+    metrics = pipeline_outputs["metrics"].metadata
     for threshold, expected in ((0.0, "promote"), (1.01, "reject")):
-        report = artifact(Markdown, tmp_path, f"gate-{threshold}.md")
-        decision = gate.python_func(
-            metrics=pipeline_outputs["metrics"],
-            min_c_index=threshold,
-            tolerance=0.02,
-            dry_run=False,
-            registry_dir="",
-            report=report,
+        decision, report, record, numbers = run_gate(
+            pipeline_outputs, tmp_path / str(threshold), min_c_index=threshold, min_test_events=1
         )
         assert decision == expected
         assert f"**{expected}**" in Path(report.path).read_text()
-        assert report.metadata["candidate_c_index"] == pytest.approx(c_index)
+        gated = json.loads(Path(record.path).read_text())
+        assert gated["decision"] == expected and "min_c_index" in gated["rule"]
+        assert gated["c_index"] == pytest.approx(metrics["c_index"], abs=1e-12)
+        assert gated["c_index_ci"] == pytest.approx([metrics["c_index_ci_low"], metrics["c_index_ci_high"]])
+        assert gated["test_events"] == metrics["test_events"] and gated["champion"] is None
+        assert gated["paired_difference"] is None and gated["policy"]["min_c_index"] == threshold
+        assert numbers.metadata["promote"] == float(expected == "promote")
+        assert numbers.metadata["c_index_ci_low"] == pytest.approx(metrics["c_index_ci_low"])
+        assert json.loads(Path(numbers.path).read_text()) == numbers.metadata
 
 
-def _gate_report(pipeline_outputs, folder: Path) -> Markdown:
-    report = artifact(Markdown, folder, "gate.md")
-    gate.python_func(
-        metrics=pipeline_outputs["metrics"],
-        min_c_index=0.0,
-        tolerance=0.02,
-        dry_run=False,
-        registry_dir="",
-        report=report,
+def test_gate_rejects_a_test_split_with_too_few_events(pipeline_outputs, registry, tmp_path):
+    decision, report, record, _ = run_gate(pipeline_outputs, tmp_path, min_c_index=0.0)
+    gated = json.loads(Path(record.path).read_text())
+    assert gated["test_events"] < GatePolicy.min_test_events  # 8 test patients in this small cohort
+    assert (
+        decision == "reject" and gated["rule"] == rule_texts(GatePolicy(min_c_index=0.0), 0.95)[ENOUGH_EVENTS]
     )
-    return report
+    assert "too few test events" in Path(report.path).read_text()
 
 
-def test_promote_registers_with_provenance_and_sets_the_champion(pipeline_outputs, registry, tmp_path):
-    report = artifact(Markdown, tmp_path, "promotion.md")
+def promote_step(outputs: dict, folder: Path, gate_json: Artifact) -> tuple[str, Markdown]:
+    report = artifact(Markdown, folder, "promotion.md")
     tag = promote.python_func(
-        cohort_dir=pipeline_outputs["cohort"],
-        data_hash=pipeline_outputs["data_hash"],
+        cohort=artifact(Dataset, Path(outputs["cohort"]).parent, "cohort"),
+        data_hash=outputs["data_hash"],
         registry_dir="",
         run_id="run-123",
         run_name="healnet-training-test",
-        model=pipeline_outputs["model"],
-        metrics=pipeline_outputs["metrics"],
-        gate_report=_gate_report(pipeline_outputs, tmp_path),
+        model=outputs["model"],
+        metrics=outputs["metrics"],
+        predictions=outputs["predictions"],
+        test_features=outputs["test_features"],
+        gate_json=gate_json,
         report=report,
     )
+    return tag, report
+
+
+def test_promote_registers_with_provenance_and_sets_the_champion(pipeline_outputs, registry, tmp_path):
+    _, _, record, _ = run_gate(pipeline_outputs, tmp_path, min_c_index=0.0, min_test_events=1)
+    tag, report = promote_step(pipeline_outputs, tmp_path, record)
     assert get_champion()["tag"] == tag
     [row] = list_versions()
     metadata = row["metadata"]
+    gated = json.loads(Path(record.path).read_text())
     assert metadata["c_index"] == pytest.approx(pipeline_outputs["metrics"].metadata["c_index"])
+    assert metadata["c_index_ci"] == gated["c_index_ci"] and metadata["test_events"] == gated["test_events"]
+    assert metadata["gate_rule"] == gated["rule"] and metadata["gate_version"] == GATE_VERSION
     assert metadata["data_hash"] == pipeline_outputs["data_hash"] and metadata["pipeline_run_id"] == "run-123"
+    assert metadata["cohort"] == pipeline_outputs["cohort"]
     assert metadata["weights_sha256"] == metadata["sha256"] == pipeline_outputs["model"].metadata["sha256"]
     assert metadata["git_sha"] and metadata["gate_reasons"]
     assert (
@@ -303,32 +431,41 @@ def test_promote_registers_with_provenance_and_sets_the_champion(pipeline_output
     assert f"# Promoted {tag}" in Path(report.path).read_text()
 
 
-def test_promote_refuses_a_cohort_changed_during_the_run(pipeline_outputs, registry, tmp_path):
-    with pytest.raises(PipelineStepError, match="changed during the run"):
-        promote.python_func(
-            cohort_dir=pipeline_outputs["cohort"],
-            data_hash="0" * 64,
-            registry_dir="",
-            run_id="run-1",
-            run_name="",
-            model=pipeline_outputs["model"],
-            metrics=pipeline_outputs["metrics"],
-            gate_report=_gate_report(pipeline_outputs, tmp_path),
-            report=artifact(Markdown, tmp_path, "promotion.md"),
-        )
-    assert list_versions() == [] and get_champion() is None
-
-
-def test_reject_reports_the_kept_champion(pipeline_outputs, registry, tmp_path):
-    report = artifact(Markdown, tmp_path, "rejection.md")
-    reject.python_func(
-        registry_dir="",
-        metrics=pipeline_outputs["metrics"],
-        gate_report=_gate_report(pipeline_outputs, tmp_path),
-        report=report,
+def test_gate_scores_a_comparable_champion_on_the_same_test_patients(pipeline_outputs, registry, tmp_path):
+    _, _, first, _ = run_gate(pipeline_outputs, tmp_path / "first", min_c_index=0.0, min_test_events=1)
+    champion, _ = promote_step(pipeline_outputs, tmp_path / "first", first)
+    # the same model again: scored through the serving path, it is the same on every resample
+    decision, report, record, numbers = run_gate(
+        pipeline_outputs, tmp_path / "second", min_c_index=1.01, tolerance=0.0, min_test_events=1
     )
+    gated = json.loads(Path(record.path).read_text())
+    assert gated["champion"]["tag"] == champion and gated["champion"]["comparable"] is True
+    assert gated["champion"]["c_index"] == pytest.approx(gated["c_index"], abs=1e-6)
+    assert gated["paired_difference"]["ci"] == pytest.approx([0.0, 0.0], abs=1e-6)
+    assert decision == "promote" and "paired-bootstrap" in gated["rule"]
+    assert numbers.metadata["paired_difference_ci_low"] == pytest.approx(0.0, abs=1e-6)
+    assert "paired difference (candidate − champion)" in Path(report.path).read_text()
+
+
+def test_promote_takes_the_gate_again_when_the_champion_changed(pipeline_outputs, registry, tmp_path):
+    _, _, record, _ = run_gate(pipeline_outputs, tmp_path, min_c_index=0.0, tolerance=0.0, min_test_events=1)
+    # another run promotes the same model meanwhile: a comparable champion, scored again in promote
+    meanwhile = register_model(Path(pipeline_outputs["model"].path) / "checkpoint")
+    set_champion(meanwhile, "promoted by another run after this run's gate")
+    tag, report = promote_step(pipeline_outputs, tmp_path, record)
+    pointer = get_champion()
+    assert pointer["tag"] == tag and pointer["history"][-1]["tag"] == meanwhile
+    text = Path(report.path).read_text()
+    assert f"gate taken again against {meanwhile}" in text and "paired-bootstrap" in text
+
+
+def test_reject_reports_the_rule_and_the_kept_champion(pipeline_outputs, registry, tmp_path):
+    _, gate_report, record, _ = run_gate(pipeline_outputs, tmp_path, min_c_index=1.01, min_test_events=1)
+    report = artifact(Markdown, tmp_path, "rejection.md")
+    reject.python_func(registry_dir="", gate_json=record, gate_report=gate_report, report=report)
     text = Path(report.path).read_text()
     assert "Candidate rejected" in text and "no model is promoted yet" in text and "Promotion gate" in text
+    assert "95 % CI" in text and "Decided by the rule" in text and "min_c_index" in text
     assert list_versions() == []
 
 

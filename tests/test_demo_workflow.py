@@ -95,21 +95,24 @@ def test_cli_preprocess_train_evaluate(cohort_dir, tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def test_train_without_features_names_the_fix(tmp_path):
+def test_train_without_features_names_the_fix(tmp_path, capsys):
     cohort = tmp_path / "bare"
     assert main(["synth", "--out", str(cohort), "--patients", "20", "--seed", "1", "--no-progress"]) == 0
-    with pytest.raises(FileNotFoundError, match="run `healnet preprocess-slides"):
-        main(
-            [
-                "train",
-                "--cohort",
-                str(cohort),
-                "--out",
-                str(tmp_path / "run"),
-                "--features",
-                str(tmp_path / "none"),
-            ]
-        )
+    capsys.readouterr()
+    argv = [
+        "train",
+        "--cohort",
+        str(cohort),
+        "--out",
+        str(tmp_path / "run"),
+        "--features",
+        str(tmp_path / "none"),
+    ]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1, "one line, no traceback"
+    assert "have a file but neither features nor a quarantine entry" in error
+    assert "run `healnet preprocess-slides" in error
 
 
 def test_help_explains_every_command(capsys):

@@ -15,8 +15,10 @@ import torch
 
 from healnet.checkpoint import load_checkpoint
 from healnet.cli import main
+from healnet.data.cohort import Cohort
 from healnet.data.synth import SynthConfig, synthesize_cohort
 from healnet.errors import HEALNetError
+from healnet.experiment import CohortData, load_trained
 from healnet.inference import Case
 from healnet.preprocess.encoders import EncoderProvenance, FeatureProvenance
 from healnet.preprocess.feature_import import (
@@ -32,6 +34,7 @@ from healnet.preprocess.wsi import (
     feature_file_name,
     read_feature_metadata,
     read_feature_provenance,
+    read_quarantine,
     read_slide_features,
     slide_stem,
 )
@@ -289,17 +292,23 @@ def test_the_feature_file_errors_are_library_errors():
 
 @pytest.fixture(scope="module")
 def imported_cohort(tmp_path_factory) -> dict:
-    """A synthetic cohort whose slides come as CLAM h5 features (random, 32 wide), imported."""
+    """A synthetic cohort whose slides come as CLAM h5 features (random, 32 wide), imported; the features
+    of the last slide of a one-slide patient hold a NaN, so the import quarantines that slide."""
     root = tmp_path_factory.mktemp("import_e2e")
     cohort = root / "cohort"
     synthesize_cohort(cohort, SynthConfig(patients=40, seed=3, slide_px=512), progress=False)
     slides = pd.read_parquet(cohort / "slides.parquet")
     listed = slides[slides["path"].notna()]
     assert len(listed) >= 30 and listed["slide_id"].str.contains(r"\.").all()
+    one_slide = listed.groupby("patient_id")["slide_id"].transform("size") == 1
+    nan_slide = listed.loc[one_slide, "slide_id"].iloc[-1]
     clam = root / "clam"
     for index, slide_id in enumerate(listed["slide_id"]):
+        features, coords = bag(20, seed=100 + index)
+        if slide_id == nan_slide:
+            features[3, 5] = np.nan
         # CLAM names files by the slide file's stem: TCGA-...-DX1.<uuid>.h5 for TCGA-...-DX1.<uuid>.tiff
-        write_h5(clam / "h5_files" / f"{slide_stem(slide_id)}.h5", *bag(20, seed=100 + index), **CLAM_ATTRS)
+        write_h5(clam / "h5_files" / f"{slide_stem(slide_id)}.h5", features, coords, **CLAM_ATTRS)
     features = cohort / "features"
     args = ["import-features", str(clam), "--out", str(features), "--encoder-name", "uni_v1", "--mpp", "0.5"]
     assert main([*args, "--no-progress"]) == 0
@@ -307,7 +316,14 @@ def imported_cohort(tmp_path_factory) -> dict:
     run = root / "run"
     train = ["train", "--cohort", str(cohort), "--features", str(features), "--out", str(run)]
     assert main([*train, "--epochs", "2", "--no-progress", *SMALL_MODEL]) == 0
-    return {"cohort": cohort, "features": features / "uni_v1", "run": run, "provenance": provenance}
+    return {
+        "cohort": cohort,
+        "features": features / "uni_v1",
+        "run": run,
+        "provenance": provenance,
+        "nan_slide": nan_slide,
+        "nan_patient": listed.set_index("slide_id").loc[nan_slide, "patient_id"],
+    }
 
 
 def test_import_then_train_records_the_imported_encoder(imported_cohort):
@@ -317,6 +333,20 @@ def test_import_then_train_records_the_imported_encoder(imported_cohort):
     provenance = imported_cohort["provenance"]
     assert preprocessor.wsi_encoder == provenance.encoder
     assert preprocessor.tiling == provenance.tiling
+
+
+def test_an_imported_slide_with_nan_features_is_a_missing_slide_for_its_patient(imported_cohort):
+    nan_slide, patient = imported_cohort["nan_slide"], imported_cohort["nan_patient"]
+    # the import names the slide by its file stem, the cohort by its file name: the same slide
+    assert list(read_quarantine(imported_cohort["features"])) == [slide_stem(nan_slide)]
+    assert "non-finite" in read_quarantine(imported_cohort["features"])[slide_stem(nan_slide)]
+    metrics = json.loads((imported_cohort["run"] / "metrics.json").read_text())
+    assert metrics["slides_quarantined"] == {"count": 1, "slides": [nan_slide]}
+    data = CohortData.from_cohort(Cohort.load(imported_cohort["cohort"]), imported_cohort["features"])
+    assert patient not in data.wsi_bags and len(data.wsi_bags) >= 29
+    member = load_trained(imported_cohort["run"] / "checkpoint").members[0]
+    dataset = member.dataset(data, [patient])
+    assert dataset.collate([dataset[0]])["present"]["wsi"].tolist() == [False]
 
 
 def test_import_then_serve_predicts_from_imported_features_and_refuses_tiles(imported_cohort, monkeypatch):

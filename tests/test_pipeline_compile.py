@@ -65,10 +65,14 @@ def test_retries_on_flaky_steps_and_caching_off_where_state_changes(compiled):
         tasks["train"],
         tasks["evaluate"],
         tasks["preprocess-omics"],
+        tasks["import-features"],
         loop_tasks["preprocess-slides"],
     ):
         assert task["retryPolicy"]["maxRetryCount"] == 2 and task["retryPolicy"]["backoffDuration"] == "30s"
-    assert "retryPolicy" not in tasks["validate"]
+    for first_steps in ("fingerprint", "ingest", "validate"):  # a user's mistake fails once, here
+        assert "retryPolicy" not in tasks[first_steps]
+    assert tasks["fingerprint"]["cachingOptions"] == {}
+    assert tasks["ingest"]["cachingOptions"] == {"enableCache": True}  # keyed by the fingerprint
     branches = spec["components"]["comp-condition-4"]["dag"]["tasks"]
     assert branches["promote"]["cachingOptions"] == {}
     assert tasks["validate"]["cachingOptions"] == {} and tasks["gate"]["cachingOptions"] == {}
@@ -85,6 +89,14 @@ def test_slides_fan_out_with_parallel_for_and_fan_in_with_collected(compiled):
         "outputArtifactKey": "pipelinechannel--preprocess-slides-features",
         "producerTask": "for-loop-2",
     }
+    imported = body_tasks(spec)["train"]["inputs"]["artifacts"]["imported_features"]
+    assert imported["taskOutputArtifact"] == {
+        "outputArtifactKey": "features",
+        "producerTask": "import-features",
+    }
+    # each shard's parameters come from its loop item, which kfp.local resolves (other steps' outputs not)
+    shard = spec["components"]["comp-for-loop-2"]["dag"]["tasks"]["preprocess-slides"]["inputs"]["parameters"]
+    assert shard["data_hash"]["componentInputParameter"] == "pipelinechannel--validate-Output-loop-item"
 
 
 def test_gate_has_a_promote_and_a_reject_branch(compiled):

@@ -1,6 +1,7 @@
 """End-to-end runs of the pipeline with kfp.local on a small synthetic cohort, one per gate branch,
 and a run whose validation fails."""
 
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from pipelines.local import run_local
 
 pytestmark = pytest.mark.slow
 
-QUICK = {"epochs": 2, "patience": 2, "slide_shards": 2}
+# a 48-patient cohort has about 8 test patients: the gate's minimum of test events is lowered to fit
+QUICK = {"epochs": 2, "patience": 2, "slide_shards": 2, "min_test_events": 1}
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +69,11 @@ def test_unreachable_threshold_rejects_and_keeps_the_champion(
     promoted, cohort, registry, pipeline_root, capsys
 ):
     """Same data and settings as the promoted run, so --cache reuses its preprocessing, training and
-    evaluation; validation, the gate and the rejection branch run again."""
+    evaluation; validation, the gate and the rejection branch run again. The gate asks for more test
+    events than the cohort has."""
     before = registry_list(registry)
     argv = ["run-local", "--cohort", str(cohort), "--pipeline-root", str(pipeline_root), "--cache"]
-    for key, value in {"registry_dir": registry, "min_c_index": 1.01, **QUICK}.items():
+    for key, value in {"registry_dir": registry, **QUICK, "min_test_events": 1000}.items():
         argv += ["--param", f"{key}={value}"]
     assert pipelines_main(argv) == 0
     printed = capsys.readouterr().out
@@ -106,3 +109,50 @@ def test_failed_validation_stops_before_training(cohort, registry, tmp_path):
     assert "age" in result.reports["steps.log"].read_text()  # the failing step's own output
     assert (result.run_dir / "notify").is_dir(), "the exit handler runs after a failure"
     assert registry_list(registry) == before
+
+
+def test_an_unreadable_slide_is_a_missing_modality_for_its_patient(tmp_path, capsys):
+    """One truncated slide file: tiling quarantines it, the run goes on to a gate decision, the patient is
+    scored without slides, and the shard report, the model and the run summary name the slide."""
+    from healnet.data.cohort import Cohort
+    from healnet.explain import patient_case
+    from healnet.inference import Predictor
+    from healnet.scoring import ScoredPatients
+
+    root = synth_validated_cohort(tmp_path / "cohort", patients=48, seed=3, missing_slides=0.5)
+    cohort = Cohort.load(root)
+    test_ids = set(cohort.patients("holdout", 0, 0, "test"))
+    located = cohort.slides[cohort.slides["path"].notna()]
+    lone = located.groupby("patient_id").filter(lambda rows: len(rows) == 1)
+    slide, patient = next(
+        (row.slide_id, row.patient_id) for row in lone.itertuples() if row.patient_id in test_ids
+    )
+    path = cohort.slide_path(slide)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    argv = ["run-local", "--cohort", str(root), "--pipeline-root", str(tmp_path / "root")]
+    for key, value in {"registry_dir": tmp_path / "registry", "min_c_index": 0.0, **QUICK}.items():
+        argv += ["--param", f"{key}={value}"]
+    assert pipelines_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "gate decision: " in printed
+    assert f"slides quarantined, their patients predicted without them: 1 ({slide})" in printed
+    assert "slides_quarantined 1" in printed
+    run_dir = Path(printed.split("pipeline run folder: ")[1].split(" (")[0])
+    assert (
+        f"1 slide(s) will be quarantined when tiled and their patients trained without them: {slide}"
+        in (run_dir / "validation.md").read_text()
+    )
+    shard_reports = [
+        json.loads(report.read_text())
+        for report in run_dir.glob("for-loop-*/preprocess-slides/features/**/report*.json")
+    ]
+    quarantined = [entry["slide"] for report in shard_reports for entry in report["quarantined"]]
+    assert quarantined == [slide]
+    scored = ScoredPatients.read_parquet(run_dir / "evaluate" / "predictions")
+    assert patient in scored.patient_ids, "the patient is scored, not dropped"
+    predictor = Predictor.from_dir(run_dir / "train" / "model" / "checkpoint")
+    [alone] = predictor.predict([patient_case(cohort, patient, predictor)])
+    assert "wsi" in alone.modalities_missing
+    risk = dict(zip(scored.patient_ids, scored.risk, strict=True))[patient]
+    assert risk == pytest.approx(alone.risk, abs=1e-5)

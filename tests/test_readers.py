@@ -371,3 +371,108 @@ def test_gzipped_gdc_clinical(tmp_path):
     text = "\n".join("\t".join(row) for row in [OLD_GDC, *rows]) + "\n"
     (tmp_path / "clinical.tsv.gz").write_bytes(gzip.compress(text.encode()))
     check_gdc(read_gdc_clinical(tmp_path / "clinical.tsv.gz"), "clinical.tsv.gz")
+
+
+def test_a_slide_of_another_patient_is_quarantined_and_its_patient_keeps_the_rest(tmp_path):
+    rows = [
+        porpoise_row("TCGA-AA-0001", "DX1"),
+        porpoise_row("TCGA-AA-0002", "DX1", slide_id="TCGA-AA-0003-01Z-00-DX1.ABCD1234.svs"),  # swapped
+        porpoise_row("TCGA-AA-0003", "DX1", slide_id="TCGA-AA-0002-01Z-00-DX1.ABCD1234.svs"),  # swapped
+        porpoise_row("TCGA-AA-0003", "DX2"),
+        porpoise_row("TCGA-AA-0004", "DX1", slide_id="scan-0004.svs"),  # no barcode: not checked
+        porpoise_row("TCGA-AA-0005", "DX1", slide_id="TCGA-AA-0001-01Z-00-DX1-copy.svs"),  # unusual tail
+    ]
+    raw = read_porpoise_table(write_porpoise(tmp_path / "table.csv", rows))
+    assert raw.clinical.index.tolist() == [f"TCGA-AA-000{i}" for i in range(1, 6)]  # nobody loses data
+    assert raw.omics["rnaseq"].index.tolist() == raw.clinical.index.tolist()
+    assert raw.slides["slide_id"].tolist() == [
+        "TCGA-AA-0001-01Z-00-DX1.ABCD1234.svs",
+        "TCGA-AA-0003-01Z-00-DX2.ABCD1234.svs",
+        "scan-0004.svs",
+    ]
+    reasons = dict(zip(raw.quarantine["row"], raw.quarantine["reason"], strict=True))
+    assert sorted(reasons) == [1, 2, 5]
+    assert reasons[1] == (
+        "slide_id TCGA-AA-0003-01Z-00-DX1.ABCD1234.svs is a slide of patient TCGA-AA-0003, not TCGA-AA-0002 "
+        "(the slide is left out; the patient's other data is kept)"
+    )
+    assert "is a slide of patient TCGA-AA-0001, not TCGA-AA-0005" in reasons[5]
+    assert raw.rows_in == len(raw.slides) + len(raw.quarantine)
+
+
+def test_a_row_with_bad_data_and_a_foreign_slide_names_both_reasons(tmp_path):
+    rows = [
+        porpoise_row("TCGA-AA-0001", "DX1"),
+        porpoise_row("TCGA-AA-0002", "DX1", months=-3.0, slide_id="TCGA-AA-0001-01Z-00-DX2.svs"),
+    ]
+    raw = read_porpoise_table(write_porpoise(tmp_path / "table.csv", rows))
+    assert raw.clinical.index.tolist() == ["TCGA-AA-0001"]
+    (reason,) = raw.quarantine["reason"]
+    assert "survival_months must be positive" in reason and "is a slide of patient TCGA-AA-0001" in reason
+
+
+@pytest.mark.parametrize(
+    ("repeated", "named"),
+    [(["survival_months"], "['survival_months']"), (["age", "TP53_rnaseq"], "['age', 'TP53_rnaseq']")],
+)
+def test_porpoise_header_that_repeats_a_column_is_an_error_naming_it(tmp_path, repeated, named):
+    table = pd.DataFrame(porpoise_rows()[:3])
+    table = pd.concat([table, table[repeated] + 1], axis=1)  # the copies differ: no copy may win silently
+    path = tmp_path / "table.csv"
+    table.to_csv(path, index=False)
+    assert set(pd.read_csv(path).columns) >= {f"{name}.1" for name in repeated}  # what pandas alone does
+    with pytest.raises(
+        CohortFormatError, match=re.escape(f"table.csv: the header repeats column name(s) {named}")
+    ):
+        read_porpoise_table(path)
+
+
+def test_cbioportal_and_gdc_headers_that_repeat_a_column_are_errors(tmp_path):
+    folder = write_cbio_study(tmp_path / "study")
+    write_cbio_clinical(
+        folder / "data_clinical_patient.txt",
+        ["PATIENT_ID", "OS_MONTHS", "OS_STATUS", "OS_MONTHS"],
+        [["TCGA-AA-0001", "12.5", "1:DECEASED", "40"]],
+    )
+    with pytest.raises(
+        CohortFormatError, match=r"data_clinical_patient.txt: the header repeats .*\['OS_MONTHS'\]"
+    ):
+        read_cbioportal(folder)
+    write_tsv(
+        tmp_path / "clinical.tsv",
+        [*OLD_GDC, "vital_status"],
+        [["u0", "TCGA-AA-0001", "TCGA-BLCA", "20000", "300", "'--", "female", "Dead", "x", "Alive"]],
+    )
+    with pytest.raises(CohortFormatError, match=r"clinical.tsv: the header repeats .*\['vital_status'\]"):
+        read_gdc_clinical(tmp_path / "clinical.tsv")
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path):
+    plain = write_porpoise(tmp_path / "plain.csv", porpoise_rows())
+    marked = tmp_path / "marked.csv.gz"
+    marked.write_bytes(gzip.compress(b"\xef\xbb\xbf" + plain.read_bytes()))
+    pd.testing.assert_frame_equal(read_porpoise_table(marked).clinical, read_porpoise_table(plain).clinical)
+
+    folder = write_cbio_study(tmp_path / "study")
+    for name in ("data_clinical_patient.txt", "data_clinical_sample.txt", "data_cna.txt"):
+        (folder / name).write_bytes(
+            b"\xef\xbb\xbf" + (folder / name).read_bytes()
+        )  # before '#' or the header
+    raw = read_cbioportal(folder)
+    assert raw.clinical.index.tolist() == ["TCGA-AA-0001", "TCGA-AA-0002"]
+    assert raw.omics["cnv"].loc["TCGA-AA-0001"].tolist() == [-1.0, 0.0]
+
+
+def test_rows_of_a_patient_agree_when_both_miss_a_value_and_disagree_when_one_does(tmp_path):
+    rows = [
+        porpoise_row("TCGA-AA-0001", "DX1", age=np.nan, oncotree_code=np.nan),
+        porpoise_row("TCGA-AA-0001", "DX2", age=np.nan, oncotree_code=np.nan),  # same missing values
+        porpoise_row("TCGA-AA-0002", "DX1", age=np.nan),
+        porpoise_row("TCGA-AA-0002", "DX2", age=61, oncotree_code="BLCAB"),  # a value against a missing one
+    ]
+    raw = read_porpoise_table(write_porpoise(tmp_path / "table.csv", rows))
+    assert raw.clinical.index.tolist() == ["TCGA-AA-0001"]
+    assert (
+        raw.quarantine["reason"].tolist()
+        == ["rows of patient TCGA-AA-0002 disagree on age, oncotree_code"] * 2
+    )

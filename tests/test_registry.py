@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 import torch
 
-from healnet.checkpoint import WEIGHTS_FILE, Checkpoint, CheckpointError, save_checkpoint
+from healnet.checkpoint import WEIGHTS_FILE, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from healnet.cli import main as healnet_main
-from healnet.experiment import model_config_for
-from healnet.gate import GatePolicy, champion_of, promote_if_still_better
+from healnet.experiment import CohortData, model_config_for
+from healnet.gate import GatePolicy, assess_champion, model_inputs, promote_if_still_better
+from healnet.inference import Predictor
 from healnet.model import HEALNet
 from healnet.preprocess.omics import OmicsConfig
 from healnet.preprocess.state import Preprocessor
@@ -28,6 +29,7 @@ from healnet.registry import (
     set_champion,
     show_version,
 )
+from healnet.scoring import CohortPatients
 from healnet.survival import SurvivalBins
 
 
@@ -152,20 +154,47 @@ def test_a_promotion_goes_ahead_only_if_the_champion_is_the_one_compared_against
 
 
 def test_the_gate_is_taken_again_when_the_champion_changed(registry, checkpoints):
-    weak, strong, candidate = (
-        register_model(path, metadata={"c_index": c})
-        for path, c in zip(checkpoints, (0.60, 0.80, 0.70), strict=True)
+    """The champion changes between the gate and the promotion: the new one is scored on the candidate's
+    test patients through the serving path and judged by the same rules."""
+    weak, strong, candidate = (register_model(path) for path in checkpoints)
+    patients = [f"TCGA-CC-{i:04d}" for i in range(40)]
+    rng = np.random.default_rng(5)
+    omics = {
+        "rnaseq": pd.DataFrame(
+            rng.normal(size=(40, 6)), index=patients, columns=[f"g{j}_rnaseq" for j in range(6)]
+        )
+    }
+    unknown_outcomes = pd.DataFrame({"survival_months": 1.0, "event": 1}, index=patients)
+    strong_risk = (
+        CohortPatients(CohortData(unknown_outcomes, omics, {}), patients)
+        .score(Predictor.from_dir(checkpoints[1]))
+        .risk
     )
+    # every patient dies, in the order of the strong model's risk: its Harrell C is 1
+    outcomes = pd.DataFrame(
+        {"survival_months": 1.0 + np.argsort(np.argsort(-strong_risk)), "event": 1}, index=patients
+    )
+    test_patients = CohortPatients(CohortData(outcomes, omics, {}), patients)
+    scored = test_patients.score(Predictor.from_dir(checkpoints[2]))
+    inputs = model_inputs(load_checkpoint(checkpoints[2]))
+
+    def assess(tag):
+        return assess_champion(tag, inputs, lambda: test_patients)
+
     set_champion(weak, "first")
-    gated = champion_of(weak)
     set_champion(strong, "promoted by another run meanwhile")
-    result, pointer = promote_if_still_better(candidate, 0.70, GatePolicy(tolerance=0.02), gated, "run b")
+    result, pointer = promote_if_still_better(
+        candidate, scored, GatePolicy(tolerance=0.02), weak, "run b", assess
+    )
     assert pointer is None and result.decision == "reject" and result.champion.tag == strong
+    assert result.champion_c_index == 1.0 and result.paired_difference.low < -0.02
     assert get_champion()["tag"] == strong
-    # against a champion it does beat, the second decision promotes
+    # the new champion no better than the tolerance allows: the second decision promotes
     set_champion(weak, "rolled back")
-    result, pointer = promote_if_still_better(candidate, 0.70, GatePolicy(), champion_of(strong), "run c")
-    assert result.decision == "promote" and pointer["tag"] == candidate
+    result, pointer = promote_if_still_better(
+        candidate, scored, GatePolicy(tolerance=1.0), strong, "run c", assess
+    )
+    assert result.decision == "promote" and result.champion.tag == weak and pointer["tag"] == candidate
 
 
 def test_a_corrupt_pointer_is_a_clear_error_and_a_named_rollback_repairs_it(registry, checkpoints):

@@ -86,3 +86,77 @@ def test_a_wrongly_typed_covariate_is_a_4xx_naming_it(service):
         and body["reason"] == "invalid_schema"
         and "clinical['age']" in body["error"]
     )
+
+
+def counted(metric: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(metric, labels) or 0.0
+
+
+def whole_profile(seed: int = 3) -> tuple[dict, list[str]]:
+    """Every omic feature of a patient as a source table holds it, the model's and others, with age and
+    sex; and the names the model does not use, in the order given."""
+    payload = demo_payload(SPEC, ("omic", "clinical"), seed=seed)
+    unused = {table: {f"EXTRA{i}_{table}": float(i) for i in range(20)} for table in payload["omics"]}
+    payload["omics"] = {table: features | unused[table] for table, features in payload["omics"].items()}
+    return payload, [name for features in unused.values() for name in features]
+
+
+def test_a_whole_profile_is_answered_and_the_features_the_model_does_not_use_are_listed(service):
+    payload, unused = whole_profile()
+    answer = asyncio.run(service.predict(PredictRequest(**payload)))
+    assert isinstance(answer, PredictResponse), json.loads(answer.body)
+    assert answer.modalities_used == ["omic", "clinical"] and answer.imputed_features == 0
+    assert answer.unknown_features == unused and answer.out_of_training_range == []
+    # ignored means ignored: the answer is that of the model's features alone
+    known = {
+        t: {f: v for f, v in features.items() if f not in unused} for t, features in payload["omics"].items()
+    }
+    alone = asyncio.run(service.predict(PredictRequest(**payload | {"omics": known})))
+    assert answer.risk == pytest.approx(alone.risk, abs=1e-6) and alone.unknown_features == []
+
+
+@pytest.mark.parametrize(
+    "covariate, value, message",
+    [
+        ("age", 300, "clinical['age'] is 300, outside its plausible range 0 to 120"),
+        ("age", -2.5, "clinical['age'] is -2.5, outside its plausible range 0 to 120"),
+        ("is_female", 2, "clinical['is_female'] is 2, outside its plausible range 0 or 1"),
+    ],
+)
+def test_an_implausible_clinical_value_is_refused_naming_the_field_and_its_range(
+    service, covariate, value, message
+):
+    payload, _ = whole_profile()
+    payload["clinical"][covariate] = value
+    before = counted("healnet_validation_errors_total", reason="out_of_range")
+    response = asyncio.run(service.predict(PredictRequest(**payload)))
+    body = json.loads(response.body)
+    assert (response.status_code, body["reason"], body["error"]) == (422, "out_of_range", message)
+    assert counted("healnet_validation_errors_total", reason="out_of_range") == before + 1
+
+
+def test_one_omic_table_alone_is_answered(service):
+    payload, unused = whole_profile()
+    rnaseq = {"rnaseq": payload["omics"]["rnaseq"]}
+    answer = asyncio.run(service.predict(PredictRequest(omics=rnaseq)))
+    assert answer.modalities_used == ["omic"] and answer.modalities_missing == ["clinical", "wsi"]
+    assert answer.imputed_features == 2 * SPEC.features_per_table  # mut and cnv, not given
+    assert answer.unknown_features == [name for name in unused if name.endswith("_rnaseq")]
+
+
+def test_a_value_outside_the_training_range_is_answered_flagged_and_counted(service, clinical_registry):
+    low, high = load_checkpoint(clinical_registry.checkpoint).preprocessor.clinical.training_ranges["age"]
+    assert high + 5 <= 120  # plausible, but older than every training patient
+    payload, _ = whole_profile()
+    before = counted("healnet_out_of_training_range_total", field="age")
+    older = asyncio.run(service.predict(PredictRequest(**payload | {"clinical": {"age": high + 5}})))
+    batch = asyncio.run(
+        service.predict_batch(
+            [PredictRequest(clinical={"age": low - 5, "is_female": 1}), PredictRequest(clinical={"age": low})]
+        )
+    )
+    assert older.out_of_training_range == ["age"] and older.modalities_used == ["omic", "clinical"]
+    assert [answer.out_of_training_range for answer in batch] == [["age"], []]  # the bounds are inside
+    assert counted("healnet_out_of_training_range_total", field="age") == before + 2
+    # every covariate with a training range is exported from start-up, at 0 until one is flagged
+    assert REGISTRY.get_sample_value("healnet_out_of_training_range_total", {"field": "is_female"}) == 0.0

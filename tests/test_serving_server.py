@@ -25,6 +25,8 @@ pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPEC = DemoSpec()
 GENE = demo_feature_names(SPEC)["mut"][0]
+# every omic feature of the demo model under the combined name, as a slide request's omics
+ALL_OMICS = {"omic": {name: 0.3 for names in demo_feature_names(SPEC).values() for name in names}}
 SERVER_ENV = {
     "HEALNET_MAX_BODY_BYTES": str(256 * 1024),
     "HEALNET_MAX_PATCHES": "64",
@@ -65,7 +67,12 @@ GOOD = [
         ["omic+wsi"],
     ),
     ("omic", "/predict", demo_payload(SPEC, ("omic",), seed=3), ["omic"]),
-    ("partial omic", "/predict", {"omics": {"mut": {GENE: 1.0, "UNLISTED": 2.0}}}, ["omic"]),
+    (
+        "partial omic, with names the model does not use",
+        "/predict",
+        {"omics": {"mut": dict.fromkeys(demo_feature_names(SPEC)["mut"][:5], 1.0) | {"UNLISTED": 2.0}}},
+        ["omic"],
+    ),
     ("wsi", "/predict", demo_payload(SPEC, ("wsi",), 9, 4), ["wsi"]),
     (
         "binary wsi",
@@ -73,11 +80,11 @@ GOOD = [
         {"wsi_features_base64": base64.b64encode(bytes(4 * SPEC.wsi_dim * 3)).decode()},
         ["wsi"],
     ),
-    ("wsi tiles", "/predict", {"omics": {"omic": {GENE: 0.3}}, "wsi_tiles": demo_tiles(2, 40)}, ["omic+wsi"]),
+    ("wsi tiles", "/predict", {"omics": ALL_OMICS, "wsi_tiles": demo_tiles(2, 40)}, ["omic+wsi"]),
     (
         "multipart tiles",
         "/predict",
-        Multipart([*TILE_FILES, ("omics", (None, json.dumps({"omic": {GENE: 0.3}}).encode()))]),
+        Multipart([*TILE_FILES, ("omics", (None, json.dumps(ALL_OMICS).encode()))]),
         ["omic+wsi"],
     ),
     (
@@ -91,7 +98,7 @@ BAD = [
     ("no modality", "/predict", {}, 422, "no_modality"),
     ("wrong width", "/predict", {"wsi_features": [[0.1] * (SPEC.wsi_dim + 1)]}, 422, "wrong_dimensions"),
     ("NaN", "/predict", b'{"omics": {"mut": {"%s": NaN}}}' % GENE.encode(), 422, "non_finite"),
-    ("unknown features", "/predict", {"omics": {"mut": {"X1": 1.0, "X2": 2.0}}}, 422, "unknown_features"),
+    ("wrong feature names", "/predict", {"omics": {"mut": {"X1": 1.0, "X2": 2.0}}}, 422, "missing_features"),
     ("too many patches", "/predict", demo_payload(SPEC, ("wsi",), 65), 413, "too_large"),
     ("body too large", "/predict", demo_payload(SPEC, ("wsi",), 2000), 413, "too_large"),
     ("malformed JSON", "/predict", b'{"omics":', 400, "invalid_schema"),
@@ -174,7 +181,8 @@ def test_metrics_count_exactly_what_was_sent(server, metrics_of, demo_registry):
         "no_modality",
         "wrong_dimensions",
         "non_finite",
-        "unknown_features",
+        "missing_features",
+        "out_of_range",
         "too_large",
         "invalid_schema",
         "bad_image",

@@ -31,7 +31,7 @@ LIMIT_ENV = {
     "HEALNET_MAX_TILES": "2",
     "HEALNET_MAX_TILE_PIXELS": str(100 * 100),
     "HEALNET_MAX_BATCH_CASES": "4",
-    "HEALNET_MAX_UNKNOWN_FEATURE_FRACTION": "0.5",
+    "HEALNET_MAX_MISSING_FEATURE_FRACTION": "0.5",
 }
 
 
@@ -93,15 +93,27 @@ def test_prediction_for_each_modality_pattern_matches_healnet(service, reference
 
 def test_partial_omics_report_imputed_and_unknown_features(service):
     names = demo_feature_names(SPEC)
-    given = {
-        "mut": {names["mut"][0]: 1.0, names["mut"][1]: None, "NOT_A_GENE": 2.0},
-        "omic": {names["cnv"][2]: 0.5},
-    }
+    known = {name: 1.0 for name in names["mut"][:5]} | {names["mut"][5]: None}  # 2 of 8 left out
+    given = {"mut": known | {"NOT_A_GENE": 2.0}, "proteome": {"P1": 0.5}}
     answer = asyncio.run(service.predict(PredictRequest(omics=given)))
     total = 3 * SPEC.features_per_table
-    assert answer.unknown_features == ["NOT_A_GENE"]
-    assert answer.imputed_features == total - 2  # null counts as missing
-    assert answer.imputed_fraction == pytest.approx((total - 2) / total)
+    assert answer.unknown_features == ["NOT_A_GENE", "P1"]  # ignored, not a reason to refuse
+    assert answer.imputed_features == total - 5  # null counts as missing
+    assert answer.imputed_fraction == pytest.approx((total - 5) / total)
+    without_unknown = asyncio.run(service.predict(PredictRequest(omics={"mut": known})))
+    assert answer.risk == pytest.approx(without_unknown.risk, abs=1e-6)
+
+
+def test_a_table_with_mostly_wrong_names_is_refused_naming_the_expected_ones(service):
+    names = demo_feature_names(SPEC)["cnv"]
+    wrong = {name.removesuffix("_cnv"): 1.0 for name in names} | {names[0]: 1.0}  # 7 of 8 absent
+    status, reason, error = rejection(asyncio.run(service.predict(PredictRequest(omics={"cnv": wrong}))))
+    assert (status, reason) == (422, "missing_features")
+    assert "omics['cnv'] lacks 7 of the model's 8 cnv features (88%)" in error
+    assert str(names[1:6]) in error and "'G1'" in error  # expected names, and the given ones it ignored
+    # at the allowed share (half of the table's features absent) the case is answered
+    half = {name: 1.0 for name in names[:4]}
+    assert asyncio.run(service.predict(PredictRequest(omics={"cnv": half}))).imputed_features == 20
 
 
 def test_attention_covers_every_patch_and_omic_token(service):
@@ -184,9 +196,18 @@ REJECTED = {
     "infinite patch feature": ({"wsi_features": _wsi(2, value=float("inf"))}, 422, "non_finite"),
     "float32 overflow": ({"wsi_features": _wsi(1, value=1e39)}, 422, "non_finite"),
     "overflow in the model": ({"wsi_features": [[3e38, -3e38] * 15 + [3e38]] * 2}, 422, "non_finite"),
-    "overflow in the omics transform": ({"omics": {"mut": {GENE: 1e300}}}, 422, "non_finite"),
-    "mostly unknown features": ({"omics": {"mut": {GENE: 1.0, "A": 1.0, "B": 1.0}}}, 422, "unknown_features"),
-    "unknown table": ({"omics": {"proteome": {GENE: 1.0}}}, 422, "unknown_features"),
+    "overflow in the omics transform": (
+        {"omics": {"mut": dict.fromkeys(demo_feature_names(SPEC)["mut"], 1e300)}},
+        422,
+        "non_finite",
+    ),
+    "a table lacking most of the model's features": (
+        {"omics": {"mut": {GENE: 1.0, "A": 1.0, "B": 1.0}}},
+        422,
+        "missing_features",
+    ),
+    "only a table the model lacks": ({"omics": {"proteome": {GENE: 1.0}}}, 422, "no_modality"),
+    "only covariates the model lacks": ({"clinical": {"age": 61.0}}, 422, "no_modality"),
     "too many patches": ({"wsi_features": _wsi(17)}, 413, "too_large"),
     "too many tiles": ({"wsi_tiles": demo_tiles(3, size=8)}, 413, "too_large"),
     "tile too large": ({"wsi_tiles": [_image("PNG", 101)]}, 413, "too_large"),
@@ -334,14 +355,19 @@ def test_following_the_champion_is_set_by_the_environment(demo_registry, monkeyp
 
 def test_limits_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("HEALNET_MAX_PATCHES", "12")
-    monkeypatch.setenv("HEALNET_MAX_UNKNOWN_FEATURE_FRACTION", "0.2")
-    assert Limits.from_env() == Limits(max_patches=12, max_unknown_feature_fraction=0.2)
+    monkeypatch.setenv("HEALNET_MAX_MISSING_FEATURE_FRACTION", "0.2")
+    assert Limits.from_env() == Limits(max_patches=12, max_missing_feature_fraction=0.2)
     monkeypatch.setenv("HEALNET_MAX_TILES", "many")
     with pytest.raises(ConfigError, match="HEALNET_MAX_TILES='many' is not a valid int"):
         Limits.from_env()
     monkeypatch.setenv("HEALNET_MAX_TILES", "2")
-    monkeypatch.setenv("HEALNET_MAX_UNKNOWN_FEATURE_FRACTION", "1.5")
-    with pytest.raises(ConfigError, match="HEALNET_MAX_UNKNOWN_FEATURE_FRACTION"):
+    monkeypatch.setenv("HEALNET_MAX_MISSING_FEATURE_FRACTION", "1.5")
+    with pytest.raises(ConfigError, match="HEALNET_MAX_MISSING_FEATURE_FRACTION"):
+        Limits.from_env()
+    # the variable of the former unknown-feature guard is refused, pointing at what replaced it
+    monkeypatch.setenv("HEALNET_MAX_MISSING_FEATURE_FRACTION", "0.2")
+    monkeypatch.setenv("HEALNET_MAX_UNKNOWN_FEATURE_FRACTION", "0.5")
+    with pytest.raises(ConfigError, match="no longer read.*HEALNET_MAX_MISSING_FEATURE_FRACTION"):
         Limits.from_env()
 
 

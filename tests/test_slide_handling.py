@@ -75,7 +75,7 @@ def test_a_slide_with_a_file_but_no_features_is_still_an_error(demo, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(demo["features"], partial)
     (partial / "stats" / feature_file_name(with_file["slide_id"].iloc[0])).unlink()
-    with pytest.raises(FileNotFoundError, match="1 slide\\(s\\) have no features"):
+    with pytest.raises(SlideFeaturesError, match="1 slide\\(s\\) have a file but neither features nor"):
         load_wsi_bags(cohort, partial)
 
 

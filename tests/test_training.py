@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from healnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, verify_checkpoint
+from healnet.data.modalities import ModalityError
 from healnet.device import select_device
 from healnet.ensemble import HEALNetEnsemble
 from healnet.experiment import CohortData, TrainedModel, train_model
@@ -97,8 +98,12 @@ def test_bins_are_fit_on_training_patients_only(data, split):
 
 
 def test_unknown_modality_is_rejected(data, split):
-    with pytest.raises(ValueError, match="not all in this cohort"):
+    """A library error (one line at the CLI): e.g. `--modalities wsi` when every slide was quarantined."""
+    with pytest.raises(ModalityError, match="not all in this cohort"):
         train_model(data, split[0], split[1], ["radiology"], progress=False)
+    without_slides = CohortData(data.clinical, data.omics, {})
+    with pytest.raises(ModalityError, match="available: \\['omic'\\]"):
+        train_model(without_slides, split[0], split[1], ["wsi"], progress=False)
 
 
 def test_checkpoint_round_trip_gives_identical_predictions(trained, data, split, tmp_path):

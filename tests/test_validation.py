@@ -12,9 +12,10 @@ import tifffile
 from conftest import FIXTURES, REPO_ROOT
 
 from healnet.cli import main
-from healnet.data.cohort import Cohort
+from healnet.data.cohort import Cohort, ingest
 from healnet.validation import DEFAULT_THRESHOLDS, validate, validate_cohort
-from healnet.validation.thresholds import with_quarantine_limit
+from healnet.validation.summaries import accounting_table
+from healnet.validation.thresholds import ThresholdError, with_min_events_per_split, with_quarantine_limit
 
 SLIDE = FIXTURES / "CMU-1-Small-Region.svs"
 N_PATIENTS = 40  # with 2 quarantined rows: 4.8 %, inside the 5 % quarantine threshold
@@ -79,8 +80,8 @@ def write_cohort(root: Path, tables: dict) -> Path:
         availability[name] = ids.isin(frame["patient_id"])
     availability["wsi"] = ids.isin(tables["slides"]["patient_id"])
     availability.to_parquet(root / "availability.parquet", index=False)
-    splits = pd.DataFrame({"patient_id": ids, "scheme": "holdout", "repeat": 0, "fold": 0, "role": "train"})
-    splits.to_parquet(root / "splits.parquet", index=False)
+    default_splits = {"patient_id": ids, "scheme": "holdout", "repeat": 0, "fold": 0, "role": "train"}
+    tables.get("splits", pd.DataFrame(default_splits)).to_parquet(root / "splits.parquet", index=False)
     return root
 
 
@@ -198,7 +199,15 @@ def test_good_cohort_passes_and_writes_both_reports(tmp_path):
 
     assert report.success, report.failures()
     assert report.failures() == []
-    assert set(report.suites) == {"clinical", "omics_features", "omics_samples", "slides", "accounting"}
+    assert set(report.suites) == {
+        "clinical",
+        "omics_features",
+        "omics_samples",
+        "slides",
+        "accounting",
+        "splits",
+    }
+    assert report.suites["splits"].rows == 1  # the one holdout split of this cohort: every patient trains
     assert report.suites["slides"].rows == 2
     saved = json.loads(report.json_path.read_text())
     assert saved["success"] is True
@@ -312,3 +321,88 @@ def test_cli_exit_codes(tmp_path, capsys):
 
     assert main(["validate", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def with_splits(tables: dict) -> dict:
+    """Holdout train/val/test and two K-fold test folds; patient 38 (no event) alone in the holdout test."""
+    ids = tables["clinical"]["patient_id"].tolist()  # patient i has an event when i is odd
+    holdout = ["train" if i < 30 else "test" if i == 38 else "val" for i in range(40)]
+    kfold = (
+        ["test" if i < 20 else "train" for i in range(40)],
+        ["train" if i < 20 else "test" for i in range(40)],
+    )
+    frames = [pd.DataFrame({"patient_id": ids, "scheme": "holdout", "repeat": 0, "fold": 0, "role": holdout})]
+    frames += [
+        pd.DataFrame({"patient_id": ids, "scheme": "kfold", "repeat": 0, "fold": fold, "role": roles})
+        for fold, roles in enumerate(kfold)
+    ]
+    tables["splits"] = pd.concat(frames, ignore_index=True)
+    return tables
+
+
+def test_a_split_without_events_fails_naming_the_split_and_its_count(tmp_path):
+    root = write_cohort(tmp_path / "cohort", with_splits(cohort_tables()))
+    report = validate(root, tmp_path / "out")
+    assert not report.success
+    assert report.suites["splits"].rows == 5  # holdout train, val, test; K-fold folds 0 and 1 test
+    (message,) = report.failures()
+    assert message.startswith("splits: 'at least 1 event(s) in every split (holdout train/val/test, K-fold")
+    assert "1 of 5 rows unexpected; examples: events=0, split='holdout repeat 0 test', patients=1" in message
+    assert "holdout repeat 0 test" in report.markdown_path.read_text(encoding="utf-8")
+
+    assert validate(root, tmp_path / "off", with_min_events_per_split(0)).success
+    stricter = validate(root, tmp_path / "strict", with_min_events_per_split(6))  # val: 5 events
+    assert "2 of 5 rows unexpected" in stricter.failures()[0]
+    assert "events=5, split='holdout repeat 0 val', patients=9" in stricter.failures()[0]
+    assert main(["validate", str(root), "--out", str(tmp_path / "cli")]) == 1
+    assert main(["validate", str(root), "--out", str(tmp_path / "cli"), "--min-events-per-split", "0"]) == 0
+    with pytest.raises(ThresholdError, match="min_events_per_split must be >= 0, got -1"):
+        with_min_events_per_split(-1)
+
+
+def test_a_k_fold_test_fold_without_events_fails(tmp_path):
+    tables = with_splits(cohort_tables())
+    splits = tables["splits"]
+    splits.loc[splits["scheme"] == "holdout", "role"] = ["train"] * 28 + ["val"] * 6 + ["test"] * 6
+    fold_0 = (splits["scheme"] == "kfold") & (splits["fold"] == 0)
+    number = splits.loc[fold_0, "patient_id"].str[-4:].astype(int)
+    splits.loc[fold_0, "role"] = np.where((number < 20) & (number % 2 == 0), "test", "train")  # no events
+    report = validate(write_cohort(tmp_path / "cohort", tables), tmp_path / "out")
+    (message,) = report.failures()
+    assert "examples: events=0, split='kfold repeat 0 fold 0 test', patients=10" in message
+
+
+def test_split_patients_without_a_clinical_row_fail(tmp_path):
+    tables = with_splits(cohort_tables())
+    tables["splits"].loc[0, "patient_id"] = "TCGA-ZZ-9999"
+    report = validate(
+        write_cohort(tmp_path / "cohort", tables), tmp_path / "out", with_min_events_per_split(0)
+    )
+    (message,) = report.failures()
+    assert "'every patient of a split has a clinical row'" in message
+    assert "patients_without_clinical=1, split='holdout repeat 0 train', patients=30" in message
+
+
+def test_quarantined_samples_of_kept_patients_lose_no_patient(tmp_path):
+    """cBioPortal: sample rows of patients that are kept, or of one patient, must not count as lost patients."""
+    study = tmp_path / "study"
+    study.mkdir()
+    header = "#Patient\t#Months\t#Status\n#x\t#x\t#x\n#STRING\tNUMBER\tSTRING\n#1\t1\t1\n"
+    patients = [f"TCGA-AB-{i:04d}\t{10 + i}\t{i % 2}:{'DECEASED' if i % 2 else 'LIVING'}" for i in range(60)]
+    lost = "TCGA-AB-9999\t\t1:DECEASED"  # no survival time: this patient is lost
+    (study / "data_clinical_patient.txt").write_text(
+        header + "\n".join(["PATIENT_ID\tOS_MONTHS\tOS_STATUS", *patients, lost]) + "\n"
+    )
+    samples = [f"TCGA-AB-{i:04d}\tTCGA-AB-{i:04d}-01" for i in range(60)]
+    samples += [f"TCGA-AB-{i:04d}\tTCGA-AB-{i:04d}-1X" for i in range(3)]  # bad barcodes, kept patients
+    samples += [f"TCGA-AB-9999\tTCGA-AB-9999-0{i}" for i in (1, 6)]  # two samples of the lost patient
+    (study / "data_clinical_sample.txt").write_text(
+        header + "\n".join(["PATIENT_ID\tSAMPLE_ID", *samples]) + "\n"
+    )
+    cohort = ingest(study, tmp_path / "cohort")
+    assert len(cohort.quarantine) == 6 and cohort.meta["rows_in"] == 61 + 65  # 4.8 % of the rows
+    accounting = accounting_table(cohort.meta, "study", cohort.quarantine, cohort.clinical.index)
+    # one lost patient of 61; counting each quarantined sample id as a patient gave 6 of 66
+    assert accounting["quarantined_patient_fraction"].item() == pytest.approx(1 / 61)
+    report = validate(tmp_path / "cohort", tmp_path / "out")
+    assert report.suites["accounting"].success, report.failures()

@@ -522,6 +522,54 @@ def test_read_slide_features_rejects_foreign_parquet(tmp_path):
         read_slide_features(tmp_path / "foreign.parquet")
 
 
+def test_a_truncated_or_absent_feature_file_is_a_slide_input_error(slides, tmp_path):
+    preprocess_slides([slides["good-a"]], tmp_path, progress=False)
+    path = tmp_path / "good-a.parquet"
+    path.write_bytes(path.read_bytes()[:-200])
+    for read in (read_slide_features, read_feature_metadata, read_feature_provenance):
+        with pytest.raises(SlideInputError, match="good-a.parquet: unreadable feature file"):
+            read(path)
+    with pytest.raises(SlideInputError, match="feature file not found"):
+        read_slide_features(tmp_path / "absent.parquet")
+
+
+def test_the_quarantine_lists_of_every_shard_are_read_together(slides, corrupt_slide, blank_slide, tmp_path):
+    inputs = [*slides.values(), corrupt_slide, blank_slide]  # sorted: blank, corrupt, fine, good-a, good-b
+    quarantined = {}
+    for index in range(2):
+        report = preprocess_slides(inputs, tmp_path, shard=(index, 2), progress=False)
+        quarantined |= dict(report.quarantined)
+        assert (tmp_path / f"quarantine.shard-{index}-of-2.csv").exists()
+    assert set(quarantined) == {"corrupt.svs", "blank.tif"}
+    assert wsi.read_quarantine(tmp_path) == quarantined
+    assert wsi.is_feature_folder(tmp_path) and wsi.read_quarantine(tmp_path / "absent") == {}
+    # a run whose every slide was quarantined still names its encoder folder: it holds only the list
+    only = tmp_path / "only-bad" / "stats"
+    preprocess_slides([corrupt_slide], only, progress=False)
+    assert wsi.resolve_feature_dir(only.parent) == only and list(wsi.read_quarantine(only)) == ["corrupt.svs"]
+
+
+def test_a_malformed_quarantine_list_is_a_slide_input_error(tmp_path):
+    (tmp_path / "quarantine.csv").write_text("slide_id,why\na.tif,unreadable\n")
+    with pytest.raises(SlideInputError, match="quarantine.csv: a quarantine list needs the columns"):
+        wsi.read_quarantine(tmp_path)
+    (tmp_path / "quarantine.csv").write_text("slide,reason\n,unreadable\n")
+    with pytest.raises(SlideInputError, match="line 2 names no slide"):
+        wsi.read_quarantine(tmp_path)
+    (tmp_path / "quarantine.csv").write_bytes(b"slide,reason\n\xff\xfe,bad bytes\n")
+    with pytest.raises(SlideInputError, match="unreadable quarantine list"):
+        wsi.read_quarantine(tmp_path)
+
+
+def test_invalid_tiling_settings_are_slide_input_errors(slides, tmp_path):
+    with pytest.raises(SlideInputError, match="min_tissue_fraction must lie in"):
+        TilingConfig(min_tissue_fraction=1.5)
+    with pytest.raises(SlideInputError, match="patch_size >= 8"):
+        TilingConfig(patch_size=4)
+    with pytest.raises(SlideInputError, match="shard must be"):
+        preprocess_slides([slides["good-a"]], tmp_path, shard=(2, 2), progress=False)
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 

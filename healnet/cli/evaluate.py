@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "Evaluate a checkpoint on a cohort split: print a metrics table and write a Kaplan-Meier PNG."
+HELP = (
+    "Evaluate a checkpoint on a cohort split through the serving path: print the metrics (Harrell's C with "
+    "its bootstrap interval, the events) and write each patient's risk and a Kaplan-Meier PNG."
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -29,11 +32,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from healnet.evaluate import evaluate_checkpoint, format_table
+    from healnet.evaluate import c_index_summary, evaluate_checkpoint, format_table
 
     checkpoint = args.run / "checkpoint" if (args.run / "checkpoint").is_dir() else args.run
     out = args.out or args.run / "evaluation"
     result = evaluate_checkpoint(checkpoint, args.cohort, out, args.features, args.role, args.split_repeat)
-    print(format_table({k: v for k, v in result.items() if k != "kaplan_meier_png"}))
+    files = ("kaplan_meier_png", "predictions_parquet")
+    print(format_table({k: v for k, v in result.items() if k not in files}))
+    interval = c_index_summary(
+        result["c_index"], result["c_index_ci_low"], result["c_index_ci_high"], result["confidence"]
+    )
+    print(
+        f"{result['role']} patients: {interval}, {result['events']} events among {result['patients']} "
+        f"({result['bootstrap_resamples']} bootstrap resamples of the patients, seed {result['bootstrap_seed']})"
+    )
+    print(f"each patient's risk: {result['predictions_parquet']}")
     print(f"Kaplan-Meier plot: {result['kaplan_meier_png']}")
     return 0

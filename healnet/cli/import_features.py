@@ -43,7 +43,8 @@ output:
   OUT/<encoder key>/<slide>.parquet  x, y, f_0..f_{d-1}; the encoder provenance (name, weights sha256,
                                      dim, input size, normalisation), patch_size and target_mpp
   OUT/<encoder key>/report.json      imported and quarantined slides
-  OUT/<encoder key>/quarantine.csv   slide, reason (only when a slide was quarantined)
+  OUT/<encoder key>/quarantine.csv   slide, reason (only when a slide was quarantined); training takes
+                                     these slides as missing for their patients
   The encoder key is the encoder name, with the weights' first 12 hex digits when --weights-sha256 is
   given. Without --weights-sha256 a model trained on these features serves patch features only: it
   refuses image tiles, since no encoder file can be matched to its features.
@@ -117,6 +118,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from healnet.cli.preprocess_slides import QUARANTINE_NOTE
     from healnet.preprocess.feature_import import ImportConfig, import_features
 
     config = ImportConfig(
@@ -145,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"quarantined {len(report.quarantined)} slide(s):")
         for slide, reason in report.quarantined:
             print(f"  {slide}: {reason}")
+        print(QUARANTINE_NOTE)
     print(f"report: {report.out_dir / 'report.json'}")
     if not report.imported:
         print("error: every slide was quarantined", file=sys.stderr)

@@ -15,6 +15,9 @@ HELP = (
     "file is complete for the same encoder and settings are skipped (--overwrite recomputes them)."
 )
 
+# what a quarantined slide means downstream, said where the quarantine is listed
+QUARANTINE_NOTE = "training and evaluation go on without them: each is a missing slide for its patient"
+
 
 def parse_shard(text: str) -> tuple[int, int]:
     """'i/n' with 0 <= i < n, e.g. '1/4'."""
@@ -76,24 +79,20 @@ def run(args: argparse.Namespace) -> int:
     from healnet.preprocess.encoders import make_encoder
     from healnet.preprocess.wsi import TilingConfig, preprocess_slides, shard_file_name
 
-    try:
-        config = TilingConfig(
-            target_mpp=args.target_mpp, patch_size=args.patch_size, min_tissue_fraction=args.min_tissue
-        )
-        encoder = make_encoder(args.encoder)
-        out = args.out / encoder.provenance.key
-        report = preprocess_slides(
-            args.inputs,
-            out,
-            encoder,
-            config,
-            args.shard,
-            progress=not args.no_progress,
-            overwrite=args.overwrite,
-        )
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    config = TilingConfig(
+        target_mpp=args.target_mpp, patch_size=args.patch_size, min_tissue_fraction=args.min_tissue
+    )
+    encoder = make_encoder(args.encoder)
+    out = args.out / encoder.provenance.key
+    report = preprocess_slides(
+        args.inputs,
+        out,
+        encoder,
+        config,
+        args.shard,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
 
     print(f"processed {len(report.processed)} slide(s), {report.n_patches} patches -> {out}")
     if report.skipped:
@@ -102,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"quarantined {len(report.quarantined)} slide(s):")
         for slide, reason in report.quarantined:
             print(f"  {slide}: {reason}")
+        print(QUARANTINE_NOTE)
     print(f"report: {out / shard_file_name('report.json', args.shard)}")
     if report.quarantined and not report.processed and not report.skipped:
         print("error: every slide was quarantined", file=sys.stderr)

@@ -18,6 +18,8 @@ HELP = (
 # names of recipe settings that an option overrides: option -> (recipe part, field)
 TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "weight_decay", "patience", "seed", "device")
 MODEL_OPTIONS = {"depth": "depth", "latents": "n_latents", "latent_dim": "latent_dim"}
+# the parts of metrics.json printed at the end of a run
+PRINTED_METRICS = ("recipe", "members", "modalities", "best_epochs", "slides_quarantined", "val", "test")
 
 
 def recipe_from_args(args: argparse.Namespace):
@@ -60,7 +62,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--features",
         type=Path,
         default=None,
-        help="patch-feature folder (default: COHORT/features when present)",
+        help="patch-feature folder (default: COHORT/features when present); slides that its quarantine lists "
+        "name are missing for their patients",
     )
     parser.add_argument(
         "--modalities",
@@ -140,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(
         json.dumps(
-            {k: metrics[k] for k in ("recipe", "members", "modalities", "best_epochs", "val", "test")},
+            {k: metrics[k] for k in PRINTED_METRICS},
             indent=2,
         )
     )

@@ -18,6 +18,9 @@ PATIENT_ID_REGEX = r"^TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}$"
 PRIMARY_TUMOR = "01"
 SLIDE_TYPES = ("DX", "TS", "BS", "MS")  # diagnostic, top, bottom, middle section
 
+# The patient part at the start of any TCGA identifier: the whole string, or followed by "-" or ".".
+_PATIENT_PREFIX = re.compile(r"(TCGA-[A-Z0-9]{2}-[A-Z0-9]{4})(?:[-.]|$)")
+
 _ALNUM2 = re.compile(r"[A-Z0-9]{2}")
 _ALNUM4 = re.compile(r"[A-Z0-9]{4}")
 _SAMPLE = re.compile(r"(?P<type>\d{2})(?P<vial>[A-Z])?")
@@ -101,3 +104,13 @@ def parse_barcode(value: str) -> Barcode:
 def patient_id(value: str) -> str:
     """The patient part (`TCGA-XX-XXXX`) of any valid TCGA barcode."""
     return parse_barcode(value).patient_id
+
+
+def patient_prefix(value: object) -> str | None:
+    """The patient part (`TCGA-XX-XXXX`) that `value` starts with, or None for anything else.
+
+    Lenient on purpose, unlike `parse_barcode`: an identifier whose later parts are unusual (a slide file
+    `<barcode>-copy.svs`) still names its patient, so it can be checked against the row that lists it.
+    """
+    match = _PATIENT_PREFIX.match(value) if isinstance(value, str) else None
+    return None if match is None else match.group(1)

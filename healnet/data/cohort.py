@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -24,8 +26,9 @@ from healnet.data.readers import (
     table_separator,
 )
 from healnet.data.splits import ROLES, SCHEMES, holdout_splits, kfold_splits
+from healnet.files import sha256_file
 
-__all__ = ["Cohort", "CohortFormatError", "ingest"]
+__all__ = ["Cohort", "CohortFormatError", "data_hash", "ingest"]
 
 FORMAT_VERSION = 1
 COHORT_JSON = "cohort.json"
@@ -47,6 +50,7 @@ META_KEYS = (
     "rows_kept",
     "rows_quarantined",
 )
+UNHASHED_META = ("created",)  # when the folder was written, not what it holds
 PORPOISE_COLUMNS = {"case_id", "survival_months", "censorship"}
 TABLE_SUFFIXES = {".csv", ".tsv", ".txt"}
 
@@ -281,11 +285,48 @@ class Cohort:
         return split.loc[split["role"] == role, "patient_id"].tolist()
 
 
+def data_hash(root: Path, code_version: str) -> str:
+    """sha256 of everything a step reads from the cohort folder `root`, and of the steps' `code_version`.
+
+    It covers cohort.json (without `created`: writing the same cohort again is no change), every table
+    `Cohort.load` reads (splits included: another split seed is other data) and the size and modification
+    time of each slide file the manifest lists (hashing whole-slide images would read gigabytes per run).
+    Raises CohortFormatError when `root` is not a readable cohort folder.
+    """
+    root = Path(root)
+    cohort = Cohort.load(root)
+    files = [Path(name) for name in TABLE_FILES.values()]
+    files += [Path(OMICS_DIR) / f"{modality}.parquet" for modality in cohort.meta["omic_modalities"]]
+    digest = hashlib.sha256()
+    meta = {key: value for key, value in cohort.meta.items() if key not in UNHASHED_META}
+    digest.update(json.dumps(meta, sort_keys=True).encode() + b"\0")
+    for name in sorted(files):
+        digest.update(f"{name.as_posix()}\0{sha256_file(root / name)}\0".encode())
+    for slide_id, stamp in _slide_stamps(cohort):
+        digest.update(f"{slide_id}\0{stamp}\0".encode())
+    digest.update(f"code\0{code_version}".encode())
+    return digest.hexdigest()
+
+
+def _slide_stamps(cohort: Cohort) -> list[tuple[str, str]]:
+    """(slide id, "size:mtime_ns" or "absent") of every slide with a file in the manifest, sorted."""
+    stamps = []
+    for slide_id in cohort.slides.loc[cohort.slides["path"].notna(), "slide_id"]:
+        path = cohort.slide_path(slide_id)
+        stat = path.stat() if path.is_file() else None
+        stamps.append((str(slide_id), f"{stat.st_size}:{stat.st_mtime_ns}" if stat else "absent"))
+    return sorted(stamps)
+
+
 def _first_line(path: Path) -> str:
-    """The first line that is not `#` metadata, read without decompressing the whole file."""
+    """The first line that is not `#` metadata, read without decompressing the whole file.
+
+    utf-8-sig: a byte-order mark before the first column name is not part of that name.
+    """
     with path.open("rb") as probe:
         compressed = probe.read(2) == GZIP_MAGIC
-    with gzip.open(path, "rt") if compressed else path.open() as handle:
+    encoding = "utf-8-sig"
+    with gzip.open(path, "rt", encoding=encoding) if compressed else path.open(encoding=encoding) as handle:
         for line in handle:
             if not line.startswith("#"):
                 return line.rstrip("\r\n")
@@ -299,7 +340,7 @@ def _read_table(path: Path) -> RawCohort:
             f"or a cohort folder ({COHORT_JSON})"
         )
     try:
-        header = set(_first_line(path).split(table_separator(path)))
+        header = set(next(csv.reader([_first_line(path)], delimiter=table_separator(path))))
     except (OSError, EOFError, UnicodeDecodeError) as error:
         raise CohortFormatError(f"{path}: cannot read the header ({error})") from error
     if header >= PORPOISE_COLUMNS:

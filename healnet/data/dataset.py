@@ -22,34 +22,54 @@ class SlideFeaturesError(HEALNetError, ValueError):
     """Slide features were asked for (or the cohort lists slides) but none are available."""
 
 
-def load_wsi_bags(
-    cohort, features_dir: Path, *, required: bool = False
-) -> tuple[dict[str, np.ndarray], FeatureProvenance | None]:
+@dataclass
+class SlideBags:
+    """What a feature folder gives a cohort: each patient's patch bag, the encoder and patch grid the bags
+    share (None without features), and the cohort's slides that the folder's quarantine lists name and that
+    have no features (slide id -> reason): a missing modality for their patients, not an error."""
+
+    bags: dict[str, np.ndarray]
+    provenance: FeatureProvenance | None
+    quarantined: dict[str, str]
+
+
+def load_wsi_bags(cohort, features_dir: Path, *, required: bool = False) -> SlideBags:
     """Concatenate the patch features of every slide of each patient that has slide features.
 
     Each manifest slide's feature file is looked up by slide id, whether or not the slide file itself is
-    known here (a cohort ingested from a table alone can use features computed elsewhere). A slide listed
-    with a file but without features is an error, not a silent gap; a slide with neither is absent.
+    known here (a cohort ingested from a table alone can use features computed elsewhere). A slide without
+    a feature file that the folder's quarantine lists name (`read_quarantine`: `preprocess-slides`, each of
+    its shards, `import-features`) is left out: its patient keeps their other slides, or is predicted
+    without slides. A slide listed with a file but with neither features nor a quarantine entry is a
+    `SlideFeaturesError`, not a silent gap; a slide with neither a file nor features is absent.
     `required`: finding no features at all is a `SlideFeaturesError` naming the folder.
-    Returns the bags and the encoder and patch grid they share (None without features); feature files of
-    different encoders or grids are a `SlideFeaturesError`: their features are not comparable.
+    Feature files of different encoders or grids are a `SlideFeaturesError`: their features are not
+    comparable.
     """
     from healnet.preprocess.wsi import (
         feature_file_name,
+        is_feature_folder,
         read_feature_provenance,
+        read_quarantine,
         read_slide_features,
         resolve_feature_dir,
     )
 
-    features_dir = resolve_feature_dir(Path(features_dir))
+    given = Path(features_dir)
+    features_dir = resolve_feature_dir(given)
+    # import-features names slides by file stem, a cohort by file name: both give the same feature file
+    quarantine = {feature_file_name(slide): reason for slide, reason in read_quarantine(features_dir).items()}
     bags: dict[str, list[np.ndarray]] = {}
     missing = []
+    quarantined: dict[str, str] = {}
     found = 0
     provenances: dict[FeatureProvenance, list[str]] = {}
     for row in cohort.slides.itertuples():
         path = features_dir / feature_file_name(row.slide_id)
         if not path.exists():
-            if isinstance(row.path, str) and row.path:
+            if path.name in quarantine:
+                quarantined[row.slide_id] = quarantine[path.name]
+            elif isinstance(row.path, str) and row.path:
                 missing.append(row.slide_id)
             continue
         found += 1
@@ -58,12 +78,17 @@ def load_wsi_bags(
         if len(features):
             bags.setdefault(row.patient_id, []).append(features)
     if missing:
-        raise FileNotFoundError(
-            f"{len(missing)} slide(s) have no features in {features_dir} (first: {missing[0]}); "
-            f"run `healnet preprocess-slides {cohort.root}/slides.parquet --out {features_dir}` first"
+        # preprocess-slides --out OUT writes OUT/<encoder key>/: name OUT, not the encoder folder
+        out = features_dir.parent if is_feature_folder(features_dir) else given
+        raise SlideFeaturesError(
+            f"{len(missing)} slide(s) have a file but neither features nor a quarantine entry in "
+            f"{features_dir} (first: {missing[0]}); run `healnet preprocess-slides "
+            f"{cohort.root}/slides.parquet --out {out}` first"
         )
     if required and not bags:
         seen = f"the {found} feature file(s) found hold no patches" if found else "none has a feature file"
+        if quarantined:
+            seen += f" and {len(quarantined)} are quarantined (first: {next(iter(quarantined))})"
         raise SlideFeaturesError(
             f"no slide features in {features_dir}: looked for the {len(cohort.slides)} slide(s) of the "
             f"cohort's manifest by slide id (<slide>.parquet); {seen}"
@@ -78,21 +103,34 @@ def load_wsi_bags(
             f"grids, whose features are not comparable ({kinds}); keep one encoder's files per folder"
         )
     provenance = next(iter(provenances), None)
-    return {pid: np.concatenate(parts).astype(np.float32) for pid, parts in bags.items()}, provenance
+    return SlideBags(
+        {pid: np.concatenate(parts).astype(np.float32) for pid, parts in bags.items()},
+        provenance,
+        quarantined,
+    )
 
 
-def require_slide_features(cohort, wsi_bags: Mapping[str, np.ndarray], features_dir: Path | None) -> None:
+def require_slide_features(
+    cohort,
+    wsi_bags: Mapping[str, np.ndarray],
+    features_dir: Path | None,
+    quarantined: Mapping[str, str] | None = None,
+) -> None:
     """Refuse to drop the slides silently: a cohort that lists slides needs their features.
 
     Raises `SlideFeaturesError` (saying how to compute the features, or to choose the modalities) when the
-    manifest lists slides and `wsi_bags` is empty.
+    manifest lists slides and `wsi_bags` is empty; when `quarantined` (slide id -> reason) names slides,
+    the message says how many were quarantined.
     """
     if len(cohort.slides) == 0 or wsi_bags:
         return
     where = f"in {features_dir}" if features_dir is not None else "(no feature folder)"
     root = cohort.root if cohort.root is not None else "COHORT"
+    refused = (
+        f" ({len(quarantined)} are quarantined, first: {next(iter(quarantined))})" if quarantined else ""
+    )
     raise SlideFeaturesError(
-        f"the cohort lists {len(cohort.slides)} slide(s) but no slide features were found {where}; "
+        f"the cohort lists {len(cohort.slides)} slide(s) but no slide features were found {where}{refused}; "
         f"run `healnet preprocess-slides {root}/slides.parquet --out {root}/features` first, "
         "or train without slides by naming the other inputs, e.g. `--modalities omic,clinical`"
     )

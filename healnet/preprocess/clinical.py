@@ -6,6 +6,10 @@ grade) become one indicator per level seen in at least `min_level_count` trainin
 frequent level being the reference. Every feature is then z-scored with training statistics and
 constant ones are dropped. A patient is missing the modality when none of its covariates is observed.
 The tissue-source site is a batch marker, never a covariate.
+
+A value outside its covariate's plausible range (an age of 300, `is_female` = 2) is an entry or unit
+error, refused where cases come in as records; a plausible value outside the range of the training
+patients is answered, and named by `outside_training_range`, as the model has not seen its like.
 """
 
 from __future__ import annotations
@@ -25,11 +29,34 @@ if TYPE_CHECKING:  # training passes DataFrames; serving passes records and must
     import pandas as pd
 
 CLINICAL = "clinical"
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2  # 2 added each numeric feature's training range; version 1 states load without it
+READABLE_STATE_VERSIONS = (1, 2)
 
 
 class ClinicalTransformError(HEALNetError, ValueError):
     """Bad clinical input or configuration; the message names the covariate."""
+
+
+@dataclass(frozen=True)
+class PlausibleRange:
+    """The values a covariate can take in a real patient, bounds included."""
+
+    low: float
+    high: float
+    whole: bool = False  # only whole numbers (a binary covariate is 0 or 1)
+
+    def holds(self, value: float) -> bool:
+        return self.low <= value <= self.high and (not self.whole or float(value).is_integer())
+
+    def __str__(self) -> str:
+        if self.whole and self.high - self.low == 1:
+            return f"{self.low:g} or {self.high:g}"
+        return f"{self.low:g} to {self.high:g}"
+
+
+# Numeric covariates whose plausible values the code knows (age in years); every binary covariate is 0/1.
+PLAUSIBLE_RANGES = {"age": PlausibleRange(0.0, 120.0)}
+BINARY_RANGE = PlausibleRange(0.0, 1.0, whole=True)
 
 
 @dataclass(frozen=True)
@@ -53,6 +80,12 @@ class ClinicalConfig:
     def covariates(self) -> tuple[str, ...]:
         return self.numeric + self.binary + self.categorical
 
+    def plausible_range(self, covariate: str) -> PlausibleRange | None:
+        """The plausible values of a numeric or binary covariate; None when the code knows none."""
+        if covariate in self.binary:
+            return BINARY_RANGE
+        return PLAUSIBLE_RANGES.get(covariate) if covariate in self.numeric else None
+
     def observed_covariates(self, clinical: pd.DataFrame) -> list[str]:
         """The configured covariates that `clinical` has, with at least one observed value."""
         return [c for c in self.covariates if c in clinical.columns and clinical[c].notna().any()]
@@ -66,6 +99,10 @@ class _Feature:
     fill: float  # imputed raw value (training median; 0 for an indicator)
     mean: float
     std: float
+    # smallest and largest observed raw value of the training patients (None: an indicator, or a state
+    # written before version 2)
+    training_min: float | None = None
+    training_max: float | None = None
 
 
 class ClinicalTransform:
@@ -78,6 +115,14 @@ class ClinicalTransform:
         self.features = features
         self.covariates = list(dict.fromkeys(f.covariate for f in features))
         self.feature_names = [f.name for f in features]
+        self.plausible_ranges = {
+            c: bounds for c in self.covariates if (bounds := config.plausible_range(c)) is not None
+        }
+        self.training_ranges = {
+            f.covariate: (f.training_min, f.training_max)
+            for f in features
+            if f.training_min is not None and f.training_max is not None
+        }
 
     @classmethod
     def fit(cls, clinical: pd.DataFrame, config: ClinicalConfig = ClinicalConfig()) -> ClinicalTransform:
@@ -85,6 +130,7 @@ class ClinicalTransform:
         features = []
         for covariate in config.observed_covariates(clinical):
             column = _as_objects(clinical[covariate])
+            training_range: tuple[float | None, float | None] = (None, None)
             if covariate in config.categorical:
                 counts = clinical[covariate].dropna().astype(str).value_counts()
                 levels = [level for level, n in counts.items() if n >= config.min_level_count][1:]
@@ -92,11 +138,14 @@ class ClinicalTransform:
             else:
                 values = _numeric(covariate, column)
                 candidates = [(covariate, None, float(np.nanmedian(values)))]
+                training_range = float(np.nanmin(values)), float(np.nanmax(values))
             for name, level, fill in candidates:
                 raw = _feature_column(covariate, column, level, fill)
                 std = float(raw.std())
                 if std > 0:
-                    features.append(_Feature(name, covariate, level, fill, float(raw.mean()), std))
+                    features.append(
+                        _Feature(name, covariate, level, fill, float(raw.mean()), std, *training_range)
+                    )
         return cls(config, features)
 
     @property
@@ -120,17 +169,31 @@ class ClinicalTransform:
         self, records: Sequence[Mapping[str, object]]
     ) -> tuple[OmicsTokens, list[list[str]]]:
         """Tokens for cases given as {covariate: value}, and per case the names the model does not use.
-        Values go straight into arrays (no DataFrame): this is the serving path."""
+        Values go straight into arrays (no DataFrame): this is the serving path. A value outside its
+        covariate's plausible range is a ClinicalTransformError."""
         columns = {}
         for covariate in self.covariates:
+            categorical = covariate in self.config.categorical
+            bounds = self.plausible_ranges.get(covariate)
             column = np.empty(len(records), dtype=object)
             column[:] = [
-                _record_value(covariate, record.get(covariate), covariate in self.config.categorical)
-                for record in records
+                _record_value(covariate, record.get(covariate), categorical, bounds) for record in records
             ]
             columns[covariate] = column
         unknown = [[name for name in record if name not in self.covariates] for record in records]
         return self._transform_columns(columns), unknown
+
+    def outside_training_range(self, records: Sequence[Mapping[str, object]]) -> list[list[str]]:
+        """Per case given as {covariate: value}, the numeric covariates whose value lies outside the
+        training patients' range (none for a state that does not record it)."""
+        return [
+            [
+                covariate
+                for covariate, (low, high) in self.training_ranges.items()
+                if isinstance(value := record.get(covariate), int | float) and not low <= value <= high
+            ]
+            for record in records
+        ]
 
     def _transform_columns(self, columns: Mapping[str, np.ndarray]) -> OmicsTokens:
         """The one transform of training and serving: per covariate, an object array with None for missing."""
@@ -161,10 +224,10 @@ class ClinicalTransform:
 
     @classmethod
     def from_state_dict(cls, state: Mapping) -> ClinicalTransform:
-        if state.get("format_version") != STATE_FORMAT_VERSION:
+        if state.get("format_version") not in READABLE_STATE_VERSIONS:
             raise ClinicalTransformError(
                 f"clinical transform state format {state.get('format_version')!r} is not supported "
-                f"(expected {STATE_FORMAT_VERSION})"
+                f"(expected one of {READABLE_STATE_VERSIONS})"
             )
         return cls(ClinicalConfig(**state["config"]), [_Feature(**f) for f in state["features"]])
 
@@ -199,12 +262,16 @@ def _feature_column(covariate: str, column: np.ndarray, level: str | None, fill:
     return np.where(np.isnan(values), fill, values)
 
 
-def _record_value(covariate: str, value: object, categorical: bool) -> object:
-    """A request's covariate value: None is missing; numbers must be finite."""
+def _record_value(covariate: str, value: object, categorical: bool, bounds: PlausibleRange | None) -> object:
+    """A request's covariate value: None is missing; numbers must be finite and plausible."""
     if value is None or categorical:
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ClinicalTransformError(f"clinical covariate {covariate!r} must be a number, got {value!r}")
     if not math.isfinite(value):
         raise ClinicalTransformError(f"clinical covariate {covariate!r} must be finite, got {value!r}")
+    if bounds is not None and not bounds.holds(value):
+        raise ClinicalTransformError(
+            f"clinical covariate {covariate!r} is {value!r}, outside its plausible range {bounds}"
+        )
     return float(value)

@@ -42,6 +42,7 @@ from healnet.errors import HEALNetError
 from healnet.preprocess.encoders import EncoderProvenance, FeatureProvenance
 from healnet.preprocess.wsi import (
     MPP_TOLERANCE,
+    QUARANTINE_FILE,
     SlideInputError,
     feature_file_name,
     read_feature_provenance,
@@ -613,4 +614,4 @@ def write_import_report(report: ImportReport) -> None:
     }
     report.out_dir.mkdir(parents=True, exist_ok=True)
     (report.out_dir / "report.json").write_text(json.dumps(summary, indent=2))
-    write_quarantine(report.out_dir / "quarantine.csv", report.quarantined)
+    write_quarantine(report.out_dir / QUARANTINE_FILE, report.quarantined)

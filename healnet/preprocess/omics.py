@@ -113,6 +113,7 @@ class OmicsTransform:
         self.config = config
         self._stats = stats
         self.input_modalities = list(stats)
+        self.input_feature_names = {name: list(s.features) for name, s in stats.items()}
         self.output_modalities = [COMBINED_MODALITY] if config.combine else list(stats)
         self.feature_names = {
             out: [f for m in self._inputs_of(out) for f in stats[m].features]

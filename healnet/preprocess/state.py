@@ -19,6 +19,7 @@ from healnet.preprocess.omics import OmicsConfig, OmicsTokens, OmicsTransform
 if TYPE_CHECKING:  # training passes DataFrames; serving must not import pandas (it imports pyarrow)
     import pandas as pd
 
+OMIC = "omic"  # every omic table together, as a modality to train on
 WSI = "wsi"
 
 

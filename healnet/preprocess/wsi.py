@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,12 +80,12 @@ class TilingConfig:
 
     def __post_init__(self) -> None:
         if self.target_mpp <= 0 or self.patch_size < 8 or self.thumbnail_max < 16 or self.batch_size < 1:
-            raise ValueError(
+            raise SlideInputError(
                 f"invalid tiling config {self}: need target_mpp > 0, patch_size >= 8, "
                 "thumbnail_max >= 16 and batch_size >= 1"
             )
         if not 0.0 <= self.min_tissue_fraction <= 1.0:
-            raise ValueError(f"min_tissue_fraction must lie in [0, 1], got {self.min_tissue_fraction}")
+            raise SlideInputError(f"min_tissue_fraction must lie in [0, 1], got {self.min_tissue_fraction}")
 
 
 @dataclass(frozen=True)
@@ -423,6 +424,9 @@ def draw_overlay(thumbnail: np.ndarray, mask: np.ndarray, boxes: np.ndarray) -> 
 METADATA_PREFIX = "healnet."
 # An earlier feature file of a slide that a later run quarantined: kept, but no longer read as features
 SUPERSEDED_SUFFIX = ".superseded"
+# The slides a run could not turn into features, with the reason; a sharded run writes one per shard
+QUARANTINE_FILE = "quarantine.csv"
+QUARANTINE_COLUMNS = ["slide", "reason"]
 
 
 def write_slide_features(path: Path, features: np.ndarray, coords: np.ndarray, metadata: dict) -> None:
@@ -441,8 +445,11 @@ def read_slide_features(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(features float32 (n, d), coords int64 (n, 2) as x, y) from a feature file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"feature file not found: {path}")
-    table = pq.read_table(path)
+        raise SlideInputError(f"feature file not found: {path}")
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as error:
+        raise unreadable_feature_file(path, error) from error
     names = table.column_names
     expected = ["x", "y", *(f"f_{i}" for i in range(len(names) - 2))]
     if names != expected:
@@ -452,6 +459,14 @@ def read_slide_features(path: Path) -> tuple[np.ndarray, np.ndarray]:
     for index, name in enumerate(names[2:]):
         features[:, index] = table.column(name).to_numpy()
     return features, coords
+
+
+def unreadable_feature_file(path: Path, error: Exception) -> SlideInputError:
+    """The error for a feature file that is not readable parquet (truncated, or another format)."""
+    return SlideInputError(
+        f"{path}: unreadable feature file ({type(error).__name__}: {error}); remove it and compute it again "
+        "with `healnet preprocess-slides` or `healnet import-features`"
+    )
 
 
 def read_feature_provenance(path: Path) -> FeatureProvenance:
@@ -474,15 +489,15 @@ def read_feature_provenance(path: Path) -> FeatureProvenance:
 
 
 def resolve_feature_dir(features_dir: Path) -> Path:
-    """The folder of one encoder's feature files: `features_dir` itself when it holds feature files, else
-    its only encoder subfolder (`preprocess-slides` and `import-features` write `OUT/<encoder key>/`).
+    """The folder of one encoder's feature files: `features_dir` itself when it is one (`is_feature_folder`),
+    else its only encoder subfolder (`preprocess-slides` and `import-features` write `OUT/<encoder key>/`).
     Several encoder subfolders are a SlideInputError naming them: features of different encoders are not
     comparable, so the caller must choose one."""
     features_dir = Path(features_dir)
-    if not features_dir.is_dir() or any(features_dir.glob("*.parquet")):
+    if not features_dir.is_dir() or is_feature_folder(features_dir):
         return features_dir
     keyed = sorted(
-        folder for folder in features_dir.iterdir() if folder.is_dir() and any(folder.glob("*.parquet"))
+        folder for folder in features_dir.iterdir() if folder.is_dir() and is_feature_folder(folder)
     )
     if len(keyed) > 1:
         names = ", ".join(folder.name for folder in keyed)
@@ -493,9 +508,19 @@ def resolve_feature_dir(features_dir: Path) -> Path:
     return keyed[0] if keyed else features_dir
 
 
+def is_feature_folder(folder: Path) -> bool:
+    """Whether `folder` is one encoder's output: it holds feature files, or quarantine lists (a run whose
+    every slide was quarantined wrote no feature file, yet says which slides it refused)."""
+    return any(folder.glob("*.parquet")) or bool(quarantine_files(folder))
+
+
 def read_feature_metadata(path: Path) -> dict:
-    """The schema metadata of a feature file (encoder, target_mpp, patch_size, slide_mpp, ...)."""
-    metadata = pq.read_schema(path).metadata or {}
+    """The schema metadata of a feature file (encoder, target_mpp, patch_size, slide_mpp, ...); an
+    unreadable file is a SlideInputError naming it."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException) as error:
+        raise unreadable_feature_file(path, error) from error
     return {
         key.decode().removeprefix(METADATA_PREFIX): json.loads(value)
         for key, value in metadata.items()
@@ -628,6 +653,16 @@ def shard_file_name(name: str, shard: tuple[int, int]) -> str:
     return f"{stem}.shard-{index}-of-{count}.{suffix}"
 
 
+def shard_files(folder: Path, name: str) -> list[Path]:
+    """The files in `folder` named `shard_file_name(name, shard)` for any shard, the unsharded `name`
+    included, sorted by name; none when the folder is absent."""
+    if not folder.is_dir():
+        return []
+    stem, suffix = name.rsplit(".", 1)
+    pattern = re.compile(rf"{re.escape(stem)}(\.shard-\d+-of-\d+)?\.{re.escape(suffix)}")
+    return sorted(path for path in folder.iterdir() if path.is_file() and pattern.fullmatch(path.name))
+
+
 def preprocess_slides(
     inputs: str | Path | Iterable[str | Path],
     out_dir: Path,
@@ -649,7 +684,7 @@ def preprocess_slides(
     """
     index, count = shard
     if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
-        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
+        raise SlideInputError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
     entries = resolve_slide_inputs(inputs)
     if not entries:
         raise SlideInputError(f"no slides found in {inputs}")
@@ -730,7 +765,7 @@ def write_report(
         "quarantined": [{"slide": slide, "reason": reason} for slide, reason in report.quarantined],
     }
     (out_dir / shard_file_name("report.json", shard)).write_text(json.dumps(summary, indent=2))
-    write_quarantine(out_dir / shard_file_name("quarantine.csv", shard), report.quarantined)
+    write_quarantine(out_dir / shard_file_name(QUARANTINE_FILE, shard), report.quarantined)
 
 
 def write_quarantine(path: Path, quarantined: Sequence[tuple[str, str]]) -> None:
@@ -741,5 +776,34 @@ def write_quarantine(path: Path, quarantined: Sequence[tuple[str, str]]) -> None
         return
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["slide", "reason"])
+        writer.writerow(QUARANTINE_COLUMNS)
         writer.writerows(quarantined)
+
+
+def quarantine_files(features_dir: Path) -> list[Path]:
+    """The quarantine lists of a feature folder: `quarantine.csv` of an unsharded `preprocess-slides` run
+    or of `import-features`, and `quarantine.shard-<i>-of-<n>.csv` of each shard's run."""
+    return shard_files(Path(features_dir), QUARANTINE_FILE)
+
+
+def read_quarantine(features_dir: Path) -> dict[str, str]:
+    """slide -> reason for every slide that a quarantine list of the feature folder names (all of
+    `quarantine_files`, so the shards of one run together give the whole quarantine); {} when there are
+    none. A list that is not a CSV with the columns slide and reason is a SlideInputError naming it."""
+    quarantined: dict[str, str] = {}
+    for path in quarantine_files(features_dir):
+        try:
+            with path.open(newline="") as handle:
+                reader = csv.DictReader(handle)
+                if reader.fieldnames != QUARANTINE_COLUMNS:
+                    raise SlideInputError(
+                        f"{path}: a quarantine list needs the columns {QUARANTINE_COLUMNS}, "
+                        f"got {reader.fieldnames}"
+                    )
+                for row in reader:
+                    if not row["slide"]:
+                        raise SlideInputError(f"{path}: line {reader.line_num} names no slide")
+                    quarantined.setdefault(row["slide"], row["reason"] or "")
+        except (OSError, UnicodeDecodeError, csv.Error) as error:
+            raise SlideInputError(f"{path}: unreadable quarantine list ({error})") from error
+    return quarantined

@@ -103,10 +103,16 @@ def slide_suite(t: Thresholds) -> list:
         e.ExpectColumnValuesToBeUnique(column="slide_id", description="slide ids are unique"),
         e.ExpectColumnValuesToBeInSet(column="exists", value_set=[True], description="slide file exists"),
         e.ExpectColumnValuesToBeInSet(
-            column="opens", value_set=[True], description="OpenSlide opens the slide"
+            column="opens",
+            value_set=[True],
+            mostly=1.0 - t.max_unreadable_slide_fraction,
+            description="OpenSlide opens the slide (the others are quarantined when tiled)",
         ),
         e.ExpectColumnValuesToBeInSet(
-            column="has_resolution", value_set=[True], description="slide has mpp or objective power"
+            column="has_resolution",
+            value_set=[True],
+            mostly=1.0 - t.max_unreadable_slide_fraction,
+            description="slide has mpp or objective power (the others are quarantined when tiled)",
         ),
         e.ExpectColumnValuesToBeInSet(
             column="in_clinical", value_set=[True], description="every slide patient is in the clinical table"
@@ -141,6 +147,23 @@ def accounting_suite(t: Thresholds) -> list:
     ]
 
 
+def splits_suite(t: Thresholds) -> list:
+    e = import_great_expectations().expectations
+    return [
+        e.ExpectColumnValuesToBeBetween(
+            column="events",
+            min_value=t.min_events_per_split,
+            description=f"at least {t.min_events_per_split} event(s) in every split "
+            "(holdout train/val/test, K-fold test folds)",
+        ),
+        e.ExpectColumnValuesToBeBetween(
+            column="patients_without_clinical",
+            max_value=0,
+            description="every patient of a split has a clinical row",
+        ),
+    ]
+
+
 # name -> (id columns of unexpected rows, expectations)
 SUITES = {
     "clinical": (["patient_id"], clinical_suite),
@@ -148,4 +171,5 @@ SUITES = {
     "omics_samples": (["patient_id", "modality"], omics_sample_suite),
     "slides": (["slide_id", "patient_id", "path", "error"], slide_suite),
     "accounting": (["cohort"], accounting_suite),
+    "splits": (["split", "patients"], splits_suite),
 }

@@ -9,8 +9,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from healnet.data.barcodes import patient_prefix
+
 FEATURE_COLUMNS = ["modality", "feature", "numeric", "n_patients", "fraction_missing", "n_non_finite", "std"]
 SAMPLE_COLUMNS = ["patient_id", "modality", "n_non_finite", "fraction_missing", "in_clinical"]
+SPLIT_EVENT_COLUMNS = [
+    "split",
+    "scheme",
+    "repeat",
+    "fold",
+    "role",
+    "patients",
+    "events",
+    "patients_without_clinical",
+]
 SLIDE_COLUMNS = [
     "patient_id",
     "slide_id",
@@ -143,7 +155,8 @@ def accounting_table(
     meta: Mapping, name: str, quarantine: pd.DataFrame | None = None, kept_patients: pd.Index | None = None
 ) -> pd.DataFrame:
     """One row: rows in, kept and quarantined at ingestion, kept + quarantined, and the quarantined shares
-    of rows and of patients (a patient counts as lost when none of its rows was kept)."""
+    of rows and of patients (a patient counts as lost when none of its rows was kept; a quarantined row
+    belongs to the patient part of its id, so several rows of one patient count once)."""
     counts = {key: _as_float(meta.get(key)) for key in ("rows_in", "rows_kept", "rows_quarantined")}
     accounted = None
     if counts["rows_kept"] is not None and counts["rows_quarantined"] is not None:
@@ -152,7 +165,9 @@ def accounting_table(
     if counts["rows_in"] and counts["rows_quarantined"] is not None:
         row_fraction = counts["rows_quarantined"] / counts["rows_in"]
     if quarantine is not None and kept_patients is not None:
-        lost = set(quarantine["id"].dropna().astype(str)) - set(kept_patients.astype(str))
+        # a row counts for the patient its id names: a cBioPortal sample's patient, not the sample itself
+        named = {patient_prefix(value) or value for value in quarantine["id"].dropna().astype(str)}
+        lost = named - set(kept_patients.astype(str))
         seen = len(lost) + len(kept_patients)
         patient_fraction = len(lost) / seen if seen else 0.0
     row = {
@@ -164,6 +179,38 @@ def accounting_table(
     }
     return pd.DataFrame([row]).astype(
         {"rows_in": float, "rows_kept": float, "rows_quarantined": float, "rows_accounted": float}
+    )
+
+
+def split_events(splits: pd.DataFrame, clinical: pd.DataFrame) -> pd.DataFrame:
+    """One row per split a model is trained, tuned or tested on: every role of each holdout repeat and
+    each K-fold fold's test patients, with its patients, events and patients without a clinical row."""
+    checked = splits[(splits["scheme"] == "holdout") | (splits["role"] == "test")]
+    known = checked["patient_id"].isin(clinical.index)
+    # per patient, robust to the defects the clinical suite reports (repeated patients, no event column)
+    died = (clinical.get("event", pd.Series(0, index=clinical.index)) == 1).groupby(level=0).any()
+    events = checked["patient_id"].map(died).eq(True).astype("int64")
+    keys = ["scheme", "repeat", "fold", "role"]
+    table = (
+        checked.assign(events=events, patients_without_clinical=~known)
+        .groupby(keys, sort=True)
+        .agg(
+            patients=("patient_id", "size"),
+            events=("events", "sum"),
+            patients_without_clinical=("patients_without_clinical", "sum"),
+        )
+        .reset_index()
+    )
+    table.insert(
+        0,
+        "split",
+        [
+            f"{scheme} repeat {repeat}" + (f" fold {fold}" if scheme == "kfold" else "") + f" {role}"
+            for scheme, repeat, fold, role in table[keys].itertuples(index=False)
+        ],
+    )
+    return table[SPLIT_EVENT_COLUMNS].astype(
+        {"patients": "int64", "events": "int64", "patients_without_clinical": "int64"}
     )
 
 

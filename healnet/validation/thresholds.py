@@ -13,7 +13,7 @@ class ThresholdError(HEALNetError, ValueError):
 
 @dataclass(frozen=True)
 class Thresholds:
-    version: str = "1.1.0"
+    version: str = "1.3.0"
     min_patients: int = 1
     event_rate_min: float = 0.02
     event_rate_max: float = 0.95
@@ -26,12 +26,21 @@ class Thresholds:
     # mostly-bad input stops the run: nobody decided to train on what survives a large quarantine
     max_quarantined_row_fraction: float = 0.05
     max_quarantined_patient_fraction: float = 0.05
+    # a split without events has no c-index: fail before training rather than at the evaluation (0: off)
+    min_events_per_split: int = 1
+    # a slide OpenSlide cannot open (or without a resolution) is quarantined when tiled and its patient goes
+    # on without it; past this share of the slides with files, the transfer itself is broken
+    max_unreadable_slide_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("age_max_missing_fraction", "omics_max_missing_fraction"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ThresholdError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("max_quarantined_row_fraction", "max_quarantined_patient_fraction"):
+        for name in (
+            "max_quarantined_row_fraction",
+            "max_quarantined_patient_fraction",
+            "max_unreadable_slide_fraction",
+        ):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ThresholdError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if not 0.0 <= self.event_rate_min < self.event_rate_max <= 1.0:
@@ -42,13 +51,18 @@ class Thresholds:
             raise ThresholdError(f"age_min must be below age_max, got {self.age_min}, {self.age_max}")
         if self.max_examples < 1 or self.min_patients < 0:
             raise ThresholdError("max_examples must be >= 1 and min_patients >= 0")
+        if self.min_events_per_split < 0:
+            raise ThresholdError(f"min_events_per_split must be >= 0, got {self.min_events_per_split}")
 
 
 DEFAULT_THRESHOLDS = Thresholds()
 
 
-def with_quarantine_limit(fraction: float) -> Thresholds:
-    """The default thresholds with one limit on the quarantined share of rows and of patients."""
-    return replace(
-        DEFAULT_THRESHOLDS, max_quarantined_row_fraction=fraction, max_quarantined_patient_fraction=fraction
-    )
+def with_quarantine_limit(fraction: float, base: Thresholds = DEFAULT_THRESHOLDS) -> Thresholds:
+    """`base` with one limit on the quarantined share of rows and of patients."""
+    return replace(base, max_quarantined_row_fraction=fraction, max_quarantined_patient_fraction=fraction)
+
+
+def with_min_events_per_split(events: int, base: Thresholds = DEFAULT_THRESHOLDS) -> Thresholds:
+    """`base` with another least number of events in every split (0 turns the check off)."""
+    return replace(base, min_events_per_split=events)

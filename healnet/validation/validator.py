@@ -30,7 +30,7 @@ def validate(source: Path, out_dir: Path, thresholds: Thresholds = DEFAULT_THRES
 def validate_cohort(
     cohort: Cohort, out_dir: Path, thresholds: Thresholds = DEFAULT_THRESHOLDS, source: str = ""
 ) -> ValidationReport:
-    """Validate a loaded `Cohort` (clinical, omics, slides, quarantine, meta, root)."""
+    """Validate a loaded `Cohort` (clinical, omics, slides, splits, quarantine, meta, root)."""
     from healnet.validation.engine import run_suite
     from healnet.validation.suites import SUITES
 
@@ -43,6 +43,7 @@ def validate_cohort(
         "omics_samples": summaries.omics_sample_summary(cohort.omics, clinical_ids),
         "slides": summaries.slide_summary(cohort.slides, cohort.root, clinical_ids),
         "accounting": summaries.accounting_table(cohort.meta, name, cohort.quarantine, cohort.clinical.index),
+        "splits": summaries.split_events(cohort.splits, cohort.clinical),
     }
     results = {}
     for suite_name, (id_columns, build) in SUITES.items():
@@ -72,10 +73,21 @@ def validate_cohort(
 
 
 def _notes(tables: dict[str, pd.DataFrame]) -> list[str]:
-    unchecked = int(tables["slides"]["path"].isna().sum())
-    if not unchecked:
-        return []
-    return [f"{unchecked} slide(s) are listed without a file; their file checks were skipped"]
+    slides = tables["slides"]
+    notes = []
+    unchecked = int(slides["path"].isna().sum())
+    if unchecked:
+        notes.append(f"{unchecked} slide(s) are listed without a file; their file checks were skipped")
+    unreadable = slides[(slides["opens"] == False) | (slides["has_resolution"] == False)]  # noqa: E712 (None: unchecked)
+    if len(unreadable):
+        named = ", ".join(
+            f"{row.slide_id} ({row.error or 'no resolution'})" for row in unreadable.itertuples()
+        )
+        notes.append(
+            f"{len(unreadable)} slide(s) will be quarantined when tiled and their patients trained without "
+            f"them: {named}"
+        )
+    return notes
 
 
 def _count(value) -> int | None:
