@@ -40,6 +40,10 @@ def synth_validated_cohort(root: Path, patients: int, seed: int, missing_slides:
     return root
 
 
+# validate's import parameters when nothing is imported (the slides are tiled)
+NO_IMPORT = {"features_dir": "", "encoder_name": "", "weights_sha256": "", "mpp": 0.0, "patch_size": 0}
+
+
 def artifact(kind, folder: Path, name: str, metadata: dict | None = None):
     return kind(name=name, uri=str(folder / name), metadata=dict(metadata or {}))
 
@@ -63,11 +67,7 @@ def pipeline_outputs(tmp_path_factory):
         max_quarantined_fraction=0.05,
         min_events_per_split=1,
         modalities="",
-        features_dir="",
-        encoder_name="",
-        weights_sha256="",
-        mpp=0.0,
-        patch_size=0,
+        **NO_IMPORT,
         report=validation_report,
         **plan,
     )
@@ -215,11 +215,7 @@ def test_validate_stops_on_a_failing_expectation(pipeline_outputs, tmp_path):
             max_quarantined_fraction=0.05,
             min_events_per_split=1,
             modalities="",
-            features_dir="",
-            encoder_name="",
-            weights_sha256="",
-            mpp=0.0,
-            patch_size=0,
+            **NO_IMPORT,
             report=report,
             data_hash=str(tmp_path / "h"),
             chosen_modalities=str(tmp_path / "m"),
