@@ -292,7 +292,8 @@ if [ "$MODE" = test ]; then
     run "$LOGS/pipeline.log" 1800 env DOCKER_HOST="unix://$socket" HEALNET_IMAGE="$HEALNET_IMAGE" \
         HEALNET_GPU_IMAGE="$HEALNET_GPU_IMAGE" PYTHONPATH="$ROOT" nice -n 10 "$VENV/bin/python" \
         scripts/pipeline_in_images.py --cohort "$cohort" --registry "$WORK/registry" --pipeline-root "$WORK/kfp" \
-        --param epochs="$TEST_EPOCHS" --param slide_shards=2 --summary "$WORK/pipeline.json"
+        --param epochs="$TEST_EPOCHS" --param slide_shards=2 --param min_test_events=1 --param min_c_index=0 \
+        --summary "$WORK/pipeline.json"
     # kfp.local's lines per finished task, without its colours (its log may miss a parallel iteration's line)
     steps=$(sed 's/\x1b\[[0-9;]*m//g' "$LOGS/pipeline.log" |
         sed -n "s/.*Task '\(.*\)' finished with status SUCCESS.*/\1/p" | awk '!seen[$0]++' | paste -sd, -)
