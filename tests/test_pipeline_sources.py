@@ -157,3 +157,34 @@ def test_cache_never_reuses_outputs_across_split_seeds(table, tmp_path):
     assert again.metrics == reseeded.metrics and again.metrics != first.metrics
     ingested = json.loads((reseeded.run_dir / "ingest" / "executor_output.json").read_text())
     assert ingested["artifacts"]["cohort"]["artifacts"][0]["metadata"]["patients"] == 48
+
+
+@pytest.mark.slow
+def test_precomputed_features_are_imported_as_a_step(table, tmp_path):
+    """A table and a CLAM folder of its slides' features: the run imports them (one slide's hold a NaN and
+    is quarantined), trains on omics, clinical covariates and slides, and names the quarantined slide."""
+    import numpy as np
+    from test_import_features import CLAM_ATTRS, bag, write_h5
+
+    from healnet.data.cohort import ingest as ingest_cohort
+    from healnet.preprocess.wsi import slide_stem
+
+    slide_ids = list(ingest_cohort(table).slides["slide_id"])
+    clam = tmp_path / "clam"
+    for index, slide_id in enumerate(slide_ids):
+        features, coords = bag(12, seed=index)
+        if index == 0:
+            features[2, 3] = np.nan
+        write_h5(clam / "h5_files" / f"{slide_stem(slide_id)}.h5", features, coords, **CLAM_ATTRS)
+    imported = {"features_dir": str(clam), "encoder_name": "uni_v1", "mpp": 0.5}
+    arguments = {"source": str(table), "registry_dir": str(tmp_path / "registry"), **QUICK, **imported}
+    result = run_local(arguments, tmp_path / "root", cache=False)
+    assert result.succeeded, result.error
+    assert result.decision in {"promote", "reject"}
+    assert "Trained on: omic, clinical, wsi; slides: import" in result.reports["validation.md"].read_text()
+    assert result.quarantined_slides == [slide_ids[0]]
+    step = json.loads((result.run_dir / "import-features" / "executor_output.json").read_text())
+    metadata = step["artifacts"]["features"]["artifacts"][0]["metadata"]
+    assert metadata["slides_imported"] == len(slide_ids) - 1 and metadata["slides_quarantined"] == 1
+    model = json.loads((result.run_dir / "train" / "executor_output.json").read_text())
+    assert "wsi" in model["artifacts"]["model"]["artifacts"][0]["metadata"]["modalities"]
