@@ -117,7 +117,7 @@ def validate(
     from healnet.data.cohort import Cohort
     from healnet.data.modalities import cohort_modalities, parse_modalities, resolve_modalities
     from healnet.preprocess.state import WSI
-    from healnet.validation import validate as validate_cohort
+    from healnet.validation import validate_cohort
     from healnet.validation.thresholds import with_min_events_per_split, with_quarantine_limit
 
     if slide_shards < 1:
@@ -127,8 +127,9 @@ def validate(
     thresholds = with_min_events_per_split(
         min_events_per_split, with_quarantine_limit(max_quarantined_fraction)
     )
+    loaded = Cohort.load(Path(cohort.path))
     with tempfile.TemporaryDirectory(prefix="validation-") as scratch:
-        result = validate_cohort(Path(cohort.path), Path(scratch), thresholds)
+        result = validate_cohort(loaded, Path(scratch), thresholds, source=cohort.path)
         text = result.markdown_path.read_text(encoding="utf-8")
     report.metadata["success"] = result.success
     if not result.success:
@@ -137,7 +138,6 @@ def validate(
         raise PipelineStepError(
             f"the cohort failed validation ({len(failures)} check(s)): " + "; ".join(failures)
         )
-    loaded = Cohort.load(Path(cohort.path))
     available = cohort_modalities(loaded, slide_features=bool(features_dir))
     chosen = resolve_modalities(parse_modalities(modalities), available, len(loaded.slides))
     if features_dir and WSI not in chosen:

@@ -32,17 +32,15 @@ def gate(
     import json
     from pathlib import Path
 
-    from components.support import use_registry
+    from components.support import champion_assessor, use_registry
 
     use_registry(registry_dir)
-    from healnet.checkpoint import load_checkpoint
-    from healnet.gate import GatePolicy, assess_champion, current_champion_tag, decide, model_inputs
-    from healnet.scoring import ScoredPatients, test_patients_loader
+    from healnet.gate import GatePolicy, current_champion_tag, decide
+    from healnet.scoring import ScoredPatients
 
     candidate = ScoredPatients.read_parquet(Path(predictions.path))
-    inputs = model_inputs(load_checkpoint(Path(model.path) / "checkpoint"))
-    load_patients = test_patients_loader(cohort.path, candidate, inputs["modalities"], test_features.path)
-    champion = assess_champion(current_champion_tag(), inputs, load_patients)
+    assess = champion_assessor(Path(model.path) / "checkpoint", cohort.path, candidate, test_features.path)
+    champion = assess(current_champion_tag())
     result = decide(candidate, champion, GatePolicy(min_c_index, tolerance, min_test_events, dry_run))
     record = {**result.to_dict(), "data_hash": data_hash, "candidate_metrics": dict(metrics.metadata)}
     Path(gate_json.path).write_text(json.dumps(record, indent=2), encoding="utf-8")
@@ -80,13 +78,13 @@ def promote(
     import json
     from pathlib import Path
 
-    from components.support import PipelineStepError, git_sha, use_registry
+    from components.support import PipelineStepError, champion_assessor, git_sha, use_registry
 
     use_registry(registry_dir)
-    from healnet.checkpoint import load_checkpoint, verify_checkpoint
-    from healnet.gate import GatePolicy, assess_champion, model_inputs, promote_if_still_better
+    from healnet.checkpoint import verify_checkpoint
+    from healnet.gate import GatePolicy, promote_if_still_better
     from healnet.registry import register_model
-    from healnet.scoring import ScoredPatients, test_patients_loader
+    from healnet.scoring import ScoredPatients
 
     gated = json.loads(Path(gate_json.path).read_text(encoding="utf-8"))
     checkpoint = Path(model.path) / "checkpoint"
@@ -125,16 +123,10 @@ def promote(
         f"passed gate v{gate_version}" if gated["passed"] else f"gate v{gate_version} dry run, checks failed"
     )
     reason = f"pipeline run {run_name or run_id}: test c-index {scores['c_index']:.4f}, {outcome}"
-    inputs = model_inputs(load_checkpoint(checkpoint))
-    load_patients = test_patients_loader(cohort.path, candidate, inputs["modalities"], test_features.path)
+    assess = champion_assessor(checkpoint, cohort.path, candidate, test_features.path)
     # a compare-and-swap: only if the champion is still the one the gate judged against
     regated, pointer = promote_if_still_better(
-        tag,
-        candidate,
-        policy,
-        champion["tag"] if champion else None,
-        reason,
-        lambda current: assess_champion(current, inputs, load_patients),
+        tag, candidate, policy, champion["tag"] if champion else None, reason, assess
     )
     if pointer is None:  # the gate, taken again, rejected the candidate
         assert regated is not None and regated.champion is not None

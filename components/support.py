@@ -169,3 +169,17 @@ def check_import(
             f"features_dir {features_dir} holds no feature files ({layout.kind} layout): expected CLAM "
             "h5_files/<slide>.h5 or pt_files/<slide>.pt, or a TRIDENT job's features_<encoder>/<slide>.h5"
         )
+
+
+def champion_assessor(checkpoint_dir: Path, cohort_dir: str, candidate, test_features_dir: str):
+    """How the gate and promote judge a registered version (a tag, or None: no champion) against the
+    candidate at `checkpoint_dir`: `healnet.gate.assess_champion`, scoring a comparable one on the
+    candidate's scored test patients of the cohort (with their slide features from `test_features_dir`
+    when the candidate reads slides)."""
+    from healnet.checkpoint import load_checkpoint
+    from healnet.gate import assess_champion, model_inputs
+    from healnet.scoring import test_patients_loader
+
+    inputs = model_inputs(load_checkpoint(Path(checkpoint_dir)))
+    load_patients = test_patients_loader(cohort_dir, candidate, inputs["modalities"], test_features_dir)
+    return lambda tag: assess_champion(tag, inputs, load_patients)

@@ -90,7 +90,7 @@ def evaluate_checkpoint(
     training = CohortPatients.load(cohort, train_ids, features_dir)
     survival = survival_matrix(patients.predict(predictor))
     scored = patients.scored(survival)
-    train_risk = training.scored(survival_matrix(training.predict(predictor))).risk
+    train_risk = training.score(predictor).risk
     metrics = survival_metrics(
         training.times, training.events, scored.times, scored.events, survival, predictor.checkpoint.bins
     )

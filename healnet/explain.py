@@ -28,7 +28,6 @@ import numpy as np
 
 from healnet.errors import HEALNetError
 from healnet.inference import Case, Prediction, Predictor
-from healnet.preprocess.clinical import CLINICAL
 from healnet.preprocess.state import WSI
 
 DEFAULT_FOOTPRINT = 224.0  # level-0 px of a patch when neither metadata nor spacing tells
@@ -502,24 +501,11 @@ def locate_slide(
 
 
 def patient_case(cohort: Any, patient_id: str, predictor: Predictor) -> Case:
-    """The patient's omics (the model's tables) and clinical covariates from a cohort; missing is None."""
-    omics: dict[str, dict[str, float | None]] = {}
-    transform = predictor.preprocessor.omics
-    for table in transform.input_modalities if transform else []:
-        frame = cohort.omics.get(table)
-        if frame is not None and patient_id in frame.index:
-            row = frame.loc[patient_id]
-            omics[table] = {str(k): None if v != v else float(v) for k, v in row.items()}
-    clinical: dict[str, float | str | None] = {}
-    if CLINICAL in predictor.modalities and predictor.preprocessor.clinical is not None:
-        row = cohort.clinical.loc[patient_id]
-        for covariate in predictor.preprocessor.clinical.covariates:
-            value = row.get(covariate)
-            if value is None or value != value:
-                clinical[covariate] = None
-            else:
-                clinical[covariate] = value if isinstance(value, str) else float(value)
-    return Case(omics=omics, clinical=clinical)
+    """The patient's omics (the model's features, by table) and clinical covariates from a cohort, as
+    evaluation sends them (`healnet.scoring`); missing is None."""
+    from healnet.scoring import CohortPatients
+
+    return CohortPatients.load(cohort, [patient_id]).cases(predictor)[0]
 
 
 @dataclass
