@@ -129,6 +129,14 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
                 options,
             )
             cohort = ingested.outputs["cohort"]
+            # validate checks what import_features will use, so a mistake in it fails before any retried step
+            import_settings = {
+                "features_dir": features_dir,
+                "encoder_name": encoder_name,
+                "weights_sha256": weights_sha256,
+                "mpp": mpp,
+                "patch_size": patch_size,
+            }
             checked = _cpu_step(
                 validate(
                     cohort=cohort,
@@ -136,11 +144,7 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
                     max_quarantined_fraction=max_quarantined_fraction,
                     min_events_per_split=min_events_per_split,
                     modalities=modalities,
-                    features_dir=features_dir,
-                    encoder_name=encoder_name,
-                    weights_sha256=weights_sha256,
-                    mpp=mpp,
-                    patch_size=patch_size,
+                    **import_settings,
                 ),
                 options,
             )
@@ -149,15 +153,7 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
             slide_source = checked.outputs["slide_source"]
             chosen_modalities = checked.outputs["chosen_modalities"]
             imported = _cpu_step(
-                import_features(
-                    slide_source=slide_source,
-                    features_dir=features_dir,
-                    encoder_name=encoder_name,
-                    weights_sha256=weights_sha256,
-                    mpp=mpp,
-                    patch_size=patch_size,
-                    data_hash=data_hash,
-                ),
+                import_features(slide_source=slide_source, data_hash=data_hash, **import_settings),
                 options,
                 retry=True,
             )
