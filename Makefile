@@ -12,7 +12,7 @@ HEALNET_IMAGE ?= $(IMAGE_REGISTRY)/healnet:$(IMAGE_TAG)
 HEALNET_GPU_IMAGE ?= $(IMAGE_REGISTRY)/healnet-gpu:$(IMAGE_TAG)
 GIT_SHA := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 
-.PHONY: venv run serve compile test test-fast lint format bench images images-docker images-buildah images-test clean
+.PHONY: venv run serve compile test test-fast lint format bench images images-docker images-buildah images-test pin-image lock clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -55,7 +55,7 @@ bench: venv
 HEALNET_SERVICE_IMAGE ?= $(IMAGE_REGISTRY)/healnet-service:$(IMAGE_TAG)
 IMAGE_NAMES = HEALNET_IMAGE=$(HEALNET_IMAGE) HEALNET_GPU_IMAGE=$(HEALNET_GPU_IMAGE) HEALNET_SERVICE_IMAGE=$(HEALNET_SERVICE_IMAGE) REGISTRY=$(REGISTRY)
 # Base images other than the Dockerfiles' defaults, e.g. pinned by digest (README, Images):
-#   make images PYTHON_IMAGE=python:3.11.10-slim-bookworm@sha256:... TORCH_IMAGE=pytorch/pytorch:...@sha256:...
+#   make images PYTHON_IMAGE=python:3.11.17-slim-bookworm@sha256:... TORCH_IMAGE=pytorch/pytorch:...@sha256:...
 PYTHON_BASE_ARG = $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE))
 TORCH_BASE_ARG = $(if $(TORCH_IMAGE),--build-arg TORCH_IMAGE=$(TORCH_IMAGE))
 
@@ -82,6 +82,22 @@ images-docker: venv
 	docker push $(HEALNET_IMAGE)
 	docker push $(HEALNET_GPU_IMAGE)
 	docker push $(HEALNET_SERVICE_IMAGE)
+
+# The images' lock files (requirements/*.lock: every package pinned, with sha256 hashes; pip --require-hashes
+# installs them) from pyproject.toml and requirements/service.in. Where the PyTorch wheel page cannot be
+# reached: make lock TORCH_WHEELS=<folder holding the CPU torch wheel>.
+lock: venv
+	test -x $(VENV)/bin/uv || $(PY) -m pip install -q uv
+	UV=$(VENV)/bin/uv $(if $(TORCH_WHEELS),TORCH_WHEELS=$(TORCH_WHEELS)) scripts/lock.sh
+
+# Pin the prod overlay's service image to the digest of the pushed image (docs/deploy.md, "Pinning the image"):
+#   make pin-image DIGEST=sha256:...   the digest `docker push` printed, or `skopeo inspect` / `crane digest` of it
+PROD_KUSTOMIZATION ?= k8s/overlays/prod/kustomization.yaml
+pin-image:
+	@echo '$(DIGEST)' | grep -Eqx 'sha256:[0-9a-f]{64}' || \
+		{ echo "make pin-image: needs DIGEST=sha256:<64 hex digits>, got '$(DIGEST)' (docs/deploy.md)" >&2; exit 1; }
+	sed -i -E -e 's/^(    newTag: ).*$$/\1$(IMAGE_TAG)/' -e 's/^(    digest: ).*$$/\1$(DIGEST)/' $(PROD_KUSTOMIZATION)
+	@echo "pinned $(HEALNET_SERVICE_IMAGE)@$(DIGEST) in $(PROD_KUSTOMIZATION)"
 
 clean:
 	rm -rf build

@@ -52,6 +52,7 @@ def ingest(
     from components.support import cohort_data_hash
     from healnet.cli.ingest import summary
     from healnet.data.cohort import ingest as ingest_cohort
+    from healnet.files import markdown_code_block
 
     out = Path(cohort.path)
     if source:
@@ -62,7 +63,7 @@ def ingest(
         ingested = ingest_cohort(Path(cohort_dir), out)
     text = summary(ingested)
     print(text)
-    Path(report.path).write_text("# Ingest\n\n```\n" + text + "\n```\n", encoding="utf-8")
+    Path(report.path).write_text("# Ingest\n\n" + markdown_code_block(text), encoding="utf-8")
     cohort.metadata.update(
         {
             "source": source or cohort_dir,
@@ -116,6 +117,7 @@ def validate(
     from components.support import PipelineStepError, check_import, cohort_data_hash
     from healnet.data.cohort import Cohort
     from healnet.data.modalities import cohort_modalities, parse_modalities, resolve_modalities
+    from healnet.files import markdown_text
     from healnet.preprocess.state import WSI
     from healnet.validation import validate_cohort
     from healnet.validation.thresholds import with_min_events_per_split, with_quarantine_limit
@@ -146,7 +148,10 @@ def validate(
             "to modalities or leave features_dir empty"
         )
     source = "none" if WSI not in chosen else ("import" if features_dir else "tile")
-    lines = [f"- {name}: {what}{'' if name in chosen else ' (not used)'}" for name, what in available.items()]
+    lines = [
+        f"- {name}: {markdown_text(what)}{'' if name in chosen else ' (not used)'}"
+        for name, what in available.items()
+    ]
     text += (
         "\n## Modalities\n\n" + "\n".join(lines) + f"\n\nTrained on: {', '.join(chosen)}; slides: {source}\n"
     )
@@ -212,9 +217,12 @@ def preprocess_slides(
     shard_count: int,
     data_hash: str,
     features: Output[Dataset],
+    slide_dir: str = "",
 ):
     """Tile and encode shard `shard_index` of `shard_count` of the cohort's slides (every slide with a
     file); unreadable slides are quarantined and listed in the shard's report.json and quarantine file.
+    `slide_dir` (the folder `ingest` found the slides in) confines the slides: a slide file that resolves
+    outside it is quarantined, never opened; empty: the cohort's slide paths are trusted as they are.
     Idle (an empty folder) unless `slide_source` is "tile"."""
     import tempfile
     from pathlib import Path
@@ -240,7 +248,13 @@ def preprocess_slides(
         with tempfile.TemporaryDirectory(prefix="slides-") as scratch:
             manifest = Path(scratch) / "slides.csv"
             pd.DataFrame({"slide_id": slides["slide_id"], "path": paths}).to_csv(manifest, index=False)
-            report = tile_and_encode(manifest, out_dir, shard=(shard_index, shard_count), progress=False)
+            report = tile_and_encode(
+                manifest,
+                out_dir,
+                shard=(shard_index, shard_count),
+                progress=False,
+                slide_root=Path(slide_dir) if slide_dir else None,
+            )
         processed, quarantined, patches = len(report.processed), report.quarantined, report.n_patches
         for slide, reason in quarantined:
             print(f"quarantined slide {slide}: {reason}")

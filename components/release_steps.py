@@ -181,10 +181,10 @@ def reject(
 
 
 @cpu_component
-def notify(status: dsl.PipelineTaskFinalStatus, run_name: str, webhook_url: str):
-    """Exit handler: log how the run ended and, when `webhook_url` is set, POST it there as JSON."""
-    import json
-    import urllib.request
+def notify(status: dsl.PipelineTaskFinalStatus, run_name: str):
+    """Exit handler: log how the run ended and POST it as JSON to the https:// webhook of the notify Secret,
+    when there is one (`components.notification`: https only, logs name its host only)."""
+    from components.notification import post_to_webhook
 
     message = {
         "pipeline_run": run_name,
@@ -195,12 +195,4 @@ def notify(status: dsl.PipelineTaskFinalStatus, run_name: str, webhook_url: str)
     }
     error = f": {status.error_message}" if status.error_message else ""
     print(f"HEALNet pipeline run {run_name} finished {status.state}{error}")
-    if webhook_url:
-        request = urllib.request.Request(
-            webhook_url,
-            data=json.dumps(message).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            print(f"notified {webhook_url}: HTTP {response.status}")
+    post_to_webhook(message)

@@ -9,6 +9,10 @@ locks, `fcntl.lockf`), so concurrent writers in any process never lose a history
 volume the lock is only as good as the file system's locking: NFSv4 and most CSI drivers of
 ReadWriteMany volumes honour POSIX locks; NFSv3 needs a running lock daemon (lockd); some object-store
 FUSE mounts ignore locks entirely and must not hold the registry when several pipelines promote at once.
+
+The pointer only ever holds a concrete `healnet:VERSION`: tags are normalised (`VERSION` or
+`healnet:VERSION`, any case, surrounding blanks) and BentoML's moving alias `latest` is refused, since it
+would make the champion change whenever a version is registered, without a gate.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -31,6 +36,10 @@ MODEL_NAME = "healnet"
 POINTER_FILE = "champion.json"
 LOCK_FILE = "champion.lock"
 POINTER_KEYS = ("tag", "since", "reason", "history")
+PROMOTION, ROLLBACK = "promotion", "rollback"
+# BentoML's version syntax (bentoml._internal.tag); "latest" is its alias for the newest version
+VERSION_PATTERN = re.compile(r"[a-z0-9]([-._a-z0-9]*[a-z0-9])?")
+ALIASES = ("latest",)
 # `expected` of set_champion when the caller does not compare
 UNCHECKED = object()
 
@@ -63,6 +72,26 @@ def registry_dir() -> Path:
 
 def _pointer_path() -> Path:
     return registry_dir() / POINTER_FILE
+
+
+def version_tag(tag: str) -> str:
+    """`tag` as the concrete `healnet:VERSION` it names: `VERSION` or `healnet:VERSION`, in any case (BentoML
+    stores tags in lower case), with surrounding blanks. An alias (`latest`, or the bare model name), another
+    model's name or a malformed version is a RegistryError; whether the version is stored is not checked."""
+    text = tag.strip().lower()
+    name, colon, version = text.rpartition(":")
+    if not colon:
+        name = MODEL_NAME
+    if name != MODEL_NAME:
+        raise RegistryError(f"{tag!r} is not a {MODEL_NAME} version: give {MODEL_NAME}:VERSION or VERSION")
+    if version in (*ALIASES, MODEL_NAME, ""):
+        raise RegistryError(
+            f"{tag!r} is an alias, not a version: name one with {MODEL_NAME}:VERSION "
+            f"(`healnet registry list` shows them)"
+        )
+    if not VERSION_PATTERN.fullmatch(version):
+        raise RegistryError(f"{tag!r} is not a valid version: letters, digits, '-', '_' and '.' only")
+    return f"{MODEL_NAME}:{version}"
 
 
 def register_model(
@@ -112,17 +141,19 @@ def list_versions() -> list[dict]:
 
 
 def show_version(tag: str) -> dict:
-    matches = [row for row in list_versions() if row["tag"] == tag or row["tag"].split(":")[1] == tag]
+    tag = version_tag(tag)
+    matches = [row for row in list_versions() if row["tag"] == tag]
     if not matches:
         raise RegistryError(f"no model version {tag!r} in the registry")
     return matches[0]
 
 
 def checkpoint_path(tag: str) -> Path:
-    """The checkpoint folder of a registered version, with its weights' sha256 verified."""
+    """The checkpoint folder of a registered version (see version_tag), with its weights' sha256 verified."""
     import bentoml
     from bentoml.exceptions import NotFound
 
+    tag = version_tag(tag)
     try:
         model = bentoml.models.get(tag)
     except NotFound as error:
@@ -148,50 +179,75 @@ def champion_lock() -> Iterator[None]:
 
 
 def get_champion() -> dict | None:
-    """The champion pointer, or None before the first promotion; a corrupt one is a ChampionPointerError."""
+    """The champion pointer, or None before the first promotion; a corrupt or unreadable one (not a file,
+    an I/O error of the volume) is a ChampionPointerError."""
     path = _pointer_path()
-    if not path.exists():
-        return None
     repair = (
         "restore it from a backup, or point it at a version again with `healnet registry rollback --to TAG`"
     )
     try:
-        pointer = json.loads(path.read_text())
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise ChampionPointerError(f"{path} cannot be read ({error}): {repair}") from None
+    try:
+        pointer = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ChampionPointerError(f"{path} is corrupt ({error}): {repair}") from None
+    except RecursionError:
+        raise ChampionPointerError(f"{path} is corrupt (nested too deeply): {repair}") from None
     missing = [key for key in POINTER_KEYS if not isinstance(pointer, dict) or key not in pointer]
     if missing or not isinstance(pointer["history"], list):
         raise ChampionPointerError(
             f"{path} is not a champion pointer (missing {missing or ['history list']}): {repair}"
         )
+    if not all(isinstance(entry, dict) and "tag" in entry for entry in pointer["history"]):
+        raise ChampionPointerError(
+            f"{path} is not a champion pointer (a history entry without a tag): {repair}"
+        )
+    if not _concrete(pointer["tag"]):
+        raise ChampionPointerError(f"{path} holds {pointer['tag']!r}, not a {MODEL_NAME}:VERSION: {repair}")
     return pointer
 
 
+def _concrete(tag: object) -> bool:
+    """Whether `tag` is a concrete version exactly as the pointer must hold it."""
+    try:
+        return isinstance(tag, str) and version_tag(tag) == tag
+    except RegistryError:
+        return False
+
+
 def set_champion(tag: str, reason: str, expected: str | None | object = UNCHECKED) -> dict:
-    """Point the champion at `tag` (which must exist), keeping the history of earlier champions.
+    """Promote `tag` (a stored version, see version_tag) to champion, keeping the history of earlier
+    champions.
 
     With `expected` (a tag, or None for "no champion yet") this is a compare-and-swap: it goes ahead only if
     the champion is still `expected`, else raises ChampionChangedError and changes nothing.
     """
+    tag = version_tag(tag)
     checkpoint_path(tag)
     with champion_lock():
         previous = get_champion()
         current = previous["tag"] if previous else None
         if expected is not UNCHECKED and current != expected:
             raise ChampionChangedError(cast(str | None, expected), current)
-        return _write_champion(tag, reason, previous)
+        return _write_champion(tag, reason, PROMOTION, previous)
 
 
-def _write_champion(tag: str, reason: str, previous: dict | None, keep_corrupt: bool = False) -> dict:
-    """Write the pointer; the caller holds the lock and has read `previous` under it. `keep_corrupt`: move
-    an unreadable pointer aside (champion.json.corrupt-TIME) instead of replacing it, so nothing is lost."""
-    history = (
-        ([*previous["history"], {k: previous[k] for k in ("tag", "since", "reason")}]) if previous else []
-    )
+def _write_champion(
+    tag: str, reason: str, kind: str, previous: dict | None, keep_corrupt: bool = False
+) -> dict:
+    """Write the pointer; the caller holds the lock and has read `previous` under it. `kind`: PROMOTION or
+    ROLLBACK. `keep_corrupt`: move an unreadable pointer aside (champion.json.corrupt-TIME) instead of
+    replacing it, so nothing is lost."""
+    history = [*previous["history"], _entry(previous)] if previous else []
     pointer = {
         "tag": tag,
         "since": datetime.now(UTC).isoformat(timespec="seconds"),
         "reason": reason,
+        "kind": kind,
         "history": history,
     }
     directory = registry_dir()
@@ -208,10 +264,45 @@ def _write_champion(tag: str, reason: str, previous: dict | None, keep_corrupt: 
     return pointer
 
 
+def _entry(pointer: dict) -> dict:
+    """The history entry of a pointer that is being replaced."""
+    return {
+        "tag": pointer["tag"],
+        "since": pointer["since"],
+        "reason": pointer["reason"],
+        "kind": _kind(pointer),
+    }
+
+
+def _kind(entry: dict) -> str:
+    # pointers written before `kind` was recorded: the registry's rollbacks were the reasons "rollback ..."
+    return entry.get("kind") or (ROLLBACK if str(entry.get("reason")).startswith("rollback ") else PROMOTION)
+
+
+def champion_lineage(pointer: dict) -> list[str]:
+    """The champions that successive rollbacks return through, oldest first, ending with the current one.
+
+    Replays the history: a promotion goes on top; a rollback returns to its version's last place, dropping
+    the versions above it (a rollback to a version not in the lineage, an undone rollback or the repair of a
+    corrupt pointer, goes on top). So A → B → C rolls back to B, then to A, never back to C.
+    """
+    lineage: list[str] = []
+    for entry in [*pointer["history"], pointer]:
+        tag = entry["tag"]
+        if not _concrete(tag):  # an alias written before they were refused: nothing to return to
+            continue
+        if _kind(entry) == ROLLBACK and tag in lineage:
+            del lineage[len(lineage) - lineage[::-1].index(tag) :]
+        elif not lineage or lineage[-1] != tag:
+            lineage.append(tag)
+    return lineage
+
+
 def rollback(to_tag: str | None = None) -> dict:
-    """Set the champion back to `to_tag`, or to the previous champion when none is given."""
-    if to_tag is not None:  # "healnet:VERSION" or VERSION; checked before the pointer is read
-        to_tag = to_tag if ":" in to_tag else f"{MODEL_NAME}:{to_tag}"
+    """Set the champion back to the one before it in champion_lineage, or to `to_tag`: any earlier champion
+    (any stored version when the pointer is corrupt, to repair it)."""
+    if to_tag is not None:  # checked before the pointer is read
+        to_tag = version_tag(to_tag)
         checkpoint_path(to_tag)
     with champion_lock():
         try:
@@ -219,18 +310,26 @@ def rollback(to_tag: str | None = None) -> dict:
         except ChampionPointerError:
             if to_tag is None:
                 raise
-            return _write_champion(to_tag, "rollback over a corrupt pointer", None, keep_corrupt=True)
+            return _write_champion(
+                to_tag, "rollback over a corrupt pointer", ROLLBACK, None, keep_corrupt=True
+            )
         if champion is None:
             raise RegistryError("there is no champion to roll back")
+        current = champion["tag"]
         if to_tag is None:
-            earlier = [entry["tag"] for entry in champion["history"] if entry["tag"] != champion["tag"]]
-            if not earlier:
-                raise RegistryError(f"champion {champion['tag']} has no earlier version to roll back to")
-            to_tag = earlier[-1]
+            lineage = champion_lineage(champion)
+            if len(lineage) < 2:
+                raise RegistryError(f"champion {current} has no earlier version to roll back to")
+            to_tag = lineage[-2]
             checkpoint_path(to_tag)
-        if to_tag == champion["tag"]:
+        elif to_tag == current:
             raise RegistryError(f"{to_tag} is already the champion")
-        return _write_champion(to_tag, f"rollback from {champion['tag']}", champion)
+        elif to_tag not in {entry["tag"] for entry in champion["history"]}:
+            raise RegistryError(
+                f"{to_tag} was never the champion: a rollback returns to an earlier champion "
+                f"(`healnet registry show {to_tag}`; promote new versions through the pipeline's gate)"
+            )
+        return _write_champion(to_tag, f"rollback from {current}", ROLLBACK, champion)
 
 
 def resolve(tag: str | None = None) -> tuple[str, Path]:
@@ -242,4 +341,5 @@ def resolve(tag: str | None = None) -> tuple[str, Path]:
                 f"no champion model in {registry_dir()}: promote one (python -m pipelines run-local) or set a tag"
             )
         tag = champion["tag"]
+    tag = version_tag(tag)
     return tag, checkpoint_path(tag)

@@ -23,7 +23,7 @@ PARAM_HELP = (
     "features_dir with encoder_name, weights_sha256, mpp, patch_size; modalities (default: all the cohort "
     "has), split_seed, registry_dir, slide_shards, split_repeat, max_quarantined_fraction, "
     "min_events_per_split, recipe, epochs, "
-    "batch_size, patience, seed, min_c_index, tolerance, min_test_events, dry_run, notify_webhook) or a "
+    "batch_size, patience, seed, min_c_index, tolerance, min_test_events, dry_run) or a "
     f"compile-time cluster option ({', '.join(OPTION_NAMES)}); see docs/pipeline.md"
 )
 COHORT_INPUTS = ("source", "cohort_dir")

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from healnet.errors import HEALNetError
 
 PARAMETER_TYPES = {"String": str, "Integer": int, "Float": float, "Boolean": bool}
+# The key of the notify Secret (ClusterOptions.notify_secret) that holds the https:// webhook URL.
+NOTIFY_SECRET_KEY = "webhook_url"
 
 
 class ParamError(HEALNetError, ValueError):
@@ -36,6 +38,9 @@ class ClusterOptions:
     cohort_mount: str = "/data"
     registry_pvc: str = ""  # when set, the BentoML store (BENTOML_HOME) is this PVC at registry_mount
     registry_mount: str = "/registry"
+    # The Secret whose NOTIFY_SECRET_KEY is the exit handler's webhook URL; optional: without it (or with
+    # "") the run's end is only logged. kfp.local reads $HEALNET_NOTIFY_WEBHOOK from the environment instead.
+    notify_secret: str = "healnet-notify"
 
 
 DEFAULT_OPTIONS = ClusterOptions()

@@ -18,11 +18,12 @@ from components.data_steps import (
     validate,
 )
 from components.model_steps import evaluate, train
+from components.notification import NOTIFY_WEBHOOK_ENV
 from components.release_steps import gate, notify, promote, reject
 from healnet.gate import PROMOTE, GatePolicy
 from healnet.recipes import DEFAULT_RECIPE
 from healnet.validation.thresholds import DEFAULT_THRESHOLDS
-from pipelines.options import DEFAULT_OPTIONS, PARAMETER_TYPES, ClusterOptions
+from pipelines.options import DEFAULT_OPTIONS, NOTIFY_SECRET_KEY, PARAMETER_TYPES, ClusterOptions
 
 PIPELINE_NAME = "healnet-training"
 
@@ -39,6 +40,20 @@ def _mount_registry(task: PipelineTask, options: ClusterOptions) -> PipelineTask
         kubernetes.mount_pvc(task, pvc_name=options.registry_pvc, mount_path=options.registry_mount)
         task.set_env_variable("BENTOML_HOME", options.registry_mount)
         task.set_env_variable("HEALNET_REGISTRY_DIR", options.registry_mount)
+    return task
+
+
+def _notify_webhook(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
+    """The webhook URL, a credential, from the notify Secret into the exit handler's environment. Optional:
+    a missing Secret leaves the variable unset (the run's end is then only logged) instead of keeping the
+    exit handler's pod from starting."""
+    if options.notify_secret:
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=options.notify_secret,
+            secret_key_to_env={NOTIFY_SECRET_KEY: NOTIFY_WEBHOOK_ENV},
+            optional=True,
+        )
     return task
 
 
@@ -107,9 +122,8 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
         tolerance: float = GatePolicy.tolerance,
         min_test_events: int = GatePolicy.min_test_events,
         dry_run: bool = GatePolicy.dry_run,
-        notify_webhook: str = "",
     ):
-        finished = notify(run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, webhook_url=notify_webhook)
+        finished = _notify_webhook(notify(run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), options)
         finished.set_caching_options(False)
         with dsl.ExitHandler(finished, name="healnet-run"):
             # never cached: it reads the source, so an unchanged one reuses the cached ingest below
@@ -164,6 +178,7 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
                     shard_index=shard.shard_index,
                     shard_count=shard.shard_count,
                     data_hash=shard.data_hash,
+                    slide_dir=slide_dir,
                 )
                 _cpu_step(slides, options, retry=True)
             omics = preprocess_omics(

@@ -15,7 +15,9 @@ normalisation (CONCH: 448 px, CLIP statistics), the export wraps it so that it c
     python scripts/export_encoders.py conch --weights CONCH/pytorch_model.bin --out encoders/
 
 Each export prints its feature width and the sha256 that feature files and checkpoints record. The
-file name is the encoder's name in healnet; keep it when copying the file to the service.
+file name is the encoder's name in healnet; keep it when copying the file to the service. healnet loads a
+.pt2 only when it holds raw tensors and an aten graph (what this script writes), and a TorchScript file only
+when its sha256 is in $HEALNET_TRUSTED_ENCODERS (TorchScript loading can run code the file carries).
 Requirements: torch (the version healnet pins); torchvision for resnet50-trunc; timm for UNI; the
 `conch` package for CONCH.
 """
@@ -157,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / f"{args.name or args.encoder.replace('-', '_') + '_v1'}{suffix}"
     width, digest = export_encoder(BUILDERS[args.encoder](args.weights), path, args.format)
     print(f"{path}: {width} features, sha256 {digest}")
+    if args.format == "torchscript":  # healnet loads TorchScript, which can run code, only when trusted
+        print(f"healnet loads it only when trusted: add {digest} to $HEALNET_TRUSTED_ENCODERS")
     return 0
 
 

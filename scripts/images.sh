@@ -133,7 +133,7 @@ prepare_bento_context() {
     rm -rf "$context"
     cp -a "$bento_dir" "$context"
     cp -a "$BENTO_HOME/models" "$context/models"
-    echo "Bento $(basename "$bento_dir") in $context; packages: $(grep -vc '^\s*$' "$context/env/python/requirements.txt") lines of env/python/requirements.txt"
+    echo "Bento $(basename "$bento_dir") in $context; $(grep -c '^[A-Za-z]' "$context/env/python/requirements.txt") locked packages in env/python/requirements.txt"
 }
 
 # ---------------------------------------------------------------------------------------------------------
@@ -311,7 +311,8 @@ prepare_bento_context
 
 STAGE="service image"
 build "$HEALNET_SERVICE_IMAGE" serving/Dockerfile "$context" --build-arg PYTHON_IMAGE="$PYTHON_BASE"
-# Of pyproject.toml's dependencies, the service image may hold only bentofile.yaml's packages (and bentoml)
+# Of pyproject.toml's dependencies, the service image may hold only the service's packages
+# (requirements/service.in, which bentofile.yaml installs locked)
 installed=$(podman run --rm --network none --entrypoint pip "$HEALNET_SERVICE_IMAGE" list --format freeze \
     --disable-pip-version-check)
 training_only=$("$VENV/bin/python" - "$installed" <<'PY'
@@ -319,21 +320,19 @@ import re
 import sys
 import tomllib
 
-import yaml
-
 
 def name(requirement: str) -> str:
     return re.split(r"[<>=!~;\[ @]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
 
 project = {name(r) for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]}
-bento = {name(r) for r in yaml.safe_load(open("bentofile.yaml"))["python"]["packages"]} | {"bentoml"}
+service = {name(line.partition("#")[0]) for line in open("requirements/service.in") if line.partition("#")[0].strip()}
 installed = {name(line) for line in sys.argv[1].splitlines() if line.strip()}
-print(" ".join(sorted((project - bento) & installed)))
+print(" ".join(sorted((project - service) & installed)))
 PY
 )
-[ -z "$training_only" ] || fail "the service image holds packages that bentofile.yaml does not list: $training_only"
-echo "service image: $(wc -l <<<"$installed") Python distributions, none of pyproject.toml's dependencies beyond bentofile.yaml's"
+[ -z "$training_only" ] || fail "the service image holds packages that requirements/service.in does not list: $training_only"
+echo "service image: $(wc -l <<<"$installed") Python distributions, none of pyproject.toml's dependencies beyond requirements/service.in's"
 
 # ---------------------------------------------------------------------------------------------------------
 if [ "$MODE" = test ]; then

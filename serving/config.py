@@ -30,6 +30,11 @@ def env_number(name: str, default: float, kind: type = int, low: float = 0.0, hi
     return value
 
 
+# A body above this size is a large request (see Limits.max_large_requests); the bodies of ordinary
+# omics and feature requests are tens of kilobytes, and a body this size parses into at most about 70 MB.
+LARGE_REQUEST_BYTES = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 64 * 1024 * 1024
@@ -37,6 +42,16 @@ class Limits:
     max_patches: int = 8192
     max_tiles: int = 256
     max_tile_pixels: int = 4096 * 4096
+    # Tiles are decoded one at a time, so these two bound a request's decoding time, not its memory.
+    max_request_pixels: int = 256 * 1024 * 1024
+    # Array items and object members of a JSON body, counted before it is parsed: parsing costs 70 (a patch
+    # feature) to 180 (a named omic value) bytes and under 1 µs per value, all of it holding the event loop
+    # (docs/serving.md, "Memory budget per request").
+    max_json_values: int = 1_000_000
+    # Requests whose body exceeds LARGE_REQUEST_BYTES (or does not declare its size) that a worker reads
+    # and answers at once; the rest wait, unread, for their turn. Each may grow a worker by up to 600 MB,
+    # so this bounds what a pod's memory limit must hold (docs/serving.md, "Memory budget per request").
+    max_large_requests: int = 2
     # a given omic table that lacks a larger share of the model's features of that table is refused
     max_missing_feature_fraction: float = 0.5
     adaptive_batch_max_cases: int = 16  # most cases that queued requests share in one model pass; 1: off
@@ -55,6 +70,9 @@ class Limits:
             max_patches=env_number("HEALNET_MAX_PATCHES", cls.max_patches, low=1),
             max_tiles=env_number("HEALNET_MAX_TILES", cls.max_tiles, low=1),
             max_tile_pixels=env_number("HEALNET_MAX_TILE_PIXELS", cls.max_tile_pixels, low=1),
+            max_request_pixels=env_number("HEALNET_MAX_REQUEST_PIXELS", cls.max_request_pixels, low=1),
+            max_json_values=env_number("HEALNET_MAX_JSON_VALUES", cls.max_json_values, low=1),
+            max_large_requests=env_number("HEALNET_MAX_LARGE_REQUESTS", cls.max_large_requests, low=1),
             max_missing_feature_fraction=env_number(
                 MISSING_FEATURE_FRACTION_ENV, cls.max_missing_feature_fraction, float, 0.0, 1.0
             ),

@@ -27,6 +27,8 @@ VALIDATION_REASONS = (
     "no_encoder",
 )
 STAGES = ("preprocess", "forward")
+# why following the champion failed: the pointer, the version in the store, or loading it
+RELOAD_FAILURE_REASONS = ("pointer_unreadable", "store_unreadable", "load_failed")
 RISK_BUCKETS = tuple(-4.0 + 0.25 * i for i in range(17))
 IMPUTED_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -59,7 +61,8 @@ INFERENCE_DURATION = Histogram(
 )
 BATCH_CASES = Histogram(
     "healnet_batch_cases",
-    "Cases in the model pass that served each request (adaptive batching merges concurrent requests).",
+    "Cases in the model pass that served each request, the largest for a batch served in several passes"
+    " (adaptive batching merges concurrent requests).",
     buckets=BATCH_BUCKETS,
 )
 # Gauges: every worker holds the same value; "livemax" exports it once, without a pid label.
@@ -77,8 +80,15 @@ REFERENCE_RISK = Gauge(
 )
 RELOAD_FAILURES = Counter(
     "healnet_model_reload_failures_total",
-    "New champions that failed to load (missing, corrupted or unreadable); the previous model kept answering.",
-    ["tag"],
+    "Polls of the champion that failed, by reason (pointer_unreadable, store_unreadable, load_failed) and "
+    "champion tag (empty when the pointer is unreadable); the current model kept answering.",
+    ["reason", "tag"],
+)
+# the oldest of the pod's workers: a worker that stopped following shows
+LAST_SUCCESSFUL_POLL = Gauge(
+    "healnet_champion_last_successful_poll_timestamp_seconds",
+    "Unix time when a worker following the champion last read the pointer and found its champion served.",
+    multiprocess_mode="livemin",
 )
 VALIDATION_ERRORS = Counter("healnet_validation_errors_total", "Rejected requests by reason.", ["reason"])
 
@@ -86,6 +96,8 @@ for _reason in VALIDATION_REASONS:
     VALIDATION_ERRORS.labels(_reason)
 for _stage in STAGES:
     INFERENCE_DURATION.labels(_stage)
+for _reason in RELOAD_FAILURE_REASONS:
+    RELOAD_FAILURES.labels(_reason, "")
 
 
 Metric = TypeVar("Metric", Counter, Histogram)
@@ -130,8 +142,16 @@ def model_unloaded(tag: str) -> None:
     MODEL_INFO.labels(version=tag.partition(":")[2], tag=tag).set(0)
 
 
-def model_reload_failed(tag: str) -> None:
-    RELOAD_FAILURES.labels(tag).inc()
+def model_reload_failed(reason: str, tag: str) -> None:
+    if reason not in RELOAD_FAILURE_REASONS:
+        raise ValueError(
+            f"unknown reload failure reason {reason!r}; expected one of {RELOAD_FAILURE_REASONS}"
+        )
+    RELOAD_FAILURES.labels(reason, tag).inc()
+
+
+def champion_polled() -> None:
+    LAST_SUCCESSFUL_POLL.set_to_current_time()
 
 
 def record_prediction(

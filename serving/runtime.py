@@ -14,8 +14,8 @@ import numpy as np
 from healnet.checkpoint import load_checkpoint
 from healnet.device import select_device
 from healnet.inference import Case, Prediction, Predictor
-from healnet.preprocess.encoders import EncoderError, PatchEncoder, find_encoder
-from healnet.registry import resolve
+from healnet.preprocess.encoders import EncoderError, EncoderNotFoundError, PatchEncoder, find_encoder
+from healnet.registry import RegistryError, resolve, version_tag
 from serving.config import env_number
 from serving.validation import ModelContract
 
@@ -29,8 +29,13 @@ logger = logging.getLogger("healnet.serving")
 def resolve_served_model(packed_tag: str | None = None) -> tuple[str, Path]:
     """Tag and sha256-verified checkpoint to serve: $HEALNET_MODEL_TAG; else, when following the champion,
     the registry's champion; else the model packed into the Bento, else the champion. Raises RegistryError
-    or CheckpointError."""
+    (also for a pinned alias such as `latest`: a pin names one version) or CheckpointError."""
     pinned = os.environ.get(MODEL_TAG_ENV)
+    if pinned:
+        try:
+            pinned = version_tag(pinned)
+        except RegistryError as error:
+            raise RegistryError(f"${MODEL_TAG_ENV}: {error}") from None
     return resolve(pinned or (None if champion_poll_seconds() else packed_tag))
 
 
@@ -92,7 +97,8 @@ def encoder_dirs() -> list[Path]:
 
 def tile_encoder(predictor: Predictor, device: str) -> tuple[PatchEncoder | None, str]:
     """The checkpoint's own patch encoder, or None and the reason tile requests are refused: the model
-    has no slides, records no encoder, or its weights file (matched by sha256) is not in encoder_dirs()."""
+    has no slides, records no encoder, its weights file (matched by sha256) is not in encoder_dirs(), or
+    that file is refused (a TorchScript file whose sha256 the operator has not trusted)."""
     if predictor.wsi_dim is None:
         return None, "the model has no slide modality"
     provenance = predictor.preprocessor.wsi_encoder
@@ -100,7 +106,9 @@ def tile_encoder(predictor: Predictor, device: str) -> tuple[PatchEncoder | None
         return None, "the model records no patch encoder (trained before 0.3, or on features given in memory)"
     try:
         return find_encoder(provenance, encoder_dirs(), device), ""
-    except EncoderError as error:
+    except EncoderNotFoundError as error:
         reason = f"{error}; set ${ENCODER_DIR_ENV} to a folder with that file, or send wsi_features"
-        logger.warning("requests with wsi_tiles will be refused: %s", reason)
-        return None, reason
+    except EncoderError as error:  # found, but refused (an untrusted TorchScript file) or unusable
+        reason = f"{error}; or send wsi_features"
+    logger.warning("requests with wsi_tiles will be refused: %s", reason)
+    return None, reason

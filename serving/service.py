@@ -6,8 +6,9 @@ so /livez answers at once and /readyz (and the APIs) answer 503 until the model 
 
 Following the champion ($HEALNET_FOLLOW_CHAMPION_S > 0, unless $HEALNET_MODEL_TAG pins a version): each worker
 polls the champion pointer and, when it moves (promotion or rollback), loads the new version in the
-background, verifies its sha256, warms it up and swaps it in between requests; a version that fails to
-load is counted (healnet_model_reload_failures_total) and the worker keeps serving the one it has.
+background, verifies its sha256, warms it up and swaps it in between requests (serving/follower.py); a
+failure is counted (healnet_model_reload_failures_total) and the worker keeps serving the one it has. A
+follower that stops polling makes /livez answer 503.
 """
 
 from __future__ import annotations
@@ -18,30 +19,38 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import cast
 
 import bentoml
 import numpy as np
 from starlette.responses import JSONResponse
 
 from healnet.inference import Case, Prediction
-from healnet.registry import RegistryError, get_champion, resolve
 from serving import metrics
 from serving.batching import ContinuousBatcher
-from serving.bentoml_patches import cancel_request_timers
+from serving.bentoml_patches import (
+    bound_request_metric_labels,
+    cancel_request_timers,
+    parse_list_inputs_with_pydantic,
+)
 from serving.config import Limits
+from serving.follower import ChampionFollower
 from serving.middleware import REJECTION_HEADER, RequestGuard
 from serving.runtime import ServedModel, champion_poll_seconds, resolve_served_model, serving_device
 from serving.schemas import ErrorResponse, PredictRequest, PredictResponse
-from serving.validation import RejectedRequest, to_case
+from serving.validation import RejectedRequest, TileBudget, to_case
 
 logger = logging.getLogger("healnet.serving")
 # `bentoml build --arg model_tag=healnet:VERSION` packs that version into the Bento (and its image).
 PACKED_MODEL_TAG: str | None = getattr(bentoml.use_arguments(), "model_tag", None)
 cancel_request_timers()
+bound_request_metric_labels()
+parse_list_inputs_with_pydantic()
 # Model passes up to this many padded patch rows run on the event loop (CPU only): 17 ms for 16 cases of
 # 1,024 patches with the demo model's 31 features per patch. Bigger ones go to the model thread.
 INLINE_PASS_PATCHES = 16_384
+# Requests with up to this many patch-feature values are validated and decoded on the event loop
+# (about 2 ms); the largest accepted batch (64 bags of 6,215 patches × 31 values) took 0.45 s there.
+INLINE_VALIDATION_VALUES = INLINE_PASS_PATCHES * 32
 
 
 def _error(status: int, reason: str, message: str) -> JSONResponse:
@@ -72,7 +81,7 @@ class HEALNetService:
         # the answering model and its batcher, replaced together by one assignment when the champion moves
         self.serving: tuple[ServedModel, ContinuousBatcher[Case, Prediction]] | None = None
         self.load_error: str | None = None
-        self.refused_tag: str | None = None  # a champion that failed to load; retried once the pointer moves
+        self.follower: ChampionFollower | None = None  # started after the first load, when following
         self.limits = Limits.from_env()
         tag, checkpoint_dir = resolve_served_model(PACKED_MODEL_TAG)
         self.follow_s = champion_poll_seconds()
@@ -95,7 +104,12 @@ class HEALNetService:
         gc.freeze()
         logger.info("model %s loaded in %.1f s", tag, time.perf_counter() - start)
         if self.follow_s:
-            threading.Thread(target=self._follow_champion, name="healnet-follow", daemon=True).start()
+            self.follower = ChampionFollower(self.follow_s, self._served_tag, self._swap_in)
+            self.follower.start()
+
+    def _served_tag(self) -> str:
+        assert self.serving is not None, "the follower starts after the first load"
+        return self.serving[0].tag
 
     def _swap_in(self, model: ServedModel) -> None:
         """Serve `model` from the next request on; requests already running finish on the previous one."""
@@ -118,39 +132,16 @@ class HEALNetService:
         if previous is not None and previous[0].tag != model.tag:
             metrics.model_unloaded(previous[0].tag)
 
-    def _follow_champion(self) -> None:
-        """Poll the champion pointer every `follow_s` seconds and swap in each new champion that loads."""
-        interval = cast(float, self.follow_s)  # started only when following
-        while True:
-            time.sleep(interval)
-            serving = cast(
-                tuple[ServedModel, ContinuousBatcher], self.serving
-            )  # started after the first load
-            current = serving[0].tag
-            try:
-                pointer = get_champion()
-            except RegistryError as error:  # a corrupt pointer: keep serving, say why
-                logger.error("champion pointer unreadable, still serving %s: %s", current, error)
-                continue
-            tag = pointer["tag"] if pointer else None
-            if tag is None or tag in (current, self.refused_tag):
-                continue
-            try:
-                _, checkpoint_dir = resolve(tag)  # verifies the weights' sha256
-                model = ServedModel.load(tag, checkpoint_dir)
-            except Exception as error:  # whatever stops it, the current model keeps answering
-                self.refused_tag = tag
-                metrics.model_reload_failed(tag)
-                logger.error("champion %s refused, still serving %s: %s", tag, current, error)
-                continue
-            self.refused_tag = None
-            self._swap_in(model)
-            logger.info("now serving the champion %s", tag)
-
     def __is_ready__(self) -> bool:
         return self.serving is not None
 
     def __is_alive__(self) -> bool:
+        if self.follower is not None and self.follower.stalled():
+            logger.error(
+                "the champion follower has finished no poll in the last %.0f s: reporting the worker dead",
+                self.follower.stall_after_s,
+            )
+            return False
         return self.load_error is None
 
     @bentoml.api(route="/predict")
@@ -161,7 +152,7 @@ class HEALNetService:
 
     @bentoml.api(route="/predict_batch")
     async def predict_batch(self, cases: list[PredictRequest], /) -> list[PredictResponse]:
-        """Survival predictions for a list of cases in one forward pass; one invalid case rejects the request."""
+        """Survival predictions for a list of cases; one invalid case rejects the request."""
         return await self._answer(cases, batch=True)
 
     async def _answer(
@@ -189,10 +180,19 @@ class HEALNetService:
         batch: bool,
     ) -> list[Prediction]:
         start = time.perf_counter()
-        if any(request.wsi_tiles for request in requests):  # decoding and encoding tiles: off the event loop
-            cases = await asyncio.to_thread(self._cases, requests, model, batch)
+        tile_budget = TileBudget(self.limits.max_request_pixels)
+        # Decoding tiles, or many patch-feature values: off the event loop
+        if any(request.wsi_tiles for request in requests) or (
+            sum(_patch_values_given(request, model.contract.wsi_dim or 0) for request in requests)
+            > INLINE_VALIDATION_VALUES
+        ):
+            try:
+                cases = await asyncio.to_thread(self._cases, requests, model, batch, tile_budget)
+            except asyncio.CancelledError:  # timed out (504): the thread stops before its next tile
+                tile_budget.abandoned.set()
+                raise
         else:
-            cases = self._cases(requests, model, batch)
+            cases = self._cases(requests, model, batch, tile_budget)
         decoding = time.perf_counter() - start
         attention = any(request.return_attention for request in requests)
         outcome = await batcher.submit(cases, return_attention=attention)
@@ -207,7 +207,9 @@ class HEALNetService:
         metrics.record_batch(outcome.batch_cases)
         return outcome.results
 
-    def _cases(self, requests: list[PredictRequest], model: ServedModel, batch: bool) -> list[Case]:
+    def _cases(
+        self, requests: list[PredictRequest], model: ServedModel, batch: bool, tile_budget: TileBudget
+    ) -> list[Case]:
         if batch and not requests:
             raise RejectedRequest("no_modality", "the batch holds no case")
         if len(requests) > self.limits.max_batch_cases:
@@ -217,12 +219,20 @@ class HEALNetService:
         cases = []
         for index, request in enumerate(requests):
             try:
-                cases.append(to_case(request, model.contract, self.limits))
+                cases.append(to_case(request, model.contract, self.limits, tile_budget))
             except RejectedRequest as rejection:
                 if batch:
                     raise RejectedRequest(rejection.reason, f"cases[{index}]: {rejection}") from None
                 raise
         return cases
+
+
+def _patch_values_given(request: PredictRequest, wsi_dim: int) -> int:
+    """Patch-feature values a request sends, counted before decoding: from the length of
+    wsi_features_base64 (3 bytes per 4 characters, 4 bytes per value), or the rows of wsi_features."""
+    if request.wsi_features_base64 is not None:
+        return len(request.wsi_features_base64) * 3 // 16
+    return len(request.wsi_features or ()) * wsi_dim
 
 
 def padded_patches(cases: list[Case]) -> int:

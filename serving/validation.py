@@ -6,6 +6,7 @@ import base64
 import binascii
 import io
 import math
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,6 +38,30 @@ class RejectedRequest(Exception):
         super().__init__(message)
         self.reason = reason
         self.status = HTTP_STATUS.get(reason, 422)
+
+
+class RequestAbandoned(Exception):
+    """Nobody waits for the answer any more (the request timed out): its work stops here."""
+
+
+@dataclass
+class TileBudget:
+    """What decoding a request's tiles may still cost: pixels, counted from the tiles' headers before any
+    is decoded, and `abandoned`, set once the request timed out so that its thread stops decoding."""
+
+    max_pixels: int
+    spent_pixels: int = 0
+    abandoned: threading.Event = field(default_factory=threading.Event)
+
+    def charge(self, pixels: int) -> None:
+        total = self.spent_pixels + pixels
+        if total > self.max_pixels:
+            raise RejectedRequest(
+                "too_large",
+                f"the tiles of the request hold {total} pixels or more, above the limit of {self.max_pixels} "
+                "per request",
+            )
+        self.spent_pixels = total
 
 
 @dataclass(frozen=True)
@@ -82,8 +107,11 @@ class ModelContract:
         return frozenset(self.table_features)
 
 
-def to_case(request: PredictRequest, contract: ModelContract, limits: Limits) -> Case:
-    """Validate one request against the model and the limits; raises RejectedRequest."""
+def to_case(
+    request: PredictRequest, contract: ModelContract, limits: Limits, tile_budget: TileBudget | None = None
+) -> Case:
+    """Validate one request against the model and the limits; raises RejectedRequest. The tiles of the
+    cases of one request share `tile_budget` (default: a budget of their own)."""
     has_slide = any(getattr(request, name) is not None for name in SLIDE_INPUTS)
     if not request.omics and not request.clinical and not has_slide:
         raise RejectedRequest(
@@ -107,7 +135,8 @@ def to_case(request: PredictRequest, contract: ModelContract, limits: Limits) ->
         else:
             tiles = cast(list[str], request.wsi_tiles)  # the one left
             _patch_coords(request.wsi_coords, len(tiles))  # refused before the costly encoding
-            bag = _encode_tiles(tiles, contract, limits)
+            budget = tile_budget or TileBudget(limits.max_request_pixels)
+            bag = _encode_tiles(tiles, contract, limits, budget)
         coords = _patch_coords(request.wsi_coords, len(bag))
     return Case(omics=request.omics, wsi_features=bag, clinical=request.clinical, wsi_coords=coords)
 
@@ -239,33 +268,58 @@ def _patch_coords(coords: list[list[int]] | None, patches: int) -> np.ndarray | 
         raise RejectedRequest("invalid_schema", "wsi_coords values must fit in 64-bit integers") from None
 
 
-def _encode_tiles(tiles: list[str], contract: ModelContract, limits: Limits) -> np.ndarray:
+def _encode_tiles(
+    tiles: list[str], contract: ModelContract, limits: Limits, budget: TileBudget
+) -> np.ndarray:
+    """Every header read and charged to `budget` before the first tile is decoded; then one tile at a time
+    decoded and shrunk to the patch size, so that one full-size tile at most is in memory."""
     if contract.encoder is None:
         raise RejectedRequest("no_encoder", f"tiles cannot be encoded: {contract.encoder_unavailable}")
     if len(tiles) > limits.max_tiles:
         raise RejectedRequest("too_large", f"{len(tiles)} tiles exceed the limit of {limits.max_tiles}")
-    images = [decode_tile(index, tile, limits.max_tile_pixels) for index, tile in enumerate(tiles)]
-    return encode_tiles(images, contract.encoder, contract.patch_size)
+    images = [open_tile(index, tile, limits.max_tile_pixels) for index, tile in enumerate(tiles)]
+    budget.charge(sum(image.width * image.height for image in images))
+    patches = []
+    for index, image in enumerate(images):
+        if budget.abandoned.is_set():
+            raise RequestAbandoned(f"stopped before tile {index} of {len(images)}")
+        patches.append(decode_tile(index, image, contract.patch_size))
+    return encode_tiles(patches, contract.encoder, contract.patch_size)
 
 
-def decode_tile(index: int, data: str, max_pixels: int) -> np.ndarray:
-    """A base64 PNG/JPEG tile as an RGB uint8 array (h, w, 3)."""
+def open_tile(index: int, data: str, max_pixels: int) -> Image.Image:
+    """A base64 PNG/JPEG tile with its header read (format and size checked), not yet decoded."""
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as error:
         raise RejectedRequest("bad_image", f"wsi_tiles[{index}] is not valid base64: {error}") from None
     try:
-        image = Image.open(io.BytesIO(raw))
-        if image.format not in IMAGE_FORMATS:
-            raise RejectedRequest("bad_image", f"wsi_tiles[{index}] is {image.format}, expected PNG or JPEG")
-        width, height = image.size
-        if width * height > max_pixels:
-            raise RejectedRequest(
-                "too_large",
-                f"wsi_tiles[{index}] has {width}x{height} pixels, above the limit of {max_pixels}",
-            )
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as error:
         raise RejectedRequest("too_large", f"wsi_tiles[{index}]: {error}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except UnidentifiedImageError:
+        raise RejectedRequest("bad_image", f"wsi_tiles[{index}] is not a PNG or JPEG image") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise RejectedRequest("bad_image", f"wsi_tiles[{index}] has an unreadable header: {error}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise RejectedRequest(
+            "too_large", f"wsi_tiles[{index}] has {width}x{height} pixels, above the limit of {max_pixels}"
+        )
+    return image
+
+
+def decode_tile(index: int, image: Image.Image, patch_size: int) -> np.ndarray:
+    """An opened tile as RGB uint8 (patch_size, patch_size, 3), resized as `encode_tiles` resizes; the
+    full-size pixels are released on return. A JPEG is decoded at the smallest DCT scale (1/2 to 1/8)
+    still at least the patch size; PNG decodes only at full size."""
+    try:
+        image.draft("RGB", (patch_size, patch_size))  # JPEG only; other formats ignore it
+        rgb = image.convert("RGB")
+        if rgb.size != (patch_size, patch_size):
+            rgb = rgb.resize((patch_size, patch_size), Image.Resampling.BILINEAR)
+        return np.asarray(rgb, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as error:
         raise RejectedRequest("bad_image", f"wsi_tiles[{index}] cannot be decoded: {error}") from None
+    finally:
+        image.close()

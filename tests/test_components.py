@@ -5,6 +5,8 @@ import json
 import os
 import re
 import shutil
+import ssl
+import subprocess
 import threading
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +19,7 @@ from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model, PipelineT
 
 from components.data_steps import preprocess_omics, preprocess_slides, validate
 from components.model_steps import evaluate, train
+from components.notification import NOTIFY_WEBHOOK_ENV
 from components.release_steps import gate, notify, promote, reject
 from components.support import PipelineStepError, cohort_data_hash, merge_feature_shards
 from healnet.checkpoint import verify_checkpoint
@@ -465,34 +468,79 @@ def test_reject_reports_the_rule_and_the_kept_champion(pipeline_outputs, registr
     assert list_versions() == []
 
 
-def test_notify_posts_the_final_status_to_the_webhook(capsys):
+FAILED_RUN = PipelineTaskFinalStatus(
+    state="FAILED",
+    pipeline_job_resource_name="runs/42",
+    pipeline_task_name="healnet-run",
+    error_code=1,
+    error_message="validate failed",
+)
+WEBHOOK_TOKEN = "T0KEN-that-must-not-be-logged"
+
+
+@pytest.fixture
+def https_webhook(tmp_path, monkeypatch):
+    """A local HTTPS webhook with a self-signed certificate that this process trusts; yields its base URL
+    and the JSON bodies it received. Paths ending in /fail answer 500."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not found: cannot make the webhook's certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    for proxy_bypass in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(proxy_bypass, "127.0.0.1")
     received = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(204)
+            self.send_response(500 if self.path.endswith("/fail") else 204)
             self.end_headers()
 
         def log_message(self, *args):
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        status = PipelineTaskFinalStatus(
-            state="FAILED",
-            pipeline_job_resource_name="runs/42",
-            pipeline_task_name="healnet-run",
-            error_code=1,
-            error_message="validate failed",
-        )
-        notify.python_func(
-            status=status, run_name="run-42", webhook_url=f"http://127.0.0.1:{server.server_port}/"
-        )
+        yield f"https://127.0.0.1:{server.server_port}", received
     finally:
         server.shutdown()
+
+
+def test_notify_posts_the_final_status_to_the_https_webhook_and_logs_its_host_only(
+    https_webhook, monkeypatch, capsys
+):
+    url, received = https_webhook
+    monkeypatch.setenv(NOTIFY_WEBHOOK_ENV, f"{url}/hooks/{WEBHOOK_TOKEN}")
+    notify.python_func(status=FAILED_RUN, run_name="run-42")
     assert received == [
         {
             "pipeline_run": "run-42",
@@ -502,4 +550,34 @@ def test_notify_posts_the_final_status_to_the_webhook(capsys):
             "error_message": "validate failed",
         }
     ]
-    assert "finished FAILED: validate failed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "finished FAILED: validate failed" in out
+    assert "notified 127.0.0.1: HTTP 204" in out
+    assert WEBHOOK_TOKEN not in out
+
+
+def test_a_failed_notification_fails_the_task_naming_the_host_only(https_webhook, monkeypatch, capsys):
+    url, received = https_webhook
+    monkeypatch.setenv(NOTIFY_WEBHOOK_ENV, f"{url}/hooks/{WEBHOOK_TOKEN}/fail")
+    with pytest.raises(RuntimeError, match=r"notifying 127\.0\.0\.1 failed: HTTP Error 500") as failure:
+        notify.python_func(status=FAILED_RUN, run_name="run-42")
+    assert len(received) == 1
+    assert WEBHOOK_TOKEN not in str(failure.value) + capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "webhook", [f"http://127.0.0.1:9/hooks/{WEBHOOK_TOKEN}", f"hooks.example.com/{WEBHOOK_TOKEN}"]
+)
+def test_notify_refuses_a_webhook_that_is_not_https_without_failing(webhook, monkeypatch, capsys):
+    monkeypatch.setenv(NOTIFY_WEBHOOK_ENV, webhook)
+    notify.python_func(status=FAILED_RUN, run_name="run-42")  # returns: the run's state stays its own
+    out = capsys.readouterr().out
+    assert f"notification refused: {NOTIFY_WEBHOOK_ENV} is not an https:// URL" in out
+    assert "nothing was sent" in out and WEBHOOK_TOKEN not in out
+
+
+def test_notify_without_a_webhook_only_logs(monkeypatch, capsys):
+    monkeypatch.delenv(NOTIFY_WEBHOOK_ENV, raising=False)
+    notify.python_func(status=FAILED_RUN, run_name="run-42")
+    out = capsys.readouterr().out
+    assert "finished FAILED: validate failed" in out and f"{NOTIFY_WEBHOOK_ENV} is not set" in out

@@ -1,14 +1,18 @@
 """The images' Dockerfiles (pipeline steps and service): hadolint-clean, multi-stage, non-root, parameterised,
 pinned. scripts/images.sh builds and runs them (make images-test, CI); these checks need no engine."""
 
+import importlib.metadata
 import json
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
+from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKERFILES = {
@@ -97,9 +101,11 @@ def test_the_copied_sources_exist_and_are_not_ignored(kind):
     for keyword, args in instructions(path):
         if keyword == "COPY" and not args.startswith("--from"):
             for source in args.split()[:-1]:
-                assert f"!{source}" in ignore or f"!{source}/" in ignore, (
-                    f"{source} is excluded from the context"
-                )
+                allowed = [entry[1:] for entry in ignore if entry.startswith("!")]
+                assert any(
+                    source in (entry, entry.rstrip("/")) or (entry.endswith("/") and source.startswith(entry))
+                    for entry in allowed
+                ), f"{source} is excluded from the context"
                 if source != "README.md":  # the README is assembled from the docs by the maintainer
                     assert (REPO / source).exists(), source
 
@@ -132,8 +138,10 @@ def test_the_service_and_step_images_share_their_python_base():
 def test_the_service_image_holds_the_bentos_packages_only_and_serves_as_the_k8s_user():
     steps = instructions(DOCKERFILES["serving"])
     runs = " ".join(args for keyword, args in steps if keyword == "RUN")
-    # the Bento's requirements (bentofile.yaml's packages and bentoml), CPU torch first; never the project
-    assert "-r /tmp/requirements.txt" in runs and "download.pytorch.org/whl/cpu" in runs
+    # the Bento's locked requirements (requirements/service.lock), its CPU torch first; never the project
+    assert "-r /tmp/torch-cpu.lock" in runs and "-r /tmp/requirements.txt" in runs
+    assert "download.pytorch.org/whl/cpu" in runs
+    assert ("COPY", "src/requirements/torch-cpu.lock /tmp/torch-cpu.lock") in steps
     assert "pip install --no-cache-dir ." not in runs
     assert ("COPY", "env/python/requirements.txt /tmp/requirements.txt") in steps
     final = final_stage(DOCKERFILES["serving"])
@@ -148,3 +156,106 @@ def test_the_gpu_image_requires_cuda_unless_told_otherwise():
     assert arg_default("gpu", "REQUIRE_CUDA") == "1"
     runs = " ".join(args for keyword, args in instructions(DOCKERFILES["gpu"]) if keyword == "RUN")
     assert "torch.version.cuda" in runs and "REQUIRE_CUDA" in runs
+
+
+LOCKS = REPO / "requirements"
+LOCK_ENTRY = re.compile(
+    r"^([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+)((?:\s*\\\n\s+--hash=sha256:[0-9a-f]{64})+)", re.MULTILINE
+)
+
+
+def locked(name: str) -> dict[str, str]:
+    """{distribution: pinned version} of a lock file, after checking that every entry carries hashes."""
+    text = (LOCKS / name).read_text()
+    requirement_lines = [line for line in text.splitlines() if re.match(r"[A-Za-z0-9]", line)]
+    entries = {match[1].lower().replace("_", "-"): match[2] for match in LOCK_ENTRY.finditer(text)}
+    assert len(entries) == len(requirement_lines), f"{name}: an entry without a pinned version and hashes"
+    return entries
+
+
+def unpinned(requirements: list[str], pins: dict[str, str]) -> list[str]:
+    """The requirements that the pins leave unmet (a missing package or a version outside the range)."""
+    found = []
+    for text in requirements:
+        requirement = Requirement(text)
+        name = requirement.name.lower().replace("_", "-")
+        if requirement.marker is not None and not requirement.marker.evaluate({"sys_platform": "linux"}):
+            continue
+        version = pins.get(name)
+        if version is None or not requirement.specifier.contains(version.split("+")[0], prereleases=True):
+            found.append(f"{text} (locked: {version})")
+    return found
+
+
+def test_the_locks_pin_every_dependency_of_their_image_with_hashes():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    service = [
+        requirement
+        for line in (LOCKS / "service.in").read_text().splitlines()
+        if (requirement := line.partition("#")[0].strip())
+    ]
+    torch, steps, served = locked("torch-cpu.lock"), locked("steps.lock"), locked("service.lock")
+    assert torch.keys() == {"torch"} and torch["torch"].endswith("+cpu")
+    assert "torch" not in steps, "the GPU image keeps its base image's CUDA torch"
+    assert unpinned(project, {**steps, **torch}) == []
+    assert unpinned(service, served) == []
+    assert served["torch"] == torch["torch"]
+    # one torch entry, hashes included: scripts/lock.sh copies it from service.lock
+    torch_entry = next(
+        m[0] for m in LOCK_ENTRY.finditer((LOCKS / "service.lock").read_text()) if m[1] == "torch"
+    )
+    assert torch_entry in (LOCKS / "torch-cpu.lock").read_text()
+
+
+def test_the_images_run_the_bentoml_that_builds_the_bento():
+    # serving/bentoml_patches.py checks BentoML's source; the Bento pins the building BentoML
+    installed = importlib.metadata.version("bentoml")
+    assert locked("service.lock")["bentoml"] == locked("steps.lock")["bentoml"] == installed
+
+
+def test_bentofile_installs_the_service_lock():
+    python = yaml.safe_load((REPO / "bentofile.yaml").read_text())["python"]
+    assert python["requirements_txt"] == "requirements/service.lock" and "packages" not in python
+    assert python["lock_packages"] is False  # BentoML's own lock would drop the hashes
+
+
+def pip_installs(kind: str) -> list[str]:
+    runs = " && ".join(args for keyword, args in instructions(DOCKERFILES[kind]) if keyword == "RUN")
+    return [command.strip() for command in runs.split("&&") if "pip install" in command]
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_every_dependency_install_checks_hashes(kind):
+    installs = pip_installs(kind)
+    dependency_installs = [command for command in installs if not command.endswith(" .")]
+    assert dependency_installs
+    for command in dependency_installs:
+        assert "--require-hashes" in command and " -r " in command, command
+    for command in installs:
+        if command.endswith(" ."):
+            assert "--no-deps" in command, "the project itself must not resolve dependencies anew"
+
+
+@pytest.mark.parametrize("kind", FROM_REPOSITORY)
+def test_the_step_images_install_the_lock_files(kind):
+    copied = [args for keyword, args in instructions(DOCKERFILES[kind]) if keyword == "COPY"]
+    locks = {
+        "cpu": {"requirements/torch-cpu.lock", "requirements/steps.lock"},
+        "gpu": {"requirements/steps.lock"},
+    }
+    sources = {source for args in copied if not args.startswith("--from") for source in args.split()[:-1]}
+    assert locks[kind] <= sources
+    installed = " ".join(pip_installs(kind))
+    assert all(f"-r {lock}" in installed for lock in locks[kind])
+
+
+@pytest.mark.parametrize("kind", DOCKERFILES)
+def test_no_image_reports_usage_to_bentoml(kind):
+    env = " ".join(args for keyword, args in final_stage(DOCKERFILES[kind]) if keyword == "ENV")
+    assert re.search(r"(^|\s)BENTOML_DO_NOT_TRACK=True(\s|$)", env), env
+
+
+def test_the_python_base_is_a_3_11_patch_release_on_bookworm():
+    image = arg_default("cpu", "PYTHON_IMAGE")
+    assert re.fullmatch(r"python:3\.11\.(\d+)-slim-bookworm(@sha256:[0-9a-f]{64})?", image), image
+    assert int(re.match(r"python:3\.11\.(\d+)", image)[1]) >= 17

@@ -38,7 +38,7 @@ DEPRECATED_KUSTOMIZE_FIELDS = {
     "patchesJson6902",
     "vars",
     "bases",
-    "images",
+    "imageTags",  # `images` replaced it
 }
 
 KUBECTL = shutil.which("kubectl")
@@ -172,7 +172,7 @@ def test_overlay_contains_the_monitoring_resources(overlay: str) -> None:
     ("overlay", "namespace", "image", "min_replicas"),
     [
         ("dev", "healnet-dev", "registry.example.com/healnet/healnet-service:0.3.0-dev", 1),
-        ("prod", "healnet", "registry.example.com/healnet/healnet-service:0.3.0", 3),
+        ("prod", "healnet", "registry.example.com/healnet/healnet-service:0.3.0@sha256:" + "0" * 64, 3),
     ],
 )
 def test_overlay_sets_namespace_image_replicas_and_release(
@@ -282,6 +282,8 @@ def test_gpu_component_requests_a_gpu_on_gpu_nodes(tmp_path: Path) -> None:
     pod = deployment["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert pod["containers"][0]["resources"]["limits"]["memory"] == "4Gi", "the prod memory limit was lost"
+    assert "ephemeral-storage" in pod["containers"][0]["resources"]["limits"]
+    assert {"name": "BENTOML_DO_NOT_TRACK", "value": "True"} in pod["containers"][0]["env"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     for version in KUBERNETES_VERSIONS:
@@ -359,5 +361,69 @@ def test_the_example_image_tags_follow_the_package_version() -> None:
     """The manifests' image tags cannot be computed; this keeps them on the one version of pyproject.toml."""
     from healnet import __version__
 
-    tags = re.findall(r"image: \S+:(\S+)", "".join(p.read_text() for p in sorted(K8S.rglob("*.yaml"))))
+    manifests_text = "".join(p.read_text() for p in sorted(K8S.rglob("*.yaml")))
+    tags = re.findall(r"image: \S+:(\S+)", manifests_text) + re.findall(r"newTag: (\S+)", manifests_text)
     assert tags and {tag.removesuffix("-dev") for tag in tags} == {__version__}
+
+
+DIGEST_PINNED = re.compile(r"^registry\.example\.com/healnet/healnet-service:[^@:/]+@sha256:[0-9a-f]{64}$")
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", ["prod", "shared-store"])
+def test_production_runs_the_service_image_by_digest(overlay: str) -> None:
+    (deployment,) = by_kind(kustomize(K8S / "overlays" / overlay), "Deployment")
+    images = [c["image"] for c in deployment["spec"]["template"]["spec"]["containers"]]
+    assert images and all(DIGEST_PINNED.match(image) for image in images), images
+
+
+@needs_kubectl
+def test_make_pin_image_pins_the_prod_overlay_to_a_digest(tmp_path: Path) -> None:
+    """`make pin-image` (docs/deploy.md) writes the tag and digest that the rendered Deployment then runs."""
+    shutil.copytree(K8S, tmp_path / "k8s")
+    digest = "sha256:" + "ab" * 32
+    subprocess.run(
+        [
+            "make",
+            "-s",
+            "pin-image",
+            f"DIGEST={digest}",
+            "IMAGE_TAG=9.8.7",
+            f"PROD_KUSTOMIZATION={tmp_path / 'k8s/overlays/prod/kustomization.yaml'}",
+        ],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    (deployment,) = by_kind(kustomize(tmp_path / "k8s" / "overlays" / "prod"), "Deployment")
+    image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == f"registry.example.com/healnet/healnet-service:9.8.7@{digest}"
+    refused = subprocess.run(
+        [
+            "make",
+            "-s",
+            "pin-image",
+            "DIGEST=latest",
+            f"PROD_KUSTOMIZATION={tmp_path / 'k8s/overlays/prod/kustomization.yaml'}",
+        ],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode != 0 and "sha256:" in refused.stderr
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", ["dev", "prod", "shared-store"])
+def test_every_object_carries_the_overlays_labels(overlay: str) -> None:
+    objects = kustomize(K8S / "overlays" / overlay)
+    (deployment,) = by_kind(objects, "Deployment")
+    common = {
+        key: deployment["metadata"]["labels"][key]
+        for key in ("app.kubernetes.io/part-of", "app.kubernetes.io/instance")
+    }
+    for obj in objects:
+        labels = obj["metadata"].get("labels", {})
+        assert common.items() <= labels.items(), f"{obj['kind']}/{obj['metadata']['name']}: {labels}"

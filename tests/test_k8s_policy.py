@@ -17,6 +17,8 @@ WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet"}
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 SERVING_PORT = 3000
 PSS_ENFORCE = "pod-security.kubernetes.io/enforce"
+DNS_PORTS = [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
+CLUSTER_DNS = {"k8s-app": "kube-dns"}
 
 
 def name_of(obj: Obj) -> str:
@@ -70,8 +72,14 @@ def container_violations(where: str, pod_spec: Obj, container: Obj, long_running
             found.append(f"{where}: no {resource} request")
     if "memory" not in resources.get("limits", {}):
         found.append(f"{where}: no memory limit")
+    for kind in ("requests", "limits"):
+        if "ephemeral-storage" not in resources.get(kind, {}):
+            found.append(f"{where}: no ephemeral-storage in {kind}")
     if long_running:
         found += [f"{where}: no {probe}" for probe in PROBES if probe not in container]
+        env = {variable["name"]: variable.get("value") for variable in container.get("env", [])}
+        if env.get("BENTOML_DO_NOT_TRACK") != "True":
+            found.append(f"{where}: BENTOML_DO_NOT_TRACK is not True (BentoML would report usage)")
     if problem := image_problem(container["image"]):
         found.append(f"{where}: image {container['image']} {problem}")
     return found
@@ -139,6 +147,7 @@ def wiring_violations(objects: list[Obj]) -> list[str]:
                 found.append(
                     f"{name_of(obj)}: ingress is open to ports {sorted(ports)}, not only {SERVING_PORT}"
                 )
+            found += egress_violations(obj)
         if obj["kind"] == "HorizontalPodAutoscaler":
             target = obj["spec"]["scaleTargetRef"]
             if (target["kind"], target["name"]) not in workloads:
@@ -160,6 +169,22 @@ def wiring_violations(objects: list[Obj]) -> list[str]:
             found.append(f"{name_of(obj)}: does not enforce the restricted Pod Security Standard")
         if obj["kind"] == "Secret":
             found.append(f"{name_of(obj)}: Secrets must be created in the cluster, never committed")
+    return found
+
+
+def egress_violations(policy: Obj) -> list[str]:
+    """The service may reach the cluster DNS and nothing else."""
+    if "Egress" not in policy["spec"].get("policyTypes", []):
+        return [f"{name_of(policy)}: does not restrict egress"]
+    found = []
+    for rule in policy["spec"].get("egress", []):
+        peers = rule.get("to", [])
+        to_dns = bool(peers) and all(
+            peer.get("podSelector", {}).get("matchLabels") == CLUSTER_DNS and "ipBlock" not in peer
+            for peer in peers
+        )
+        if not to_dns or rule.get("ports") != DNS_PORTS:
+            found.append(f"{name_of(policy)}: egress is open beyond the cluster DNS: {rule}")
     return found
 
 
@@ -240,6 +265,20 @@ BREAKAGES: dict[str, tuple[Callable[[list[Obj]], None], str]] = {
     ),
     "no-memory-limit": (lambda o: container(o)["resources"].pop("limits"), "no memory limit"),
     "no-cpu-request": (lambda o: container(o)["resources"]["requests"].pop("cpu"), "no cpu request"),
+    "no-ephemeral-storage-request": (
+        lambda o: container(o)["resources"]["requests"].pop("ephemeral-storage"),
+        "no ephemeral-storage in requests",
+    ),
+    "no-ephemeral-storage-limit": (
+        lambda o: container(o)["resources"]["limits"].pop("ephemeral-storage"),
+        "no ephemeral-storage in limits",
+    ),
+    "usage-tracking-on": (
+        lambda o: container(o).update(
+            env=[e for e in container(o)["env"] if e["name"] != "BENTOML_DO_NOT_TRACK"]
+        ),
+        "BENTOML_DO_NOT_TRACK is not True",
+    ),
     "no-startup-probe": (lambda o: container(o).pop("startupProbe"), "no startupProbe"),
     "no-readiness-probe": (lambda o: container(o).pop("readinessProbe"), "no readinessProbe"),
     "no-liveness-probe": (lambda o: container(o).pop("livenessProbe"), "no livenessProbe"),
@@ -283,6 +322,20 @@ BREAKAGES: dict[str, tuple[Callable[[list[Obj]], None], str]] = {
         ),
         "ingress is open to ports [22, 3000]",
     ),
+    "networkpolicy-ingress-only": (
+        lambda o: the("NetworkPolicy", o)["spec"].update(policyTypes=["Ingress"]),
+        "NetworkPolicy/healnet-service: does not restrict egress",
+    ),
+    "networkpolicy-egress-anywhere": (
+        lambda o: the("NetworkPolicy", o)["spec"]["egress"].append({}),
+        "egress is open beyond the cluster DNS",
+    ),
+    "networkpolicy-egress-https": (
+        lambda o: the("NetworkPolicy", o)["spec"]["egress"].append(
+            {"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"port": 443, "protocol": "TCP"}]}
+        ),
+        "egress is open beyond the cluster DNS",
+    ),
     "servicemonitor-wrong-port": (
         lambda o: the("ServiceMonitor", o)["spec"]["endpoints"][0].update(port="metrics"),
         "endpoint port metrics is not a port name",
@@ -324,6 +377,7 @@ def test_policy_checks_init_containers_too(prod_objects: list[Obj]) -> None:
     violations = "\n".join(policy_violations(objects))
     assert "container fetch-model: readOnlyRootFilesystem is not true" in violations
     assert "image busybox has no tag" in violations
+    assert "container fetch-model: no ephemeral-storage in limits" in violations
     assert "fetch-model: no startupProbe" not in violations, "init containers run to completion: no probes"
 
 

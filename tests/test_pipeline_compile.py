@@ -138,8 +138,25 @@ def test_the_registry_is_shared_storage_on_the_release_steps(compiled):
 
 def test_without_options_no_volume_is_mounted(tmp_path):
     _, executors = compile_package(tmp_path)
-    assert set(executors) == {"exec-train"}
+    assert set(executors) == {"exec-train", "exec-notify"}
     assert "pvcMount" not in executors["exec-train"]
+    assert set(executors["exec-notify"]) == {"secretAsEnv"}
+
+
+def test_the_notify_webhook_comes_from_an_optional_secret_never_a_parameter(compiled):
+    spec, executors = compiled
+    (secret,) = executors["exec-notify"]["secretAsEnv"]
+    assert secret["secretName"] == "healnet-notify" and secret["optional"] is True
+    assert secret["keyToEnv"] == [{"secretKey": "webhook_url", "envVar": "HEALNET_NOTIFY_WEBHOOK"}]
+    assert set(spec["components"]["comp-notify"]["inputDefinitions"]["parameters"]) == {"run_name", "status"}
+    assert not [name for name in spec["root"]["inputDefinitions"]["parameters"] if "webhook" in name]
+
+
+def test_the_notify_secret_is_a_cluster_option(tmp_path):
+    _, executors = compile_package(tmp_path, "notify_secret=team-alerts")
+    assert [s["secretName"] for s in executors["exec-notify"]["secretAsEnv"]] == ["team-alerts"]
+    _, executors = compile_package(tmp_path, "notify_secret=")
+    assert "exec-notify" not in executors
 
 
 def test_images_come_from_the_environment(tmp_path):
@@ -169,6 +186,7 @@ def test_images_come_from_the_environment(tmp_path):
         ("epochs=many", "epochs expects int"),
         ("colour=red", "unknown parameter 'colour'"),
         ("novalue", "KEY=VALUE"),
+        ("notify_webhook=https://hooks.example.com/T0KEN", "unknown parameter 'notify_webhook'"),
     ],
 )
 def test_bad_params_are_refused(tmp_path, capsys, param, message):

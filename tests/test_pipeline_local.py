@@ -91,7 +91,9 @@ def test_unreachable_threshold_rejects_and_keeps_the_champion(
     assert registry_list(registry) == before
 
 
-def test_failed_validation_stops_before_training(cohort, registry, tmp_path):
+def test_failed_validation_stops_before_training(cohort, registry, tmp_path, monkeypatch, capsys):
+    # kfp.local has no Secrets: the exit handler takes the webhook from the environment the run has
+    monkeypatch.setenv("HEALNET_NOTIFY_WEBHOOK", "http://hooks.example.com/T0KEN")
     broken = tmp_path / "cohort"
     broken.mkdir()
     for item in cohort.iterdir():
@@ -108,6 +110,9 @@ def test_failed_validation_stops_before_training(cohort, registry, tmp_path):
     assert "FAILED" in result.reports["validation.md"].read_text()
     assert "age" in result.reports["steps.log"].read_text()  # the failing step's own output
     assert (result.run_dir / "notify").is_dir(), "the exit handler runs after a failure"
+    steps_log = result.reports["steps.log"].read_text()
+    assert "notification refused: HEALNET_NOTIFY_WEBHOOK is not an https:// URL" in steps_log
+    assert "T0KEN" not in steps_log + capsys.readouterr().out
     assert registry_list(registry) == before
 
 

@@ -1,8 +1,12 @@
 """Model registry (healnet/registry.py): versions in a BentoML store, champion pointer, rollback."""
 
+import errno
 import json
 import multiprocessing
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,6 +25,7 @@ from healnet.registry import (
     ChampionChangedError,
     ChampionPointerError,
     RegistryError,
+    champion_lineage,
     get_champion,
     list_versions,
     register_model,
@@ -28,6 +33,7 @@ from healnet.registry import (
     rollback,
     set_champion,
     show_version,
+    version_tag,
 )
 from healnet.scoring import CohortPatients
 from healnet.survival import SurvivalBins
@@ -238,3 +244,197 @@ def test_concurrent_writers_in_separate_processes_lose_no_history_entry(registry
     for writer in range(4):
         mine = [int(r.split()[-1]) for r in reasons if r.startswith(f"writer {writer} ")]
         assert mine == list(range(10))  # each writer's changes in its own order
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("given", "concrete"),
+    [
+        ("r4yktrxqb6wdsax4", "healnet:r4yktrxqb6wdsax4"),
+        ("healnet:r4yktrxqb6wdsax4", "healnet:r4yktrxqb6wdsax4"),
+        ("  HEALNet:R4YKTRXQB6WDSAX4\n", "healnet:r4yktrxqb6wdsax4"),
+        ("v1.0-rc_2", "healnet:v1.0-rc_2"),
+    ],
+)
+def test_a_tag_is_normalised_to_the_concrete_version(given, concrete):
+    assert version_tag(given) == concrete
+
+
+@pytest.mark.parametrize(
+    ("given", "error"),
+    [
+        ("latest", "is an alias, not a version"),
+        ("healnet:latest", "is an alias, not a version"),
+        (" Healnet:LATEST ", "is an alias, not a version"),
+        ("healnet", "is an alias, not a version"),
+        ("healnet:", "is an alias, not a version"),
+        ("other:abc", "is not a healnet version"),
+        ("healnet:ab/c", "is not a valid version"),
+        ("healnet:..", "is not a valid version"),
+        ("", "is an alias, not a version"),
+    ],
+)
+def test_aliases_and_malformed_tags_are_refused(given, error):
+    with pytest.raises(RegistryError, match=error):
+        version_tag(given)
+
+
+def test_the_pointer_only_ever_holds_a_stored_concrete_version(registry, checkpoints):
+    first, second = register_model(checkpoints[0]), register_model(checkpoints[1])
+    for alias in ("latest", "healnet:latest", "healnet"):
+        with pytest.raises(RegistryError, match="alias"):
+            set_champion(alias, "promoted")
+        with pytest.raises(RegistryError, match="alias"):
+            resolve(alias)
+    with pytest.raises(RegistryError, match="no model version 'healnet:doesnotexist'"):
+        set_champion("DoesNotExist", "promoted")
+    assert get_champion() is None
+    pointer = set_champion(f"  {first.upper()} ", "promoted")
+    assert pointer["tag"] == first and get_champion()["tag"] == first
+    assert set_champion(second.partition(":")[2], "promoted")["tag"] == second
+    assert show_version(second.upper())["tag"] == second
+    with pytest.raises(RegistryError, match="alias"):
+        rollback("latest")
+    assert get_champion()["tag"] == second
+
+
+def test_a_pointer_holding_an_alias_is_corrupt_and_a_named_rollback_repairs_it(registry, checkpoints):
+    first = register_model(checkpoints[0])
+    set_champion(first, "promoted")
+    pointer = json.loads((registry / "champion.json").read_text())
+    (registry / "champion.json").write_text(json.dumps(pointer | {"tag": "healnet:latest"}))
+    with pytest.raises(ChampionPointerError, match="holds 'healnet:latest', not a healnet:VERSION"):
+        get_champion()
+    assert rollback(first)["tag"] == first
+
+
+def test_rollback_walks_back_through_earlier_champions(registry, checkpoints):
+    """A → B → C: rollbacks go C → B → A, never back to the version just left."""
+    a, b, c = (register_model(path) for path in checkpoints)
+    for tag in (a, b, c):
+        set_champion(tag, "promoted")
+    assert rollback()["tag"] == b
+    assert rollback()["tag"] == a
+    with pytest.raises(RegistryError, match=f"champion {a} has no earlier version"):
+        rollback()
+    pointer = get_champion()
+    assert [(entry["tag"], entry["kind"]) for entry in pointer["history"]] == [
+        (a, "promotion"),
+        (b, "promotion"),
+        (c, "promotion"),
+        (b, "rollback"),
+    ]
+    assert (pointer["tag"], pointer["kind"], pointer["reason"]) == (a, "rollback", f"rollback from {b}")
+    # a promotion after the rollbacks: a rollback returns to the champion it replaced
+    set_champion(c, "promoted again")
+    assert champion_lineage(get_champion()) == [a, c]
+    assert rollback()["tag"] == a
+
+
+def test_rollback_to_names_any_earlier_champion_and_nothing_else(registry, checkpoints):
+    a, b, c = (register_model(path) for path in checkpoints)
+    for tag in (a, b):
+        set_champion(tag, "promoted")
+    with pytest.raises(RegistryError, match=f"{c} was never the champion"):
+        rollback(c)  # registered, never promoted: only the gate promotes
+    set_champion(c, "promoted")
+    assert rollback(a.partition(":")[2])["tag"] == a  # skips B
+    with pytest.raises(RegistryError, match="no earlier version"):
+        rollback()
+    assert rollback(c)["tag"] == c  # undoes the rollback
+    assert rollback()["tag"] == a  # and back again, not to B
+    with pytest.raises(RegistryError, match="already the champion"):
+        rollback(a)
+
+
+def test_rollback_reads_pointers_written_before_the_kind_was_recorded(registry, checkpoints):
+    a, b, c = (register_model(path) for path in checkpoints)
+    # with an alias that a rollback once wrote, before aliases were refused
+    entries = [
+        (a, "first"),
+        (b, "promoted"),
+        ("healnet:latest", f"rollback from {b}"),
+        (c, "promoted"),
+        (b, f"rollback from {c}"),
+    ]
+    history = [{"tag": tag, "since": "2026-01-01T00:00:00+00:00", "reason": why} for tag, why in entries]
+    legacy = {
+        "tag": a,
+        "since": "2026-01-02T00:00:00+00:00",
+        "reason": f"rollback from {b}",
+        "history": history,
+    }
+    (registry / "champion.json").write_text(json.dumps(legacy))
+    assert champion_lineage(get_champion()) == [a]
+    with pytest.raises(RegistryError, match="no earlier version"):
+        rollback()
+
+
+@pytest.mark.parametrize(
+    ("damage", "error"),
+    [
+        (lambda path: path.mkdir(), "cannot be read"),
+        (lambda path: path.write_text("[" * 100_000 + "]" * 100_000), "nested too deeply"),
+        (lambda path: path.write_bytes(b"\xff\xfe{"), "is corrupt"),
+    ],
+    ids=["a directory", "nested 10^5 deep", "not text"],
+)
+def test_an_unreadable_pointer_is_a_pointer_error(registry, damage, error):
+    damage(registry / "champion.json")
+    with pytest.raises(ChampionPointerError, match=error):
+        get_champion()
+
+
+def test_an_io_error_of_the_volume_is_a_pointer_error(registry, checkpoints, monkeypatch):
+    set_champion(register_model(checkpoints[0]), "promoted")
+
+    def stale(self):
+        raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", stale)
+    with pytest.raises(ChampionPointerError, match="cannot be read.*Stale"):
+        get_champion()
+
+
+def registry_cli(home, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m healnet registry ARGS` in a child process, on the registry at `home`."""
+    env = os.environ | {
+        "BENTOML_HOME": str(home),
+        "HEALNET_REGISTRY_DIR": str(home),
+        "BENTOML_DO_NOT_TRACK": "True",
+    }
+    command = [sys.executable, "-m", "healnet", "registry", *args]
+    return subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_the_registry_cli_refuses_aliases_and_walks_back(registry, checkpoints):
+    """Rows 6 and 7 of the hostile-inputs issue, through the command line."""
+    a, b, c = (register_model(path) for path in checkpoints)
+    for tag in (a, b, c):
+        set_champion(tag, "promoted")
+    before = (registry / "champion.json").read_text()
+    for alias in ("latest", "healnet:latest"):
+        result = registry_cli(registry, "rollback", "--to", alias)
+        assert result.returncode == 2 and result.stdout == ""
+        assert result.stderr == (
+            f"healnet registry: {alias!r} is an alias, not a version: name one with healnet:VERSION "
+            "(`healnet registry list` shows them)\n"
+        )
+    result = registry_cli(registry, "rollback", "--to", "healnet:no/such")
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr and "is not a valid version" in result.stderr
+    assert (registry / "champion.json").read_text() == before
+    walked = []
+    for _ in range(3):
+        result = registry_cli(registry, "rollback")
+        walked.append((result.returncode, result.stdout.strip(), result.stderr.strip()))
+    assert walked == [
+        (0, f"champion is now {b} (rollback from {c})", ""),
+        (0, f"champion is now {a} (rollback from {b})", ""),
+        (2, "", f"healnet registry: champion {a} has no earlier version to roll back to"),
+    ]
+    result = registry_cli(registry, "rollback", "--to", f" {c.upper()} ")
+    assert (result.returncode, result.stdout) == (0, f"champion is now {c} (rollback from {a})\n")

@@ -159,6 +159,47 @@ def test_requests_join_a_pass_only_while_the_pass_fits():
     assert model.passes == [[6, 3], [5, 1, 4], [20]]
 
 
+def test_a_request_too_large_for_one_pass_runs_in_several_and_queued_requests_go_in_between():
+    model = RecordingModel()
+    batcher = ContinuousBatcher(model, max_cases=4, fits=lambda items: sum(items) <= 10)
+
+    async def scenario():
+        model.gate.clear()
+        blocker = asyncio.create_task(batcher.submit([0]))
+        await asyncio.sleep(0.05)
+        large = asyncio.create_task(batcher.submit([1, 1, 1, 1, 1, 6, 5, 20, 2], return_attention=True))
+        await asyncio.sleep(0.05)
+        single = asyncio.create_task(batcher.submit([3]))
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        return await blocker, await large, await single
+
+    _, large, single = asyncio.run(scenario())
+    # four cases at most, the sum at most 10, at least one case: and the single request right after
+    # the large one's first pass, not after its last
+    assert model.passes == [[0], [1, 1, 1, 1], [3], [1, 6], [5], [20], [2]]
+    assert model.attention == [False, True, False, True, True, True, True]
+    assert large.results == [1, 1, 1, 1, 1, 36, 25, 400, 4]
+    assert large.batch_cases == 4
+    assert (large.preparing, large.forward) == pytest.approx((0.005, 0.010))
+    assert single.results == [9] and single.batch_cases == 1
+
+
+def test_a_failing_pass_of_a_split_request_fails_the_request_once():
+    model = RecordingModel(fail_on=7)
+    batcher = ContinuousBatcher(model, max_cases=2)
+
+    async def scenario():
+        return await asyncio.gather(
+            batcher.submit([1, 2, 7, 4, 5]), batcher.submit([6]), return_exceptions=True
+        )
+
+    failed, other = asyncio.run(scenario())
+    assert isinstance(failed, ValueError) and "cannot square 7" in str(failed)
+    assert other.results == [36]
+    assert [7, 4] in model.passes and [5] not in model.passes  # nothing runs for a failed request
+
+
 def test_max_cases_must_be_positive():
     with pytest.raises(ValueError, match="max_cases must be at least 1"):
         ContinuousBatcher(RecordingModel(), max_cases=0)

@@ -1,4 +1,5 @@
-"""bentofile.yaml: it lists every package the served code imports, and `bentoml build` packs code and model."""
+"""bentofile.yaml: its packages (requirements/service.in, locked in service.lock) are every package the served
+code imports, and `bentoml build` packs code, model and the locked requirements."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ import yaml
 pytest_plugins = ("serving_fixtures",)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENTOFILE = yaml.safe_load((REPO_ROOT / "bentofile.yaml").read_text())
+SERVICE_PACKAGES = [
+    requirement
+    for line in (REPO_ROOT / "requirements" / "service.in").read_text().splitlines()
+    if (requirement := line.partition("#")[0].strip())
+]
 
 
 def distribution_name(requirement: str) -> str:
@@ -59,7 +65,7 @@ def imported_top_level_names(path: Path) -> set[str]:
 
 
 def test_the_bentofile_lists_every_package_the_service_imports():
-    listed = {distribution_name(requirement) for requirement in BENTOFILE["python"]["packages"]}
+    listed = {distribution_name(requirement) for requirement in SERVICE_PACKAGES}
     # BentoML adds itself to every Bento, and with it its own dependencies (starlette, ...).
     with_bentoml = {"bentoml"} | {
         distribution_name(requirement)
@@ -79,7 +85,7 @@ def test_the_bentofile_lists_every_package_the_service_imports():
             distributions = {d.lower().replace("_", "-") for d in provided_by.get(name, [name])}
             if not distributions & (listed | with_bentoml):
                 missing[name] = f"{sorted(distributions)} (imported by {path.relative_to(REPO_ROOT)})"
-    assert not missing, f"add to bentofile.yaml python.packages: {missing}"
+    assert not missing, f"add to requirements/service.in (then make lock): {missing}"
 
 
 # Training, slide-reading and pipeline packages: the service must run without them in its image
@@ -100,7 +106,7 @@ def test_importing_the_service_leaves_out_training_and_slide_reading_packages():
 
 
 def test_the_bentofile_leaves_out_what_the_service_does_not_import():
-    listed = {distribution_name(requirement) for requirement in BENTOFILE["python"]["packages"]}
+    listed = {distribution_name(requirement) for requirement in SERVICE_PACKAGES}
     training_only = {"scikit-survival", "scikit-learn", "openslide-python", "pandas", "pyarrow", "kfp"}
     assert not listed & training_only
 
@@ -135,5 +141,8 @@ def test_bentoml_build_packs_the_code_and_the_model(demo_registry):
     for path in ("src/serving/service.py", "src/healnet/inference.py", "src/healnet/preprocess/wsi.py"):
         assert (bento / path).is_file(), path
     assert not (bento / "src" / "tests").exists()
-    requirements = (bento / "env" / "python" / "requirements.txt").read_text().split()
-    assert "torch==2.13.0" in requirements
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text()
+    # the lock, hashes and all: serving/Dockerfile installs it with pip --require-hashes
+    assert "torch==2.13.0+cpu" in requirements.split() and "--hash=sha256:" in requirements
+    assert (bento / "src" / "requirements" / "torch-cpu.lock").is_file()
+    assert {env["name"]: env["value"] for env in info["envs"]}["BENTOML_DO_NOT_TRACK"] == "True"

@@ -101,7 +101,7 @@ def test_promotion_and_rollback_reach_the_serving_workers(
 
         refused = time.monotonic()
         promote_damaged(corrupt)
-        failures = ("healnet_model_reload_failures_total", (("tag", corrupt),))
+        failures = ("healnet_model_reload_failures_total", (("reason", "load_failed"), ("tag", corrupt)))
         assert _wait(lambda: metrics_of(url).get(failures, 0) >= 1)
         time.sleep(2 * POLL_S)
         model_info = metrics_of(url)

@@ -22,7 +22,7 @@ from serving.demo import DemoSpec, demo_feature_names, demo_payload, demo_tiles
 from serving.runtime import champion_poll_seconds, resolve_served_model, tile_encoder
 from serving.schemas import PredictRequest, PredictResponse
 from serving.service import HEALNetService, padded_patches
-from serving.validation import ModelContract, RejectedRequest, decode_tile, to_case
+from serving.validation import ModelContract, RejectedRequest, decode_tile, open_tile, to_case
 
 pytest_plugins = ("serving_fixtures",)
 SPEC = DemoSpec()  # the demo model of the fixtures
@@ -125,7 +125,7 @@ def test_attention_covers_every_patch_and_omic_token(service):
 
 def test_tiles_give_the_same_answer_as_their_encoded_features(service):
     tiles = demo_tiles(2, size=48, seed=3)
-    images = [decode_tile(i, tile, 10**6) for i, tile in enumerate(tiles)]
+    images = [decode_tile(i, open_tile(i, tile, 10**6), 224) for i, tile in enumerate(tiles)]
     features = encode_tiles(images, StatsEncoder(), patch_size=224)
     from_tiles = asyncio.run(service.predict(PredictRequest(wsi_tiles=tiles)))
     from_features = asyncio.run(service.predict(PredictRequest(wsi_features=features.tolist())))
@@ -386,6 +386,8 @@ def test_tiles_are_encoded_only_with_the_encoder_the_model_was_trained_with(
     )
     weights = tmp_path / "trained-with.pt"
     torch.jit.script(network.eval()).save(str(weights))
+    # TorchScript loads only once the operator has trusted its sha256 (a .pt2 export needs no such step)
+    monkeypatch.setenv("HEALNET_TRUSTED_ENCODERS", sha256_file(weights))
     predictor = Predictor.from_dir(demo_registry.checkpoint)
     predictor.preprocessor.wsi_encoder = make_encoder(str(weights), device="cpu").provenance
     request = PredictRequest(wsi_tiles=demo_tiles(2, size=32))
@@ -401,8 +403,14 @@ def test_tiles_are_encoded_only_with_the_encoder_the_model_was_trained_with(
     (tmp_path / "encoders").mkdir()
     (tmp_path / "encoders" / "copy.pt").write_bytes(weights.read_bytes())
     monkeypatch.setenv("HEALNET_ENCODER_DIR", str(tmp_path / "encoders"))
+    # found but not trusted: refused, and the reason names the sha256 to trust, not a folder to set
+    monkeypatch.delenv("HEALNET_TRUSTED_ENCODERS")
+    encoder, reason = tile_encoder(predictor, "cpu")
+    assert encoder is None and "not trusted" in reason and "HEALNET_TRUSTED_ENCODERS" in reason
+    assert "HEALNET_ENCODER_DIR" not in reason
+    monkeypatch.setenv("HEALNET_TRUSTED_ENCODERS", sha256_file(weights))
     encoder, reason = tile_encoder(predictor, "cpu")
     assert encoder is not None and reason == ""
     case = to_case(request, ModelContract.from_predictor(predictor, encoder, reason), Limits.from_env())
-    tiles = [decode_tile(i, tile, 10**6) for i, tile in enumerate(request.wsi_tiles or [])]
+    tiles = [decode_tile(i, open_tile(i, tile, 10**6), 224) for i, tile in enumerate(request.wsi_tiles or [])]
     np.testing.assert_allclose(case.wsi_features, encode_tiles(tiles, encoder, 224), rtol=1e-6)

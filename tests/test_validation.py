@@ -406,3 +406,17 @@ def test_quarantined_samples_of_kept_patients_lose_no_patient(tmp_path):
     assert accounting["quarantined_patient_fraction"].item() == pytest.approx(1 / 61)
     report = validate(tmp_path / "cohort", tmp_path / "out")
     assert report.suites["accounting"].success, report.failures()
+
+
+def test_markup_from_the_data_never_reaches_the_markdown_report_raw(tmp_path):
+    markup = "<img src=x onerror=alert(1)>"
+    tables = cohort_tables()
+    set_value(tables, "clinical", 4, "patient_id", markup)  # fails the barcode expectation: an example row
+    set_value(tables, "quarantine", 0, "reason", markup)
+    set_value(tables, "slides", 1, "slide_id", f"slide [x](javascript:alert(1)) {markup}")
+    report = validate(write_cohort(tmp_path / "cohort", tables), tmp_path / "out")
+
+    markdown = report.markdown_path.read_text(encoding="utf-8")
+    assert not report.success and markup in json.dumps(report.to_dict())
+    assert "<img" not in markdown and "](javascript" not in markdown
+    assert "&lt;img src=x onerror=alert(1)>" in markdown  # shown, as text

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from healnet.files import DEFAULT_MAX_SLIDE_BYTES
+
 HELP = (
     "Import patch features computed elsewhere (CLAM h5_files/pt_files, TRIDENT features_<encoder>, or a "
     "folder of .h5/.pt files) as OUT/<encoder>/<slide>.parquet, with the encoder's provenance; bad slides "
@@ -114,6 +116,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="µm per pixel of the patches (default: 10 / the files' target_magnification; required for "
         "CLAM files)",
     )
+    parser.add_argument(
+        "--max-slide-gib",
+        type=float,
+        default=DEFAULT_MAX_SLIDE_BYTES / 2**30,
+        metavar="GIB",
+        help="per-slide memory budget: a slide whose files declare arrays that would need more memory to "
+        "import is quarantined before any data is read (default: %(default)g)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -129,6 +139,7 @@ def run(args: argparse.Namespace) -> int:
         encoder_dim=args.encoder_dim,
         patch_size=args.patch_size,
         mpp=args.mpp,
+        max_slide_bytes=round(args.max_slide_gib * 2**30),
     )
     report = import_features(args.source, args.out, config, progress=not args.no_progress)
 

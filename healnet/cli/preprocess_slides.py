@@ -48,8 +48,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default="stats",
         metavar="SPEC",
         help="'stats' (colour and texture statistics, no weights) or the path of a patch encoder exported "
-        "with TorchScript (.pt) or torch.export (.pt2), such as ResNet50-trunc, UNI or CONCH (see "
-        "scripts/export_encoders.py); runs on CUDA when available",
+        "with torch.export (.pt2) or TorchScript (.pt), such as ResNet50-trunc, UNI or CONCH (see "
+        "scripts/export_encoders.py); runs on CUDA when available. A .pt2 loads only when it holds raw "
+        "tensors and an aten graph (no pickle); a TorchScript file only when its sha256 is trusted "
+        "(--trust-encoder or $HEALNET_TRUSTED_ENCODERS)",
+    )
+    parser.add_argument(
+        "--trust-encoder",
+        action="append",
+        default=[],
+        metavar="SHA256",
+        help="the sha256 of a TorchScript encoder file you trust to run (its loader can run code the file "
+        "carries); repeatable (default: only those in $HEALNET_TRUSTED_ENCODERS, comma-separated)",
+    )
+    parser.add_argument(
+        "--slide-root",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="open only slide files inside DIR: a slide whose path resolves (symlinks followed) outside it "
+        "is quarantined as 'outside the slide root' and never opened (use it for manifests you did not "
+        "write)",
     )
     parser.add_argument("--target-mpp", type=float, default=1.0, help="patch resolution in µm per pixel")
     parser.add_argument("--patch-size", type=int, default=224, help="patch side in pixels at --target-mpp")
@@ -82,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     config = TilingConfig(
         target_mpp=args.target_mpp, patch_size=args.patch_size, min_tissue_fraction=args.min_tissue
     )
-    encoder = make_encoder(args.encoder)
+    encoder = make_encoder(args.encoder, trusted=args.trust_encoder)
     out = args.out / encoder.provenance.key
     report = preprocess_slides(
         args.inputs,
@@ -92,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         args.shard,
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        slide_root=args.slide_root,
     )
 
     print(f"processed {len(report.processed)} slide(s), {report.n_patches} patches -> {out}")

@@ -14,9 +14,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     actions.add_parser("list", help="list every version, newest first; * marks the champion")
     show = actions.add_parser("show", help="print one version's labels and metadata as JSON")
-    show.add_argument("tag", help="model tag (healnet:VERSION) or version")
-    back = actions.add_parser("rollback", help="set the champion back to an earlier version")
-    back.add_argument("--to", default=None, help="tag to restore (default: the previous champion)")
+    show.add_argument("tag", help="model tag (healnet:VERSION) or VERSION")
+    back = actions.add_parser(
+        "rollback",
+        help="set the champion back to the one before it; repeated, it walks back through earlier champions",
+    )
+    back.add_argument(
+        "--to",
+        default=None,
+        metavar="TAG",
+        help="an earlier champion to restore, healnet:VERSION or VERSION; not an alias such as latest "
+        "(default: the champion before the current one)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

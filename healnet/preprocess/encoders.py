@@ -5,13 +5,22 @@ normalisation). Feature files record it, training refuses features of mixed enco
 keeps it, and serving encodes tiles only with an encoder whose provenance matches the model's.
 Torch, numpy and Pillow only (no OpenSlide, pandas or pyarrow), so that the service can encode tiles
 without the slide-reading stack.
+
+Weight files are code as well as weights, so loading one must not run code it carries (see
+`check_export_archive` and `trusted_sha256s`): a torch.export (`.pt2`) archive loads only when it holds
+raw tensors and a plain aten graph (no pickle, no compiled libraries, no code strings), and a TorchScript
+file only when the operator has put its sha256 on the trusted list ($HEALNET_TRUSTED_ENCODERS).
 """
 
 from __future__ import annotations
 
+import ast
+import io
+import json
+import os
 import re
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,7 +30,7 @@ from einops import rearrange
 from PIL import Image
 
 from healnet.errors import HEALNetError
-from healnet.files import sha256_file
+from healnet.files import UnsafeNameError, check_file_name, sha256_file
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -35,10 +44,17 @@ class EncoderError(HEALNetError, ValueError):
     """An encoder file that cannot be loaded or run, or features whose encoder does not match."""
 
 
+class EncoderNotFoundError(EncoderError):
+    """No file in the encoder folders has the weights a model was trained with."""
+
+
 # Input normalisations an encoder may expect; "none": raw uint8 pixels (the statistics encoder).
 NORMALISATIONS = ("none", "imagenet")
 ENCODER_INPUT_SIZE = 224  # px side of the probe batch that tells a weight file's feature width
 TORCHSCRIPT_PREFIX, EXPORT_PREFIX = "torchscript:", "export:"
+# sha256 values (comma or whitespace separated) of the TorchScript encoder files the operator trusts
+TRUSTED_ENCODERS_ENV = "HEALNET_TRUSTED_ENCODERS"
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,10 @@ class EncoderProvenance:
     normalisation: str
 
     def __post_init__(self) -> None:
+        try:  # the name becomes the feature folder's name (`key`)
+            check_file_name(self.name, "encoder name")
+        except UnsafeNameError as error:
+            raise EncoderError(str(error)) from error
         if self.normalisation not in NORMALISATIONS and not self.normalisation.startswith("custom:"):
             raise EncoderError(
                 f"encoder normalisation must be one of {NORMALISATIONS} or 'custom:<description>', "
@@ -66,7 +86,8 @@ class EncoderProvenance:
     @property
     def key(self) -> str:
         """Folder name of this encoder's feature files: the name, and the weights' first 12 hex digits."""
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", self.name).strip("-") or "encoder"
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", self.name).strip("-")
+        slug = slug.lstrip(".-") or "encoder"  # never '..' nor hidden: it names a folder
         return slug if self.weights_sha256 is None else f"{slug}-{self.weights_sha256[:12]}"
 
     def describe(self) -> str:
@@ -229,15 +250,18 @@ class WeightsEncoder:
     """A user's exported network (ResNet50-trunc, UNI, CONCH, ...) from a local file: TorchScript
     (`torch.jit.save`) or `torch.export` (`.pt2`). It takes ImageNet-normalised NCHW float input of
     ENCODER_INPUT_SIZE px (`scripts/export_encoders.py` wraps networks that expect another size or
-    normalisation)."""
+    normalisation). Nothing in the file runs before it passes `check_weights_file`."""
 
-    def __init__(self, path: Path, exported: bool, device: str | None = None):
+    def __init__(self, path: Path, exported: bool, device: str | None = None, trusted: Collection[str] = ()):
         import torch
 
+        weights_sha256 = check_weights_file(path, exported, trusted)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         try:
             if exported:
-                self.model = torch.export.load(str(path)).module().to(self.device)
+                # check_guards=False: the guards are Python source that .module() would exec
+                program = torch.export.load(str(path))
+                self.model = program.module(check_guards=False).to(self.device)
             else:
                 self.model = torch.jit.load(str(path), map_location=self.device).eval()
         except (RuntimeError, ValueError, OSError, zipfile.BadZipFile) as error:
@@ -253,7 +277,7 @@ class WeightsEncoder:
             ) from error
         self.dim = int(dim)
         self.provenance = EncoderProvenance(
-            self.name, sha256_file(path), self.dim, ENCODER_INPUT_SIZE, "imagenet"
+            self.name, weights_sha256, self.dim, ENCODER_INPUT_SIZE, "imagenet"
         )
 
     def _forward(self, patches: np.ndarray) -> np.ndarray:
@@ -269,9 +293,192 @@ class WeightsEncoder:
         return self._forward(patches).astype(np.float32)
 
 
-def make_encoder(spec: str = "stats", device: str | None = None) -> PatchEncoder:
+# ---------------------------------------------------------------------------------------------
+# Loading weight files without running code they carry
+
+
+def trusted_sha256s(extra: Collection[str] = ()) -> frozenset[str]:
+    """The sha256 values of the TorchScript files the operator trusts: $HEALNET_TRUSTED_ENCODERS (comma or
+    whitespace separated) and `extra` (e.g. --trust-encoder). A value that is not 64 hex digits is an
+    EncoderError: a typo must not silently trust nothing."""
+    values = [*re.split(r"[\s,]+", os.environ.get(TRUSTED_ENCODERS_ENV, "")), *extra]
+    digests = {value.strip().lower() for value in values if value.strip()}
+    malformed = sorted(digest for digest in digests if not SHA256_HEX.fullmatch(digest))
+    if malformed:
+        raise EncoderError(
+            f"trusted encoder sha256 {malformed[0]!r} (${TRUSTED_ENCODERS_ENV} or --trust-encoder) is not "
+            "64 hex digits; use the output of `sha256sum FILE`"
+        )
+    return frozenset(digests)
+
+
+def check_weights_file(path: Path, exported: bool, trusted: Collection[str] = ()) -> str:
+    """The file's sha256 when it may be loaded, else EncoderError saying why: a torch.export archive must
+    pass `check_export_archive`; a TorchScript file, whose loader can run code it carries, must have its
+    sha256 in `trusted_sha256s(trusted)`."""
+    digest = sha256_file(path)
+    if exported:
+        check_export_archive(path)
+    elif digest not in trusted_sha256s(trusted):
+        raise EncoderError(
+            f"refusing TorchScript encoder {path}: loading it can run code it carries, and its sha256 "
+            f"{digest} is not trusted; once you know where the file comes from, add that sha256 to "
+            f"${TRUSTED_ENCODERS_ENV} (or pass --trust-encoder {digest}), or export the encoder with "
+            "torch.export (.pt2)"
+        )
+    return digest
+
+
+# What a torch.export archive (torch 2.13, `torch.export.save`) may hold, below its one root folder. No
+# pickle (weights_config/constants_config entries with use_pickle, custom or opaque objects, legacy .pt
+# weights), no AOTInductor libraries: those are code.
+EXPORT_ARCHIVE_ENTRIES = re.compile(
+    r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+    r"|models/[\w.-]+\.json|extra/[^/]+"
+    r"|data/weights/[\w.-]+_weights_config\.json|data/weights/weight_\d+"
+    r"|data/constants/[\w.-]+_constants_config\.json|data/constants/tensor_\d+"
+    r"|data/sample_inputs/[\w.-]+\.pt"
+)
+MAX_ARCHIVE_JSON_BYTES = 1 << 30  # a ViT-L graph is a few MB; more is a zip bomb, not a graph
+# Graph operators an encoder may call: aten and prims ops, Python's arithmetic operators and math, and
+# torch's symbolic-shape helpers. Any other `torch.` path is an arbitrary torch function (e.g. one that
+# loads a library), and `#` names an extension the deserializer would import.
+SAFE_OPERATOR = re.compile(
+    r"torch\.ops\.(aten|prims)\.(_?[A-Za-z][A-Za-z0-9_]*)(\._?[A-Za-z][A-Za-z0-9_]*)?"
+    r"|_operator\.(getitem|add|sub|mul|truediv|floordiv|mod|neg|pow|eq|ne|lt|le|gt|ge|and_|or_|not_)"
+    r"|math\.[a-z][a-z0-9_]*|torch\.sym_[a-z_]+"
+)
+# Symbolic shape expressions are parsed with sympy.sympify, which evaluates Python: only calls of these
+# sympy and torch.utils._sympy classes on constants and shape symbols (s0, u3) may appear.
+# fmt: off
+SYMPY_CALLS = frozenset([
+    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Pow", "Max", "Min", "Abs", "Eq", "Ne", "Lt",
+    "Le", "Gt", "Ge", "And", "Or", "Not", "StrictLessThan", "StrictGreaterThan", "LessThan", "GreaterThan",
+    "Equality", "Unequality", "Mod", "FloorDiv", "ModularIndexing", "Where", "PythonMod", "CleanDiv",
+    "CeilToInt", "FloorToInt", "CeilDiv", "LShift", "RShift", "PowByNatural", "FloatPow", "FloatTrueDiv",
+    "IntTrueDiv", "IsNonOverlappingAndDenseIndicator", "TruncToFloat", "TruncToInt", "RoundToInt",
+    "RoundDecimal", "ToFloat", "Identity",
+])
+# fmt: on
+SYMPY_NAMES = re.compile(r"[a-z]+\d+|True|False|oo|zoo|nan")
+SYMPY_NODES = (
+    ast.Expression, ast.Call, ast.Name, ast.Load, ast.Constant, ast.keyword, ast.BinOp, ast.UnaryOp,
+    ast.Compare, ast.BoolOp, ast.operator, ast.unaryop, ast.cmpop, ast.boolop,
+)  # fmt: skip
+
+
+def check_export_archive(path: Path) -> None:
+    """EncoderError (one line naming the problem) unless the torch.export archive at `path` can be loaded
+    without running code it carries: only `EXPORT_ARCHIVE_ENTRIES`, weights and constants stored as raw
+    tensors, sample inputs that torch's weights-only unpickler reads, and graphs that call only
+    `SAFE_OPERATOR`s, hold no guard code and no symbolic expression beyond `SYMPY_CALLS`. Reads the archive
+    as a zip; nothing is unpickled except by the weights-only unpickler."""
+    import torch
+
+    def refuse(problem: str) -> EncoderError:
+        return EncoderError(
+            f"refusing torch.export encoder {path}: {problem}; only plain exports of aten graphs with raw "
+            "tensor weights load (scripts/export_encoders.py writes them)"
+        )
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [name for name in archive.namelist() if not name.endswith("/")]
+            roots = {name.split("/", 1)[0] for name in names}
+            if len(roots) != 1 or any("/" not in name for name in names):
+                raise refuse("not a torch.export archive (its files are not in one root folder)")
+            root = roots.pop() + "/"
+            entries = {name.removeprefix(root): name for name in names}
+            unexpected = sorted(entry for entry in entries if not EXPORT_ARCHIVE_ENTRIES.fullmatch(entry))
+            if unexpected:
+                raise refuse(f"unexpected entry {unexpected[0]} (pickled, compiled or unknown content)")
+            if not any(entry.startswith("models/") for entry in entries):
+                raise refuse("no models/*.json graph in the archive")
+            for entry, name in entries.items():
+                if entry.endswith(".json") and archive.getinfo(name).file_size > MAX_ARCHIVE_JSON_BYTES:
+                    raise refuse(f"{entry} declares {archive.getinfo(name).file_size} bytes of JSON")
+                if entry.endswith("_config.json"):
+                    _check_payload_config(entry, json.loads(archive.read(name)), refuse)
+                elif entry.startswith("models/"):
+                    _check_graph(entry, json.loads(archive.read(name)), refuse)
+                elif entry.startswith("data/sample_inputs/"):
+                    try:
+                        torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                    except Exception as error:  # torch.export.load would retry with weights_only=False
+                        lines = [line for line in str(error).splitlines() if line.strip()] or [""]
+                        blocked = next((line for line in lines if "GLOBAL" in line), lines[0])
+                        raise refuse(f"{entry} needs pickle beyond tensors ({blocked[:160]})") from error
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise refuse(f"not a readable torch.export archive ({type(error).__name__}: {error})") from error
+
+
+def _check_payload_config(entry: str, config: Any, refuse: Callable[[str], EncoderError]) -> None:
+    payloads = config.get("config") if isinstance(config, dict) else None
+    if not isinstance(payloads, dict):
+        raise refuse(f"{entry} is not a payload config")
+    for fqn, payload in payloads.items():
+        if not isinstance(payload, dict) or payload.get("use_pickle") is not False:
+            raise refuse(f"{entry}: {fqn} is stored with pickle")
+        if not re.fullmatch(r"(weight|tensor)_\d+", str(payload.get("path_name"))):
+            raise refuse(f"{entry}: {fqn} is not a raw tensor ({payload.get('path_name')})")
+
+
+def _check_graph(entry: str, program: Any, refuse: Callable[[str], EncoderError]) -> None:
+    if not isinstance(program, dict):
+        raise refuse(f"{entry} is not an exported program")
+    if program.get("guards_code"):
+        raise refuse(f"{entry} carries guard code (Python source)")
+    for key, value in _json_items(program):
+        if key in ("target", "as_operator") and isinstance(value, str):
+            if not SAFE_OPERATOR.fullmatch(value):
+                raise refuse(f"{entry} calls {value[:80]!r}, not an aten operator")
+        elif key == "expr_str" and isinstance(value, str):
+            if not _plain_sympy(value):
+                raise refuse(
+                    f"{entry} holds the symbolic expression {value[:80]!r}, which is not plain sympy"
+                )
+        elif key == "as_custom_obj":
+            raise refuse(f"{entry} uses a custom (pickled) object")
+
+
+def _json_items(value: Any) -> Iterator[tuple[str, Any]]:
+    """Every (key, value) pair of the dictionaries nested in a JSON value."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield key, item
+            yield from _json_items(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _json_items(item)
+
+
+def _plain_sympy(expression: str) -> bool:
+    """Whether `expression` is arithmetic on constants, shape symbols and `SYMPY_CALLS` only, so that
+    sympify evaluating it cannot call anything else."""
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except (SyntaxError, ValueError):
+        return False
+    for node in ast.walk(tree):
+        if not isinstance(node, SYMPY_NODES):
+            return False
+        if isinstance(node, ast.Call) and not (
+            isinstance(node.func, ast.Name) and node.func.id in SYMPY_CALLS
+        ):
+            return False
+        if isinstance(node, ast.Name) and node.id not in SYMPY_CALLS and not SYMPY_NAMES.fullmatch(node.id):
+            return False
+        if isinstance(node, ast.keyword) and (node.arg is None or not isinstance(node.value, ast.Constant)):
+            return False
+    return True
+
+
+def make_encoder(
+    spec: str = "stats", device: str | None = None, trusted: Collection[str] = ()
+) -> PatchEncoder:
     """`"stats"`, `"torchscript:PATH"`, `"export:PATH"`, or a PATH (`.pt2`: torch.export, else
-    TorchScript). Weight files run on CUDA when available unless `device` says otherwise."""
+    TorchScript). Weight files run on CUDA when available unless `device` says otherwise; a TorchScript
+    file loads only when its sha256 is in `trusted_sha256s(trusted)` (see `check_weights_file`)."""
     if spec == "stats":
         return StatsEncoder()
     exported = spec.startswith(EXPORT_PREFIX) or (
@@ -283,14 +490,15 @@ def make_encoder(spec: str = "stats", device: str | None = None) -> PatchEncoder
             f"encoder {spec!r}: expected 'stats' or the path of a TorchScript or torch.export (.pt2) file, "
             f"and {path} is not a file"
         )
-    return WeightsEncoder(path, exported, device)
+    return WeightsEncoder(path, exported, device, trusted)
 
 
 def find_encoder(
     provenance: EncoderProvenance, search_dirs: Sequence[Path], device: str | None = None
 ) -> PatchEncoder:
     """An encoder matching `provenance`: the statistics encoder, or the weight file in `search_dirs`
-    whose sha256 is the provenance's. Raises EncoderError naming what is missing."""
+    whose sha256 is the provenance's (loaded only when `check_weights_file` allows it: a TorchScript
+    file's sha256 must be in $HEALNET_TRUSTED_ENCODERS). Raises EncoderError naming what is missing."""
     if provenance == StatsEncoder.provenance:
         return StatsEncoder()
     if provenance.weights_sha256 is None:
@@ -314,7 +522,7 @@ def find_encoder(
                 )
             return encoder
     where = ", ".join(str(folder) for folder in search_dirs) or "no encoder folder"
-    raise EncoderError(
+    raise EncoderNotFoundError(
         f"the model's patch encoder {provenance.describe()} is not available here: no file with weights "
         f"sha256 {provenance.weights_sha256} in {where}"
     )

@@ -22,13 +22,18 @@ are level-0 pixels (x, y) of the patch's top-left corner. A magnification become
 
 A slide whose files cannot be read or fail a check (2-D floating features of the import's width, finite,
 at least one patch; coordinates (n, 2) of whole non-negative pixels, one per patch, no duplicates; the
-import's patch grid) is quarantined with the reason, never written. h5py and torch are imported lazily.
+import's patch grid) is quarantined with the reason, never written. So is a slide whose id cannot name a
+file (`check_file_name`), and one whose arrays, by the shapes the files declare, would need more memory to
+import than the per-slide budget (`ImportConfig.max_slide_bytes`): shapes are checked before any data is
+read, since a few KB of HDF5 can declare terabytes. h5py and torch are imported lazily.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import zipfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from healnet.errors import HEALNetError
+from healnet.files import DEFAULT_MAX_SLIDE_BYTES, UnsafeNameError, check_file_name
 from healnet.preprocess.encoders import EncoderProvenance, FeatureProvenance
 from healnet.preprocess.wsi import (
     MPP_TOLERANCE,
@@ -56,6 +62,8 @@ PATCHES_SUFFIX = "_patches"  # TRIDENT's coordinate files: patches/<slide>_patch
 FEATURE_KEYS = ("features", "feats")  # dataset names (h5) or dict keys (.pt) of the features
 TRIDENT_GRID = re.compile(r"(\d+(?:\.\d+)?)x_(\d+)px_(\d+)px_overlap")
 SHA256 = re.compile(r"[0-9a-f]{64}")
+# Import holds an array about three times: as read, as checked float32 values, as the written columns.
+IMPORT_COPIES = 3
 
 
 class FeatureFileError(HEALNetError):
@@ -79,12 +87,19 @@ class ImportConfig:
     encoder_dim: int | None = None  # None: the width of the files (the most common one)
     patch_size: int | None = None  # patch side in px at `mpp`; None: the files' patch_size attribute
     mpp: float | None = None  # µm/px of the patches; None: 10 / the files' target_magnification
+    max_slide_bytes: int = DEFAULT_MAX_SLIDE_BYTES  # memory one slide's arrays may need (`import_bytes`)
 
     def __post_init__(self) -> None:
         if not self.encoder_name.strip():
             raise SlideInputError(
                 "--encoder-name must name the encoder (e.g. uni_v1, conch_v1, resnet50_trunc)"
             )
+        try:  # it names the output folder
+            check_file_name(self.encoder_name, "--encoder-name")
+        except UnsafeNameError as error:
+            raise SlideInputError(str(error)) from error
+        if self.max_slide_bytes < 1:
+            raise SlideInputError(f"the per-slide memory budget must be positive, got {self.max_slide_bytes}")
         if self.weights_sha256 is not None:
             digest = self.weights_sha256.strip().lower()
             if not SHA256.fullmatch(digest):
@@ -235,8 +250,26 @@ def _h5_dataset(handle: Any, names: Sequence[str]) -> Any:
     return found[0] if len(found) == 1 else None
 
 
-def _read_h5(path: Path, load: bool) -> tuple[Any, Any, dict[str, Any]]:
-    """(features, coords, attributes) of an .h5: arrays with `load`, else their shapes; None when absent."""
+def import_bytes(shape: Sequence[int], itemsize: int) -> int:
+    """Memory that importing an array of `shape` needs: IMPORT_COPIES copies of at least 4 bytes a value."""
+    return IMPORT_COPIES * math.prod(shape) * max(itemsize, 4)
+
+
+def check_budget(path: Path, what: str, shape: Sequence[int], dtype: Any, max_bytes: int) -> None:
+    """FeatureFileError (the quarantine reason) when the array a file declares would need more memory to
+    import than `max_bytes`; called before the array is read."""
+    needed = import_bytes(shape, np.dtype(dtype).itemsize)
+    if needed > max_bytes:
+        raise FeatureFileError(
+            f"{path.name} declares {what} of shape {tuple(shape)} {np.dtype(dtype)}, about "
+            f"{needed / 2**30:.1f} GiB to import, over the per-slide memory budget of "
+            f"{max_bytes / 2**30:.1f} GiB (--max-slide-gib)"
+        )
+
+
+def _read_h5(path: Path, load: bool, max_bytes: int) -> tuple[Any, Any, dict[str, Any]]:
+    """(features, coords, attributes) of an .h5: arrays with `load`, else their shapes; None when absent.
+    Each array's declared shape is checked against `max_bytes` before it is read."""
     import h5py
 
     with h5py.File(path, "r") as handle:
@@ -246,24 +279,31 @@ def _read_h5(path: Path, load: bool) -> tuple[Any, Any, dict[str, Any]]:
             if item is not None:
                 attributes |= {str(key): _plain(value) for key, value in item.attrs.items()}
 
-        def get(dataset: Any) -> Any:
+        def get(dataset: Any, what: str) -> Any:
             if dataset is None:
                 return None
+            check_budget(path, what, dataset.shape, dataset.dtype, max_bytes)
             return dataset[()] if load else (tuple(dataset.shape), dataset.dtype)
 
-        return get(features), get(coords), attributes
+        return get(features, "features"), get(coords, "coords"), attributes
 
 
-def _read_pt(path: Path, load: bool) -> tuple[Any, Any, dict[str, Any]]:
-    """(features, coords, {}) of a .pt: a tensor (CLAM, TRIDENT) or a dict with features/feats and coords."""
+def _read_pt(path: Path, load: bool, max_bytes: int) -> tuple[Any, Any, dict[str, Any]]:
+    """(features, coords, {}) of a .pt: a tensor (CLAM, TRIDENT) or a dict with features/feats and coords.
+    Memory-mapped, so that the shapes are checked against `max_bytes` before any data is read."""
     import torch
 
-    try:  # without `load`, a memory map tells the shape without reading the data
-        content = torch.load(path, map_location="cpu", weights_only=True, mmap=not load)
-    except RuntimeError:
-        if load:
-            raise
-        content = torch.load(path, map_location="cpu", weights_only=True)  # written without the zip format
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if zipfile.is_zipfile(path):  # torch.save's zip maps; one rewritten with compression does not
+            raise FeatureFileError(
+                f"{path.name} cannot be memory-mapped ({error}), so its shapes cannot be checked before it "
+                "is read: save it again with torch.save"
+            ) from error
+        # the legacy format cannot be mapped; its data is its size on disk, read whole
+        check_budget(path, "a legacy (non-zip) torch file", (path.stat().st_size,), np.uint8, max_bytes)
+        content = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(content, dict):
         features = next((content[key] for key in FEATURE_KEYS if key in content), None)
         coords = content.get("coords")
@@ -274,16 +314,18 @@ def _read_pt(path: Path, load: bool) -> tuple[Any, Any, dict[str, Any]]:
             f"{path.name} holds a {type(content).__name__}, not a tensor of patch features"
         )
 
-    def get(tensor: Any) -> Any:
+    def get(tensor: Any, what: str) -> Any:
         if tensor is None:
             return None
         if not isinstance(tensor, torch.Tensor):
             tensor = torch.as_tensor(tensor)
+        dtype = np.dtype(np.float32 if tensor.is_floating_point() else np.int64)
+        check_budget(path, what, tuple(tensor.shape), dtype, max_bytes)
         if not load:
-            return tuple(tensor.shape), np.dtype(np.float32 if tensor.is_floating_point() else np.int64)
+            return tuple(tensor.shape), dtype
         return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
 
-    return get(features), get(coords), {}
+    return get(features, "features"), get(coords, "coords"), {}
 
 
 @dataclass
@@ -297,9 +339,12 @@ class SlideData:
     coords_file: Path
 
 
-def read_source(source: FeatureSource, load: bool = True) -> SlideData:
+def read_source(
+    source: FeatureSource, load: bool = True, max_bytes: int = DEFAULT_MAX_SLIDE_BYTES
+) -> SlideData:
     """Features, coordinates and attributes of one slide; FeatureFileError (the quarantine reason) when a
-    file is unreadable or the features or coordinates are missing."""
+    file is unreadable, declares an array over `max_bytes` (`check_budget`), or the features or
+    coordinates are missing."""
     features = coords = None
     features_file = coords_file = None
     attributes: dict[str, Any] = {}
@@ -308,7 +353,7 @@ def read_source(source: FeatureSource, load: bool = True) -> SlideData:
             break
         reader = _read_pt if path.suffix.lower() in PT_SUFFIXES else _read_h5
         try:
-            found_features, found_coords, found_attributes = reader(path, load)
+            found_features, found_coords, found_attributes = reader(path, load, max_bytes)
         except FeatureFileError:
             raise
         except Exception as error:  # any failure to read is this file's problem, reported by name
@@ -471,6 +516,11 @@ def import_features(source: Path, out: Path, config: ImportConfig, progress: boo
 
     owners: dict[str, str] = {}  # output file name -> the slide that writes it
     for entry in layout.sources:
+        try:
+            check_file_name(entry.slide_id, "slide id")
+        except UnsafeNameError as error:
+            quarantined[entry.slide_id] = str(error)
+            continue
         owner = owners.setdefault(feature_file_name(entry.slide_id), entry.slide_id)
         if owner != entry.slide_id:
             quarantined[entry.slide_id] = (
@@ -483,7 +533,7 @@ def import_features(source: Path, out: Path, config: ImportConfig, progress: boo
         if entry.slide_id in quarantined:
             continue
         try:
-            header = read_source(entry, load=False)
+            header = read_source(entry, load=False, max_bytes=config.max_slide_bytes)
         except FeatureFileError as error:
             quarantined[entry.slide_id] = str(error)
             continue
@@ -522,7 +572,8 @@ def import_features(source: Path, out: Path, config: ImportConfig, progress: boo
         if entry.slide_id in quarantined or report.provenance is None:
             continue
         try:
-            report.imported.append(_import_one(entry, out_dir, report.provenance, layout))
+            imported = _import_one(entry, out_dir, report.provenance, layout, config.max_slide_bytes)
+            report.imported.append(imported)
         except FeatureFileError as error:
             quarantined[entry.slide_id] = str(error)
     report.quarantined = [(slide, quarantined[slide]) for slide in sorted(quarantined)]
@@ -552,9 +603,13 @@ def _grid_mismatch(grid: Grid, config: ImportConfig, patch_size: int, magnificat
 
 
 def _import_one(
-    entry: FeatureSource, out_dir: Path, provenance: FeatureProvenance, layout: SourceLayout
+    entry: FeatureSource,
+    out_dir: Path,
+    provenance: FeatureProvenance,
+    layout: SourceLayout,
+    max_bytes: int,
 ) -> ImportedSlide:
-    data = read_source(entry, load=True)
+    data = read_source(entry, load=True, max_bytes=max_bytes)
     features, coords = check_slide(data.features, data.coords, provenance.encoder.dim)
     attributes = layout.attributes | data.attributes
     level = attributes.get("patch_level")

@@ -5,7 +5,8 @@ Slides are read with OpenSlide only. A slide becomes a bag of patches on a regul
 `TilingConfig.target_mpp` µm/px; patches whose tissue fraction (from the thumbnail's Otsu mask, cleaned
 of specks and small holes) reaches `min_tissue_fraction` are encoded and written to
 `out_dir/<feature_file_name(slide_id)>`. Slides that cannot be processed are quarantined with a reason,
-never skipped silently; slides whose feature file is already complete for the same encoder and tiling
+never skipped silently: among them slide ids that cannot name a file (`check_file_name`) and, when a slide
+root is given, slide files that resolve (symlinks followed) outside it; slides whose feature file is already complete for the same encoder and tiling
 settings are skipped (resume) unless `overwrite=True`.
 """
 
@@ -30,6 +31,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from healnet.errors import HEALNetError
+from healnet.files import UnsafeNameError, check_file_name, from_spreadsheet_cell, spreadsheet_cell
 from healnet.preprocess.encoders import (
     EncoderError,
     EncoderProvenance,
@@ -311,11 +313,14 @@ def preprocess_slide(
     atomically: a feature file is only there when the slide is done).
 
     `mpp` is the manifest's µm/px for the slide, if any (see `slide_mpp_and_source`). Raises
-    `SlideError` (the quarantine reason) when the slide is unreadable, has no resolution, is coarser
+    `SlideError` (the quarantine reason) when the slide id cannot name a file (`unsafe_name`), the slide
+    is unreadable, has no resolution, is coarser
     than the target or has no tissue patch.
     """
     path, out_dir = Path(path), Path(out_dir)
     slide_id = slide_id or path.name
+    if unsafe_name(slide_id):
+        raise SlideError(unsafe_name(slide_id))
     if not path.is_file():
         raise SlideError(f"file not found: {path}")
     try:
@@ -671,8 +676,14 @@ def preprocess_slides(
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
     overwrite: bool = False,
+    slide_root: Path | None = None,
 ) -> PreprocessReport:
     """Preprocess the shard `sorted slides[i::n]` of `inputs` into `out_dir`; bad slides are quarantined.
+
+    A slide id that cannot name a file (`check_file_name`: empty, '/', '\\', a leading '.', control
+    characters) is quarantined. With `slide_root`, a slide file that resolves (symlinks followed) outside
+    it is quarantined "outside the slide root" and never opened; the others are opened at their resolved
+    path.
 
     Resumes: a slide whose outputs an earlier run completed with the same encoder and settings
     (`completed_slide`) is skipped and listed in `report.skipped`, unless `overwrite`; an interrupted
@@ -680,17 +691,21 @@ def preprocess_slides(
     feature file only as `<file>.superseded` (`set_aside_earlier_features`). A manifest's optional `mpp`
     column gives the µm/px of slides that do not record one (`slide_mpp_and_source`). Writes `out_dir/report.json` (and
     `quarantine.csv` when any slide was quarantined); a sharded run names them per shard
-    (`shard_file_name`). Raises `SlideInputError` when the input has no slides.
+    (`shard_file_name`). Raises `SlideInputError` when the input has no slides or `slide_root` is not a
+    folder.
     """
     index, count = shard
     if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
         raise SlideInputError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
+    if slide_root is not None and not Path(slide_root).is_dir():
+        raise SlideInputError(f"slide root {slide_root} is not a folder")
     entries = resolve_slide_inputs(inputs)
     if not entries:
         raise SlideInputError(f"no slides found in {inputs}")
+    unsafe_ids = {slide_id: reason for slide_id, _ in entries if (reason := unsafe_name(slide_id))}
     first_owner: dict[str, tuple[str, Path]] = {}  # feature file name -> the entry that writes it
     for slide_id, path in entries:
-        if path is not None:
+        if path is not None and slide_id not in unsafe_ids:
             first_owner.setdefault(feature_file_name(slide_id), (slide_id, path))
     mpps = manifest_mpps(inputs)
     encoder = make_encoder(encoder) if isinstance(encoder, str) else encoder
@@ -698,9 +713,17 @@ def preprocess_slides(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     report = PreprocessReport()
+    root = None if slide_root is None else Path(slide_root).resolve()
     for slide_id, path in tqdm(entries[index::count], desc="slides", unit="slide", disable=not progress):
+        if slide_id in unsafe_ids:
+            report.quarantined.append((slide_id, unsafe_ids[slide_id]))
+            continue
         if path is None:
             report.quarantined.append((slide_id, "no file: the manifest gives no path for this slide"))
+            continue
+        opened = path if root is None else path.resolve()  # the file itself, not a link to elsewhere
+        if root is not None and not opened.is_relative_to(root):
+            report.quarantined.append((slide_id, f"outside the slide root {root}: the file is {opened}"))
             continue
         owner_id, owner_path = first_owner[feature_file_name(slide_id)]
         if (owner_id, owner_path) != (slide_id, path):
@@ -718,12 +741,21 @@ def preprocess_slides(
             continue
         try:
             report.processed.append(
-                preprocess_slide(path, out_dir, encoder, config, slide_id, mpps.get(slide_id))
+                preprocess_slide(opened, out_dir, encoder, config, slide_id, mpps.get(slide_id))
             )
         except SlideError as error:
             report.quarantined.append((slide_id, set_aside_earlier_features(out_dir, slide_id, str(error))))
     write_report(report, out_dir, encoder, config, shard)
     return report
+
+
+def unsafe_name(slide_id: str) -> str:
+    """Why a slide id cannot name the slide's files (`check_file_name`), or "" when it can."""
+    try:
+        check_file_name(slide_id, "slide id")
+    except UnsafeNameError as error:
+        return str(error)
+    return ""
 
 
 def set_aside_earlier_features(out_dir: Path, slide_id: str, reason: str) -> str:
@@ -769,15 +801,16 @@ def write_report(
 
 
 def write_quarantine(path: Path, quarantined: Sequence[tuple[str, str]]) -> None:
-    """The quarantined slides and their reasons as CSV (slide, reason); no file when there are none, so
-    that a previous run's list cannot mislead."""
+    """The quarantined slides and their reasons as CSV (slide, reason), each cell as `spreadsheet_cell`
+    (a slide id cannot be a formula); no file when there are none, so that a previous run's list cannot
+    mislead."""
     if not quarantined:
         path.unlink(missing_ok=True)
         return
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(QUARANTINE_COLUMNS)
-        writer.writerows(quarantined)
+        writer.writerows([spreadsheet_cell(cell) for cell in row] for row in quarantined)
 
 
 def quarantine_files(features_dir: Path) -> list[Path]:
@@ -803,7 +836,8 @@ def read_quarantine(features_dir: Path) -> dict[str, str]:
                 for row in reader:
                     if not row["slide"]:
                         raise SlideInputError(f"{path}: line {reader.line_num} names no slide")
-                    quarantined.setdefault(row["slide"], row["reason"] or "")
+                    slide = from_spreadsheet_cell(row["slide"])
+                    quarantined.setdefault(slide, from_spreadsheet_cell(row["reason"] or ""))
         except (OSError, UnicodeDecodeError, csv.Error) as error:
             raise SlideInputError(f"{path}: unreadable quarantine list ({error})") from error
     return quarantined

@@ -1,10 +1,12 @@
-"""Validation results: per expectation, per suite and for the whole cohort, as JSON and Markdown."""
+"""Validation results: per expectation, per suite and for the whole cohort, as JSON and Markdown (where
+every text that comes from the data is escaped: `markdown_text`)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from healnet.files import markdown_text
 from healnet.validation.thresholds import Thresholds
 
 
@@ -123,7 +125,7 @@ class ValidationReport:
         lines = [
             f"# Data validation: {'passed ✓' if self.success else 'FAILED ✗'}",
             "",
-            f"Source: `{self.source}`. Thresholds version {self.thresholds.version}.",
+            f"Source: `{markdown_text(self.source)}`. Thresholds version {markdown_text(self.thresholds.version)}.",
             "",
             "## Row accounting",
             "",
@@ -132,22 +134,24 @@ class ValidationReport:
         ]
         if self.quarantine_reasons:
             lines += ["| quarantine reason | rows |", "| --- | --- |"]
-            lines += [f"| {_cell(reason)} | {n} |" for reason, n in self.quarantine_reasons.items()]
+            lines += [f"| {markdown_text(reason)} | {n} |" for reason, n in self.quarantine_reasons.items()]
         else:
             lines.append("No row was quarantined.")
         if self.notes:
-            lines += ["", *[f"Note: {note}" for note in self.notes]]
+            lines += ["", *[f"Note: {markdown_text(note)}" for note in self.notes]]
         for suite in self.suites.values():
-            lines += ["", f"## {suite.name} ({suite.rows} rows): {'✓' if suite.success else '✗'}", ""]
+            heading = f"## {markdown_text(suite.name)} ({suite.rows} rows): {'✓' if suite.success else '✗'}"
+            lines += ["", heading, ""]
             lines += ["| | expectation | column | outcome |", "| --- | --- | --- | --- |"]
             lines += [
-                f"| {'✓' if e.success else '✗'} | {_cell(e.description)} | {_cell(e.column or '')} | {_cell(e.outcome())} |"
+                f"| {'✓' if e.success else '✗'} | {markdown_text(e.description)} | {markdown_text(e.column or '')} | {markdown_text(e.outcome())} |"
                 for e in suite.expectations
             ]
             for e in suite.expectations:
                 if not e.success and e.examples:
-                    lines += ["", f"Failed: {_cell(e.description)} (`{e.expectation}`). Example rows:", ""]
-                    lines += [f"- {_cell(format_example(example))}" for example in e.examples]
+                    failed = f"Failed: {markdown_text(e.description)} (`{markdown_text(e.expectation)}`)."
+                    lines += ["", f"{failed} Example rows:", ""]
+                    lines += [f"- {markdown_text(format_example(example))}" for example in e.examples]
         return "\n".join(lines) + "\n"
 
 
@@ -163,7 +167,3 @@ def _balanced(rows_in: int | None, kept: int | None, quarantined: int | None) ->
 
 def _count(value: int | None) -> str:
     return "unknown" if value is None else str(value)
-
-
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
