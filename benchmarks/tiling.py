@@ -22,7 +22,8 @@ from pathlib import Path
 import openslide
 
 from healnet.data.synth_slides import write_synthetic_slide
-from healnet.preprocess.wsi import TilingConfig, preprocess_slides, read_feature_metadata, read_slide_features
+from healnet.preprocess.feature_files import read_feature_metadata, read_slide_features
+from healnet.preprocess.wsi import TilingConfig, preprocess_slides
 
 CMU_SLIDE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "CMU-1-Small-Region.svs"
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}

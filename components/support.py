@@ -67,7 +67,7 @@ def merge_feature_shards(shard_dirs: list[str], out_dir: Path) -> int:
 
     Two shards writing the same feature file means the shards overlap: that is an error.
     """
-    from healnet.preprocess.wsi import QUARANTINE_FILE, read_quarantine, write_quarantine
+    from healnet.preprocess.feature_files import QUARANTINE_FILE, read_quarantine, write_quarantine
 
     out_dir.mkdir(parents=True, exist_ok=True)
     owners: dict[str, str] = {}
@@ -132,7 +132,7 @@ def _shown(value: object) -> str:
 def feature_folders(slide_shards: list, imported) -> list[str]:
     """The folders of the run's patch-feature files: every tiled shard's, and the imported artifact's
     encoder folder (`import_features` writes `<artifact>/<encoder key>/`) when it holds any."""
-    from healnet.preprocess.wsi import resolve_feature_dir
+    from healnet.preprocess.feature_files import resolve_feature_dir
 
     folders = [artifact.path for artifact in slide_shards]
     if Path(imported.path).is_dir():
@@ -158,7 +158,7 @@ def check_import(
 ) -> None:
     """Raise (one line) when an import from `features_dir` could not start: no such folder, no feature
     files in a known layout, or import settings that `ImportConfig` refuses."""
-    from healnet.preprocess.feature_import import detect_layout
+    from healnet.preprocess.feature_sources import detect_layout
 
     if not Path(features_dir).is_dir():
         raise PipelineStepError(f"features_dir {features_dir} is not a folder the step can read")

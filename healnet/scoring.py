@@ -172,7 +172,7 @@ def copy_patient_features(cohort, patient_ids: Sequence[str], features_dir: Path
     quarantine entries of their slides that have none, so that `out_dir` is a feature folder for these
     patients alone: what a later step needs to score them again, a fraction of the cohort's features.
     Returns how many feature files were copied."""
-    from healnet.preprocess.wsi import (
+    from healnet.preprocess.feature_files import (
         QUARANTINE_FILE,
         feature_file_name,
         read_quarantine,

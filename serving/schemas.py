@@ -113,7 +113,7 @@ class PredictResponse(BaseModel):
         default=None,
         description=(
             "With return_attention and wsi_coords: the [x, y] of each patch, in the order of "
-            "attention['wsi'] (what `healnet.explain.SlideAttention.from_response` draws)."
+            "attention['wsi'] (what `healnet.heatmap.SlideAttention.from_response` draws)."
         ),
     )
 

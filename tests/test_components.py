@@ -26,8 +26,8 @@ from healnet.checkpoint import verify_checkpoint
 from healnet.data.cohort import Cohort
 from healnet.data.synth import SynthConfig, synthesize_cohort
 from healnet.gate import ENOUGH_EVENTS, GATE_VERSION, GatePolicy, rule_texts
+from healnet.preprocess.feature_files import feature_file_name
 from healnet.preprocess.omics import OmicsTransform
-from healnet.preprocess.wsi import feature_file_name
 from healnet.registry import get_champion, list_versions, register_model, set_champion
 from healnet.scoring import ScoredPatients
 from healnet.survival_metrics import harrell_c

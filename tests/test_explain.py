@@ -16,7 +16,8 @@ from healnet.checkpoint import load_checkpoint
 from healnet.cli import main
 from healnet.data.cohort import Cohort
 from healnet.data.synth import SynthConfig, synthesize_cohort
-from healnet.explain import (
+from healnet.explain import patch_footprint
+from healnet.heatmap import (
     DPI,
     ExplainError,
     SlideAttention,
@@ -24,11 +25,10 @@ from healnet.explain import (
     draw_heatmap,
     figure_size,
     panels,
-    patch_footprint,
     rasterise,
 )
 from healnet.inference import Case, CaseError, Predictor
-from healnet.preprocess.wsi import feature_file_name, read_slide_features
+from healnet.preprocess.feature_files import feature_file_name, read_slide_features
 from serving.demo import DemoSpec, demo_payload, demo_tiles
 from serving.schemas import PredictRequest
 from serving.service import HEALNetService

@@ -38,8 +38,9 @@ from healnet.preprocess.encoders import (
     find_encoder,
     make_encoder,
 )
+from healnet.preprocess.feature_files import SlideInputError, read_quarantine
 from healnet.preprocess.feature_import import ImportConfig, import_features
-from healnet.preprocess.wsi import SlideInputError, preprocess_slides, read_quarantine
+from healnet.preprocess.wsi import preprocess_slides
 
 FORMULA = "=cmd|' /C calc'!A0"
 MARKUP = "<img src=x onerror=alert(1)>"

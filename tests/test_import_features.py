@@ -21,15 +21,7 @@ from healnet.errors import HEALNetError
 from healnet.experiment import CohortData, load_trained
 from healnet.inference import Case
 from healnet.preprocess.encoders import EncoderProvenance, FeatureProvenance
-from healnet.preprocess.feature_import import (
-    FeatureFileError,
-    ImportConfig,
-    check_slide,
-    detect_layout,
-    import_features,
-    magnification_to_mpp,
-)
-from healnet.preprocess.wsi import (
+from healnet.preprocess.feature_files import (
     SlideInputError,
     feature_file_name,
     read_feature_metadata,
@@ -38,6 +30,8 @@ from healnet.preprocess.wsi import (
     read_slide_features,
     slide_stem,
 )
+from healnet.preprocess.feature_import import ImportConfig, check_slide, import_features, magnification_to_mpp
+from healnet.preprocess.feature_sources import FeatureFileError, detect_layout
 
 DIM = 32
 SMALL_MODEL = ["--latents", "4", "--latent-dim", "16", "--depth", "1", "--top-k", "20"]
@@ -377,7 +371,7 @@ def test_import_then_serve_predicts_from_imported_features_and_refuses_tiles(imp
 def test_import_then_serve_then_heatmap(imported_cohort, tmp_path, monkeypatch, capsys):
     """The end of the chain: a served answer (attention with the patch coordinates) drawn by a client, and
     `healnet explain` on the same run and slide."""
-    from healnet.explain import SlideAttention, draw_heatmap
+    from healnet.heatmap import SlideAttention, draw_heatmap
     from serving.runtime import ServedModel
 
     monkeypatch.setenv("HEALNET_DEVICE", "cpu")

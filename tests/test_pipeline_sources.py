@@ -167,7 +167,7 @@ def test_precomputed_features_are_imported_as_a_step(table, tmp_path):
     from test_import_features import CLAM_ATTRS, bag, write_h5
 
     from healnet.data.cohort import ingest as ingest_cohort
-    from healnet.preprocess.wsi import slide_stem
+    from healnet.preprocess.feature_files import slide_stem
 
     slide_ids = list(ingest_cohort(table).slides["slide_id"])
     clam = tmp_path / "clam"

@@ -18,14 +18,14 @@ from healnet.evaluate import evaluate_checkpoint
 from healnet.experiment import CohortData, load_trained, run_training
 from healnet.explain import patient_case
 from healnet.inference import Predictor
-from healnet.preprocess.wsi import (
+from healnet.preprocess.feature_files import (
     QUARANTINE_FILE,
     feature_file_name,
-    preprocess_slides,
     read_quarantine,
     read_slide_features,
     write_quarantine,
 )
+from healnet.preprocess.wsi import preprocess_slides
 from healnet.recipes import DEMO
 from healnet.train import TrainConfig
 

@@ -14,7 +14,7 @@ from healnet.data.dataset import SlideFeaturesError, load_wsi_bags
 from healnet.data.synth import TABLE_NAME, SynthConfig, synthesize_cohort
 from healnet.experiment import CohortData, run_training
 from healnet.preprocess.encoders import EncoderProvenance, StatsEncoder
-from healnet.preprocess.wsi import (
+from healnet.preprocess.feature_files import (
     SlideInputError,
     feature_file_name,
     read_feature_metadata,

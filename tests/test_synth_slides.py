@@ -9,7 +9,8 @@ from scipy.stats import spearmanr
 
 from healnet.data.synth_slides import SyntheticSlideError, write_synthetic_slide
 from healnet.preprocess.encoders import STATS_FEATURE_NAMES
-from healnet.preprocess.wsi import TilingConfig, preprocess_slides, read_slide_features
+from healnet.preprocess.feature_files import read_slide_features
+from healnet.preprocess.wsi import TilingConfig, preprocess_slides
 
 
 @pytest.fixture(scope="module")

@@ -25,18 +25,19 @@ from healnet.preprocess.encoders import (
     find_encoder,
     make_encoder,
 )
-from healnet.preprocess.wsi import (
+from healnet.preprocess.feature_files import (
     SlideInputError,
-    TilingConfig,
-    choose_level,
     feature_file_name,
-    preprocess_slide,
-    preprocess_slides,
+    is_feature_folder,
     read_feature_metadata,
     read_feature_provenance,
+    read_quarantine,
     read_slide_features,
-    tissue_mask,
+    resolve_feature_dir,
+    write_slide_features,
 )
+from healnet.preprocess.tissue import tissue_mask
+from healnet.preprocess.wsi import TilingConfig, choose_level, preprocess_slide, preprocess_slides
 
 CMU = FIXTURES / "CMU-1-Small-Region.svs"
 CMU_SIZE = (2220, 2967)
@@ -446,7 +447,7 @@ def test_rerun_resumes_an_interrupted_run(slides, tmp_path, monkeypatch):
     for path in slides.values():  # fine.tif, good-a.tif, good-b.tif in sorted order
         (folder / path.name).write_bytes(path.read_bytes())
 
-    write = wsi.write_slide_features
+    write = write_slide_features
 
     def interrupted_on_the_second_slide(path, features, coords, metadata):
         if (out / "fine.parquet").exists():
@@ -542,24 +543,24 @@ def test_the_quarantine_lists_of_every_shard_are_read_together(slides, corrupt_s
         quarantined |= dict(report.quarantined)
         assert (tmp_path / f"quarantine.shard-{index}-of-2.csv").exists()
     assert set(quarantined) == {"corrupt.svs", "blank.tif"}
-    assert wsi.read_quarantine(tmp_path) == quarantined
-    assert wsi.is_feature_folder(tmp_path) and wsi.read_quarantine(tmp_path / "absent") == {}
+    assert read_quarantine(tmp_path) == quarantined
+    assert is_feature_folder(tmp_path) and read_quarantine(tmp_path / "absent") == {}
     # a run whose every slide was quarantined still names its encoder folder: it holds only the list
     only = tmp_path / "only-bad" / "stats"
     preprocess_slides([corrupt_slide], only, progress=False)
-    assert wsi.resolve_feature_dir(only.parent) == only and list(wsi.read_quarantine(only)) == ["corrupt.svs"]
+    assert resolve_feature_dir(only.parent) == only and list(read_quarantine(only)) == ["corrupt.svs"]
 
 
 def test_a_malformed_quarantine_list_is_a_slide_input_error(tmp_path):
     (tmp_path / "quarantine.csv").write_text("slide_id,why\na.tif,unreadable\n")
     with pytest.raises(SlideInputError, match="quarantine.csv: a quarantine list needs the columns"):
-        wsi.read_quarantine(tmp_path)
+        read_quarantine(tmp_path)
     (tmp_path / "quarantine.csv").write_text("slide,reason\n,unreadable\n")
     with pytest.raises(SlideInputError, match="line 2 names no slide"):
-        wsi.read_quarantine(tmp_path)
+        read_quarantine(tmp_path)
     (tmp_path / "quarantine.csv").write_bytes(b"slide,reason\n\xff\xfe,bad bytes\n")
     with pytest.raises(SlideInputError, match="unreadable quarantine list"):
-        wsi.read_quarantine(tmp_path)
+        read_quarantine(tmp_path)
 
 
 def test_invalid_tiling_settings_are_slide_input_errors(slides, tmp_path):

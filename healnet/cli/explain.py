@@ -30,7 +30,7 @@ Example:
 
 
 def layer_choice(text: str) -> str | int:
-    from healnet.explain import ExplainError, parse_layer
+    from healnet.heatmap import ExplainError, parse_layer
 
     try:
         return parse_layer(text)

@@ -96,7 +96,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from healnet.preprocess.encoders import make_encoder
-    from healnet.preprocess.wsi import TilingConfig, preprocess_slides, shard_file_name
+    from healnet.preprocess.feature_files import shard_file_name
+    from healnet.preprocess.wsi import TilingConfig, preprocess_slides
 
     config = TilingConfig(
         target_mpp=args.target_mpp, patch_size=args.patch_size, min_tissue_fraction=args.min_tissue

@@ -46,7 +46,7 @@ def load_wsi_bags(cohort, features_dir: Path, *, required: bool = False) -> Slid
     Feature files of different encoders or grids are a `SlideFeaturesError`: their features are not
     comparable.
     """
-    from healnet.preprocess.wsi import (
+    from healnet.preprocess.feature_files import (
         feature_file_name,
         is_feature_folder,
         read_feature_provenance,

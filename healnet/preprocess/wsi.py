@@ -1,20 +1,19 @@
-"""Whole-slide image preprocessing: tissue mask, patch grid and feature files (the encoders are in
-`healnet.preprocess.encoders`).
+"""Whole-slide image tiling: µm/px, patch grid, encoding and the run over many slides (the encoders are in
+`healnet.preprocess.encoders`, tissue detection in `healnet.preprocess.tissue`, the feature file format in
+`healnet.preprocess.feature_files`).
 
 Slides are read with OpenSlide only. A slide becomes a bag of patches on a regular grid at
 `TilingConfig.target_mpp` µm/px; patches whose tissue fraction (from the thumbnail's Otsu mask, cleaned
 of specks and small holes) reaches `min_tissue_fraction` are encoded and written to
 `out_dir/<feature_file_name(slide_id)>`. Slides that cannot be processed are quarantined with a reason,
 never skipped silently: among them slide ids that cannot name a file (`check_file_name`) and, when a slide
-root is given, slide files that resolve (symlinks followed) outside it; slides whose feature file is already complete for the same encoder and tiling
-settings are skipped (resume) unless `overwrite=True`.
+root is given, slide files that resolve (symlinks followed) outside it; slides whose feature file is
+already complete for the same encoder and tiling settings are skipped (resume) unless `overwrite=True`.
 """
 
 from __future__ import annotations
 
-import csv
 import json
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,35 +25,29 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from einops import rearrange
-from PIL import Image, ImageDraw
-from scipy import ndimage
+from PIL import Image
 from tqdm import tqdm
 
 from healnet.errors import HEALNetError
-from healnet.files import UnsafeNameError, check_file_name, from_spreadsheet_cell, spreadsheet_cell
-from healnet.preprocess.encoders import (
-    EncoderError,
-    EncoderProvenance,
-    FeatureProvenance,
-    PatchEncoder,
-    StatsEncoder,
-    TileError,
-    encode_tiles,
-    make_encoder,
+from healnet.files import UnsafeNameError, check_file_name
+from healnet.preprocess.encoders import PatchEncoder, encode_tiles, make_encoder
+from healnet.preprocess.feature_files import (
+    MPP_TOLERANCE,
+    QUARANTINE_FILE,
+    SLIDE_SUFFIXES,
+    SlideInputError,
+    feature_file_name,
+    read_feature_metadata,
+    set_aside_earlier_features,
+    shard_file_name,
+    slide_stem,
+    write_quarantine,
+    write_slide_features,
 )
+from healnet.preprocess.tissue import MIN_TISSUE_AREA_UM2, cell_tissue_fractions, draw_overlay, tissue_mask
 
-# the formats OpenSlide 4 reads (DICOM and Zeiss CZI included)
-SLIDE_SUFFIXES = frozenset(
-    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi", ".dcm"}
-)
-MPP_TOLERANCE = 0.02  # a level counts as "finer than target" up to 2 % coarser (0.499 × 2 vs 1.0)
-MIN_TISSUE_SATURATION = 0.05  # below it a pixel is glass whatever Otsu says (blank slides)
 THUMBNAIL_PX_PER_PATCH = 16  # a finer tissue mask only costs time ...
 MIN_THUMBNAIL = 256  # ... but the thumbnail stays large enough to look at
-# Tissue mask clean-up: tissue components smaller than this are specks (dust, debris, noise) and are
-# dropped; glass holes smaller than this inside tissue are filled (0.01 mm², a 100 µm square).
-MIN_TISSUE_AREA_UM2 = 10_000.0
-MIN_AREA_FRACTION = 1e-3  # the same clean-up by thumbnail area, when the thumbnail's µm/px is not given
 # TIFF resolution tags coarser than this are an image editor's default (72, 96 or 300 dpi), not a scan.
 MAX_TIFF_MPP = 50.0
 MPP_SOURCES = ("openslide", "manifest", "tiff", "objective-power")  # in order of precedence
@@ -62,10 +55,6 @@ MPP_SOURCES = ("openslide", "manifest", "tiff", "objective-power")  # in order o
 
 class SlideError(HEALNetError):
     """A slide that cannot be turned into patch features; the message is the quarantine reason."""
-
-
-class SlideInputError(HEALNetError, ValueError):
-    """The slide input (folder, manifest or list) or a feature file is malformed."""
 
 
 @dataclass(frozen=True)
@@ -109,102 +98,6 @@ class PreprocessReport:
     @property
     def n_patches(self) -> int:
         return sum(result.n_patches for result in self.processed)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tissue mask and patch grid
-
-
-def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold of values in [0, 1]: the cut that maximises the between-class variance."""
-    counts, edges = np.histogram(values, bins=bins, range=(0.0, 1.0))
-    centres = (edges[:-1] + edges[1:]) / 2
-    weight_low = np.cumsum(counts)
-    weight_high = weight_low[-1] - weight_low
-    sum_low = np.cumsum(counts * centres)
-    mean_low = sum_low / np.maximum(weight_low, 1)
-    mean_high = (sum_low[-1] - sum_low) / np.maximum(weight_high, 1)
-    between = weight_low * weight_high * (mean_low - mean_high) ** 2
-    return float(edges[np.argmax(between) + 1])
-
-
-def tissue_mask(thumbnail_rgb: np.ndarray, min_area_px: float | None = None) -> np.ndarray:
-    """Boolean tissue mask of an (h, w, 3) uint8 thumbnail: Otsu on HSV saturation, then cleaned up.
-
-    Pixels below `MIN_TISSUE_SATURATION` are glass whatever Otsu says, so a blank slide has no tissue.
-    The clean-up (`clean_mask`) drops tissue specks and fills glass holes smaller than `min_area_px`
-    thumbnail pixels; by default `MIN_AREA_FRACTION` of the thumbnail (slide tiling passes
-    `MIN_TISSUE_AREA_UM2` converted to thumbnail pixels).
-    """
-    if thumbnail_rgb.dtype != np.uint8 or thumbnail_rgb.ndim != 3 or thumbnail_rgb.shape[2] != 3:
-        raise TileError(
-            f"thumbnail must be an (h, w, 3) uint8 array, got {thumbnail_rgb.dtype} {thumbnail_rgb.shape}"
-        )
-    high = thumbnail_rgb.max(axis=2).astype(np.float32)
-    low = thumbnail_rgb.min(axis=2).astype(np.float32)
-    saturation = (high - low) / np.maximum(high, 1.0)
-    mask = saturation >= max(otsu_threshold(saturation), MIN_TISSUE_SATURATION)
-    if min_area_px is None:
-        min_area_px = MIN_AREA_FRACTION * mask.size
-    return clean_mask(mask, min_area_px)
-
-
-def clean_mask(mask: np.ndarray, min_area_px: float) -> np.ndarray:
-    """`mask` without its connected components (8-connected) smaller than `min_area_px` pixels, and
-    with its holes (4-connected glass regions that do not touch the border) smaller than that filled.
-
-    Area filters instead of an opening or closing: they remove isolated specks and fill small holes
-    without shaving thin tissue strands or bridging neighbouring fragments."""
-    if min_area_px <= 1 or not mask.any():
-        return mask
-    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    cleaned = (sizes >= min_area_px)[labels] & mask
-    glass, count = ndimage.label(~cleaned)  # 4-connected: glass does not leak through diagonal tissue
-    sizes = np.bincount(glass.ravel(), minlength=count + 1)
-    border = np.unique(np.concatenate([glass[0], glass[-1], glass[:, 0], glass[:, -1]]))
-    hole = sizes < min_area_px
-    hole[0] = False  # label 0 is the tissue itself
-    hole[border] = False
-    return cleaned | hole[glass]
-
-
-def cell_tissue_fractions(
-    mask: np.ndarray, level0_size: tuple[int, int], step0: float, n_rows: int, n_cols: int
-) -> np.ndarray:
-    """(n_rows, n_cols) fraction of mask pixels inside each grid cell of `step0` level-0 px."""
-    integral = np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    height, width = mask.shape
-
-    def edges(count: int, scale: float, limit: int) -> tuple[np.ndarray, np.ndarray]:
-        start = np.clip(np.round(np.arange(count) * step0 * scale).astype(int), 0, limit - 1)
-        stop = np.clip(np.round(np.arange(1, count + 1) * step0 * scale).astype(int), start + 1, limit)
-        return start, stop
-
-    top, bottom = edges(n_rows, height / level0_size[1], height)
-    left, right = edges(n_cols, width / level0_size[0], width)
-    inside = (
-        integral[bottom][:, right]
-        - integral[top][:, right]
-        - integral[bottom][:, left]
-        + integral[top][:, left]
-    )
-    return inside / np.outer(bottom - top, right - left)
-
-
-# Slide file extensions that OpenSlide reads (and DICOM); only these are cut from a slide id.
-
-
-def slide_stem(slide_id: str) -> str:
-    """The slide id's file name without a slide extension; other dotted parts (TCGA UUIDs) stay."""
-    name = Path(slide_id).name
-    suffix = Path(name).suffix
-    return name[: -len(suffix)] if suffix.lower() in SLIDE_SUFFIXES else name
-
-
-def feature_file_name(slide_id: str) -> str:
-    """The name of a slide's feature file: `slide_stem(slide_id) + ".parquet"`."""
-    return slide_stem(slide_id) + ".parquet"
 
 
 def thumbnail_file_name(slide_id: str) -> str:
@@ -410,129 +303,6 @@ def tiling_metadata(encoder: PatchEncoder, config: TilingConfig) -> dict:
     }
 
 
-def draw_overlay(thumbnail: np.ndarray, mask: np.ndarray, boxes: np.ndarray) -> Image.Image:
-    """The thumbnail with the tissue mask outlined in green and the kept patches boxed in blue."""
-    padded = np.pad(mask, 1, mode="edge")
-    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
-    overlay = thumbnail.copy()
-    overlay[mask & ~interior] = (0, 200, 0)
-    image = Image.fromarray(overlay)
-    draw = ImageDraw.Draw(image)
-    for left, top, right, bottom in boxes:
-        draw.rectangle((left, top, right - 1, bottom - 1), outline=(40, 90, 255))
-    return image
-
-
-# ---------------------------------------------------------------------------------------------
-# Feature files
-
-METADATA_PREFIX = "healnet."
-# An earlier feature file of a slide that a later run quarantined: kept, but no longer read as features
-SUPERSEDED_SUFFIX = ".superseded"
-# The slides a run could not turn into features, with the reason; a sharded run writes one per shard
-QUARANTINE_FILE = "quarantine.csv"
-QUARANTINE_COLUMNS = ["slide", "reason"]
-
-
-def write_slide_features(path: Path, features: np.ndarray, coords: np.ndarray, metadata: dict) -> None:
-    """Parquet with x, y (level-0 px, patch top-left) and f_0..f_{d-1} float32; `metadata` as JSON values."""
-    columns = {"x": coords[:, 0].astype(np.int64), "y": coords[:, 1].astype(np.int64)}
-    columns |= {f"f_{i}": features[:, i].astype(np.float32) for i in range(features.shape[1])}
-    table = pa.table(columns).replace_schema_metadata(
-        {METADATA_PREFIX + key: json.dumps(value) for key, value in metadata.items()}
-    )
-    partial = path.with_name(path.name + ".partial")
-    pq.write_table(table, partial)
-    partial.replace(path)
-
-
-def read_slide_features(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(features float32 (n, d), coords int64 (n, 2) as x, y) from a feature file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SlideInputError(f"feature file not found: {path}")
-    try:
-        table = pq.read_table(path)
-    except (OSError, pa.ArrowException) as error:
-        raise unreadable_feature_file(path, error) from error
-    names = table.column_names
-    expected = ["x", "y", *(f"f_{i}" for i in range(len(names) - 2))]
-    if names != expected:
-        raise SlideInputError(f"{path}: columns must be x, y, f_0..f_(d-1) in order, got {names[:6]}...")
-    coords = np.stack([table.column(name).to_numpy() for name in ("x", "y")], axis=1).astype(np.int64)
-    features = np.empty((table.num_rows, len(names) - 2), dtype=np.float32)
-    for index, name in enumerate(names[2:]):
-        features[:, index] = table.column(name).to_numpy()
-    return features, coords
-
-
-def unreadable_feature_file(path: Path, error: Exception) -> SlideInputError:
-    """The error for a feature file that is not readable parquet (truncated, or another format)."""
-    return SlideInputError(
-        f"{path}: unreadable feature file ({type(error).__name__}: {error}); remove it and compute it again "
-        "with `healnet preprocess-slides` or `healnet import-features`"
-    )
-
-
-def read_feature_provenance(path: Path) -> FeatureProvenance:
-    """Encoder and patch grid recorded in a feature file; a file without them is a SlideInputError."""
-    metadata = read_feature_metadata(path)
-    encoder = metadata.get("encoder")
-    if encoder == StatsEncoder.name:  # written before provenance was recorded: the only weight-free encoder
-        encoder = StatsEncoder.provenance.to_dict()
-    if not isinstance(encoder, dict) or "patch_size" not in metadata or "target_mpp" not in metadata:
-        raise SlideInputError(
-            f"{path}: no encoder provenance (encoder, patch_size, target_mpp) in the file; recompute it with "
-            "`healnet preprocess-slides` or bring it in with `healnet import-features`"
-        )
-    try:
-        return FeatureProvenance(
-            EncoderProvenance.from_dict(encoder), int(metadata["patch_size"]), float(metadata["target_mpp"])
-        )
-    except (EncoderError, TypeError, ValueError) as error:
-        raise SlideInputError(f"{path}: malformed encoder provenance: {error}") from error
-
-
-def resolve_feature_dir(features_dir: Path) -> Path:
-    """The folder of one encoder's feature files: `features_dir` itself when it is one (`is_feature_folder`),
-    else its only encoder subfolder (`preprocess-slides` and `import-features` write `OUT/<encoder key>/`).
-    Several encoder subfolders are a SlideInputError naming them: features of different encoders are not
-    comparable, so the caller must choose one."""
-    features_dir = Path(features_dir)
-    if not features_dir.is_dir() or is_feature_folder(features_dir):
-        return features_dir
-    keyed = sorted(
-        folder for folder in features_dir.iterdir() if folder.is_dir() and is_feature_folder(folder)
-    )
-    if len(keyed) > 1:
-        names = ", ".join(folder.name for folder in keyed)
-        raise SlideInputError(
-            f"{features_dir} holds features of {len(keyed)} encoders ({names}); choose one, e.g. "
-            f"--features {keyed[0]}"
-        )
-    return keyed[0] if keyed else features_dir
-
-
-def is_feature_folder(folder: Path) -> bool:
-    """Whether `folder` is one encoder's output: it holds feature files, or quarantine lists (a run whose
-    every slide was quarantined wrote no feature file, yet says which slides it refused)."""
-    return any(folder.glob("*.parquet")) or bool(quarantine_files(folder))
-
-
-def read_feature_metadata(path: Path) -> dict:
-    """The schema metadata of a feature file (encoder, target_mpp, patch_size, slide_mpp, ...); an
-    unreadable file is a SlideInputError naming it."""
-    try:
-        metadata = pq.read_schema(path).metadata or {}
-    except (OSError, pa.ArrowException) as error:
-        raise unreadable_feature_file(path, error) from error
-    return {
-        key.decode().removeprefix(METADATA_PREFIX): json.loads(value)
-        for key, value in metadata.items()
-        if key.decode().startswith(METADATA_PREFIX)
-    }
-
-
 def completed_slide(
     out_dir: Path,
     slide_id: str,
@@ -649,25 +419,6 @@ def manifest_mpps(inputs: str | Path | Iterable[str | Path]) -> dict[str, float]
     }
 
 
-def shard_file_name(name: str, shard: tuple[int, int]) -> str:
-    """`report.json` unsharded, `report.shard-1-of-4.json` for shard (1, 4): shards never overwrite."""
-    index, count = shard
-    if count == 1:
-        return name
-    stem, suffix = name.rsplit(".", 1)
-    return f"{stem}.shard-{index}-of-{count}.{suffix}"
-
-
-def shard_files(folder: Path, name: str) -> list[Path]:
-    """The files in `folder` named `shard_file_name(name, shard)` for any shard, the unsharded `name`
-    included, sorted by name; none when the folder is absent."""
-    if not folder.is_dir():
-        return []
-    stem, suffix = name.rsplit(".", 1)
-    pattern = re.compile(rf"{re.escape(stem)}(\.shard-\d+-of-\d+)?\.{re.escape(suffix)}")
-    return sorted(path for path in folder.iterdir() if path.is_file() and pattern.fullmatch(path.name))
-
-
 def preprocess_slides(
     inputs: str | Path | Iterable[str | Path],
     out_dir: Path,
@@ -758,18 +509,6 @@ def unsafe_name(slide_id: str) -> str:
     return ""
 
 
-def set_aside_earlier_features(out_dir: Path, slide_id: str, reason: str) -> str:
-    """Rename the feature file an earlier run wrote for a slide that this run failed to recompute (other
-    settings, or `overwrite`) to `<file>.superseded`, so that training does not read features of settings
-    this run no longer stands for; nothing is deleted. Returns the quarantine reason, saying so."""
-    earlier = out_dir / feature_file_name(slide_id)
-    if not earlier.exists():
-        return reason
-    kept = earlier.with_name(earlier.name + SUPERSEDED_SUFFIX)
-    earlier.replace(kept)
-    return f"{reason}; the earlier run's feature file is kept as {kept.name}"
-
-
 def result_summary(result: SlideResult) -> dict:
     return {
         **asdict(result),
@@ -798,46 +537,3 @@ def write_report(
     }
     (out_dir / shard_file_name("report.json", shard)).write_text(json.dumps(summary, indent=2))
     write_quarantine(out_dir / shard_file_name(QUARANTINE_FILE, shard), report.quarantined)
-
-
-def write_quarantine(path: Path, quarantined: Sequence[tuple[str, str]]) -> None:
-    """The quarantined slides and their reasons as CSV (slide, reason), each cell as `spreadsheet_cell`
-    (a slide id cannot be a formula); no file when there are none, so that a previous run's list cannot
-    mislead."""
-    if not quarantined:
-        path.unlink(missing_ok=True)
-        return
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(QUARANTINE_COLUMNS)
-        writer.writerows([spreadsheet_cell(cell) for cell in row] for row in quarantined)
-
-
-def quarantine_files(features_dir: Path) -> list[Path]:
-    """The quarantine lists of a feature folder: `quarantine.csv` of an unsharded `preprocess-slides` run
-    or of `import-features`, and `quarantine.shard-<i>-of-<n>.csv` of each shard's run."""
-    return shard_files(Path(features_dir), QUARANTINE_FILE)
-
-
-def read_quarantine(features_dir: Path) -> dict[str, str]:
-    """slide -> reason for every slide that a quarantine list of the feature folder names (all of
-    `quarantine_files`, so the shards of one run together give the whole quarantine); {} when there are
-    none. A list that is not a CSV with the columns slide and reason is a SlideInputError naming it."""
-    quarantined: dict[str, str] = {}
-    for path in quarantine_files(features_dir):
-        try:
-            with path.open(newline="") as handle:
-                reader = csv.DictReader(handle)
-                if reader.fieldnames != QUARANTINE_COLUMNS:
-                    raise SlideInputError(
-                        f"{path}: a quarantine list needs the columns {QUARANTINE_COLUMNS}, "
-                        f"got {reader.fieldnames}"
-                    )
-                for row in reader:
-                    if not row["slide"]:
-                        raise SlideInputError(f"{path}: line {reader.line_num} names no slide")
-                    slide = from_spreadsheet_cell(row["slide"])
-                    quarantined.setdefault(slide, from_spreadsheet_cell(row["reason"] or ""))
-        except (OSError, UnicodeDecodeError, csv.Error) as error:
-            raise SlideInputError(f"{path}: unreadable quarantine list ({error})") from error
-    return quarantined
