@@ -2,7 +2,7 @@
 
 Created with prometheus_client at import: BentoML workers start with PROMETHEUS_MULTIPROC_DIR already
 set, so these land in the multiprocess files that BentoML's /metrics aggregates. Labels are bounded:
-modality names, presence patterns, pipeline stages, the fixed rejection reasons and the model's clinical
+modality names, presence patterns, pipeline stages, the rejection reasons (`Reason`) and the model's clinical
 covariate names, never case data.
 """
 
@@ -15,17 +15,8 @@ from typing import TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
-VALIDATION_REASONS = (
-    "no_modality",
-    "wrong_dimensions",
-    "non_finite",
-    "missing_features",
-    "out_of_range",
-    "too_large",
-    "invalid_schema",
-    "bad_image",
-    "no_encoder",
-)
+from serving.reasons import Reason
+
 STAGES = ("preprocess", "forward")
 # why following the champion failed: the pointer, the version in the store, or loading it
 RELOAD_FAILURE_REASONS = ("pointer_unreadable", "store_unreadable", "load_failed")
@@ -92,8 +83,8 @@ LAST_SUCCESSFUL_POLL = Gauge(
 )
 VALIDATION_ERRORS = Counter("healnet_validation_errors_total", "Rejected requests by reason.", ["reason"])
 
-for _reason in VALIDATION_REASONS:
-    VALIDATION_ERRORS.labels(_reason)
+for _rejection in Reason:
+    VALIDATION_ERRORS.labels(_rejection)
 for _stage in STAGES:
     INFERENCE_DURATION.labels(_stage)
 for _reason in RELOAD_FAILURE_REASONS:
@@ -171,9 +162,7 @@ def record_prediction(
     RISK_SCORE.observe(risk)
 
 
-def record_rejection(reason: str) -> None:
-    if reason not in VALIDATION_REASONS:
-        raise ValueError(f"unknown rejection reason {reason!r}; expected one of {VALIDATION_REASONS}")
+def record_rejection(reason: Reason) -> None:
     _labelled(VALIDATION_ERRORS, reason).inc()
 
 
