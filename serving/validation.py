@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
 from operator import is_not
-from typing import cast
+from typing import assert_never, cast
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from healnet.inference import Case, Predictor
-from healnet.preprocess.clinical import PlausibleRange
+from healnet.preprocess.clinical import ClinicalProblem, ClinicalTransform, ClinicalValueError
 from healnet.preprocess.encoders import PatchEncoder, encode_tiles
 from healnet.preprocess.omics import COMBINED_MODALITY
 from serving.config import Limits
@@ -66,8 +66,8 @@ class TileBudget:
 
 @dataclass(frozen=True)
 class ModelContract:
-    """What the loaded model accepts: omic tables and feature names, clinical covariates and their
-    plausible ranges, slide feature width, tile encoder."""
+    """What the loaded model accepts: omic tables and feature names, clinical covariates (the checks of
+    its clinical transform), slide feature width, tile encoder."""
 
     modalities: list[str]
     # per omic table a request may give (with the combined grouping, also "omic"): the model's features in it
@@ -76,9 +76,7 @@ class ModelContract:
     wsi_dim: int | None
     encoder: PatchEncoder | None
     patch_size: int
-    clinical_covariates: frozenset[str] = frozenset()  # empty: the model has no clinical modality
-    categorical_covariates: frozenset[str] = frozenset()
-    plausible_ranges: dict[str, PlausibleRange] = field(default_factory=dict)  # per numeric covariate
+    clinical: ClinicalTransform | None = None  # None: the model has no clinical modality
     encoder_unavailable: str = "the model has no slide modality"  # why tiles are refused without an encoder
 
     @classmethod
@@ -96,15 +94,17 @@ class ModelContract:
             wsi_dim=predictor.wsi_dim,
             encoder=encoder,
             patch_size=int(predictor.preprocessor.tiling.get("patch_size", DEFAULT_PATCH_SIZE)),
-            clinical_covariates=frozenset(clinical.covariates if clinical else ()),
-            categorical_covariates=frozenset(clinical.config.categorical if clinical else ()),
-            plausible_ranges=dict(clinical.plausible_ranges) if clinical else {},
+            clinical=clinical,
             encoder_unavailable=encoder_unavailable or cls.encoder_unavailable,
         )
 
     @property
     def omic_tables(self) -> frozenset[str]:
         return frozenset(self.table_features)
+
+    @property
+    def clinical_covariates(self) -> frozenset[str]:
+        return frozenset(self.clinical.covariates if self.clinical else ())
 
 
 def to_case(
@@ -158,25 +158,28 @@ def _check_some_modality_is_the_models(request: PredictRequest, contract: ModelC
 
 
 def _check_clinical(clinical: Mapping[str, float | str | None], contract: ModelContract) -> None:
-    """Numbers for the numeric covariates (finite and plausible), text for the categorical ones."""
+    """Every given value as the model's clinical transform reads it (`ClinicalTransform.check_value`), so
+    that the model refuses no case this accepted. A model without the clinical modality reads none: the
+    response lists them as unknown."""
+    if contract.clinical is None:
+        return
     for name, value in clinical.items():
-        if value is None:
-            continue
-        if name in contract.categorical_covariates:
-            if not isinstance(value, str):
-                raise RejectedRequest(
-                    Reason.INVALID_SCHEMA, f"clinical[{name!r}] must be text, got {value!r}"
-                )
-        elif isinstance(value, str):
-            raise RejectedRequest(
-                Reason.INVALID_SCHEMA, f"clinical[{name!r}] must be a number, got {value!r}"
-            )
-        elif not math.isfinite(value):
-            raise RejectedRequest(Reason.NON_FINITE, f"clinical[{name!r}] is {value}: use null for missing")
-        elif (bounds := contract.plausible_ranges.get(name)) is not None and not bounds.holds(value):
-            raise RejectedRequest(
-                Reason.OUT_OF_RANGE, f"clinical[{name!r}] is {value:g}, outside its plausible range {bounds}"
-            )
+        try:
+            contract.clinical.check_value(name, value)
+        except ClinicalValueError as error:
+            raise RejectedRequest(_clinical_reason(error.problem), str(error)) from None
+
+
+def _clinical_reason(problem: ClinicalProblem) -> Reason:
+    match problem:
+        case ClinicalProblem.WRONG_TYPE:
+            return Reason.INVALID_SCHEMA
+        case ClinicalProblem.NOT_FINITE:
+            return Reason.NON_FINITE
+        case ClinicalProblem.IMPLAUSIBLE:
+            return Reason.OUT_OF_RANGE
+        case _:
+            assert_never(problem)
 
 
 def _check_omics(
