@@ -130,15 +130,17 @@ class HEALNetService:
             fits=lambda cases: padded_patches(cases) <= self.limits.max_patches,
             inline=lambda cases: on_cpu and padded_patches(cases) <= INLINE_PASS_PATCHES,
         )
-        previous = self.serving
-        self.serving = (model, batcher)
         clinical = model.predictor.preprocessor.clinical
+        # before the first request it answers can count a prediction in its metrics
         metrics.model_loaded(
             model.tag,
             model.contract.modalities,
             model.reference_risk_quantiles,
             list(clinical.training_ranges) if clinical else [],
+            model.predictor.checkpoint.bins.n_bins,
         )
+        previous = self.serving
+        self.serving = (model, batcher)
         if previous is not None and previous[0].tag != model.tag:
             metrics.model_unloaded(previous[0].tag)
 
