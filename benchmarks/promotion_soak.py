@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 from serve_load import demo_service
 
-from serving.demo import DemoSpec, demo_payload, train_demo_checkpoint
+from devtools.demo import DemoSpec, demo_payload, train_demo_checkpoint
 
 LOAD_ALLOWANCE_S = 5.0  # loading, verifying and warming the demo model on a busy 2-core machine
 MAX_REQUESTS = 50_000

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from serving.demo import DemoSpec, demo_payload
+from devtools.demo import DemoSpec, demo_payload
 
 P50_OVERHEAD_TARGET_MS = 5.0
 WARM_UP = 20  # requests per mode before measuring
@@ -220,9 +220,9 @@ def demo_service(spec: DemoSpec, threads: int, workers: int):
 
     The registry location goes to the environment before BentoML is first used in this process.
     """
+    from devtools.demo import train_demo_checkpoint
     from devtools.live_server import live_server
     from healnet.registry import register_model, set_champion
-    from serving.demo import train_demo_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
         os.environ["BENTOML_HOME"] = os.environ["HEALNET_REGISTRY_DIR"] = str(Path(tmp) / "home")

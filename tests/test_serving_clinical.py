@@ -10,10 +10,10 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
+from devtools.demo import DemoSpec, demo_cohort, demo_payload
 from healnet.checkpoint import load_checkpoint
 from healnet.ensemble import HEALNetEnsemble
 from healnet.inference import Case, Predictor
-from serving.demo import DemoSpec, demo_cohort, demo_payload
 from serving.schemas import PredictRequest, PredictResponse
 from serving.service import HEALNetService
 
