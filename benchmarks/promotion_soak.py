@@ -71,7 +71,10 @@ def main() -> int:
     with demo_service(spec, threads=1, workers=args.workers) as (url, _):
         from healnet.registry import get_champion, register_model, rollback, set_champion
 
-        first = get_champion()["tag"]
+        champion = get_champion()
+        if champion is None:
+            raise SystemExit("the demo service registered no champion")
+        first = champion["tag"]
         with tempfile.TemporaryDirectory(prefix="soak_") as tmp:
             second = register_model(train_demo_checkpoint(Path(tmp) / "second", DemoSpec(seed=1)))
         answers: list = []
