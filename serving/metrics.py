@@ -2,8 +2,9 @@
 
 Created with prometheus_client at import: BentoML workers start with PROMETHEUS_MULTIPROC_DIR already
 set, so these land in the multiprocess files that BentoML's /metrics aggregates. Labels are bounded:
-modality names, presence patterns, pipeline stages, the rejection reasons (`Reason`) and the model's clinical
-covariate names, never case data.
+modality names, presence patterns, pipeline stages, the rejection reasons (`Reason`) and the model's
+clinical covariate names, never case data. healnet_risk_score waits for the model: its buckets follow the
+model's survival bins.
 """
 
 from __future__ import annotations

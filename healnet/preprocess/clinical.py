@@ -41,7 +41,7 @@ class ClinicalTransformError(HEALNetError, ValueError):
 class ClinicalProblem(Enum):
     """What makes a case's covariate value unreadable."""
 
-    WRONG_TYPE = "wrong_type"  # a number for a categorical covariate, anything else for another one
+    WRONG_TYPE = "wrong_type"  # not text for a categorical covariate, not a number for another one
     NOT_FINITE = "not_finite"
     IMPLAUSIBLE = "implausible"  # outside the covariate's plausible range: an entry or unit error
 
