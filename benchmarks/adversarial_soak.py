@@ -143,9 +143,9 @@ async def run_phase(
 @contextmanager
 def demo_service():
     """A temporary registry with a demo champion served by one `bentoml serve` worker; yields its URL."""
+    from devtools.demo import train_demo_checkpoint
     from devtools.live_server import live_server
     from healnet.registry import register_model, set_champion
-    from serving.demo import train_demo_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="adversarial_soak_") as tmp:
         os.environ["BENTOML_HOME"] = os.environ["HEALNET_REGISTRY_DIR"] = str(Path(tmp) / "home")

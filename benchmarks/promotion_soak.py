@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 from serve_load import demo_service
 
-from serving.demo import DemoSpec, demo_payload, train_demo_checkpoint
+from devtools.demo import DemoSpec, demo_payload, train_demo_checkpoint
 
 LOAD_ALLOWANCE_S = 5.0  # loading, verifying and warming the demo model on a busy 2-core machine
 MAX_REQUESTS = 50_000
@@ -71,7 +71,10 @@ def main() -> int:
     with demo_service(spec, threads=1, workers=args.workers) as (url, _):
         from healnet.registry import get_champion, register_model, rollback, set_champion
 
-        first = get_champion()["tag"]
+        champion = get_champion()
+        if champion is None:
+            raise SystemExit("the demo service registered no champion")
+        first = champion["tag"]
         with tempfile.TemporaryDirectory(prefix="soak_") as tmp:
             second = register_model(train_demo_checkpoint(Path(tmp) / "second", DemoSpec(seed=1)))
         answers: list = []

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from serving.demo import DemoSpec, demo_payload
+from devtools.demo import DemoSpec, demo_payload
 
 P50_OVERHEAD_TARGET_MS = 5.0
 WARM_UP = 20  # requests per mode before measuring
@@ -220,9 +220,9 @@ def demo_service(spec: DemoSpec, threads: int, workers: int):
 
     The registry location goes to the environment before BentoML is first used in this process.
     """
+    from devtools.demo import train_demo_checkpoint
     from devtools.live_server import live_server
     from healnet.registry import register_model, set_champion
-    from serving.demo import train_demo_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
         os.environ["BENTOML_HOME"] = os.environ["HEALNET_REGISTRY_DIR"] = str(Path(tmp) / "home")
@@ -272,27 +272,27 @@ def main() -> int:
 
     baseline = rows[0]
     by_concurrency = {row["concurrency"]: row for row in rows[1:]}
-    results = {
+    results: dict[str, object] = {
         "rows": rows,
         "load_average": os.getloadavg(),
         "cpus": os.cpu_count(),
         "args": vars(args) | {"json": str(args.json)},
     }
-    if 1 in by_concurrency:
-        results["p50_overhead_ms"] = by_concurrency[1]["p50_ms"] - baseline["p50_ms"]
-    if 8 in by_concurrency:
-        results["throughput_ratio_at_8"] = by_concurrency[8]["rps"] / baseline["rps"]
     print(table(rows))
     print()
-    if "p50_overhead_ms" in results:
-        met = results["p50_overhead_ms"] < P50_OVERHEAD_TARGET_MS
+    if 1 in by_concurrency:
+        overhead_ms: float = by_concurrency[1]["p50_ms"] - baseline["p50_ms"]
+        results["p50_overhead_ms"] = overhead_ms
+        met = overhead_ms < P50_OVERHEAD_TARGET_MS
         print(
-            f"p50 overhead at concurrency 1: {results['p50_overhead_ms']:.2f} ms (target < 5 ms: {'met' if met else 'NOT met'})"
+            f"p50 overhead at concurrency 1: {overhead_ms:.2f} ms (target < 5 ms: {'met' if met else 'NOT met'})"
         )
-    if "throughput_ratio_at_8" in results:
-        met = results["throughput_ratio_at_8"] >= THROUGHPUT_TARGET
+    if 8 in by_concurrency:
+        throughput_ratio: float = by_concurrency[8]["rps"] / baseline["rps"]
+        results["throughput_ratio_at_8"] = throughput_ratio
+        met = throughput_ratio >= THROUGHPUT_TARGET
         print(
-            f"throughput at concurrency 8: {results['throughput_ratio_at_8']:.0%} of in-process (target >= 70 %: {'met' if met else 'NOT met'})"
+            f"throughput at concurrency 8: {throughput_ratio:.0%} of in-process (target >= 70 %: {'met' if met else 'NOT met'})"
         )
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     if args.json:

@@ -42,7 +42,7 @@ def raw_reader(features_paths: list[Path], slide_paths: list[Path]) -> Callable[
     for features_path, slide_path in zip(features_paths, slide_paths, strict=True):
         metadata = read_feature_metadata(features_path)
         _, coords = read_slide_features(features_path)
-        jobs.append((slide_path, metadata, [tuple(map(int, xy)) for xy in coords]))
+        jobs.append((slide_path, metadata, [(int(x), int(y)) for x, y in coords]))
 
     def read_all() -> None:
         for slide_path, metadata, coords in jobs:

@@ -60,9 +60,11 @@ def ours_at_reference_config() -> HEALNet:
     frequency); the same number of position channels (2 bands: 5 per axis). The reference's SNN
     feed-forward is gated (d -> 8d, x * selu(gate), 4d -> d: 12 d^2 weights); ours is not, so ff_mult 6
     gives it the same 12 d^2 weights and multiply-adds."""
-    positions = {"num_freq_bands": 2, "max_freq": 3.0}
     config = HEALNetConfig(
-        modalities=[ModalitySpec("omic", 2189, **positions), ModalitySpec("wsi", 2048, **positions)],
+        modalities=[
+            ModalitySpec("omic", 2189, num_freq_bands=2, max_freq=3.0),
+            ModalitySpec("wsi", 2048, num_freq_bands=2, max_freq=3.0),
+        ],
         n_bins=4,
         depth=2,
         n_latents=25,
@@ -135,13 +137,13 @@ def compare(threads: int, patches: int, rounds: int, steps: int) -> dict:
     for runner in runners.values():  # warm-up
         runner.train_step()
         runner.infer_case()
-    train = {name: [] for name in runners}
-    infer = {name: [] for name in runners}
+    train: dict[str, list[float]] = {name: [] for name in runners}
+    infer: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
         for name, runner in runners.items():
             train[name].append(timed(runner.train_step, steps))
             infer[name].append(timed(runner.infer_case, steps))
-    row = {"threads": threads, "patches": patches}
+    row: dict[str, float] = {"threads": threads, "patches": patches}
     for name in runners:
         row[f"{name}_train_samples_per_s"] = round(BATCH / sorted(train[name])[rounds // 2], 2)
         row[f"{name}_infer_ms_per_case"] = round(1000 * sorted(infer[name])[rounds // 2], 1)

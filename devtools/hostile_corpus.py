@@ -21,8 +21,8 @@ from functools import cache
 
 import numpy as np
 
+from devtools.demo import DemoSpec, demo_feature_names, demo_payload, demo_tiles
 from serving.config import Limits
-from serving.demo import DemoSpec, demo_feature_names, demo_payload, demo_tiles
 
 SPEC = DemoSpec()
 JSON_TYPE = "application/json"

@@ -22,9 +22,9 @@ from typing import Any
 import httpx
 import yaml
 
+from devtools.demo import DemoSpec, demo_payload
 from devtools.k8s_queries import MONITORING, REPO_ROOT, load_prometheus_rule
 from devtools.live_server import free_port, stop_server, wait_until
-from serving.demo import DemoSpec, demo_payload
 
 SERVICE_MONITOR = MONITORING / "servicemonitor.yaml"
 DEPLOYMENT = REPO_ROOT / "k8s" / "base" / "deployment.yaml"

@@ -28,6 +28,7 @@ import argparse
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,12 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class Renormalised(nn.Module):
     """Adapts a network to healnet's input (ImageNet-normalised, 224 px): undoes the ImageNet
     normalisation, applies the network's own, and resizes to the network's input size."""
+
+    # buffers, registered in __init__ (nn.Module types an attribute it holds as Tensor | Module)
+    imagenet_mean: torch.Tensor
+    imagenet_std: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, network: nn.Module, mean: tuple, std: tuple, size: int):
         super().__init__()
@@ -98,6 +105,8 @@ def uni(weights: Path) -> nn.Module:
 
 
 class ConchImage(nn.Module):
+    model: Any  # CONCH's CoCa model: the conch package has no types
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model

@@ -72,7 +72,7 @@ class Series:
 
 def request_body(kind: str, phase: Phase, rng: np.random.Generator) -> dict:
     """A /predict body of one kind: a modality pattern, or an invalid request named by its reason."""
-    from serving.demo import DemoSpec, demo_payload
+    from devtools.demo import DemoSpec, demo_payload
 
     patches = int(rng.integers(*phase.patches))
     if kind == "no_modality":
@@ -330,10 +330,10 @@ def main() -> int:
     if not 20 <= args.seconds <= 300 or not 0 < args.rate <= 50:
         parser.error("--seconds must be within 20..300 and --rate within (0, 50]")
 
+    from devtools.demo import DemoSpec, register_demo_champion
     from devtools.live_server import DemoRegistry, bentoml_home, live_server
     from devtools.monitoring_stack import mixed_load, run_prometheus, send_load
     from healnet.registry import checkpoint_path
-    from serving.demo import DemoSpec, register_demo_champion
 
     plan = planned_requests(args.seconds, args.rate)
     with tempfile.TemporaryDirectory(prefix="render-dashboard-") as tmp:

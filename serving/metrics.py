@@ -2,8 +2,9 @@
 
 Created with prometheus_client at import: BentoML workers start with PROMETHEUS_MULTIPROC_DIR already
 set, so these land in the multiprocess files that BentoML's /metrics aggregates. Labels are bounded:
-modality names, presence patterns, pipeline stages, the fixed rejection reasons and the model's clinical
-covariate names, never case data.
+modality names, presence patterns, pipeline stages, the rejection reasons (`Reason`) and the model's
+clinical covariate names, never case data. healnet_risk_score waits for the model: its buckets follow the
+model's survival bins.
 """
 
 from __future__ import annotations
@@ -13,23 +14,15 @@ from functools import cache
 from itertools import combinations
 from typing import TypeVar
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
-VALIDATION_REASONS = (
-    "no_modality",
-    "wrong_dimensions",
-    "non_finite",
-    "missing_features",
-    "out_of_range",
-    "too_large",
-    "invalid_schema",
-    "bad_image",
-    "no_encoder",
-)
+from serving.reasons import Reason
+
 STAGES = ("preprocess", "forward")
 # why following the champion failed: the pointer, the version in the store, or loading it
 RELOAD_FAILURE_REASONS = ("pointer_unreadable", "store_unreadable", "load_failed")
-RISK_BUCKETS = tuple(-4.0 + 0.25 * i for i in range(17))
+# equal buckets of the risk score -Σ S, which lies in [-n_bins, 0] for a model with n_bins survival bins
+RISK_BUCKET_COUNT = 16
 IMPUTED_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -49,9 +42,6 @@ IMPUTED_FRACTION = Histogram(
     "healnet_imputed_feature_fraction",
     "Share of omic features imputed, per predicted case that has omics.",
     buckets=IMPUTED_BUCKETS,
-)
-RISK_SCORE = Histogram(
-    "healnet_risk_score", "Risk score per predicted case (-sum of survival).", buckets=RISK_BUCKETS
 )
 INFERENCE_DURATION = Histogram(
     "healnet_inference_duration_seconds",
@@ -92,8 +82,8 @@ LAST_SUCCESSFUL_POLL = Gauge(
 )
 VALIDATION_ERRORS = Counter("healnet_validation_errors_total", "Rejected requests by reason.", ["reason"])
 
-for _reason in VALIDATION_REASONS:
-    VALIDATION_ERRORS.labels(_reason)
+for _rejection in Reason:
+    VALIDATION_ERRORS.labels(_rejection)
 for _stage in STAGES:
     INFERENCE_DURATION.labels(_stage)
 for _reason in RELOAD_FAILURE_REASONS:
@@ -101,6 +91,42 @@ for _reason in RELOAD_FAILURE_REASONS:
 
 
 Metric = TypeVar("Metric", Counter, Histogram)
+
+
+def risk_buckets(n_bins: int) -> tuple[float, ...]:
+    """Upper bounds of the risk-score buckets of a model with `n_bins` survival bins: RISK_BUCKET_COUNT
+    equal steps from -n_bins to 0 (4 bins: -4.0, -3.75, ..., 0.0)."""
+    return tuple(-n_bins + n_bins * step / RISK_BUCKET_COUNT for step in range(RISK_BUCKET_COUNT + 1))
+
+
+class RiskScore:
+    """healnet_risk_score, with the buckets of the served model's survival bins: created when the first
+    model loads, and again when a model with another number of bins replaces it (the series of the old
+    buckets then stop growing)."""
+
+    def __init__(self) -> None:
+        self.n_bins: int | None = None
+        self.histogram: Histogram | None = None
+
+    def follow(self, n_bins: int) -> None:
+        if n_bins == self.n_bins:
+            return
+        if self.histogram is not None:
+            REGISTRY.unregister(self.histogram)
+        self.histogram = Histogram(
+            "healnet_risk_score",
+            "Risk score per predicted case (-sum of survival over the model's bins).",
+            buckets=risk_buckets(n_bins),
+        )
+        self.n_bins = n_bins
+
+    def observe(self, risk: float) -> None:
+        if self.histogram is None:
+            raise RuntimeError("a risk score before any model was loaded (metrics.model_loaded)")
+        self.histogram.observe(risk)
+
+
+RISK_SCORE = RiskScore()
 
 
 @cache
@@ -123,9 +149,12 @@ def model_loaded(
     modalities: Sequence[str],
     reference_quantiles: Mapping[str, float] | None,
     training_range_fields: Sequence[str],
+    n_bins: int,
 ) -> None:
-    """Publish the served model and create its label values at zero, so rates start from the first scrape."""
+    """Publish the served model and create its label values at zero, so rates start from the first scrape;
+    the risk-score buckets follow its `n_bins` survival bins."""
     MODEL_INFO.labels(version=tag.partition(":")[2], tag=tag).set(1)
+    RISK_SCORE.follow(n_bins)
     for training_quantile, value in (reference_quantiles or {}).items():
         REFERENCE_RISK.labels(training_quantile).set(float(value))
     for pattern in presence_patterns(modalities):
@@ -171,9 +200,7 @@ def record_prediction(
     RISK_SCORE.observe(risk)
 
 
-def record_rejection(reason: str) -> None:
-    if reason not in VALIDATION_REASONS:
-        raise ValueError(f"unknown rejection reason {reason!r}; expected one of {VALIDATION_REASONS}")
+def record_rejection(reason: Reason) -> None:
     _labelled(VALIDATION_ERRORS, reason).inc()
 
 

@@ -27,6 +27,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from serving import metrics
 from serving.config import LARGE_REQUEST_BYTES, Limits
+from serving.reasons import Reason
 from serving.validation import RejectedRequest
 
 REJECTION_HEADER = "x-healnet-rejection"  # set on every rejection the service itself answers
@@ -62,7 +63,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
-async def send_rejection(send: Send, status: int, reason: str, error: str) -> None:
+async def send_rejection(send: Send, status: int, reason: Reason, error: str) -> None:
     """Count the rejection by `reason` and answer it with `status` and a JSON body that names the problem."""
     metrics.record_rejection(reason)
     body = json.dumps({"error": error, "reason": reason}).encode()
@@ -112,13 +113,16 @@ class RequestGuard:
         if media_type != JSON_MEDIA_TYPE and not multipart:
             accepted = "JSON, or multipart/form-data tiles on /predict"
             await send_rejection(
-                send, 415, "invalid_schema", f"content type {media_type!r} is not accepted: send {accepted}"
+                send,
+                415,
+                Reason.INVALID_SCHEMA,
+                f"content type {media_type!r} is not accepted: send {accepted}",
             )
             return
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.limits.max_body_bytes:
             limit = self.limits.max_body_bytes
-            await send_rejection(send, 413, "too_large", f"the body exceeds the limit of {limit} bytes")
+            await send_rejection(send, 413, Reason.TOO_LARGE, f"the body exceeds the limit of {limit} bytes")
             return
         if declared.isdigit() and int(declared) <= LARGE_REQUEST_BYTES:
             await self._guarded(scope, receive, send, multipart)
@@ -155,7 +159,7 @@ class RequestGuard:
             size += len(chunk)
             if size > self.limits.max_body_bytes:
                 raise RejectedRequest(
-                    "too_large", f"the body exceeds the limit of {self.limits.max_body_bytes} bytes"
+                    Reason.TOO_LARGE, f"the body exceeds the limit of {self.limits.max_body_bytes} bytes"
                 )
             if count_values:
                 values += json_values(chunk)
@@ -178,7 +182,7 @@ def json_values(text: bytes) -> int:
 def check_json_values(values: int, max_values: int, where: str) -> None:
     if values > max_values:
         raise RejectedRequest(
-            "too_large",
+            Reason.TOO_LARGE,
             f"{where} holds more than {max_values} JSON values (array items and object members); "
             "wsi_features_base64 sends a bag of patch features as one value",
         )
@@ -198,15 +202,15 @@ async def multipart_as_json(scope: dict, body: bytes, limits: Limits) -> bytes:
     _, options = parse_options_header(Headers(scope=scope).get("content-type", ""))
     closing = b"--" + options.get(b"boundary", b"") + b"--"
     if options.get(b"boundary") and closing not in body:  # the parser takes a cut body for a shorter one
-        raise RejectedRequest("invalid_schema", "malformed multipart body: it has no closing boundary")
+        raise RejectedRequest(Reason.INVALID_SCHEMA, "malformed multipart body: it has no closing boundary")
     try:
         form = await parser.parse()
     except MultiPartException as error:
         if "too many files" in str(error).lower():
-            raise RejectedRequest("too_large", f"more than {limits.max_tiles} tiles") from None
+            raise RejectedRequest(Reason.TOO_LARGE, f"more than {limits.max_tiles} tiles") from None
         if "exceeded maximum size" in str(error).lower():  # a text part (starlette's limit: 1 MiB)
-            raise RejectedRequest("too_large", f"a multipart text part is too large: {error}") from None
-        raise RejectedRequest("invalid_schema", f"malformed multipart body: {error}") from None
+            raise RejectedRequest(Reason.TOO_LARGE, f"a multipart text part is too large: {error}") from None
+        raise RejectedRequest(Reason.INVALID_SCHEMA, f"malformed multipart body: {error}") from None
     try:
         # base64 and JSON over up to max_body_bytes: in a thread, so that the event loop runs between parts
         return await asyncio.to_thread(_form_as_json, form, limits.max_json_values)
@@ -218,17 +222,17 @@ def _form_as_json(form: FormData, max_values: int) -> bytes:
     unknown = sorted(set(form.keys()) - set(MULTIPART_FIELDS))
     if unknown:
         raise RejectedRequest(
-            "invalid_schema", f"unknown multipart fields {unknown}; expected {list(MULTIPART_FIELDS)}"
+            Reason.INVALID_SCHEMA, f"unknown multipart fields {unknown}; expected {list(MULTIPART_FIELDS)}"
         )
     tiles = form.getlist("wsi_tiles")
     files = [tile for tile in tiles if isinstance(tile, UploadFile)]
     if len(files) != len(tiles):
-        raise RejectedRequest("invalid_schema", "wsi_tiles parts must be image files")
+        raise RejectedRequest(Reason.INVALID_SCHEMA, "wsi_tiles parts must be image files")
     texts = {}
     for name in MULTIPART_JSON_FIELDS:
         parts = form.getlist(name)
         if len(parts) > 1 or not all(isinstance(part, str) for part in parts):
-            raise RejectedRequest("invalid_schema", f"{name} must be one text field")
+            raise RejectedRequest(Reason.INVALID_SCHEMA, f"{name} must be one text field")
         if parts:
             texts[name] = cast(str, parts[0])
     text_values = sum(json_values(text.encode()) for text in texts.values())
@@ -241,7 +245,7 @@ def _form_as_json(form: FormData, max_values: int) -> bytes:
         # than Python's recursion limit
         except (ValueError, RecursionError) as error:
             raise RejectedRequest(
-                "invalid_schema", f"{name} is not JSON the service reads: {error}"
+                Reason.INVALID_SCHEMA, f"{name} is not JSON the service reads: {error}"
             ) from None
         members.append(f"{json.dumps(name)}:{json.dumps(value)}".encode())
     body = io.BytesIO()
@@ -331,12 +335,16 @@ def guarded_send(send: Send) -> Send:
             names = {key.decode("latin-1").lower() for key, _ in message.get("headers", [])}
             if REJECTION_HEADER not in names:
                 bentoml_answer = True
-                metrics.record_rejection("invalid_schema")
+                metrics.record_rejection(Reason.INVALID_SCHEMA)
                 kept = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"content-type"]
                 json_type = (b"content-type", JSON_MEDIA_TYPE.encode())
                 message = {
                     **message,
-                    "headers": [*kept, json_type, (REJECTION_HEADER.encode(), b"invalid_schema")],
+                    "headers": [
+                        *kept,
+                        json_type,
+                        (REJECTION_HEADER.encode(), Reason.INVALID_SCHEMA.encode()),
+                    ],
                 }
         await sending(message)
 
@@ -352,7 +360,7 @@ def _as_rejection_body(body: bytes) -> bytes:
         parsed = None
     message = parsed.get("error") if isinstance(parsed, dict) else None
     error = str(message or text or "the request body is not a valid request")
-    return json.dumps({"error": error, "reason": "invalid_schema"}).encode()
+    return json.dumps({"error": error, "reason": Reason.INVALID_SCHEMA}).encode()
 
 
 def documenting_multipart(send: Send) -> Send:

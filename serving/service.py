@@ -35,6 +35,7 @@ from serving.bentoml_patches import (
 from serving.config import Limits
 from serving.follower import ChampionFollower
 from serving.middleware import REJECTION_HEADER, RequestGuard
+from serving.reasons import Reason
 from serving.runtime import ServedModel, champion_poll_seconds, resolve_served_model, serving_device
 from serving.schemas import ErrorResponse, PredictRequest, PredictResponse
 from serving.validation import RejectedRequest, TileBudget, to_case
@@ -53,11 +54,20 @@ INLINE_PASS_PATCHES = 16_384
 INLINE_VALIDATION_VALUES = INLINE_PASS_PATCHES * 32
 
 
-def _error(status: int, reason: str, message: str) -> JSONResponse:
-    headers = {REJECTION_HEADER: reason} if status < 500 else {}
+# the reason of the 503 answered while the model loads: not a rejection of the request, so no `Reason`
+NOT_READY = "not_ready"
+
+
+def _rejection(rejection: RejectedRequest) -> JSONResponse:
     return JSONResponse(
-        ErrorResponse(error=message, reason=reason).model_dump(), status_code=status, headers=headers
+        ErrorResponse(error=str(rejection), reason=rejection.reason).model_dump(),
+        status_code=rejection.status,
+        headers={REJECTION_HEADER: rejection.reason},
     )
+
+
+def _not_ready(message: str) -> JSONResponse:
+    return JSONResponse(ErrorResponse(error=message, reason=NOT_READY).model_dump(), status_code=503)
 
 
 @bentoml.service(name="healnet", traffic={"timeout": 60})
@@ -120,15 +130,17 @@ class HEALNetService:
             fits=lambda cases: padded_patches(cases) <= self.limits.max_patches,
             inline=lambda cases: on_cpu and padded_patches(cases) <= INLINE_PASS_PATCHES,
         )
-        previous = self.serving
-        self.serving = (model, batcher)
         clinical = model.predictor.preprocessor.clinical
+        # before the first request it answers can count a prediction in its metrics
         metrics.model_loaded(
             model.tag,
             model.contract.modalities,
             model.reference_risk_quantiles,
             list(clinical.training_ranges) if clinical else [],
+            model.predictor.checkpoint.bins.n_bins,
         )
+        previous = self.serving
+        self.serving = (model, batcher)
         if previous is not None and previous[0].tag != model.tag:
             metrics.model_unloaded(previous[0].tag)
 
@@ -160,13 +172,13 @@ class HEALNetService:
     ) -> list[PredictResponse] | JSONResponse:
         serving = self.serving
         if serving is None:
-            return _error(503, "not_ready", self.load_error or "the model is still loading")
+            return _not_ready(self.load_error or "the model is still loading")
         model, batcher = serving
         try:
             predictions = await self._predict(requests, model, batcher, batch)
         except RejectedRequest as rejection:
             metrics.record_rejection(rejection.reason)
-            return _error(rejection.status, rejection.reason, str(rejection))
+            return _rejection(rejection)
         return [
             _response(model, request, prediction)
             for request, prediction in zip(requests, predictions, strict=True)
@@ -200,7 +212,8 @@ class HEALNetService:
             if not np.isfinite([prediction.risk, *prediction.survival, *prediction.hazards]).all():
                 where = f"cases[{index}]: " if batch else ""
                 raise RejectedRequest(
-                    "non_finite", f"{where}the inputs are finite but so large that the model's output is not"
+                    Reason.NON_FINITE,
+                    f"{where}the inputs are finite but so large that the model's output is not",
                 )
         metrics.record_stage("preprocess", decoding + outcome.preparing)
         metrics.record_stage("forward", outcome.forward)
@@ -211,10 +224,10 @@ class HEALNetService:
         self, requests: list[PredictRequest], model: ServedModel, batch: bool, tile_budget: TileBudget
     ) -> list[Case]:
         if batch and not requests:
-            raise RejectedRequest("no_modality", "the batch holds no case")
+            raise RejectedRequest(Reason.NO_MODALITY, "the batch holds no case")
         if len(requests) > self.limits.max_batch_cases:
             raise RejectedRequest(
-                "too_large", f"{len(requests)} cases exceed the limit of {self.limits.max_batch_cases}"
+                Reason.TOO_LARGE, f"{len(requests)} cases exceed the limit of {self.limits.max_batch_cases}"
             )
         cases = []
         for index, request in enumerate(requests):

@@ -1,4 +1,4 @@
-"""Turn a request into a healnet `Case`, or reject it with a reason from the bounded set of metrics.py."""
+"""Turn a request into a healnet `Case`, or reject it with a `Reason`."""
 
 from __future__ import annotations
 
@@ -12,21 +12,21 @@ from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain
 from operator import is_not
-from typing import cast
+from typing import assert_never, cast
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from healnet.inference import Case, Predictor
-from healnet.preprocess.clinical import PlausibleRange
+from healnet.preprocess.clinical import ClinicalProblem, ClinicalTransform, ClinicalValueError
 from healnet.preprocess.encoders import PatchEncoder, encode_tiles
 from healnet.preprocess.omics import COMBINED_MODALITY
 from serving.config import Limits
+from serving.reasons import Reason
 from serving.schemas import SLIDE_INPUTS, PredictRequest
 
 IMAGE_FORMATS = ("PNG", "JPEG")
 DEFAULT_PATCH_SIZE = 224
-HTTP_STATUS = {"too_large": 413, "invalid_schema": 400}  # every other reason: 422 Unprocessable Content
 EXAMPLE_NAMES = 5  # feature names quoted in a missing_features rejection, to show the expected naming
 _is_given = partial(is_not, None)  # an omic value that is not null
 
@@ -34,10 +34,10 @@ _is_given = partial(is_not, None)  # an omic value that is not null
 class RejectedRequest(Exception):
     """A request the model cannot answer; `reason` is its metric label, the message names the problem."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: Reason, message: str):
         super().__init__(message)
         self.reason = reason
-        self.status = HTTP_STATUS.get(reason, 422)
+        self.status = reason.http_status
 
 
 class RequestAbandoned(Exception):
@@ -57,7 +57,7 @@ class TileBudget:
         total = self.spent_pixels + pixels
         if total > self.max_pixels:
             raise RejectedRequest(
-                "too_large",
+                Reason.TOO_LARGE,
                 f"the tiles of the request hold {total} pixels or more, above the limit of {self.max_pixels} "
                 "per request",
             )
@@ -66,8 +66,8 @@ class TileBudget:
 
 @dataclass(frozen=True)
 class ModelContract:
-    """What the loaded model accepts: omic tables and feature names, clinical covariates and their
-    plausible ranges, slide feature width, tile encoder."""
+    """What the loaded model accepts: omic tables and feature names, clinical covariates (the checks of
+    its clinical transform), slide feature width, tile encoder."""
 
     modalities: list[str]
     # per omic table a request may give (with the combined grouping, also "omic"): the model's features in it
@@ -76,9 +76,7 @@ class ModelContract:
     wsi_dim: int | None
     encoder: PatchEncoder | None
     patch_size: int
-    clinical_covariates: frozenset[str] = frozenset()  # empty: the model has no clinical modality
-    categorical_covariates: frozenset[str] = frozenset()
-    plausible_ranges: dict[str, PlausibleRange] = field(default_factory=dict)  # per numeric covariate
+    clinical: ClinicalTransform | None = None  # None: the model has no clinical modality
     encoder_unavailable: str = "the model has no slide modality"  # why tiles are refused without an encoder
 
     @classmethod
@@ -96,15 +94,17 @@ class ModelContract:
             wsi_dim=predictor.wsi_dim,
             encoder=encoder,
             patch_size=int(predictor.preprocessor.tiling.get("patch_size", DEFAULT_PATCH_SIZE)),
-            clinical_covariates=frozenset(clinical.covariates if clinical else ()),
-            categorical_covariates=frozenset(clinical.config.categorical if clinical else ()),
-            plausible_ranges=dict(clinical.plausible_ranges) if clinical else {},
+            clinical=clinical,
             encoder_unavailable=encoder_unavailable or cls.encoder_unavailable,
         )
 
     @property
     def omic_tables(self) -> frozenset[str]:
         return frozenset(self.table_features)
+
+    @property
+    def clinical_covariates(self) -> frozenset[str]:
+        return frozenset(self.clinical.covariates if self.clinical else ())
 
 
 def to_case(
@@ -115,7 +115,7 @@ def to_case(
     has_slide = any(getattr(request, name) is not None for name in SLIDE_INPUTS)
     if not request.omics and not request.clinical and not has_slide:
         raise RejectedRequest(
-            "no_modality",
+            Reason.NO_MODALITY,
             f"the case has no modality: give omics, clinical or the slide as one of {list(SLIDE_INPUTS)}",
         )
     _check_omics(request.omics, contract, limits)
@@ -126,7 +126,7 @@ def to_case(
     if has_slide:
         if contract.wsi_dim is None:
             raise RejectedRequest(
-                "invalid_schema", "this model was trained without slides: leave out wsi input"
+                Reason.INVALID_SCHEMA, "this model was trained without slides: leave out wsi input"
             )
         if request.wsi_features is not None:
             bag = _patch_features(request.wsi_features, contract.wsi_dim, limits)
@@ -151,28 +151,35 @@ def _check_some_modality_is_the_models(request: PredictRequest, contract: ModelC
     takes = "; ".join(f"{kind} {sorted(names)}" for kind, names in inputs.items() if names)
     slide = " or a slide" if contract.wsi_dim is not None else ""
     raise RejectedRequest(
-        "no_modality",
+        Reason.NO_MODALITY,
         f"the case gives no input the model uses (omic tables {sorted(request.omics)}, clinical values "
         f"for {sorted(given_covariates)}): the model takes {takes}{slide}",
     )
 
 
 def _check_clinical(clinical: Mapping[str, float | str | None], contract: ModelContract) -> None:
-    """Numbers for the numeric covariates (finite and plausible), text for the categorical ones."""
+    """Every given value as the model's clinical transform reads it (`ClinicalTransform.check_value`), so
+    that the model refuses no case this accepted. A model without the clinical modality reads none: the
+    response lists them as unknown."""
+    if contract.clinical is None:
+        return
     for name, value in clinical.items():
-        if value is None:
-            continue
-        if name in contract.categorical_covariates:
-            if not isinstance(value, str):
-                raise RejectedRequest("invalid_schema", f"clinical[{name!r}] must be text, got {value!r}")
-        elif isinstance(value, str):
-            raise RejectedRequest("invalid_schema", f"clinical[{name!r}] must be a number, got {value!r}")
-        elif not math.isfinite(value):
-            raise RejectedRequest("non_finite", f"clinical[{name!r}] is {value}: use null for missing")
-        elif (bounds := contract.plausible_ranges.get(name)) is not None and not bounds.holds(value):
-            raise RejectedRequest(
-                "out_of_range", f"clinical[{name!r}] is {value:g}, outside its plausible range {bounds}"
-            )
+        try:
+            contract.clinical.check_value(name, value)
+        except ClinicalValueError as error:
+            raise RejectedRequest(_clinical_reason(error.problem), str(error)) from None
+
+
+def _clinical_reason(problem: ClinicalProblem) -> Reason:
+    match problem:
+        case ClinicalProblem.WRONG_TYPE:
+            return Reason.INVALID_SCHEMA
+        case ClinicalProblem.NOT_FINITE:
+            return Reason.NON_FINITE
+        case ClinicalProblem.IMPLAUSIBLE:
+            return Reason.OUT_OF_RANGE
+        case _:
+            assert_never(problem)
 
 
 def _check_omics(
@@ -187,7 +194,7 @@ def _check_omics(
                 (f, v) for f, v in features.items() if v is not None and not math.isfinite(v)
             )
             raise RejectedRequest(
-                "non_finite", f"omics[{table!r}][{feature!r}] is {value}: use null for missing"
+                Reason.NON_FINITE, f"omics[{table!r}][{feature!r}] is {value}: use null for missing"
             )
         expected = contract.table_features.get(table)
         if not expected:
@@ -196,7 +203,7 @@ def _check_omics(
         if missing / len(expected) > limits.max_missing_feature_fraction:
             unknown = sorted(features.keys() - expected)[:EXAMPLE_NAMES]
             raise RejectedRequest(
-                "missing_features",
+                Reason.MISSING_FEATURES,
                 f"omics[{table!r}] lacks {missing} of the model's {len(expected)} {table} features "
                 f"({missing / len(expected):.0%}), above the allowed share {limits.max_missing_feature_fraction}: "
                 f"the model expects names such as {sorted(expected.difference(features))[:EXAMPLE_NAMES]}"
@@ -206,7 +213,7 @@ def _check_omics(
 
 def _check_patch_count(count: int, limits: Limits) -> None:
     if count > limits.max_patches:
-        raise RejectedRequest("too_large", f"{count} patches exceed the limit of {limits.max_patches}")
+        raise RejectedRequest(Reason.TOO_LARGE, f"{count} patches exceed the limit of {limits.max_patches}")
 
 
 def _patch_features(rows: list[list[float]], wsi_dim: int, limits: Limits) -> np.ndarray:
@@ -214,7 +221,8 @@ def _patch_features(rows: list[list[float]], wsi_dim: int, limits: Limits) -> np
     if set(map(len, rows)) != {wsi_dim}:
         index, row = next((i, row) for i, row in enumerate(rows) if len(row) != wsi_dim)
         raise RejectedRequest(
-            "wrong_dimensions", f"wsi_features row {index} has {len(row)} values, the model expects {wsi_dim}"
+            Reason.WRONG_DIMENSIONS,
+            f"wsi_features row {index} has {len(row)} values, the model expects {wsi_dim}",
         )
     with np.errstate(over="ignore"):  # beyond float32: inf, refused below
         values = np.fromiter(chain.from_iterable(rows), dtype=np.float32, count=len(rows) * wsi_dim)
@@ -222,7 +230,7 @@ def _patch_features(rows: list[list[float]], wsi_dim: int, limits: Limits) -> np
     if not np.isfinite(bag).all():
         row, column = np.argwhere(~np.isfinite(bag))[0]
         raise RejectedRequest(
-            "non_finite", f"wsi_features[{row}][{column}] = {rows[row][column]} is not finite in float32"
+            Reason.NON_FINITE, f"wsi_features[{row}][{column}] = {rows[row][column]} is not finite in float32"
         )
     return bag
 
@@ -231,11 +239,13 @@ def _binary_patch_features(data: str, wsi_dim: int, limits: Limits) -> np.ndarra
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as error:
-        raise RejectedRequest("invalid_schema", f"wsi_features_base64 is not valid base64: {error}") from None
+        raise RejectedRequest(
+            Reason.INVALID_SCHEMA, f"wsi_features_base64 is not valid base64: {error}"
+        ) from None
     row_bytes = 4 * wsi_dim
     if len(raw) % row_bytes:
         raise RejectedRequest(
-            "wrong_dimensions",
+            Reason.WRONG_DIMENSIONS,
             f"wsi_features_base64 holds {len(raw)} bytes, not a whole number of patches of {wsi_dim} "
             f"float32 values ({row_bytes} bytes each)",
         )
@@ -245,7 +255,7 @@ def _binary_patch_features(data: str, wsi_dim: int, limits: Limits) -> np.ndarra
     if not np.isfinite(bag).all():
         row, column = np.argwhere(~np.isfinite(bag))[0]
         raise RejectedRequest(
-            "non_finite", f"wsi_features_base64 patch {row} value {column} is {bag[row, column]}"
+            Reason.NON_FINITE, f"wsi_features_base64 patch {row} value {column} is {bag[row, column]}"
         )
     return bag
 
@@ -256,16 +266,20 @@ def _patch_coords(coords: list[list[int]] | None, patches: int) -> np.ndarray | 
         return None
     if len(coords) != patches:
         raise RejectedRequest(
-            "wrong_dimensions",
+            Reason.WRONG_DIMENSIONS,
             f"wsi_coords has {len(coords)} rows for {patches} patches: give one [x, y] per patch",
         )
     if set(map(len, coords)) != {2}:
         index, row = next((i, row) for i, row in enumerate(coords) if len(row) != 2)
-        raise RejectedRequest("wrong_dimensions", f"wsi_coords row {index} has {len(row)} values, not [x, y]")
+        raise RejectedRequest(
+            Reason.WRONG_DIMENSIONS, f"wsi_coords row {index} has {len(row)} values, not [x, y]"
+        )
     try:
         return np.array(coords, dtype=np.int64)
     except OverflowError:
-        raise RejectedRequest("invalid_schema", "wsi_coords values must fit in 64-bit integers") from None
+        raise RejectedRequest(
+            Reason.INVALID_SCHEMA, "wsi_coords values must fit in 64-bit integers"
+        ) from None
 
 
 def _encode_tiles(
@@ -274,9 +288,9 @@ def _encode_tiles(
     """Every header read and charged to `budget` before the first tile is decoded; then one tile at a time
     decoded and shrunk to the patch size, so that one full-size tile at most is in memory."""
     if contract.encoder is None:
-        raise RejectedRequest("no_encoder", f"tiles cannot be encoded: {contract.encoder_unavailable}")
+        raise RejectedRequest(Reason.NO_ENCODER, f"tiles cannot be encoded: {contract.encoder_unavailable}")
     if len(tiles) > limits.max_tiles:
-        raise RejectedRequest("too_large", f"{len(tiles)} tiles exceed the limit of {limits.max_tiles}")
+        raise RejectedRequest(Reason.TOO_LARGE, f"{len(tiles)} tiles exceed the limit of {limits.max_tiles}")
     images = [open_tile(index, tile, limits.max_tile_pixels) for index, tile in enumerate(tiles)]
     budget.charge(sum(image.width * image.height for image in images))
     patches = []
@@ -292,19 +306,22 @@ def open_tile(index: int, data: str, max_pixels: int) -> Image.Image:
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as error:
-        raise RejectedRequest("bad_image", f"wsi_tiles[{index}] is not valid base64: {error}") from None
+        raise RejectedRequest(Reason.BAD_IMAGE, f"wsi_tiles[{index}] is not valid base64: {error}") from None
     try:
         image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as error:
-        raise RejectedRequest("too_large", f"wsi_tiles[{index}]: {error}") from None
+        raise RejectedRequest(Reason.TOO_LARGE, f"wsi_tiles[{index}]: {error}") from None
     except UnidentifiedImageError:
-        raise RejectedRequest("bad_image", f"wsi_tiles[{index}] is not a PNG or JPEG image") from None
+        raise RejectedRequest(Reason.BAD_IMAGE, f"wsi_tiles[{index}] is not a PNG or JPEG image") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise RejectedRequest("bad_image", f"wsi_tiles[{index}] has an unreadable header: {error}") from None
+        raise RejectedRequest(
+            Reason.BAD_IMAGE, f"wsi_tiles[{index}] has an unreadable header: {error}"
+        ) from None
     width, height = image.size
     if width * height > max_pixels:
         raise RejectedRequest(
-            "too_large", f"wsi_tiles[{index}] has {width}x{height} pixels, above the limit of {max_pixels}"
+            Reason.TOO_LARGE,
+            f"wsi_tiles[{index}] has {width}x{height} pixels, above the limit of {max_pixels}",
         )
     return image
 
@@ -320,6 +337,6 @@ def decode_tile(index: int, image: Image.Image, patch_size: int) -> np.ndarray:
             rgb = rgb.resize((patch_size, patch_size), Image.Resampling.BILINEAR)
         return np.asarray(rgb, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError) as error:
-        raise RejectedRequest("bad_image", f"wsi_tiles[{index}] cannot be decoded: {error}") from None
+        raise RejectedRequest(Reason.BAD_IMAGE, f"wsi_tiles[{index}] cannot be decoded: {error}") from None
     finally:
         image.close()

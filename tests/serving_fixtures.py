@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from devtools.demo import DemoSpec, train_demo_checkpoint
 from devtools.live_server import (
     DemoRegistry,
     LiveServerError,
@@ -20,7 +21,6 @@ from devtools.live_server import (
     scrape,
     wait_until,
 )
-from serving.demo import DemoSpec, train_demo_checkpoint
 
 CLINICAL_SPEC = DemoSpec(clinical=True)
 

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from healnet.model import HEALNet, HEALNetConfig, ModalitySpec, ModelInputError
-from healnet.preprocess.clinical import ClinicalConfig, ClinicalTransform, ClinicalTransformError
+from healnet.preprocess.clinical import (
+    ClinicalConfig,
+    ClinicalProblem,
+    ClinicalTransform,
+    ClinicalTransformError,
+    ClinicalValueError,
+)
 
 
 def clinical_table(n: int = 60, seed: int = 0) -> pd.DataFrame:
@@ -68,10 +74,37 @@ def test_records_match_the_table_path_and_report_unknown_names():
     np.testing.assert_allclose(tokens.values[0], transform.transform(table, [table.index[4]]).values[0])
     assert unknown == [["smoker"], []]
     assert tokens.present.tolist() == [True, False]
-    with pytest.raises(ClinicalTransformError, match="'age' must be a number"):
+    with pytest.raises(ClinicalTransformError, match=r"clinical\['age'\] must be a number"):
         transform.transform_records([{"age": "sixty"}])
-    with pytest.raises(ClinicalTransformError, match="must be finite"):
+    with pytest.raises(ClinicalTransformError, match="is inf: use null for missing"):
         transform.transform_records([{"age": float("inf")}])
+
+
+@pytest.mark.parametrize(
+    "covariate, value, problem, message",
+    [
+        ("age", "sixty", ClinicalProblem.WRONG_TYPE, "clinical['age'] must be a number, got 'sixty'"),
+        ("age", True, ClinicalProblem.WRONG_TYPE, "clinical['age'] must be a number, got True"),
+        ("oncotree_code", 3, ClinicalProblem.WRONG_TYPE, "clinical['oncotree_code'] must be text, got 3"),
+        ("age", float("nan"), ClinicalProblem.NOT_FINITE, "clinical['age'] is nan: use null for missing"),
+        ("smoker", "yes", ClinicalProblem.WRONG_TYPE, "clinical['smoker'] must be a number, got 'yes'"),
+        (
+            "age",
+            121,
+            ClinicalProblem.IMPLAUSIBLE,
+            "clinical['age'] is 121, outside its plausible range 0 to 120",
+        ),
+    ],
+)
+def test_check_value_says_what_is_wrong_naming_the_request_field(covariate, value, problem, message):
+    transform = ClinicalTransform.fit(clinical_table())
+    with pytest.raises(ClinicalValueError) as refused:
+        transform.check_value(covariate, value)
+    assert (refused.value.problem, str(refused.value)) == (problem, message)
+    assert transform.check_value("age", 61) == 61.0 and isinstance(transform.check_value("age", 61), float)
+    assert (
+        transform.check_value("oncotree_code", "IDC") == "IDC" and transform.check_value("age", None) is None
+    )
 
 
 def test_state_round_trips_through_json():
@@ -88,10 +121,10 @@ def test_state_round_trips_through_json():
 @pytest.mark.parametrize(
     "record, message",
     [
-        ({"age": 300}, r"'age' is 300, outside its plausible range 0 to 120"),
-        ({"age": -1.0}, r"'age' is -1.0, outside its plausible range 0 to 120"),
-        ({"is_female": 2}, r"'is_female' is 2, outside its plausible range 0 or 1"),
-        ({"is_female": 0.5}, r"'is_female' is 0.5, outside its plausible range 0 or 1"),
+        ({"age": 300}, r"clinical\['age'\] is 300, outside its plausible range 0 to 120"),
+        ({"age": -1.0}, r"clinical\['age'\] is -1, outside its plausible range 0 to 120"),
+        ({"is_female": 2}, r"clinical\['is_female'\] is 2, outside its plausible range 0 or 1"),
+        ({"is_female": 0.5}, r"clinical\['is_female'\] is 0.5, outside its plausible range 0 or 1"),
     ],
 )
 def test_an_implausible_record_value_is_refused_naming_the_covariate_and_its_range(record, message):

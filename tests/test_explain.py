@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from devtools.demo import DemoSpec, demo_payload, demo_tiles
 from healnet.checkpoint import load_checkpoint
 from healnet.cli import main
 from healnet.data.cohort import Cohort
@@ -29,7 +30,6 @@ from healnet.heatmap import (
 )
 from healnet.inference import Case, CaseError, Predictor
 from healnet.preprocess.feature_files import feature_file_name, read_slide_features
-from serving.demo import DemoSpec, demo_payload, demo_tiles
 from serving.schemas import PredictRequest
 from serving.service import HEALNetService
 

@@ -344,7 +344,7 @@ def test_an_imported_slide_with_nan_features_is_a_missing_slide_for_its_patient(
 
 
 def test_import_then_serve_predicts_from_imported_features_and_refuses_tiles(imported_cohort, monkeypatch):
-    from serving.demo import demo_tiles
+    from devtools.demo import demo_tiles
     from serving.runtime import ServedModel
     from serving.schemas import PredictRequest
     from serving.validation import Limits, RejectedRequest, to_case

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from conftest import REQUIRES_PROMETHEUS
 
+from devtools.demo import DemoSpec
 from devtools.k8s_queries import all_queries, dashboard_queries, load_dashboard, load_prometheus_rule
 from devtools.monitoring_stack import (
     all_finite,
@@ -17,7 +18,6 @@ from devtools.monitoring_stack import (
     run_prometheus,
     send_load,
 )
-from serving.demo import DemoSpec
 
 pytest_plugins = ("serving_fixtures",)
 pytestmark = [pytest.mark.slow, REQUIRES_PROMETHEUS]

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
-from serving.demo import DemoSpec, demo_feature_names, demo_payload, demo_tiles
+from devtools.demo import DemoSpec, demo_feature_names, demo_payload, demo_tiles
 from serving.middleware import guarded_send
 from serving.schemas import PredictResponse
 from serving.service import HEALNetService

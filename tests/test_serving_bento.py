@@ -42,9 +42,10 @@ def served_modules() -> list[Path]:
     return [Path(path) for path in json.loads(result.stdout.splitlines()[-1])]
 
 
-def imported_top_level_names(path: Path) -> set[str]:
-    """Top-level packages a module imports anywhere in its code (lazy imports in functions too), except
-    under `if TYPE_CHECKING:`, which never runs."""
+def imported_names(path: Path) -> set[str]:
+    """Modules a module imports anywhere in its code (lazy imports in functions too), except under
+    `if TYPE_CHECKING:`, which never runs; `from package import name` gives `package.name` too, which may
+    be a module."""
     tree = ast.parse(path.read_text())
     type_checking_only = {
         id(inner)
@@ -58,10 +59,59 @@ def imported_top_level_names(path: Path) -> set[str]:
         if id(node) in type_checking_only:
             continue
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
+
+
+def imported_top_level_names(path: Path) -> set[str]:
+    return {name.split(".")[0] for name in imported_names(path)}
+
+
+def module_file(name: str) -> Path | None:
+    """The repository file of module `name`, or None when it is not one of ours (or not a module)."""
+    path = REPO_ROOT.joinpath(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def code_the_service_can_import() -> set[str]:
+    """Repository files that serving/service.py reaches through its imports, lazy ones included, with the
+    packages that hold them: what the Bento must ship."""
+    reached: set[Path] = set()
+    waiting = [REPO_ROOT / "serving" / "service.py"]
+    while waiting:
+        path = waiting.pop()
+        if path in reached:
+            continue
+        reached.add(path)
+        for name in imported_names(path):
+            parts = name.split(".")
+            if parts[0] not in ("healnet", "serving"):
+                continue
+            # a module imports its packages first
+            found = (module_file(".".join(parts[:end])) for end in range(1, len(parts) + 1))
+            waiting.extend(file for file in found if file is not None)
+    return {str(path.relative_to(REPO_ROOT)) for path in reached}
+
+
+def test_the_bento_ships_only_the_code_the_service_can_import():
+    served = code_the_service_can_import()
+    shipped_serving = {str(path.relative_to(REPO_ROOT)) for path in (REPO_ROOT / "serving").rglob("*.py")}
+    assert shipped_serving <= served, (
+        f"not imported by the service, yet packed by serving/**: move to devtools/ "
+        f"{sorted(shipped_serving - served)}"
+    )
+    included = set(BENTOFILE["include"]) - {"serving/**/*.py", "requirements/torch-cpu.lock"}
+    served_healnet = {path for path in served if path.startswith("healnet/")}
+    assert included == served_healnet, (
+        f"bentofile.yaml's include: add {sorted(served_healnet - included)}, "
+        f"remove {sorted(included - served_healnet)}"
+    )
 
 
 def test_the_bentofile_lists_every_package_the_service_imports():
@@ -140,7 +190,8 @@ def test_bentoml_build_packs_the_code_and_the_model(demo_registry):
     assert [model["tag"] for model in info["services"][0]["models"]] == [demo_registry.tag]
     for path in ("src/serving/service.py", "src/healnet/inference.py", "src/healnet/preprocess/wsi.py"):
         assert (bento / path).is_file(), path
-    assert not (bento / "src" / "tests").exists()
+    for left_out in ("tests", "devtools", "healnet/train.py", "healnet/cli"):
+        assert not (bento / "src" / left_out).exists(), left_out
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     # the lock, hashes and all: serving/Dockerfile installs it with pip --require-hashes
     assert "torch==2.13.0+cpu" in requirements.split() and "--hash=sha256:" in requirements

@@ -16,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
+from devtools.demo import DemoSpec, demo_payload, demo_tiles
 from devtools.hostile_corpus import declared_giant_png, multipart
 from devtools.process_memory import reset_peak, service_workers, status_mib
 from healnet.preprocess.encoders import StatsEncoder
 from serving import validation
 from serving.config import LARGE_REQUEST_BYTES, Limits
-from serving.demo import DemoSpec, demo_payload, demo_tiles
 from serving.middleware import RequestGuard, json_values
 from serving.schemas import PredictRequest
 from serving.service import HEALNetService

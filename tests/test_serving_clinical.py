@@ -10,10 +10,10 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
+from devtools.demo import DemoSpec, demo_cohort, demo_payload
 from healnet.checkpoint import load_checkpoint
 from healnet.ensemble import HEALNetEnsemble
 from healnet.inference import Case, Predictor
-from serving.demo import DemoSpec, demo_cohort, demo_payload
 from serving.schemas import PredictRequest, PredictResponse
 from serving.service import HEALNetService
 
@@ -133,6 +133,21 @@ def test_an_implausible_clinical_value_is_refused_naming_the_field_and_its_range
     body = json.loads(response.body)
     assert (response.status_code, body["reason"], body["error"]) == (422, "out_of_range", message)
     assert counted("healnet_validation_errors_total", reason="out_of_range") == before + 1
+
+
+@pytest.mark.parametrize(
+    "clinical, status, reason, message",
+    [
+        ({"age": float("nan")}, 422, "non_finite", "clinical['age'] is nan: use null for missing"),
+        ({"oncotree_code": 3.0}, 400, "invalid_schema", "clinical['oncotree_code'] must be text, got 3.0"),
+        ({"smoker": "yes"}, 400, "invalid_schema", "clinical['smoker'] must be a number, got 'yes'"),
+    ],
+)
+def test_the_clinical_transforms_check_is_the_services(service, clinical, status, reason, message):
+    payload, _ = whole_profile()
+    response = asyncio.run(service.predict(PredictRequest(**payload | {"clinical": clinical})))
+    body = json.loads(response.body)
+    assert (response.status_code, body["reason"], body["error"]) == (status, reason, message)
 
 
 def test_one_omic_table_alone_is_answered(service):

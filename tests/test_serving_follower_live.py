@@ -12,9 +12,9 @@ from collections.abc import Callable
 import httpx
 import pytest
 
+from devtools.demo import DemoSpec, demo_payload, train_demo_checkpoint
 from healnet import registry
 from healnet.registry import register_model, set_champion
-from serving.demo import DemoSpec, demo_payload, train_demo_checkpoint
 
 pytest_plugins = ("serving_fixtures",)
 pytestmark = pytest.mark.slow

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from conftest import REQUIRES_PROMETHEUS
 
+from devtools.demo import DemoSpec, demo_payload
 from devtools.monitoring_stack import by_labels, run_prometheus
 from devtools.monitoring_stack import query as instant_query
-from serving.demo import DemoSpec, demo_payload
 
 pytest_plugins = ("serving_fixtures",)
 pytestmark = [pytest.mark.slow, REQUIRES_PROMETHEUS]

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
+from devtools.demo import DemoSpec, demo_payload, train_demo_checkpoint
 from healnet import registry
 from healnet.checkpoint import WEIGHTS_FILE
 from healnet.registry import checkpoint_path, register_model, rollback, set_champion
-from serving.demo import DemoSpec, demo_payload, train_demo_checkpoint
 
 pytest_plugins = ("serving_fixtures",)
 pytestmark = pytest.mark.slow

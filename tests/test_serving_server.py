@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving.demo import DemoSpec, demo_feature_names, demo_payload, demo_tiles
+from devtools.demo import DemoSpec, demo_feature_names, demo_payload, demo_tiles
 
 pytest_plugins = ("serving_fixtures",)
 pytestmark = pytest.mark.slow

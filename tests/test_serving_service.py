@@ -13,12 +13,12 @@ import torch
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
+from devtools.demo import DemoSpec, demo_feature_names, demo_payload, demo_tiles
 from healnet.checkpoint import CheckpointError
 from healnet.files import sha256_file
 from healnet.inference import Case, Predictor
 from healnet.preprocess.encoders import StatsEncoder, encode_tiles, make_encoder
 from serving.config import ConfigError, Limits
-from serving.demo import DemoSpec, demo_feature_names, demo_payload, demo_tiles
 from serving.runtime import champion_poll_seconds, resolve_served_model, tile_encoder
 from serving.schemas import PredictRequest, PredictResponse
 from serving.service import HEALNetService, padded_patches

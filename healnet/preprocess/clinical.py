@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
@@ -35,6 +36,23 @@ READABLE_STATE_VERSIONS = (1, 2)
 
 class ClinicalTransformError(HEALNetError, ValueError):
     """Bad clinical input or configuration; the message names the covariate."""
+
+
+class ClinicalProblem(Enum):
+    """What makes a case's covariate value unreadable."""
+
+    WRONG_TYPE = "wrong_type"  # not text for a categorical covariate, not a number for another one
+    NOT_FINITE = "not_finite"
+    IMPLAUSIBLE = "implausible"  # outside the covariate's plausible range: an entry or unit error
+
+
+class ClinicalValueError(ClinicalTransformError):
+    """A case's covariate value the model cannot read; the message names it as `clinical['name']`, the
+    field of the service's request."""
+
+    def __init__(self, problem: ClinicalProblem, message: str):
+        super().__init__(message)
+        self.problem = problem
 
 
 @dataclass(frozen=True)
@@ -169,19 +187,38 @@ class ClinicalTransform:
         self, records: Sequence[Mapping[str, object]]
     ) -> tuple[OmicsTokens, list[list[str]]]:
         """Tokens for cases given as {covariate: value}, and per case the names the model does not use.
-        Values go straight into arrays (no DataFrame): this is the serving path. A value outside its
-        covariate's plausible range is a ClinicalTransformError."""
+        Values go straight into arrays (no DataFrame): this is the serving path. A value of the model's
+        covariates that `check_value` refuses is a ClinicalValueError."""
         columns = {}
         for covariate in self.covariates:
-            categorical = covariate in self.config.categorical
-            bounds = self.plausible_ranges.get(covariate)
             column = np.empty(len(records), dtype=object)
-            column[:] = [
-                _record_value(covariate, record.get(covariate), categorical, bounds) for record in records
-            ]
+            column[:] = [self.check_value(covariate, record.get(covariate)) for record in records]
             columns[covariate] = column
         unknown = [[name for name in record if name not in self.covariates] for record in records]
         return self._transform_columns(columns), unknown
+
+    def check_value(self, covariate: str, value: object) -> float | str | None:
+        """A case's value of `covariate` as the model reads it: None is missing; a categorical covariate of
+        the config takes text; any other name a finite number, within its plausible range for the model's
+        numeric and binary covariates. Otherwise a ClinicalValueError, with the message the service answers.
+        """
+        if value is None:
+            return None
+        field = f"clinical[{covariate!r}]"
+        if covariate in self.config.categorical:
+            if not isinstance(value, str):
+                raise ClinicalValueError(ClinicalProblem.WRONG_TYPE, f"{field} must be text, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ClinicalValueError(ClinicalProblem.WRONG_TYPE, f"{field} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ClinicalValueError(ClinicalProblem.NOT_FINITE, f"{field} is {value}: use null for missing")
+        bounds = self.plausible_ranges.get(covariate)
+        if bounds is not None and not bounds.holds(value):
+            raise ClinicalValueError(
+                ClinicalProblem.IMPLAUSIBLE, f"{field} is {value:g}, outside its plausible range {bounds}"
+            )
+        return float(value)
 
     def outside_training_range(self, records: Sequence[Mapping[str, object]]) -> list[list[str]]:
         """Per case given as {covariate: value}, the numeric covariates whose value lies outside the
@@ -260,18 +297,3 @@ def _feature_column(covariate: str, column: np.ndarray, level: str | None, fill:
         return np.array([value is not None and str(value) == level for value in column], dtype=np.float64)
     values = _numeric(covariate, column)
     return np.where(np.isnan(values), fill, values)
-
-
-def _record_value(covariate: str, value: object, categorical: bool, bounds: PlausibleRange | None) -> object:
-    """A request's covariate value: None is missing; numbers must be finite and plausible."""
-    if value is None or categorical:
-        return value
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ClinicalTransformError(f"clinical covariate {covariate!r} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ClinicalTransformError(f"clinical covariate {covariate!r} must be finite, got {value!r}")
-    if bounds is not None and not bounds.holds(value):
-        raise ClinicalTransformError(
-            f"clinical covariate {covariate!r} is {value!r}, outside its plausible range {bounds}"
-        )
-    return float(value)

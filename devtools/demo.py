@@ -1,5 +1,5 @@
 """A small HEALNet trained on random data and registered as champion: for tests, the load benchmark
-and local smoke runs of `bentoml serve` without a real cohort (`python -m serving.demo`)."""
+and local smoke runs of `bentoml serve` without a real cohort (`python -m devtools.demo`)."""
 
 from __future__ import annotations
 
@@ -148,7 +148,7 @@ def register_demo_champion(spec: DemoSpec = DemoSpec()) -> str:
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = train_demo_checkpoint(Path(tmp) / "checkpoint", spec)
-        tag = register_model(checkpoint, labels={"source": "serving.demo"}, metadata={})
+        tag = register_model(checkpoint, labels={"source": "devtools.demo"}, metadata={})
     set_champion(tag, "demo model trained on random data")
     return tag
 
