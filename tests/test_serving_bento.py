@@ -188,9 +188,13 @@ def test_bentoml_build_packs_the_code_and_the_model(demo_registry):
     assert info["service"] == BENTOFILE["service"]
     assert info["args"] == {"model_tag": demo_registry.tag}
     assert [model["tag"] for model in info["services"][0]["models"]] == [demo_registry.tag]
-    for path in ("src/serving/service.py", "src/healnet/inference.py", "src/healnet/preprocess/wsi.py"):
+    for path in (
+        "src/serving/service.py",
+        "src/healnet/inference.py",
+        "src/healnet/preprocess/feature_files.py",
+    ):
         assert (bento / path).is_file(), path
-    for left_out in ("tests", "devtools", "healnet/train.py", "healnet/cli"):
+    for left_out in ("tests", "devtools", "healnet/train.py", "healnet/cli", "healnet/preprocess/wsi.py"):
         assert not (bento / "src" / left_out).exists(), left_out
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()
     # the lock, hashes and all: serving/Dockerfile installs it with pip --require-hashes
