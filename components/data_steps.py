@@ -1,7 +1,7 @@
-"""Data steps: the cohort's fingerprint and ingest, its validation (which gates the whole run), omics
-preprocessing, and the slides' patch features (tiled in shards, or imported when computed elsewhere)."""
+"""Data steps: the cohort's fingerprint and ingest, its validation (which gates the whole run), and the
+slides' patch features (tiled in shards, or imported when computed elsewhere), merged into one folder."""
 
-from kfp.dsl import Artifact, Dataset, Input, Markdown, Output, OutputPath
+from kfp.dsl import Dataset, Input, Markdown, Output, OutputPath
 
 from components.images import cpu_component
 
@@ -169,47 +169,6 @@ def validate(
 
 
 @cpu_component
-def preprocess_omics(
-    cohort: Input[Dataset],
-    split_repeat: int,
-    recipe: str,
-    modalities: str,
-    data_hash: str,
-    transform: Output[Artifact],
-):
-    """Fit the recipe's omics transform on the patients the recipe trains on (never the test patients).
-
-    Writes its JSON state; `null` when the run's modalities leave out the omics. `data_hash` keys the cache.
-    """
-    import json
-    from pathlib import Path
-
-    from healnet.data.cohort import Cohort
-    from healnet.experiment import fitting_patients
-    from healnet.preprocess.omics import OmicsTransform
-    from healnet.preprocess.state import OMIC
-    from healnet.recipes import get_recipe
-
-    chosen = get_recipe(recipe)
-    loaded = Cohort.load(Path(cohort.path))
-    train_ids = set(
-        fitting_patients(
-            loaded.patients("holdout", split_repeat, 0, "train"),
-            loaded.patients("holdout", split_repeat, 0, "val"),
-            chosen.members,
-        )
-    )
-    state = None
-    if loaded.omics and OMIC in modalities.split(","):
-        frames = {name: frame[frame.index.isin(train_ids)] for name, frame in loaded.omics.items()}
-        fitted = OmicsTransform.fit(frames, chosen.omics)
-        state = fitted.state_dict()
-        transform.metadata["features"] = {name: len(names) for name, names in fitted.feature_names.items()}
-    transform.metadata["data_hash"] = data_hash
-    Path(transform.path).write_text(json.dumps(state))
-
-
-@cpu_component
 def preprocess_slides(
     cohort: Input[Dataset],
     slide_source: str,
@@ -314,3 +273,20 @@ def import_features(
             "encoder": report.provenance.describe() if report.provenance else None,
         }
     )
+
+
+@cpu_component
+def merge_features(
+    slide_features: Input[list[Dataset]],
+    imported_features: Input[Dataset],
+    features: Output[Dataset],
+):
+    """The run's patch features as one folder, which train and evaluate read: every tiled shard's feature
+    files and the imported ones (only one of the two holds any), with their quarantine lists together
+    (`components.support.merge_feature_shards`). Its inputs, the shards and the import, key its cache."""
+    from pathlib import Path
+
+    from components.support import feature_folders, merge_feature_shards
+
+    count = merge_feature_shards(feature_folders(slide_features, imported_features), Path(features.path))
+    features.metadata["feature_files"] = count

@@ -1,6 +1,6 @@
 """Model steps: training (on the GPU image) and evaluation on the held-out test patients."""
 
-from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
 from components.images import cpu_component, gpu_component
 
@@ -17,9 +17,7 @@ def train(
     patience: int,
     seed: int,
     gpu_count: int,
-    slide_features: Input[list[Dataset]],
-    imported_features: Input[Dataset],
-    omics_transform: Input[Artifact],
+    features: Input[Dataset],
     model: Output[Model],
     metrics: Output[Metrics],
 ):
@@ -27,21 +25,19 @@ def train(
     training patients and early-stops on the validation ones; an ensemble uses both. `epochs`,
     `batch_size` and `patience` override the recipe's when above 0. With `gpu_count` > 1, a single-model
     recipe trains data-parallel, one process per GPU; an ensemble recipe trains on one device, so it is
-    refused there. `modalities` (resolved by `validate`) are the inputs it trains on; the patch features
-    are the tiled shards' and the imported ones together (only one of the two holds any).
+    refused there. `modalities` (resolved by `validate`) are the inputs it trains on; `features` are the
+    run's patch features (`merge_features`). The whole preprocessing (omics, clinical, slide-feature
+    scaling) and the time bins are fitted here, on the patients the recipe trains on.
 
     The model folder holds `checkpoint/` (weights sealed by sha256), `metrics.json` and `history.json`.
     """
     import json
     import math
-    import tempfile
     from dataclasses import replace
     from functools import partial
     from pathlib import Path
 
-    from components.support import feature_folders, merge_feature_shards
     from healnet.experiment import run_training
-    from healnet.preprocess.omics import OmicsTransform
     from healnet.preprocess.state import WSI
     from healnet.recipes import get_recipe
     from healnet.train import DistributedTrainingError, launch_data_parallel
@@ -62,26 +58,22 @@ def train(
             f"recipe {recipe!r} trains {chosen.members} members as one batched model on one GPU; compile the "
             "pipeline with gpu_count=1 for it (data-parallel training is for single-model recipes)"
         )
-    state = json.loads(Path(omics_transform.path).read_text())
-    with tempfile.TemporaryDirectory(prefix="features-") as features_dir:
-        merge_feature_shards(feature_folders(slide_features, imported_features), Path(features_dir))
-        training = partial(
-            run_training,
-            Path(cohort.path),
-            Path(model.path),
-            recipe=chosen,
-            # a run without slides reads no feature folder: its slides may have files but no features
-            features_dir=Path(features_dir) if WSI in modalities.split(",") else None,
-            modalities=modalities.split(","),
-            split_repeat=split_repeat,
-            omics_transform=OmicsTransform.from_state_dict(state) if state is not None else None,
-            progress=False,
-        )
-        if gpu_count > 1:
-            launch_data_parallel(training, gpu_count)  # the first process writes metrics.json
-            result = json.loads((Path(model.path) / "metrics.json").read_text())
-        else:
-            result = training()
+    training = partial(
+        run_training,
+        Path(cohort.path),
+        Path(model.path),
+        recipe=chosen,
+        # a run without slides reads no feature folder: its slides may have files but no features
+        features_dir=Path(features.path) if WSI in modalities.split(",") else None,
+        modalities=modalities.split(","),
+        split_repeat=split_repeat,
+        progress=False,
+    )
+    if gpu_count > 1:
+        launch_data_parallel(training, gpu_count)  # the first process writes metrics.json
+        result = json.loads((Path(model.path) / "metrics.json").read_text())
+    else:
+        result = training()
     model.metadata.update(
         {
             "sha256": result["sha256"],
@@ -111,8 +103,7 @@ def evaluate(
     data_hash: str,
     split_repeat: int,
     model: Input[Model],
-    slide_features: Input[list[Dataset]],
-    imported_features: Input[Dataset],
+    features: Input[Dataset],
     metrics: Output[Metrics],
     predictions: Output[Dataset],
     test_features: Output[Dataset],
@@ -124,24 +115,22 @@ def evaluate(
     as metrics; each patient's outcome and risk as `predictions` (parquet), which the gate re-samples; and an
     HTML report embedding the Kaplan-Meier plot of the risk groups.
 
-    `test_features` holds the test patients' slide features (when the model reads slides), so that the gate
-    and promote can score a champion on them: a single artifact, as a task inside the pipeline's If branch
-    cannot take the slide shards' `dsl.Collected` list."""
+    `test_features` holds the test patients' slide features (when the model reads slides), out of the run's
+    `features`, so that the gate and promote can score a champion on them without the whole cohort's."""
     import json
     import math
     import shutil
     import tempfile
     from pathlib import Path
 
-    from components.support import evaluation_html, feature_folders, finite_metrics, merge_feature_shards
+    from components.support import evaluation_html, finite_metrics
     from healnet.data.cohort import Cohort
     from healnet.evaluate import evaluate_checkpoint
     from healnet.preprocess.state import WSI
     from healnet.scoring import ScoredPatients, copy_patient_features
 
+    features_dir = Path(features.path)
     with tempfile.TemporaryDirectory(prefix="evaluation-") as scratch:
-        features_dir = Path(scratch) / "features"
-        merge_feature_shards(feature_folders(slide_features, imported_features), features_dir)
         evaluation = evaluate_checkpoint(
             Path(model.path) / "checkpoint",
             Path(cohort.path),

@@ -6,6 +6,7 @@ import base64
 import html
 import math
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -61,11 +62,13 @@ def git_sha() -> str:
 
 
 def merge_feature_shards(shard_dirs: list[str], out_dir: Path) -> int:
-    """Link every slide-feature file of the shard folders into `out_dir`, and write the shards' quarantine
+    """Put every slide-feature file of the shard folders into `out_dir`, and write the shards' quarantine
     lists together as `out_dir/quarantine.csv`, so that training and evaluation take the quarantined slides
     as missing rather than unprocessed; returns how many feature files.
 
-    Two shards writing the same feature file means the shards overlap: that is an error.
+    `out_dir` is an artifact of its own (the pipeline's `merge_features` step), so it holds files, never
+    links into other artifacts: a hard link where the file system allows one (no copy of large feature
+    files), else a copy. Two shards writing the same feature file means the shards overlap: that is an error.
     """
     from healnet.preprocess.feature_files import QUARANTINE_FILE, read_quarantine, write_quarantine
 
@@ -82,11 +85,18 @@ def merge_feature_shards(shard_dirs: list[str], out_dir: Path) -> int:
                     f"feature file {path.name} is in two shards: {owners[path.name]} and {shard}"
                 )
             owners[path.name] = str(shard)
-            (out_dir / path.name).symlink_to(path.resolve())
+            _link_or_copy(path.resolve(), out_dir / path.name)
         for slide, reason in read_quarantine(shard).items():
             quarantined.setdefault(slide, reason)
     write_quarantine(out_dir / QUARANTINE_FILE, sorted(quarantined.items()))
     return len(owners)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system, or one without hard links
+        shutil.copyfile(source, target)
 
 
 def finite_metrics(evaluation: dict, names: tuple[str, ...]) -> dict[str, float]:

@@ -32,7 +32,7 @@ COHORT_INPUTS = ("source", "cohort_dir")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines",
-        description="The HEALNet Kubeflow pipeline: validate → slide shards ∥ omics → train (GPU) → "
+        description="The HEALNet Kubeflow pipeline: validate → slide shards → merged features → train (GPU) → "
         "evaluate → gate → promote. Step images come from $HEALNET_IMAGE and $HEALNET_GPU_IMAGE.",
     )
     parser.add_argument(

@@ -1,5 +1,6 @@
-"""The HEALNet training pipeline: validate → slide shards ∥ omics → train → evaluate → gate →
-promote or report the rejection, all inside an exit handler that notifies how the run ended.
+"""The HEALNet training pipeline: validate → slide shards or import → merged features → train (which
+fits all the preprocessing) → evaluate → gate → promote or report the rejection, all inside an exit handler
+that notifies how the run ended.
 
 One definition serves the cluster and `kfp.local`; `build_pipeline(options)` applies the
 compile-time Kubernetes settings (which `kfp.local` ignores).
@@ -13,7 +14,7 @@ from components.data_steps import (
     fingerprint,
     import_features,
     ingest,
-    preprocess_omics,
+    merge_features,
     preprocess_slides,
     validate,
 )
@@ -94,7 +95,7 @@ def _gpu_training(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
 def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
     @dsl.pipeline(
         name=PIPELINE_NAME,
-        description="Validate a cohort, preprocess slides (sharded) and omics, train and evaluate HEALNet, "
+        description="Validate a cohort, preprocess slides (sharded), train and evaluate HEALNet, "
         "and promote the model to the registry when it passes the gate.",
     )
     def healnet_pipeline(
@@ -181,14 +182,15 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
                     slide_dir=slide_dir,
                 )
                 _cpu_step(slides, options, retry=True)
-            omics = preprocess_omics(
-                cohort=cohort,
-                split_repeat=split_repeat,
-                recipe=recipe,
-                modalities=chosen_modalities,
-                data_hash=data_hash,
+            merged = _cpu_step(
+                merge_features(
+                    slide_features=dsl.Collected(slides.outputs["features"]),
+                    imported_features=imported.outputs["features"],
+                ),
+                options,
+                retry=True,
             )
-            _cpu_step(omics, options, retry=True)
+            features = merged.outputs["features"]
             trained = train(
                 cohort=cohort,
                 data_hash=data_hash,
@@ -200,9 +202,7 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
                 patience=patience,
                 seed=seed,
                 gpu_count=options.gpu_count,
-                slide_features=dsl.Collected(slides.outputs["features"]),
-                imported_features=imported.outputs["features"],
-                omics_transform=omics.outputs["transform"],
+                features=features,
             )
             _gpu_training(trained, options)
             evaluated = evaluate(
@@ -210,8 +210,7 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
                 data_hash=data_hash,
                 split_repeat=split_repeat,
                 model=trained.outputs["model"],
-                slide_features=dsl.Collected(slides.outputs["features"]),
-                imported_features=imported.outputs["features"],
+                features=features,
             )
             _cpu_step(evaluated, options, retry=True)
             # the gate scores a comparable champion on the test patients: it reads the cohort and features

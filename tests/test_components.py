@@ -17,17 +17,16 @@ import pytest
 import torch
 from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model, PipelineTaskFinalStatus
 
-from components.data_steps import preprocess_omics, preprocess_slides, validate
+from components.data_steps import merge_features, preprocess_slides, validate
 from components.model_steps import evaluate, train
 from components.notification import NOTIFY_WEBHOOK_ENV
 from components.release_steps import gate, notify, promote, reject
 from components.support import PipelineStepError, cohort_data_hash, merge_feature_shards
-from healnet.checkpoint import verify_checkpoint
+from healnet.checkpoint import load_checkpoint, verify_checkpoint
 from healnet.data.cohort import Cohort
 from healnet.data.synth import SynthConfig, synthesize_cohort
 from healnet.gate import ENOUGH_EVENTS, GATE_VERSION, GatePolicy, rule_texts
 from healnet.preprocess.feature_files import feature_file_name
-from healnet.preprocess.omics import OmicsTransform
 from healnet.registry import get_champion, list_versions, register_model, set_champion
 from healnet.scoring import ScoredPatients
 from healnet.survival_metrics import harrell_c
@@ -53,7 +52,7 @@ def artifact(kind, folder: Path, name: str, metadata: dict | None = None):
 
 @pytest.fixture(scope="module")
 def pipeline_outputs(tmp_path_factory):
-    """Run validate → slide shards → omics → train → evaluate once, as the pipeline would."""
+    """Run validate → slide shards → merged features → train → evaluate once, as the pipeline would."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("components")
@@ -79,15 +78,8 @@ def pipeline_outputs(tmp_path_factory):
     for shard in shard_list:
         shards.append(artifact(Dataset, out, f"features-{shard['shard_index']}"))
         preprocess_slides.python_func(cohort=cohort_artifact, **shard, features=shards[-1])
-    transform = artifact(Artifact, out, "omics_transform.json")
-    preprocess_omics.python_func(
-        cohort=cohort_artifact,
-        split_repeat=0,
-        recipe="demo",
-        modalities=modalities,
-        data_hash=data_hash,
-        transform=transform,
-    )
+    features = artifact(Dataset, out, "features")
+    merge_features.python_func(slide_features=shards, imported_features=imported, features=features)
     model, train_metrics = artifact(Model, out, "model"), artifact(Metrics, out, "train_metrics")
     train.python_func(
         cohort=cohort_artifact,
@@ -100,9 +92,7 @@ def pipeline_outputs(tmp_path_factory):
         patience=2,
         seed=0,
         gpu_count=1,
-        slide_features=shards,
-        imported_features=imported,
-        omics_transform=transform,
+        features=features,
         model=model,
         metrics=train_metrics,
     )
@@ -116,8 +106,7 @@ def pipeline_outputs(tmp_path_factory):
         data_hash=data_hash,
         split_repeat=0,
         model=model,
-        slide_features=shards,
-        imported_features=imported,
+        features=features,
         metrics=test_metrics,
         predictions=predictions,
         test_features=test_features,
@@ -131,7 +120,7 @@ def pipeline_outputs(tmp_path_factory):
         "validation_report": validation_report,
         "data_hash": data_hash,
         "shards": shards,
-        "transform": transform,
+        "features": features,
         "model": model,
         "train_metrics": train_metrics,
         "metrics": test_metrics,
@@ -241,9 +230,22 @@ def test_slide_shards_split_the_slides_without_overlap(pipeline_outputs, tmp_pat
         merge_feature_shards([pipeline_outputs["shards"][0].path] * 2, tmp_path / "twice")
 
 
-def test_omics_transform_is_fitted_on_training_patients_only(pipeline_outputs):
-    state = json.loads(Path(pipeline_outputs["transform"].path).read_text())
-    fitted = OmicsTransform.from_state_dict(state)
+def test_merge_features_gives_train_and_evaluate_every_shards_files_as_files(pipeline_outputs):
+    features = pipeline_outputs["features"]
+    merged = sorted(Path(features.path).glob("*.parquet"))
+    shard_files = sorted(
+        path.name for shard in pipeline_outputs["shards"] for path in Path(shard.path).glob("*.parquet")
+    )
+    assert [path.name for path in merged] == shard_files
+    assert features.metadata["feature_files"] == len(shard_files) > 0
+    # an artifact of its own: a link into another artifact would not survive its upload or that artifact
+    assert not any(path.is_symlink() for path in merged)
+
+
+def test_train_fits_the_omics_transform_on_training_patients_only(pipeline_outputs):
+    fitted = load_checkpoint(Path(pipeline_outputs["model"].path) / "checkpoint").preprocessor.omics
+    assert fitted is not None
+    state = fitted.state_dict()
     cohort = Cohort.load(Path(pipeline_outputs["cohort"]))
     train_ids = set(cohort.patients("holdout", 0, 0, "train"))
     rnaseq = cohort.omics["rnaseq"]
@@ -283,9 +285,7 @@ def train_with_gpus(outputs: dict, name: str, recipe: str, gpu_count: int) -> tu
         patience=2,
         seed=0,
         gpu_count=gpu_count,
-        slide_features=outputs["shards"],
-        imported_features=artifact(Dataset, outputs["out"], "imported_features"),
-        omics_transform=outputs["transform"],
+        features=outputs["features"],
         model=model,
         metrics=metrics,
     )

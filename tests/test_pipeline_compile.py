@@ -64,7 +64,7 @@ def test_retries_on_flaky_steps_and_caching_off_where_state_changes(compiled):
     for task in (
         tasks["train"],
         tasks["evaluate"],
-        tasks["preprocess-omics"],
+        tasks["merge-features"],
         tasks["import-features"],
         loop_tasks["preprocess-slides"],
     ):
@@ -79,21 +79,31 @@ def test_retries_on_flaky_steps_and_caching_off_where_state_changes(compiled):
     assert tasks["train"]["cachingOptions"] == {"enableCache": True}
 
 
-def test_slides_fan_out_with_parallel_for_and_fan_in_with_collected(compiled):
+def test_slides_fan_out_with_parallel_for_and_fan_in_once_with_collected(compiled):
     spec, _ = compiled
-    loop = body_tasks(spec)["for-loop-2"]
+    tasks = body_tasks(spec)
+    loop = tasks["for-loop-2"]
     assert loop["parameterIterator"]["items"]["inputParameter"] == "pipelinechannel--validate-Output"
     assert loop["iteratorPolicy"]["parallelismLimit"] == 4
-    train_inputs = body_tasks(spec)["train"]["inputs"]["artifacts"]["slide_features"]
-    assert train_inputs["taskOutputArtifact"] == {
+    merge_inputs = tasks["merge-features"]["inputs"]["artifacts"]
+    assert merge_inputs["slide_features"]["taskOutputArtifact"] == {
         "outputArtifactKey": "pipelinechannel--preprocess-slides-features",
         "producerTask": "for-loop-2",
     }
-    imported = body_tasks(spec)["train"]["inputs"]["artifacts"]["imported_features"]
-    assert imported["taskOutputArtifact"] == {
+    assert merge_inputs["imported_features"]["taskOutputArtifact"] == {
         "outputArtifactKey": "features",
         "producerTask": "import-features",
     }
+    # the shards are merged once: train and evaluate read the one merged artifact, nothing else the shards
+    for step in ("train", "evaluate"):
+        assert tasks[step]["inputs"]["artifacts"]["features"]["taskOutputArtifact"] == {
+            "outputArtifactKey": "features",
+            "producerTask": "merge-features",
+        }
+    readers = [
+        name for name, task in tasks.items() if "slide_features" in task["inputs"].get("artifacts", {})
+    ]
+    assert readers == ["merge-features"]
     # each shard's parameters come from its loop item, which kfp.local resolves (other steps' outputs not)
     shard = spec["components"]["comp-for-loop-2"]["dag"]["tasks"]["preprocess-slides"]["inputs"]["parameters"]
     assert shard["data_hash"]["componentInputParameter"] == "pipelinechannel--validate-Output-loop-item"
@@ -118,9 +128,7 @@ def test_everything_runs_inside_an_exit_handler_that_notifies(compiled):
     notify = root["notify"]
     assert notify["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
     assert notify["inputs"]["parameters"]["status"] == {"taskFinalStatus": {"producerTask": "exit-handler-1"}}
-    assert {"validate", "for-loop-2", "preprocess-omics", "train", "evaluate", "gate"} <= set(
-        body_tasks(spec)
-    )
+    assert {"validate", "for-loop-2", "merge-features", "train", "evaluate", "gate"} <= set(body_tasks(spec))
 
 
 def test_the_registry_is_shared_storage_on_the_release_steps(compiled):

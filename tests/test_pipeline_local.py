@@ -106,7 +106,7 @@ def test_failed_validation_stops_before_training(cohort, registry, tmp_path, mon
     result = run_local({"cohort_dir": str(broken), "registry_dir": str(registry), **QUICK}, tmp_path / "root")
     assert not result.succeeded and "validate" in result.error
     assert result.decision is None and result.model_tag is None
-    assert not (result.run_dir / "train").exists() and not (result.run_dir / "preprocess-omics").exists()
+    assert not (result.run_dir / "train").exists() and not (result.run_dir / "merge-features").exists()
     assert "FAILED" in result.reports["validation.md"].read_text()
     assert "age" in result.reports["steps.log"].read_text()  # the failing step's own output
     assert (result.run_dir / "notify").is_dir(), "the exit handler runs after a failure"

@@ -144,7 +144,7 @@ def test_cache_never_reuses_outputs_across_split_seeds(table, tmp_path):
     assert first.succeeded, first.error
     reseeded = run_local({**arguments, "split_seed": 1}, root, cache=True)
     assert reseeded.succeeded, reseeded.error
-    downstream = {"ingest", "preprocess-omics", "train", "evaluate"}
+    downstream = {"ingest", "merge-features", "train", "evaluate"}
     assert downstream <= run_dirs_tasks(reseeded.run_dir), "another split seed reran every step"
     splits = [
         pd.read_parquet(run.run_dir / "ingest" / "cohort" / "splits.parquet") for run in (first, reseeded)
