@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 from devtools.demo import DemoSpec, train_demo_checkpoint
 from devtools.live_server import (
@@ -21,6 +22,7 @@ from devtools.live_server import (
     scrape,
     wait_until,
 )
+from serving.service import HEALNetService
 
 CLINICAL_SPEC = DemoSpec(clinical=True)
 
@@ -51,6 +53,20 @@ def clinical_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo
 def poll() -> Callable[..., bool]:
     """`poll(predicate, timeout)`: wait until the predicate holds; returns whether it did."""
     return wait_until
+
+
+@pytest.fixture(scope="session")
+def ready_service(poll: Callable[..., bool]) -> Callable[[], HEALNetService]:
+    """`ready_service()`: an in-process HEALNetService of the active registry's champion, once it is loaded
+    (one torch thread, as a worker has)."""
+
+    def load() -> HEALNetService:
+        torch.set_num_threads(1)
+        service = HEALNetService()
+        assert poll(service.__is_ready__, 60), service.load_error
+        return service
+
+    return load
 
 
 @contextmanager

@@ -8,7 +8,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pydantic import ValidationError
 
@@ -31,7 +30,6 @@ from healnet.heatmap import (
 from healnet.inference import Case, CaseError, Predictor
 from healnet.preprocess.feature_files import feature_file_name, read_slide_features
 from serving.schemas import PredictRequest
-from serving.service import HEALNetService
 
 pytest_plugins = ("serving_fixtures",)
 PATCH_PX = 128  # 16 patches on a 512 px synthetic slide
@@ -196,11 +194,8 @@ SPEC = DemoSpec()
 
 
 @pytest.fixture(scope="module")
-def service(demo_registry, poll):
-    torch.set_num_threads(1)
-    service = HEALNetService()
-    assert poll(service.__is_ready__, 60), service.load_error
-    return service
+def service(demo_registry, ready_service):
+    return ready_service()
 
 
 def grid_coords(patches: int, step: int = 224) -> list[list[int]]:

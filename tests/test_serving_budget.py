@@ -13,7 +13,6 @@ import time
 import httpx
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from devtools.demo import DemoSpec, demo_payload, demo_tiles
@@ -24,7 +23,6 @@ from serving import validation
 from serving.config import LARGE_REQUEST_BYTES, Limits
 from serving.middleware import RequestGuard, json_values
 from serving.schemas import PredictRequest
-from serving.service import HEALNetService
 from serving.validation import (
     ModelContract,
     RejectedRequest,
@@ -213,11 +211,8 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_close_to_the_full_decode():
 
 
 @pytest.fixture(scope="module")
-def service(demo_registry, poll):
-    torch.set_num_threads(1)
-    service = HEALNetService()
-    assert poll(service.__is_ready__, 60), service.load_error
-    return service
+def service(demo_registry, ready_service):
+    return ready_service()
 
 
 def test_a_timed_out_tile_request_stops_decoding_in_its_thread(service, monkeypatch):

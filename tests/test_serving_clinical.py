@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from prometheus_client import REGISTRY
 
 from devtools.demo import DemoSpec, demo_cohort, demo_payload
@@ -15,18 +14,14 @@ from healnet.checkpoint import load_checkpoint
 from healnet.ensemble import HEALNetEnsemble
 from healnet.inference import Case, Predictor
 from serving.schemas import PredictRequest, PredictResponse
-from serving.service import HEALNetService
 
 pytest_plugins = ("serving_fixtures",)
 SPEC = DemoSpec(clinical=True)  # the model of the clinical_registry fixture
 
 
 @pytest.fixture(scope="module")
-def service(clinical_registry, poll):
-    torch.set_num_threads(1)
-    service = HEALNetService()
-    assert poll(service.__is_ready__, 60), service.load_error
-    return service
+def service(clinical_registry, ready_service):
+    return ready_service()
 
 
 def missing(modality: str) -> float:
