@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from devtools.demo import DemoSpec, demo_feature_names, demo_payload, demo_tiles
+from serving.reasons import Reason
 
 pytest_plugins = ("serving_fixtures",)
 pytestmark = pytest.mark.slow
@@ -177,17 +178,7 @@ def test_metrics_count_exactly_what_was_sent(server, metrics_of, demo_registry):
         expected[("healnet_requests_total", (("pattern", pattern),))] = patterns[pattern]
     for modality in ("omic", "wsi"):
         expected[("healnet_missing_modality_total", (("modality", modality),))] = missing[modality]
-    for reason in (
-        "no_modality",
-        "wrong_dimensions",
-        "non_finite",
-        "missing_features",
-        "out_of_range",
-        "too_large",
-        "invalid_schema",
-        "bad_image",
-        "no_encoder",
-    ):
+    for reason in Reason:  # the values are pinned in test_serving_reasons.py
         expected[("healnet_validation_errors_total", (("reason", reason),))] = rejections[reason]
     expected[("healnet_imputed_feature_fraction_count", ())] = sum(
         n for p, n in patterns.items() if "omic" in p
