@@ -139,7 +139,11 @@ def test_the_service_image_holds_the_bentos_packages_only_and_serves_as_the_k8s_
     steps = instructions(DOCKERFILES["serving"])
     runs = " ".join(args for keyword, args in steps if keyword == "RUN")
     # the Bento's locked requirements (requirements/service.lock), its CPU torch first; never the project
-    assert "-r /tmp/torch-cpu.lock" in runs and "-r /tmp/requirements.txt" in runs
+    assert "-r /tmp/torch-cpu.lock" in runs and "-r /tmp/packages.txt" in runs
+    # the rest without the Bento's index lines: the PyTorch index is asked for torch only
+    assert (
+        "grep -v -e '^--index-url' -e '^--extra-index-url' /tmp/requirements.txt > /tmp/packages.txt" in runs
+    )
     assert "download.pytorch.org/whl/cpu" in runs
     assert ("COPY", "src/requirements/torch-cpu.lock /tmp/torch-cpu.lock") in steps
     assert "pip install --no-cache-dir ." not in runs
