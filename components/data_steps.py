@@ -185,7 +185,7 @@ def preprocess_omics(
     from pathlib import Path
 
     from healnet.data.cohort import Cohort
-    from healnet.experiment import fitting_patients
+    from healnet.fitting import fitting_patients
     from healnet.preprocess.omics import OmicsTransform
     from healnet.preprocess.state import OMIC
     from healnet.recipes import get_recipe
