@@ -31,7 +31,7 @@ def main(out: str) -> None:
     ids = list(data.clinical.index)
     train_ids, val_ids = ids[:25], ids[25:]
     clinical = data.clinical.loc[train_ids]
-    bins = SurvivalBins.fit(clinical["survival_months"], clinical["event"])
+    bins = SurvivalBins.fit(clinical["survival_months"], clinical["event"], 4)
     preprocessor = fit_preprocessor(
         data, train_ids, ["omic"], OmicsConfig(combine=True, tokens="groups:4"), None
     )

@@ -126,7 +126,7 @@ def test_bins_and_transforms_are_fit_on_each_training_fold(data, folds, fold_res
     edges = []
     for fold, result in zip(folds, fold_results, strict=True):
         pool = fold["train"] + fold["val"]
-        expected = SurvivalBins.fit(clinical.loc[pool, "survival_months"], clinical.loc[pool, "event"])
+        expected = SurvivalBins.fit(clinical.loc[pool, "survival_months"], clinical.loc[pool, "event"], 4)
         assert result.healnet.bins == expected
         edges.append(tuple(expected.edges))
         # the baselines' z-scores are centred on this fold's training patients, not on everyone

@@ -46,7 +46,7 @@ def run_worker_untrained_state() -> dict:
         sys.path.remove(str(WORKER.parent))
     data = worker.make_data(40)
     ids = list(data.clinical.index)
-    bins = worker.SurvivalBins.fit(data.clinical["survival_months"], data.clinical["event"])
+    bins = worker.SurvivalBins.fit(data.clinical["survival_months"], data.clinical["event"], 4)
     preprocessor = fitting.fit_preprocessor(
         data, ids[:25], ["omic"], worker.OmicsConfig(combine=True, tokens="groups:4"), None
     )
