@@ -22,7 +22,8 @@ class RecipeError(HEALNetError, ValueError):
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """The architecture settings of `healnet.model.HEALNetConfig` that a recipe chooses.
+    """The architecture settings of `healnet.model.HEALNetConfig` that recipes choose (the recipes here,
+    the serving demo's and the inner-selection candidates of scripts/inner_selection.py).
 
     None leaves a setting at HEALNetConfig's own default, the one place those defaults are written; the
     modalities, the number of bins (`Recipe.n_bins`) and the linear path's input size come from the data.
@@ -31,15 +32,11 @@ class ModelOptions:
     depth: int | None = None
     n_latents: int | None = None
     latent_dim: int | None = None
-    cross_heads: int | None = None
     cross_dim_head: int | None = None
     latent_heads: int | None = None
     latent_dim_head: int | None = None
-    self_per_cross_attn: int | None = None
-    ff_mult: int | None = None
     attn_dropout: float | None = None
     ff_dropout: float | None = None
-    weight_tying: bool | None = None
     snn: bool | None = None
     linear_path: str | None = None  # a modality that also enters the logits linearly (see HEALNetConfig)
 
