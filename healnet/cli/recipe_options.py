@@ -115,7 +115,7 @@ def add_recipe_options(parser: argparse.ArgumentParser, flags: Sequence[str]) ->
             dest=option.setting,
             type=option.kind,
             default=None,
-            metavar=option.metavar,
+            metavar=option.metavar or flag[2:].upper().replace("-", "_"),  # as argparse names the flag
             help=f"{option.text} {recipe_default(option.describe)}",
         )
 
