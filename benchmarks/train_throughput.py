@@ -213,7 +213,7 @@ def measure(
     device: torch.device, steps: int, warmup: int, batch: int, patches: int, omic: int, wsi_dim: int
 ) -> dict:
     torch.manual_seed(0)
-    config = HEALNetConfig(modalities=[ModalitySpec("omic", omic), ModalitySpec("wsi", wsi_dim)])
+    config = HEALNetConfig(modalities=[ModalitySpec("omic", omic), ModalitySpec("wsi", wsi_dim)], n_bins=4)
     model = HEALNet(config).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     inputs = {

@@ -23,36 +23,25 @@ def train(
 ):
     """Train the named recipe (healnet/recipes.py) on the holdout split: a single model trains on the
     training patients and early-stops on the validation ones; an ensemble uses both. `epochs`,
-    `batch_size` and `patience` override the recipe's when above 0. With `gpu_count` > 1, a single-model
-    recipe trains data-parallel, one process per GPU; an ensemble recipe trains on one device, so it is
-    refused there. `modalities` (resolved by `validate`) are the inputs it trains on; `features` are the
-    run's patch features (`merge_features`). The whole preprocessing (omics, clinical, slide-feature
-    scaling) and the time bins are fitted here, on the patients the recipe trains on.
+    `batch_size`, `patience` and `seed` override the recipe's when above 0 (`healnet.recipes.pipeline_recipe`).
+    With `gpu_count` > 1, a single-model recipe trains data-parallel, one process per GPU; an ensemble recipe
+    trains on one device, so it is refused there. `modalities` (resolved by `validate`) are the inputs it
+    trains on; `features` are the run's patch features (`merge_features`). The whole preprocessing (omics,
+    clinical, slide-feature scaling) and the time bins are fitted here, on the patients the recipe trains on.
 
     The model folder holds `checkpoint/` (weights sealed by sha256), `metrics.json` and `history.json`.
     """
     import json
     import math
-    from dataclasses import replace
     from functools import partial
     from pathlib import Path
 
     from healnet.experiment import run_training
     from healnet.preprocess.state import WSI
-    from healnet.recipes import get_recipe
+    from healnet.recipes import pipeline_recipe
     from healnet.train import DistributedTrainingError, launch_data_parallel
 
-    chosen = get_recipe(recipe)
-    chosen = replace(
-        chosen,
-        train=replace(
-            chosen.train,
-            seed=seed,
-            epochs=epochs or chosen.train.epochs,
-            batch_size=batch_size or chosen.train.batch_size,
-            patience=patience or chosen.train.patience,
-        ),
-    )
+    chosen = pipeline_recipe(recipe, epochs=epochs, batch_size=batch_size, patience=patience, seed=seed)
     if gpu_count > 1 and chosen.members > 1:
         raise DistributedTrainingError(
             f"recipe {recipe!r} trains {chosen.members} members as one batched model on one GPU; compile the "

@@ -10,13 +10,13 @@ import os
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 if TYPE_CHECKING:
-    from healnet.experiment import CohortData
+    from healnet.fitting import CohortData
 
 OMIC_TABLES = ("mut", "cnv", "rnaseq")
 DEMO_PATCH_SIZE = 224
@@ -49,7 +49,7 @@ def demo_feature_names(spec: DemoSpec) -> dict[str, list[str]]:
 
 def demo_cohort(spec: DemoSpec) -> CohortData:
     """Random clinical table, omic tables and patch bags for `spec.patients` TCGA-like patients."""
-    from healnet.experiment import CohortData
+    from healnet.fitting import CohortData
     from healnet.preprocess.encoders import FeatureProvenance, StatsEncoder
 
     rng = np.random.default_rng(spec.seed)
@@ -83,22 +83,23 @@ def train_demo_checkpoint(out_dir: Path, spec: DemoSpec = DemoSpec(), metadata: 
     from healnet.ensemble import HEALNetEnsemble
     from healnet.experiment import reference_risk_quantiles
     from healnet.preprocess.clinical import ClinicalConfig
-    from healnet.recipes import DEMO
+    from healnet.recipes import DEMO, ModelOptions
     from healnet.train import TrainConfig
 
     data = demo_cohort(spec)
     ids = list(data.clinical.index)
     split = int(len(ids) * 0.75)
+    chosen_options: dict[str, Any] = dict(spec.model_options)
     recipe = replace(
         DEMO,
         name="serving-demo",
         clinical=ClinicalConfig() if spec.clinical else None,
-        model=dict(spec.model_options) | ({"linear_path": "clinical"} if spec.clinical else {}),
+        model=ModelOptions(**chosen_options, linear_path="clinical" if spec.clinical else None),
         train=TrainConfig(epochs=spec.epochs, batch_size=16, seed=spec.seed, device="cpu"),
         members=2 if spec.clinical else 1,
     )
     modalities = ["omic", "clinical", "wsi"] if spec.clinical else ["omic", "wsi"]
-    ensemble = HEALNetEnsemble.fit(data, ids[:split], ids[split:], recipe, modalities, seed=spec.seed)
+    ensemble = HEALNetEnsemble.fit(data, ids[:split], ids[split:], recipe, modalities)
     quantiles = reference_risk_quantiles(ensemble.risk(data, ids[:split]))
     save_checkpoint(
         out_dir, ensemble.to_checkpoint({"reference_risk_quantiles": quantiles, **(metadata or {})})

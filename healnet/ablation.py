@@ -17,11 +17,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from healnet.cv import HEALNetEnsemble, mean_std
+from healnet.cv import mean_std
 from healnet.data.splits import kfold_splits
+from healnet.ensemble import HEALNetEnsemble
 from healnet.errors import HEALNetError
-from healnet.experiment import OMIC, CohortData
-from healnet.preprocess.state import WSI
+from healnet.fitting import CohortData
+from healnet.preprocess.state import OMIC, WSI
 from healnet.recipes import TCGA, Recipe
 from healnet.survival_metrics import harrell_c
 
@@ -117,7 +118,7 @@ def run_split(
     served = {"both": data, OMIC: without(data, WSI), WSI: without(data, OMIC)}
 
     def score(training_data: CohortData, kinds: list[str], serve: Sequence[str]) -> dict[str, float]:
-        model = HEALNetEnsemble.fit(training_data, train_ids, val_ids, config.recipe, kinds, seed)
+        model = HEALNetEnsemble.fit(training_data, train_ids, val_ids, config.recipe.seeded(seed), kinds)
         return {name: model.evaluate(served[name], test_ids, pool)["c_index"] for name in serve}
 
     missing = with_missing(data, pool, config.missing_fraction, seed)

@@ -34,7 +34,7 @@ from healnet.baselines import (
 from healnet.data.splits import kfold_splits
 from healnet.ensemble import HEALNetEnsemble
 from healnet.errors import HEALNetError
-from healnet.experiment import CohortData
+from healnet.fitting import CohortData
 from healnet.preprocess.clinical import ClinicalConfig
 from healnet.preprocess.omics import RNASEQ, OmicsConfig
 from healnet.recipes import CV_FOLDS, CV_MODELS, CV_REPEATS, CV_SEED, TCGA, Recipe
@@ -129,7 +129,9 @@ def run_fold(
 
     if "healnet" in config.models:
         started = time.perf_counter()
-        ensemble = HEALNetEnsemble.fit(data, train_ids, val_ids, config.healnet, config.modalities, seed)
+        ensemble = HEALNetEnsemble.fit(
+            data, train_ids, val_ids, config.healnet.seeded(seed), config.modalities
+        )
         seconds = time.perf_counter() - started
         models["healnet"] = {
             **ensemble.evaluate(data, test_ids, pool),

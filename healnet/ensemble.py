@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from healnet.checkpoint import Checkpoint
 from healnet.data.splits import kfold_splits
 from healnet.device import select_device
-from healnet.experiment import (
+from healnet.fitting import (
     PREDICT_BATCH,
     CohortData,
     TrainedModel,
@@ -51,7 +51,7 @@ from healnet.model import HEALNet
 from healnet.preprocess.clinical import CLINICAL
 from healnet.preprocess.omics import OmicsTransform
 from healnet.preprocess.state import WSI, Preprocessor
-from healnet.recipes import TCGA, Recipe
+from healnet.recipes import Recipe
 from healnet.survival import SurvivalBins, nll_per_sample, survival_from_logits
 from healnet.survival_metrics import survival_metrics
 from healnet.train import (
@@ -90,17 +90,18 @@ class HEALNetEnsemble:
         data: CohortData,
         train_ids: Sequence[str],
         val_ids: Sequence[str],
-        recipe: Recipe = TCGA,
+        recipe: Recipe,
         modalities: Sequence[str] | None = None,
-        seed: int = 0,
         progress: bool = False,
         omics_transform: OmicsTransform | None = None,
     ) -> HEALNetEnsemble:
-        """`omics_transform`: one already fitted on `fitting_patients(...)`, used as it is."""
+        """Every setting comes from `recipe`; its seed seeds the members' parts, and member i trains with
+        seed + i. `omics_transform`: one already fitted on `fitting_patients(...)`, used as it is."""
         modalities = list(modalities or data.available_modalities())
         if recipe.clinical is None:
             modalities = [m for m in modalities if m != CLINICAL]
         fitted_on = fitting_patients(train_ids, val_ids, recipe.members)
+        seed = recipe.train.seed
         if recipe.members == 1:
             parts = [(list(train_ids), list(val_ids))]
         else:
@@ -227,7 +228,7 @@ def fit_members(
 ) -> list[TrainResult]:
     """Train each member as `fit(models[i], train_sets[i], val_sets[i], configs[i], bins)` would.
 
-    The models are built as `healnet.experiment.build_training` builds them (seeded); they are trained in
+    The models are built as `healnet.fitting.build_training` builds them (seeded); they are trained in
     place, their best weights loaded, and left in eval mode. Returns one `TrainResult` per member.
     """
     if not len(models) == len(train_sets) == len(val_sets) == len(configs):

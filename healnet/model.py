@@ -74,7 +74,7 @@ _POSITIVE_SIZES = (
 @dataclass
 class HEALNetConfig:
     modalities: list[ModalitySpec]
-    n_bins: int = 4
+    n_bins: int  # the recipe's (healnet.recipes.Recipe.n_bins), as the survival bins were fitted
     depth: int = 2
     n_latents: int = 16
     latent_dim: int = 64

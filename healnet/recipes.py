@@ -7,7 +7,8 @@ splits of training folds only): docs/results.md.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 from healnet.errors import HEALNetError
 from healnet.preprocess.clinical import CLINICAL, ClinicalConfig
@@ -20,6 +21,31 @@ class RecipeError(HEALNetError, ValueError):
 
 
 @dataclass(frozen=True)
+class ModelOptions:
+    """The architecture settings of `healnet.model.HEALNetConfig` that recipes choose (the recipes here,
+    the serving demo's and the inner-selection candidates of scripts/inner_selection.py).
+
+    None leaves a setting at HEALNetConfig's own default, the one place those defaults are written; the
+    modalities, the number of bins (`Recipe.n_bins`) and the linear path's input size come from the data.
+    """
+
+    depth: int | None = None
+    n_latents: int | None = None
+    latent_dim: int | None = None
+    cross_dim_head: int | None = None
+    latent_heads: int | None = None
+    latent_dim_head: int | None = None
+    attn_dropout: float | None = None
+    ff_dropout: float | None = None
+    snn: bool | None = None
+    linear_path: str | None = None  # a modality that also enters the logits linearly (see HEALNetConfig)
+
+    def chosen(self) -> dict[str, Any]:
+        """The settings this recipe chooses, as HEALNetConfig keywords."""
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
+
+@dataclass(frozen=True)
 class Recipe:
     """How one HEALNet model (or ensemble) is trained.
 
@@ -29,7 +55,7 @@ class Recipe:
 
     name: str
     omics: OmicsConfig
-    model: dict
+    model: ModelOptions
     train: TrainConfig
     clinical: ClinicalConfig | None = ClinicalConfig()  # None: no clinical modality
     members: int = 1
@@ -45,14 +71,18 @@ class Recipe:
 
     def without_linear_path(self) -> Recipe:
         """The same recipe with no modality's linear path."""
-        return replace(self, model={k: v for k, v in self.model.items() if k != "linear_path"})
+        return replace(self, model=replace(self.model, linear_path=None))
+
+    def seeded(self, seed: int) -> Recipe:
+        """The same recipe with another seed (of the weights, the batch order and the members' parts)."""
+        return replace(self, train=replace(self.train, seed=seed))
 
 
 # The synthetic demo cohort's age and sex carry no risk, so its recipe leaves the clinical modality out.
 DEMO = Recipe(
     name="demo",
     omics=OmicsConfig(combine=True),
-    model={"depth": 2, "n_latents": 16, "latent_dim": 64},
+    model=ModelOptions(depth=2, n_latents=16, latent_dim=64),
     train=TrainConfig(),
     clinical=None,
 )
@@ -62,14 +92,9 @@ DEMO = Recipe(
 TCGA = Recipe(
     name="tcga",
     omics=OmicsConfig(top_k=200, combine=False, tokens="single", signed_log=RNASEQ),
-    model={
-        "depth": 1,
-        "n_latents": 8,
-        "latent_dim": 16,
-        "cross_dim_head": 8,
-        "latent_dim_head": 8,
-        "linear_path": CLINICAL,
-    },
+    model=ModelOptions(
+        depth=1, n_latents=8, latent_dim=16, cross_dim_head=8, latent_dim_head=8, linear_path=CLINICAL
+    ),
     train=TrainConfig(epochs=40, patience=40, monitor="loss", batch_size=64, weight_decay=3e-2),
     members=20,
 )
@@ -87,3 +112,42 @@ def get_recipe(name: str) -> Recipe:
         return RECIPES[name]
     except KeyError:
         raise RecipeError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}") from None
+
+
+# The recipe part that holds each setting `apply_overrides` sets (a setting name is in one part only:
+# tests/test_recipes.py); None: the recipe itself.
+OVERRIDABLE_PARTS: dict[str, type] = {"omics": OmicsConfig, "model": ModelOptions, "train": TrainConfig}
+SETTING_PARTS: dict[str, str | None] = {
+    **{field.name: part for part, kind in OVERRIDABLE_PARTS.items() for field in fields(kind)},
+    **dict.fromkeys(("members", "n_bins", "val_fraction")),
+}
+
+
+def apply_overrides(recipe: Recipe, **given: Any) -> Recipe:
+    """`recipe` with the given settings replaced; a setting given as None keeps the recipe's value.
+
+    None is the one "not given" of every caller (`healnet train`, `healnet cv`, the pipeline's `train` step
+    through `pipeline_overrides`), so an override cannot set a setting to None. A setting is named as in
+    its part: a field of `OmicsConfig` (top_k, combine, tokens, signed_log, ...), `ModelOptions` (depth,
+    n_latents, ...), `TrainConfig` (epochs, patience, seed, ...), or `members`, `n_bins`, `val_fraction`.
+    Each override sets only its own setting: `epochs` leaves `patience` as the recipe has it.
+    """
+    unknown = sorted(set(given) - set(SETTING_PARTS))
+    if unknown:
+        raise RecipeError(f"no recipe setting is named {unknown}; known: {sorted(SETTING_PARTS)}")
+    chosen = {name: value for name, value in given.items() if value is not None}
+    parts = {
+        part: replace(getattr(recipe, part), **values)
+        for part in OVERRIDABLE_PARTS
+        if (values := {name: value for name, value in chosen.items() if SETTING_PARTS[name] == part})
+    }
+    own = {name: value for name, value in chosen.items() if SETTING_PARTS[name] is None}
+    return replace(recipe, **parts, **own)
+
+
+def pipeline_recipe(name: str, **overrides: int) -> Recipe:
+    """The pipeline's `train` step's recipe: the named one with its overrides applied. A KFP parameter cannot
+    be None, so the pipeline writes "not given" as 0; here, and only here, 0 becomes None."""
+    return apply_overrides(
+        get_recipe(name), **{setting: value or None for setting, value in overrides.items()}
+    )

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from healnet.errors import HEALNetError
-from healnet.experiment import PREDICT_BATCH, CohortData
+from healnet.fitting import PREDICT_BATCH, CohortData
 from healnet.inference import Case, Prediction, Predictor
 from healnet.preprocess.clinical import CLINICAL, ClinicalTransform
 from healnet.preprocess.omics import OmicsTransform

@@ -93,7 +93,7 @@ class SurvivalBins:
         object.__setattr__(self, "edges", edges)
 
     @classmethod
-    def fit(cls, times: Any, events: Any, n_bins: int = 4) -> SurvivalBins:
+    def fit(cls, times: Any, events: Any, n_bins: int) -> SurvivalBins:
         """Inner edges at the quantiles of the uncensored times only (censored times do not move them)."""
         if n_bins < 1:
             raise SurvivalDataError(f"n_bins must be at least 1, got {n_bins}")

@@ -26,7 +26,7 @@ from sklearn.model_selection import train_test_split
 from healnet.cv import BASELINES, CVConfig, run_fold
 from healnet.data.cohort import ingest
 from healnet.data.splits import kfold_splits
-from healnet.experiment import CohortData
+from healnet.fitting import CohortData
 from healnet.recipes import TCGA, Recipe
 
 # The `tcga` recipe as rounds 1 and 2 started from: 20 epochs, before round 2 chose 40.
@@ -36,7 +36,7 @@ ROUND_BASE = replace(TCGA, train=replace(TCGA.train, epochs=20, patience=20))
 def _changed(model: dict | None = None, **train: Any) -> Recipe:
     """The rounds' starting recipe with some model settings and training settings changed."""
     return replace(
-        ROUND_BASE, model={**ROUND_BASE.model, **(model or {})}, train=replace(ROUND_BASE.train, **train)
+        ROUND_BASE, model=replace(ROUND_BASE.model, **(model or {})), train=replace(ROUND_BASE.train, **train)
     )
 
 

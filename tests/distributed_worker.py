@@ -12,13 +12,14 @@ import torch
 import torch.distributed as dist
 from test_ensemble import make_data  # the script's folder, tests/, is first on sys.path
 
-from healnet.experiment import build_training, fit_preprocessor
+from healnet.fitting import build_training, fit_preprocessor
 from healnet.preprocess.omics import OmicsConfig
+from healnet.recipes import ModelOptions
 from healnet.survival import SurvivalBins
 from healnet.train import TrainConfig, fit, join_process_group, process_rank
 
 # several tokens, so that attention has more than one key and every weight gets a real gradient
-MODEL = {"depth": 1, "n_latents": 4, "latent_dim": 16, "cross_dim_head": 8, "latent_dim_head": 8}
+MODEL = ModelOptions(depth=1, n_latents=4, latent_dim=16, cross_dim_head=8, latent_dim_head=8)
 # 25 training patients in global batches of 8: 8, 8, 8, 1, so one rank has no sample of the last batch
 CONFIG = TrainConfig(epochs=3, patience=3, batch_size=8, lr=3e-3, weight_decay=1e-2, l1=1e-4, device="cpu")
 
@@ -30,7 +31,7 @@ def main(out: str) -> None:
     ids = list(data.clinical.index)
     train_ids, val_ids = ids[:25], ids[25:]
     clinical = data.clinical.loc[train_ids]
-    bins = SurvivalBins.fit(clinical["survival_months"], clinical["event"])
+    bins = SurvivalBins.fit(clinical["survival_months"], clinical["event"], 4)
     preprocessor = fit_preprocessor(
         data, train_ids, ["omic"], OmicsConfig(combine=True, tokens="groups:4"), None
     )

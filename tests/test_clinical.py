@@ -174,6 +174,7 @@ def linear_model() -> HEALNet:
     torch.manual_seed(0)
     config = HEALNetConfig(
         modalities=[OMIC, CLINICAL],
+        n_bins=4,
         depth=1,
         n_latents=4,
         latent_dim=16,
@@ -212,4 +213,4 @@ def test_the_linear_term_is_the_weights_times_the_covariates():
 
 def test_linear_path_must_name_a_modality():
     with pytest.raises(ModelInputError, match="linear_path"):
-        HEALNetConfig(modalities=[OMIC], linear_path="clinical", linear_path_inputs=3)
+        HEALNetConfig(modalities=[OMIC], n_bins=4, linear_path="clinical", linear_path_inputs=3)

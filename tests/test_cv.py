@@ -22,10 +22,10 @@ from healnet.cli import main
 from healnet.cv import CVConfig, CVError, cross_validate, format_table, run_fold, summarize
 from healnet.data.cohort import ingest
 from healnet.data.splits import kfold_splits
-from healnet.experiment import CohortData
+from healnet.fitting import CohortData
 from healnet.preprocess.clinical import ClinicalConfig
 from healnet.preprocess.omics import OmicsConfig
-from healnet.recipes import Recipe
+from healnet.recipes import ModelOptions, Recipe
 from healnet.survival import SurvivalBins
 from healnet.survival_metrics import harrell_c
 from healnet.train import TrainConfig, drop_modalities
@@ -33,14 +33,9 @@ from healnet.train import TrainConfig, drop_modalities
 TINY = Recipe(
     name="tiny",
     omics=OmicsConfig(top_k=20, combine=False, signed_log=("rnaseq",)),
-    model={
-        "depth": 1,
-        "n_latents": 4,
-        "latent_dim": 16,
-        "cross_dim_head": 8,
-        "latent_dim_head": 8,
-        "linear_path": "clinical",
-    },
+    model=ModelOptions(
+        depth=1, n_latents=4, latent_dim=16, cross_dim_head=8, latent_dim_head=8, linear_path="clinical"
+    ),
     train=TrainConfig(epochs=4, patience=4, monitor="loss"),
     members=2,
 )
@@ -131,7 +126,7 @@ def test_bins_and_transforms_are_fit_on_each_training_fold(data, folds, fold_res
     edges = []
     for fold, result in zip(folds, fold_results, strict=True):
         pool = fold["train"] + fold["val"]
-        expected = SurvivalBins.fit(clinical.loc[pool, "survival_months"], clinical.loc[pool, "event"])
+        expected = SurvivalBins.fit(clinical.loc[pool, "survival_months"], clinical.loc[pool, "event"], 4)
         assert result.healnet.bins == expected
         edges.append(tuple(expected.edges))
         # the baselines' z-scores are centred on this fold's training patients, not on everyone

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from healnet import experiment
+from healnet import experiment, fitting
 from healnet.recipes import TCGA
 from healnet.train import DistributedTrainingError
 
@@ -46,11 +46,11 @@ def run_worker_untrained_state() -> dict:
         sys.path.remove(str(WORKER.parent))
     data = worker.make_data(40)
     ids = list(data.clinical.index)
-    bins = experiment.SurvivalBins.fit(data.clinical["survival_months"], data.clinical["event"])
-    preprocessor = experiment.fit_preprocessor(
+    bins = worker.SurvivalBins.fit(data.clinical["survival_months"], data.clinical["event"], 4)
+    preprocessor = fitting.fit_preprocessor(
         data, ids[:25], ["omic"], worker.OmicsConfig(combine=True, tokens="groups:4"), None
     )
-    trained, _, _ = experiment.build_training(
+    trained, _, _ = fitting.build_training(
         data, ids[:25], ids[25:], preprocessor, bins, worker.MODEL, worker.CONFIG
     )
     return trained.model.state_dict()

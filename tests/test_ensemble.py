@@ -9,14 +9,14 @@ import torch
 
 import healnet.ensemble
 from healnet.ensemble import HEALNetEnsemble, batching_blocker, fit_members
-from healnet.experiment import CohortData, build_training, fit_preprocessor
+from healnet.fitting import CohortData, build_training, fit_preprocessor
 from healnet.preprocess.clinical import ClinicalConfig
 from healnet.preprocess.omics import OmicsConfig
-from healnet.recipes import Recipe
+from healnet.recipes import ModelOptions, Recipe
 from healnet.survival import SurvivalBins, survival_from_logits
 from healnet.train import TrainConfig, fit
 
-MODEL = {"depth": 1, "n_latents": 4, "latent_dim": 16, "cross_dim_head": 8, "latent_dim_head": 8}
+MODEL = ModelOptions(depth=1, n_latents=4, latent_dim=16, cross_dim_head=8, latent_dim_head=8)
 # several tokens per table: with one token, attention has a single key, and see test_single_token_members
 OMICS = OmicsConfig(top_k=12, combine=False, tokens="groups:4", signed_log=("rnaseq",))
 # 40 training patients in 3 parts: members train on 26 or 27 patients, batches of 8 end with 2 or 3
@@ -80,7 +80,7 @@ def build(data, parts, bins, config: TrainConfig, modalities=("omic",), model=MO
     pool = sorted({pid for fit_ids, stop_ids in parts for pid in fit_ids + stop_ids})
     preprocessor = fit_preprocessor(data, pool, list(modalities), omics, ClinicalConfig())
     return [
-        build_training(data, fit_ids, stop_ids, preprocessor, bins, dict(model), replace(config, seed=i))
+        build_training(data, fit_ids, stop_ids, preprocessor, bins, model, replace(config, seed=i))
         for i, (fit_ids, stop_ids) in enumerate(parts)
     ]
 
@@ -157,7 +157,7 @@ def test_single_token_members_equal_but_for_weights_without_a_gradient(data, mon
 
 def test_frozen_linear_path_stays_frozen_and_equal(monkeypatch):
     data = make_data(covariates=True)
-    model = {**MODEL, "linear_path": "clinical"}
+    model = replace(MODEL, linear_path="clinical")
     loop, batched, loop_results, batched_results, test_ids = train_both(
         data, TRAIN, monkeypatch, modalities=("omic", "clinical"), model=model
     )
@@ -168,11 +168,13 @@ def test_frozen_linear_path_stays_frozen_and_equal(monkeypatch):
 
 
 def test_ensemble_fit_trains_its_members_batched(data, monkeypatch):
-    recipe = Recipe(name="tiny", omics=OMICS, model=MODEL, train=TRAIN, clinical=None, members=3)
+    recipe = Recipe(
+        name="tiny", omics=OMICS, model=MODEL, train=replace(TRAIN, seed=5), clinical=None, members=3
+    )
     ids = list(data.clinical.index)
     calls = []
     monkeypatch.setattr(healnet.ensemble, "fit", lambda *a, **k: calls.append(1) or fit(*a, **k))
-    ensemble = HEALNetEnsemble.fit(data, ids[:34], ids[34:40], recipe, ["omic"], seed=5)
+    ensemble = HEALNetEnsemble.fit(data, ids[:34], ids[34:40], recipe, ["omic"])
     assert not calls and len(ensemble.members) == 3
     for index, (member, (fit_ids, stop_ids)) in enumerate(
         zip(ensemble.members, ensemble.member_splits, strict=True)

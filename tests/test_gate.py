@@ -12,7 +12,7 @@ from sksurv.metrics import concordance_index_censored
 from test_registry import small_checkpoint
 
 from healnet.checkpoint import load_checkpoint
-from healnet.experiment import CohortData
+from healnet.fitting import CohortData
 from healnet.gate import (
     DRY_RUN_RULE,
     ENOUGH_EVENTS,

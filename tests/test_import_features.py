@@ -18,7 +18,8 @@ from healnet.cli import main
 from healnet.data.cohort import Cohort
 from healnet.data.synth import SynthConfig, synthesize_cohort
 from healnet.errors import HEALNetError
-from healnet.experiment import CohortData, load_trained
+from healnet.experiment import load_trained
+from healnet.fitting import CohortData
 from healnet.inference import Case
 from healnet.preprocess.encoders import EncoderProvenance, FeatureProvenance
 from healnet.preprocess.feature_files import (

@@ -11,7 +11,14 @@ BATCH = 3
 
 def make_model(*specs: ModalitySpec, seed: int = 0, **options) -> HEALNet:
     torch.manual_seed(seed)
-    options = {"n_latents": 8, "latent_dim": 32, "cross_dim_head": 16, "latent_dim_head": 8, **options}
+    options = {
+        "n_bins": 4,
+        "n_latents": 8,
+        "latent_dim": 32,
+        "cross_dim_head": 16,
+        "latent_dim_head": 8,
+        **options,
+    }
     return HEALNet(HEALNetConfig(modalities=list(specs), **options)).eval()
 
 
@@ -242,7 +249,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_config_round_trips_through_json_and_rejects_bad_values():
-    config = HEALNetConfig(modalities=[OMIC, GRID], depth=3, weight_tying=True, snn=True)
+    config = HEALNetConfig(modalities=[OMIC, GRID], n_bins=4, depth=3, weight_tying=True, snn=True)
     restored = HEALNetConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert restored == config
     torch.manual_seed(0)
@@ -251,11 +258,11 @@ def test_config_round_trips_through_json_and_rejects_bad_values():
     with pytest.raises(ValueError, match=r"unknown HEALNetConfig keys: \['layers'\]"):
         HEALNetConfig.from_dict({**config.to_dict(), "layers": 2})
     with pytest.raises(ValueError, match="unique"):
-        HEALNetConfig(modalities=[OMIC, OMIC])
+        HEALNetConfig(modalities=[OMIC, OMIC], n_bins=4)
     with pytest.raises(ValueError, match="input_axis must be 1 or 2"):
         ModalitySpec("x", 3, input_axis=3)
     with pytest.raises(ValueError, match="attn_dropout"):
-        HEALNetConfig(modalities=[OMIC], attn_dropout=1.0)
+        HEALNetConfig(modalities=[OMIC], n_bins=4, attn_dropout=1.0)
 
 
 def test_one_channel_tokens_need_position_features():

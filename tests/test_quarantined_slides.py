@@ -15,8 +15,9 @@ from healnet.data.cohort import Cohort
 from healnet.data.dataset import SlideFeaturesError
 from healnet.data.synth import SynthConfig, synthesize_cohort
 from healnet.evaluate import evaluate_checkpoint
-from healnet.experiment import CohortData, load_trained, run_training
+from healnet.experiment import load_trained, run_training
 from healnet.explain import patient_case
+from healnet.fitting import CohortData
 from healnet.inference import Predictor
 from healnet.preprocess.feature_files import (
     QUARANTINE_FILE,

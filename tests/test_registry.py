@@ -15,12 +15,13 @@ import torch
 
 from healnet.checkpoint import WEIGHTS_FILE, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from healnet.cli import main as healnet_main
-from healnet.experiment import CohortData, model_config_for
+from healnet.fitting import CohortData, model_config_for
 from healnet.gate import GatePolicy, assess_champion, model_inputs, promote_if_still_better
 from healnet.inference import Predictor
 from healnet.model import HEALNet
 from healnet.preprocess.omics import OmicsConfig
 from healnet.preprocess.state import Preprocessor
+from healnet.recipes import ModelOptions
 from healnet.registry import (
     ChampionChangedError,
     ChampionPointerError,
@@ -48,7 +49,9 @@ def small_checkpoint(directory, seed: int = 0) -> str:
     bins = SurvivalBins.fit(rng.uniform(1, 60, 12), rng.integers(0, 2, 12), 4)
     torch.manual_seed(seed)
     model = HEALNet(
-        model_config_for(preprocessor, preprocessor.modalities, bins.n_bins, depth=1, n_latents=4)
+        model_config_for(
+            preprocessor, preprocessor.modalities, bins.n_bins, ModelOptions(depth=1, n_latents=4)
+        )
     )
     return save_checkpoint(directory, Checkpoint(model.config, [model.state_dict()], bins, preprocessor, {}))
 

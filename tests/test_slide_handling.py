@@ -12,7 +12,8 @@ from healnet.cli import main
 from healnet.data.cohort import Cohort, ingest
 from healnet.data.dataset import SlideFeaturesError, load_wsi_bags
 from healnet.data.synth import TABLE_NAME, SynthConfig, synthesize_cohort
-from healnet.experiment import CohortData, run_training
+from healnet.experiment import run_training
+from healnet.fitting import CohortData
 from healnet.preprocess.encoders import EncoderProvenance, StatsEncoder
 from healnet.preprocess.feature_files import (
     SlideInputError,

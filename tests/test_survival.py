@@ -122,15 +122,15 @@ def test_bins_from_quartiles_of_uncensored_times_only():
     # Uncensored 1..5: linear quartiles 2, 3, 4. Censored times (0.5, 2.2, 100) must not move them.
     times = [1.0, 2.0, 3.0, 4.0, 5.0, 0.5, 2.2, 100.0]
     events = [1, 1, 1, 1, 1, 0, 0, 0]
-    bins = SurvivalBins.fit(times, events)
+    bins = SurvivalBins.fit(times, events, 4)
     np.testing.assert_array_equal(bins.edges, [0.0, 2.0, 3.0, 4.0, np.inf])
     assert bins.n_bins == 4
-    assert SurvivalBins.fit(times[:5], events[:5]) == bins
+    assert SurvivalBins.fit(times[:5], events[:5], 4) == bins
     assert SurvivalBins.fit(times[:5], events[:5], n_bins=2).edges.tolist() == [0.0, 3.0, np.inf]
 
 
 def test_bins_assign_at_edges_and_beyond_the_fitted_range():
-    bins = SurvivalBins.fit([1.0, 2.0, 3.0, 4.0, 5.0], [1, 1, 1, 1, 1])  # edges 0, 2, 3, 4, inf
+    bins = SurvivalBins.fit([1.0, 2.0, 3.0, 4.0, 5.0], [1, 1, 1, 1, 1], 4)  # edges 0, 2, 3, 4, inf
     # A time equal to an inner edge starts the upper bin; times past the fitted data go to the last bin.
     times = np.array([0.0, 0.1, 1.999, 2.0, 2.5, 3.0, 4.0, 5.0, 1000.0])
     np.testing.assert_array_equal(bins.assign(times), [0, 0, 0, 1, 1, 2, 3, 3, 3])
@@ -141,17 +141,17 @@ def test_bins_assign_at_edges_and_beyond_the_fitted_range():
 def test_bins_fitted_on_train_do_not_change_with_the_test_set():
     rng = np.random.default_rng(0)
     train_times, train_events = rng.exponential(20.0, 40), rng.integers(0, 2, 40)
-    bins = SurvivalBins.fit(train_times, train_events)
+    bins = SurvivalBins.fit(train_times, train_events, 4)
     for scale in (1.0, 50.0):
         test_times = rng.exponential(scale, 10)
-        assert SurvivalBins.fit(train_times, train_events) == bins
+        assert SurvivalBins.fit(train_times, train_events, 4) == bins
         assert set(bins.assign(test_times)) <= {0, 1, 2, 3}
-    both = SurvivalBins.fit(np.r_[train_times, [500.0] * 10], np.r_[train_events, [1] * 10])
+    both = SurvivalBins.fit(np.r_[train_times, [500.0] * 10], np.r_[train_events, [1] * 10], 4)
     assert both != bins
 
 
 def test_bins_to_dict_round_trips_through_json_exactly():
-    bins = SurvivalBins.fit([1 / 3, 2 / 7, 3.14159, 10.5, 7.77, 100.0], [1, 1, 1, 1, 1, 0])
+    bins = SurvivalBins.fit([1 / 3, 2 / 7, 3.14159, 10.5, 7.77, 100.0], [1, 1, 1, 1, 1, 0], 4)
     text = json.dumps(bins.to_dict())
     assert "Infinity" not in text
     restored = SurvivalBins.from_dict(json.loads(text))
@@ -161,7 +161,7 @@ def test_bins_to_dict_round_trips_through_json_exactly():
 
 
 def test_bins_are_immutable():
-    bins = SurvivalBins.fit([1.0, 2.0, 3.0, 4.0], [1, 1, 1, 1])
+    bins = SurvivalBins.fit([1.0, 2.0, 3.0, 4.0], [1, 1, 1, 1], 4)
     with pytest.raises(ValueError):
         bins.edges[1] = 0.5
     with pytest.raises(AttributeError):
@@ -181,7 +181,7 @@ def test_bins_are_immutable():
 )
 def test_bins_fit_rejects_bad_input(times, events, message):
     with pytest.raises(SurvivalDataError, match=message):
-        SurvivalBins.fit(times, events)
+        SurvivalBins.fit(times, events, 4)
 
 
 def test_bins_reject_bad_edges_and_dicts():
@@ -191,7 +191,7 @@ def test_bins_reject_bad_edges_and_dicts():
         SurvivalBins(np.array([0.0, 2.0, 1.0, np.inf]))
     with pytest.raises(SurvivalDataError, match="'edges'"):
         SurvivalBins.from_dict({"bins": [0.0, "inf"]})
-    bins = SurvivalBins.fit([1.0, 2.0, 3.0, 4.0], [1, 1, 1, 1])
+    bins = SurvivalBins.fit([1.0, 2.0, 3.0, 4.0], [1, 1, 1, 1], 4)
     with pytest.raises(SurvivalDataError, match="negative"):
         bins.assign([-1.0])
 
@@ -269,7 +269,7 @@ def test_integrated_brier_perfect_predictor_beats_uninformative():
     rng = np.random.default_rng(2)
     train_times, train_events = _cohort(rng, 80, 0.3)
     test_times, test_events = _cohort(rng, 40, 0.3)
-    bins = SurvivalBins.fit(train_times, train_events)
+    bins = SurvivalBins.fit(train_times, train_events, 4)
     uninformative = np.tile([0.75, 0.5, 0.25, 0.0], (40, 1))
     perfect = integrated_brier(
         train_times, train_events, test_times, test_events, _perfect_survival(bins, test_times), bins
@@ -291,7 +291,7 @@ def test_survival_metrics_on_an_informative_model():
     rng = np.random.default_rng(3)
     train_times, train_events = _cohort(rng, 80, 0.3)
     test_times, test_events = _cohort(rng, 40, 0.3)
-    bins = SurvivalBins.fit(train_times, train_events)
+    bins = SurvivalBins.fit(train_times, train_events, 4)
     survival = torch.as_tensor(_perfect_survival(bins, test_times) * 0.9 + 0.05)
     metrics = survival_metrics(train_times, train_events, test_times, test_events, survival, bins)
     assert set(metrics) == {"c_index", "c_index_ipcw", "integrated_brier_score"}
@@ -324,7 +324,7 @@ def test_metrics_on_real_blca_times(blca_table):
     times = patients["survival_months"].to_numpy()
     events = 1 - patients["censorship"].to_numpy()
     train = np.random.default_rng(4).random(len(times)) < 0.7
-    bins = SurvivalBins.fit(times[train], events[train])
+    bins = SurvivalBins.fit(times[train], events[train], 4)
     # Quartiles of the uncensored training times: each bin holds about a quarter of those deaths.
     counts = np.bincount(bins.assign(times[train & (events == 1)]), minlength=4)
     assert counts.min() >= counts.sum() // 4 - 1

@@ -11,12 +11,27 @@ from healnet.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from healnet.data.modalities import ModalityError
 from healnet.device import select_device
 from healnet.ensemble import HEALNetEnsemble
-from healnet.experiment import CohortData, TrainedModel, train_model
+from healnet.fitting import CohortData, TrainedModel
 from healnet.inference import Case, Predictor
+from healnet.preprocess.clinical import ClinicalConfig
 from healnet.preprocess.omics import OmicsConfig
+from healnet.recipes import ModelOptions, Recipe
 from healnet.train import TrainConfig, evaluate_loader, make_loader
 
-MODEL = {"depth": 1, "n_latents": 8, "latent_dim": 32, "cross_dim_head": 16, "latent_dim_head": 16}
+MODEL = ModelOptions(depth=1, n_latents=8, latent_dim=32, cross_dim_head=16, latent_dim_head=16)
+
+
+def train_single_model(
+    data: CohortData,
+    split,
+    modalities: list[str] | None = None,
+    omics: OmicsConfig = OmicsConfig(combine=True),
+    config: TrainConfig = TrainConfig(epochs=1, seed=0),
+) -> TrainedModel:
+    """One model as `healnet train` trains a single-member recipe: bins and preprocessing fitted on the
+    training patients, early stopping on the validation ones."""
+    recipe = Recipe(name="test", omics=omics, model=MODEL, train=config, clinical=ClinicalConfig())
+    return HEALNetEnsemble.fit(data, split[0], split[1], recipe, modalities).members[0]
 
 
 def make_data(n: int = 160, seed: int = 0) -> CohortData:
@@ -63,7 +78,7 @@ def split(data):
 def trained(data, split) -> TrainedModel:
     torch.set_num_threads(1)
     config = TrainConfig(epochs=25, batch_size=16, lr=3e-3, patience=25, seed=0)
-    return train_model(data, split[0], split[1], model_options=MODEL, train_config=config, progress=False)
+    return train_single_model(data, split, config=config)
 
 
 def test_training_learns_the_signal(trained, data, split):
@@ -85,25 +100,20 @@ def test_early_stopping_restores_the_best_weights(trained, data, split):
 
 
 def test_bins_are_fit_on_training_patients_only(data, split):
-    config = TrainConfig(epochs=1, seed=0)
     shifted = CohortData(data.clinical.copy(), data.omics, data.wsi_bags)
     shifted.clinical.loc[split[2], "survival_months"] *= 50
-    a = train_model(
-        data, split[0], split[1], ["omic"], model_options=MODEL, train_config=config, progress=False
-    )
-    b = train_model(
-        shifted, split[0], split[1], ["omic"], model_options=MODEL, train_config=config, progress=False
-    )
+    a = train_single_model(data, split, ["omic"])
+    b = train_single_model(shifted, split, ["omic"])
     np.testing.assert_array_equal(a.bins.edges, b.bins.edges)
 
 
 def test_unknown_modality_is_rejected(data, split):
     """A library error (one line at the CLI): e.g. `--modalities wsi` when every slide was quarantined."""
     with pytest.raises(ModalityError, match="not all in this cohort"):
-        train_model(data, split[0], split[1], ["radiology"], progress=False)
+        train_single_model(data, split, ["radiology"])
     without_slides = CohortData(data.clinical, data.omics, {})
     with pytest.raises(ModalityError, match="available: \\['omic'\\]"):
-        train_model(without_slides, split[0], split[1], ["wsi"], progress=False)
+        train_single_model(without_slides, split, ["wsi"])
 
 
 def test_checkpoint_round_trip_gives_identical_predictions(trained, data, split, tmp_path):
@@ -175,32 +185,13 @@ def test_predictor_reports_imputed_and_unknown_features(trained, data, split):
 
 
 def test_per_table_omics_become_separate_modalities(data, split):
-    config = TrainConfig(epochs=1, seed=0)
-    model = train_model(
-        data,
-        split[0],
-        split[1],
-        ["omic"],
-        OmicsConfig(combine=False),
-        model_options=MODEL,
-        train_config=config,
-        progress=False,
-    )
+    model = train_single_model(data, split, ["omic"], OmicsConfig(combine=False))
     assert sorted(model.modalities) == ["mut", "rnaseq"]
 
 
 def test_feature_tokens_carry_their_values_and_learn_the_signal(data, split):
     config = TrainConfig(epochs=15, batch_size=16, lr=3e-3, patience=15, seed=0)
-    model = train_model(
-        data,
-        split[0],
-        split[1],
-        ["omic"],
-        OmicsConfig(combine=True, tokens="features"),
-        model_options=MODEL,
-        train_config=config,
-        progress=False,
-    )
+    model = train_single_model(data, split, ["omic"], OmicsConfig(combine=True, tokens="features"), config)
     (spec,) = model.model.config.modalities
     assert spec.channels == 1 and spec.num_freq_bands > 0
     shifted = CohortData(data.clinical, {k: v + 1.0 for k, v in data.omics.items()}, {})

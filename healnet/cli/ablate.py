@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     from healnet.ablation import AblationConfig, ablation_recipe, format_ablation, run_ablation
     from healnet.cv import write_report
     from healnet.data.cohort import Cohort
-    from healnet.experiment import CohortData
+    from healnet.fitting import CohortData
 
     torch.set_num_threads(args.threads)
     cohorts, truths = {}, {}

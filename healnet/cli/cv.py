@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from healnet.cli import recipe_default
 from healnet.cli.ingest import quarantine_lines
+from healnet.cli.recipe_options import add_recipe_options, recipe_from_args
 from healnet.recipes import CV_FOLDS, CV_MODELS, CV_REPEATS, CV_SEED, TCGA
 
 HELP = (
@@ -16,6 +16,8 @@ HELP = (
     "HEALNet's paired difference to it, and write a JSON report."
 )
 QUARANTINE_SHOWN = 5  # rows listed on stderr; the JSON report keeps them all
+# the options that override a setting of the HEALNet recipe (healnet.cli.recipe_options)
+RECIPE_FLAGS = ("--members", "--epochs", "--patience", "--batch-size", "--weight-decay", "--top-k")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -49,15 +51,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="comma-separated subset of healnet, age (age alone), coxnet (clinical + all omics), "
         "coxnet_topk (clinical + top-k omics), rsf (forest on clinical + top-k omics)",
     )
-    recipe_options = {
-        "--members": (int, "HEALNet ensemble size", lambda r: r.members),
-        "--epochs": (int, "HEALNet epochs per member", lambda r: r.train.epochs),
-        "--batch-size": (int, "HEALNet batch size", lambda r: r.train.batch_size),
-        "--weight-decay": (float, "HEALNet Adam weight decay", lambda r: r.train.weight_decay),
-        "--top-k": (int, "HEALNet: highest-variance features per table", lambda r: r.omics.top_k or "all"),
-    }
-    for option, (kind, text, describe) in recipe_options.items():
-        parser.add_argument(option, type=kind, default=None, help=f"{text} {recipe_default(describe)}")
+    add_recipe_options(parser, RECIPE_FLAGS)
     parser.add_argument("--threads", type=int, default=1, help="torch threads and forest jobs")
     parser.add_argument(
         "--jobs",
@@ -78,8 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     from healnet.cv import CVConfig, cross_validate, format_table, write_report
     from healnet.data.cohort import Cohort, ingest
-    from healnet.experiment import CohortData
-    from healnet.recipes import get_recipe
+    from healnet.fitting import CohortData
 
     torch.set_num_threads(args.threads)
     if args.table is not None:
@@ -91,24 +84,7 @@ def run(args: argparse.Namespace) -> int:
         features = args.features or (default_features if default_features.is_dir() else None)
     data = CohortData.from_cohort(cohort, features, require_features=args.features is not None)
 
-    recipe = get_recipe(args.recipe)
-    train = {
-        key: value
-        for key, value in (
-            ("epochs", args.epochs),
-            ("batch_size", args.batch_size),
-            ("weight_decay", args.weight_decay),
-        )
-        if value is not None
-    }
-    if args.epochs is not None:
-        train["patience"] = args.epochs
-    recipe = replace(
-        recipe,
-        omics=replace(recipe.omics, top_k=args.top_k or recipe.omics.top_k),
-        train=replace(recipe.train, **train),
-        members=args.members or recipe.members,
-    )
+    recipe = recipe_from_args(args, RECIPE_FLAGS)
     defaults = CVConfig()
     config = replace(
         defaults,
