@@ -49,7 +49,6 @@ from healnet.fitting import (
 )
 from healnet.model import HEALNet
 from healnet.preprocess.clinical import CLINICAL
-from healnet.preprocess.omics import OmicsTransform
 from healnet.preprocess.state import WSI, Preprocessor
 from healnet.recipes import Recipe
 from healnet.survival import SurvivalBins, nll_per_sample, survival_from_logits
@@ -93,10 +92,9 @@ class HEALNetEnsemble:
         recipe: Recipe,
         modalities: Sequence[str] | None = None,
         progress: bool = False,
-        omics_transform: OmicsTransform | None = None,
     ) -> HEALNetEnsemble:
         """Every setting comes from `recipe`; its seed seeds the members' parts, and member i trains with
-        seed + i. `omics_transform`: one already fitted on `fitting_patients(...)`, used as it is."""
+        seed + i."""
         modalities = list(modalities or data.available_modalities())
         if recipe.clinical is None:
             modalities = [m for m in modalities if m != CLINICAL]
@@ -116,9 +114,7 @@ class HEALNetEnsemble:
             ]
         clinical = data.clinical.loc[fitted_on]
         bins = SurvivalBins.fit(clinical["survival_months"], clinical["event"], recipe.n_bins)
-        preprocessor = fit_preprocessor(
-            data, fitted_on, modalities, recipe.omics, recipe.clinical, omics_transform
-        )
+        preprocessor = fit_preprocessor(data, fitted_on, modalities, recipe.omics, recipe.clinical)
         configs = [replace(recipe.train, seed=seed + index) for index in range(len(parts))]
         built = [
             build_training(data, fit_ids, stop_ids, preprocessor, bins, recipe.model, config)

@@ -16,7 +16,6 @@ from healnet.data.dataset import require_slide_features
 from healnet.device import select_device
 from healnet.ensemble import HEALNetEnsemble
 from healnet.fitting import CohortData, fitting_patients
-from healnet.preprocess.omics import OmicsTransform
 from healnet.recipes import Recipe
 from healnet.train import DistributedTrainingError, join_process_group, process_rank
 
@@ -29,7 +28,6 @@ def run_training(
     modalities: Sequence[str] | None = None,
     split_repeat: int = 0,
     progress: bool = True,
-    omics_transform: OmicsTransform | None = None,
     require_features: bool = False,
 ) -> dict:
     """Train `recipe` on the cohort's holdout split; write `checkpoint/` and `metrics.json` to `out_dir`.
@@ -58,7 +56,6 @@ def run_training(
             modalities,
             split_repeat,
             progress,
-            omics_transform,
             require_features,
         )
     finally:
@@ -75,7 +72,6 @@ def _train_and_save(
     modalities: Sequence[str] | None,
     split_repeat: int,
     progress: bool,
-    omics_transform: OmicsTransform | None,
     require_features: bool,
 ) -> dict:
     rank, world_size = process_rank()
@@ -97,7 +93,6 @@ def _train_and_save(
         recipe,
         modalities,
         progress=progress,
-        omics_transform=omics_transform,
     )
     fitted_on = fitting_patients(ids["train"], ids["val"], recipe.members)
     results = [member.training for member in ensemble.members]

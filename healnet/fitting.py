@@ -164,14 +164,12 @@ def fit_preprocessor(
     modalities: Sequence[str] | None,
     omics_config: OmicsConfig,
     clinical_config: ClinicalConfig | None,
-    omics_transform: OmicsTransform | None = None,
 ) -> Preprocessor:
     """The preprocessing of the requested input kinds, fitted on `train_ids` only.
 
     `modalities` picks the input kinds, "omic", "clinical" and/or "wsi" (default: all the cohort has; the
     clinical modality only with a `clinical_config`); how omic tables become model modalities (one
-    combined, or one per table) is `omics_config.combine`. A given `omics_transform` (already fitted on
-    `train_ids`) is used as it is.
+    combined, or one per table) is `omics_config.combine`.
     """
     available = data.available_modalities()
     requested = list(modalities or available)
@@ -185,7 +183,6 @@ def fit_preprocessor(
         train_ids,
         omics_config if use_omics else None,
         wsi_provenance=data.wsi_provenance if WSI in requested else None,
-        omics=omics_transform if use_omics else None,
         clinical=data.clinical,
         clinical_config=clinical_config if CLINICAL in requested else None,
     )

@@ -43,16 +43,14 @@ class Preprocessor:
         train_ids: Sequence[str],
         omics_config: OmicsConfig | None,
         wsi_provenance: FeatureProvenance | None = None,
-        omics: OmicsTransform | None = None,
         clinical: pd.DataFrame | None = None,
         clinical_config: ClinicalConfig | None = None,
     ) -> Preprocessor:
-        """Fit on `train_ids`; a given `omics` transform (already fitted on them) is used as is.
-
-        The clinical modality is fitted when both the clinical table and `clinical_config` are given.
-        """
+        """Fit every transform on `train_ids` only. The clinical modality is fitted when both the clinical
+        table and `clinical_config` are given."""
         train = set(train_ids)
-        if omics is None and omics_config is not None and omic_frames:
+        omics = None
+        if omics_config is not None and omic_frames:
             train_frames = {name: frame[frame.index.isin(train)] for name, frame in omic_frames.items()}
             omics = OmicsTransform.fit(train_frames, omics_config)
         clinical_transform = None
