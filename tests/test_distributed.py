@@ -59,4 +59,4 @@ def run_worker_untrained_state() -> dict:
 def test_an_ensemble_recipe_is_refused_in_a_data_parallel_run(monkeypatch, tmp_path):
     monkeypatch.setattr(experiment, "process_rank", lambda: (0, 2))
     with pytest.raises(DistributedTrainingError, match="single-model recipes"):
-        experiment._train_and_save(None, tmp_path, tmp_path, TCGA, None, None, 0, False, None, False)
+        experiment._train_and_save(None, tmp_path, tmp_path, TCGA, None, None, 0, False, False)
