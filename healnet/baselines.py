@@ -32,6 +32,9 @@ class BaselineError(HEALNetError, ValueError):
     """A baseline that cannot be fitted on the given fold; the message says why."""
 
 
+PENALTY_CHOICES = ("inner_cv", "path_middle")
+
+
 @dataclass(frozen=True)
 class CoxNetConfig:
     # features: the 200 highest-variance ones per table, after a signed log of the rnaseq z-scores
@@ -41,6 +44,13 @@ class CoxNetConfig:
     alpha_min_ratio: float = 0.02  # the smallest penalty relative to the largest one
     inner_folds: int = 5
     max_iter: int = 100_000
+    # how the penalty is chosen: "inner_cv" (the highest inner-CV Harrell C) or "path_middle" (the middle
+    # penalty of the path, nothing tuned: a common fixed choice)
+    penalty: str = "inner_cv"
+
+    def __post_init__(self) -> None:
+        if self.penalty not in PENALTY_CHOICES:
+            raise BaselineError(f"penalty must be one of {PENALTY_CHOICES}, got {self.penalty!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -174,7 +184,8 @@ def _fit_quietly(model, x: np.ndarray, y: np.ndarray):
 def fit_coxnet(
     x: np.ndarray, times: np.ndarray, events: np.ndarray, config: CoxNetConfig | None = None, seed: int = 0
 ) -> CoxNetFit:
-    """Elastic-net Cox model; the penalty alpha maximises Harrell's C in an inner stratified K-fold CV.
+    """Elastic-net Cox model; the penalty alpha maximises Harrell's C in an inner stratified K-fold CV
+    (`penalty="path_middle"`: the middle alpha of the path, no inner CV).
 
     The alpha path comes from a first fit on all of `x`; each inner fold then fits that same path once
     (warm-started along it, the same optimum as one fit per alpha) and scores every alpha on its held-out part.
@@ -182,9 +193,13 @@ def fit_coxnet(
     """
     config = config or CoxNetConfig()
     times, events = np.asarray(times, dtype=np.float64), np.asarray(events).astype(int)
+    y = _surv(times, events)
+    if config.penalty == "path_middle":
+        path = _fit_quietly(_coxnet(config), x, y)
+        alphas = np.asarray(path.alphas_)
+        return CoxNetFit(path, float(alphas[(len(alphas) - 1) // 2]), np.full(len(alphas), np.nan), alphas)
     if events.sum() < config.inner_folds:
         raise BaselineError(f"CoxNet inner CV needs at least {config.inner_folds} events, got {events.sum()}")
-    y = _surv(times, events)
     alphas = _fit_quietly(_coxnet(config), x, y).alphas_
     scores = np.zeros((config.inner_folds, len(alphas)))
     inner = StratifiedKFold(config.inner_folds, shuffle=True, random_state=seed)

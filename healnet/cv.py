@@ -48,6 +48,7 @@ LABELS = {
     "age": "Age alone",
     "coxnet": "CoxNet, clinical + all omics",
     "coxnet_topk": "CoxNet, clinical + top-k omics",
+    "coxnet_mid": "CoxNet, clinical + all omics, mid-path",
     "rsf": "Random survival forest",
 }
 METRICS = ("c_index", "c_index_ipcw", "integrated_brier_score")
@@ -67,6 +68,9 @@ class CVConfig:
     healnet: Recipe = TCGA
     coxnet: CoxNetConfig = CoxNetConfig(omics=OmicsConfig(top_k=None, signed_log=RNASEQ))
     coxnet_topk: CoxNetConfig = CoxNetConfig()
+    coxnet_mid: CoxNetConfig = CoxNetConfig(
+        omics=OmicsConfig(top_k=None, signed_log=RNASEQ), penalty="path_middle"
+    )
     forest: ForestConfig = ForestConfig()
     clinical: ClinicalConfig = ClinicalConfig()  # the baselines' clinical covariates
 

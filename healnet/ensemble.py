@@ -47,6 +47,7 @@ from healnet.fitting import (
     fit_preprocessor,
     fitting_patients,
 )
+from healnet.linear_path import fit_linear_path, with_omics_ridge
 from healnet.model import HEALNet
 from healnet.preprocess.clinical import CLINICAL
 from healnet.preprocess.state import WSI, Preprocessor
@@ -58,7 +59,6 @@ from healnet.train import (
     TrainResult,
     autocast,
     fit,
-    fit_linear_path,
     make_loader,
     predict_logits,
     score_logits,
@@ -121,6 +121,12 @@ class HEALNetEnsemble:
             for (fit_ids, stop_ids), config in zip(parts, configs, strict=True)
         ]
         members = [trained for trained, _, _ in built]
+        # the omic linear weights' ridge is chosen once, on all the ensemble's patients, not per member
+        device = select_device(recipe.train.device)
+        chosen = with_omics_ridge(members[0].model, members[0].dataset(data, fitted_on), recipe.train, device)
+        configs = [replace(config, linear_omics_ridge=chosen.linear_omics_ridge) for config in configs]
+        for trained, config in zip(members, configs, strict=True):
+            trained.metadata["train_config"] = config.to_dict()
         # the members train at once as one batched model where they can, else one by one
         results = fit_members(
             [trained.model for trained in members],

@@ -145,11 +145,20 @@ def model_config_for(
         else:
             specs.append(omic_spec(name, *cast(OmicsTransform, preprocessor.omics).token_shape(name)))
     chosen = options.chosen()
-    linear_path = chosen.pop("linear_path", None)
-    if linear_path in modalities:  # a run without that modality has no linear path
+    linear_path = linear_path_modalities(chosen.pop("linear_path", None), modalities)
+    if linear_path:  # a run without any of those modalities has no linear path
         chosen["linear_path"] = linear_path
-        chosen["linear_path_inputs"] = preprocessor.tabular_token_size(linear_path)
+        chosen["linear_path_inputs"] = tuple(preprocessor.tabular_token_size(name) for name in linear_path)
     return HEALNetConfig(modalities=specs, n_bins=n_bins, **chosen)
+
+
+def linear_path_modalities(kinds: str | Sequence[str] | None, modalities: Sequence[str]) -> tuple[str, ...]:
+    """The model modalities of the recipe's linear path, in the model's order: a kind names the clinical
+    modality, or "omic" every omic table's modality; a kind the run lacks adds none."""
+    wanted = {kinds} if isinstance(kinds, str) else set(kinds or ())
+    return tuple(
+        name for name in modalities if name in wanted or (OMIC in wanted and name not in (CLINICAL, WSI))
+    )
 
 
 def fitting_patients(train_ids: Sequence[str], val_ids: Sequence[str], members: int) -> list[str]:

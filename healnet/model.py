@@ -88,10 +88,11 @@ class HEALNetConfig:
     ff_dropout: float = 0.0
     weight_tying: bool = False
     snn: bool = False
-    # a modality whose values (linear_path_inputs of them: tokens x channels) also enter the logits through
-    # one linear weight each, shared by all bins: a proportional-odds term beside the latent path
-    linear_path: str | None = None
-    linear_path_inputs: int = 0
+    # modalities whose values (linear_path_inputs[i] of them for the i-th: tokens x channels) also enter the
+    # logits through one linear weight each, shared by all bins: a proportional-odds term beside the latent
+    # path. A checkpoint written with one modality holds a name and a count; both read as one-element tuples.
+    linear_path: tuple[str, ...] | None = None
+    linear_path_inputs: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.modalities:
@@ -99,11 +100,23 @@ class HEALNetConfig:
         names = [spec.name for spec in self.modalities]
         if len(set(names)) != len(names):
             raise ModelInputError(f"modality names must be unique, got {names}")
-        if self.linear_path is not None and (self.linear_path not in names or self.linear_path_inputs < 1):
-            raise ModelInputError(
-                f"linear_path {self.linear_path!r} must name a modality of {names} and have "
-                f"linear_path_inputs >= 1, got {self.linear_path_inputs}"
-            )
+        if isinstance(self.linear_path, str):
+            self.linear_path = (self.linear_path,)
+        if isinstance(self.linear_path_inputs, int):
+            self.linear_path_inputs = (self.linear_path_inputs,) if self.linear_path_inputs else ()
+        if self.linear_path is not None:
+            self.linear_path = tuple(self.linear_path)
+            self.linear_path_inputs = tuple(self.linear_path_inputs)
+            if (
+                not self.linear_path
+                or any(name not in names for name in self.linear_path)
+                or len(self.linear_path_inputs) != len(self.linear_path)
+                or min(self.linear_path_inputs) < 1
+            ):
+                raise ModelInputError(
+                    f"linear_path {self.linear_path!r} must name modalities of {names}, with "
+                    f"linear_path_inputs >= 1 for each, got {self.linear_path_inputs}"
+                )
         for name in _POSITIVE_SIZES:
             if getattr(self, name) < 1:
                 raise ModelInputError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -346,7 +359,9 @@ class HEALNet(nn.Module):
             nn.Linear(config.latent_dim, config.n_bins),
         )
         self.linear_path = (
-            nn.Linear(config.linear_path_inputs, 1, bias=False) if config.linear_path is not None else None
+            nn.Linear(sum(config.linear_path_inputs), 1, bias=False)
+            if config.linear_path is not None
+            else None
         )
         if self.linear_path is not None:
             nn.init.zeros_(self.linear_path.weight)
@@ -401,21 +416,30 @@ class HEALNet(nn.Module):
                 latents = torch.where(rearrange(any_present, "b -> b 1 1"), block(latents), latents)
 
         logits = self.to_logits(latents)
-        if self.linear_path is not None and self.config.linear_path in contexts:
-            name = self.config.linear_path
-            logits = logits + self._linear_offset(inputs[name], contexts[name].has)
+        if self.linear_path is not None:
+            logits = logits + self._linear_offset(inputs, {name: c.has for name, c in contexts.items()})
         return (logits, attention) if return_attention else logits
 
-    def _linear_offset(self, data: Tensor, has: Tensor) -> Tensor:
-        """(b, 1) linear term of the linear-path modality; exactly 0 where the sample lacks it."""
-        values = rearrange(data, "b ... -> b (...)")
-        if values.shape[1] != self.config.linear_path_inputs:
-            raise ModelInputError(
-                f"modality {self.config.linear_path!r}: the linear path expects "
-                f"{self.config.linear_path_inputs} values per sample, got {values.shape[1]}"
-            )
-        linear = cast(nn.Linear, self.linear_path)  # forward calls this only for a model with the path
-        return linear(torch.where(rearrange(has, "b -> b 1"), values, 0.0))
+    def _linear_offset(self, inputs: dict[str, Tensor], has: dict[str, Tensor]) -> Tensor:
+        """(b, 1) linear term: the sum over the linear-path modalities that a sample has of their values
+        times their weights. A modality missing from `inputs`, or from a sample, adds exactly 0."""
+        weight = cast(nn.Linear, self.linear_path).weight  # forward calls this only for a model with the path
+        names = cast(tuple[str, ...], self.config.linear_path)
+        offset: Tensor | int = 0
+        start = 0
+        for name, size in zip(names, self.config.linear_path_inputs, strict=True):
+            end = start + size
+            if name in inputs:
+                values = rearrange(inputs[name], "b ... -> b (...)")
+                if values.shape[1] != size:
+                    raise ModelInputError(
+                        f"modality {name!r}: the linear path expects {size} values per sample, "
+                        f"got {values.shape[1]}"
+                    )
+                values = torch.where(rearrange(has[name], "b -> b 1"), values, 0.0)
+                offset = offset + F.linear(values, weight[:, start:end])
+            start = end
+        return offset
 
     def _encode(self, name: str, data: Tensor, present: Tensor | None, token_mask: Tensor | None) -> Context:
         """The modality's tokens flattened to (b, j, c), their position features and masks."""

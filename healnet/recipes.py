@@ -38,7 +38,9 @@ class ModelOptions:
     attn_dropout: float | None = None
     ff_dropout: float | None = None
     snn: bool | None = None
-    linear_path: str | None = None  # a modality that also enters the logits linearly (see HEALNetConfig)
+    # input kinds that also enter the logits linearly (see HEALNetConfig): "clinical", and "omic" for every
+    # omic table's modality (healnet.fitting.linear_path_modalities)
+    linear_path: tuple[str, ...] | None = None
 
     def chosen(self) -> dict[str, Any]:
         """The settings this recipe chooses, as HEALNetConfig keywords."""
@@ -93,7 +95,7 @@ TCGA = Recipe(
     name="tcga",
     omics=OmicsConfig(top_k=200, combine=False, tokens="single", signed_log=RNASEQ),
     model=ModelOptions(
-        depth=1, n_latents=8, latent_dim=16, cross_dim_head=8, latent_dim_head=8, linear_path=CLINICAL
+        depth=1, n_latents=8, latent_dim=16, cross_dim_head=8, latent_dim_head=8, linear_path=(CLINICAL,)
     ),
     train=TrainConfig(epochs=40, patience=40, monitor="loss", batch_size=64, weight_decay=3e-2),
     members=20,
@@ -103,7 +105,7 @@ RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (DEMO, TCGA)}
 
 # The predeclared cross-validation protocol of `healnet cv` (docs/results.md): folds x repeats, seed.
 CV_FOLDS, CV_REPEATS, CV_SEED = 5, 5, 0
-CV_MODELS = ("healnet", "age", "coxnet", "coxnet_topk", "rsf")  # HEALNet, then the baselines
+CV_MODELS = ("healnet", "age", "coxnet", "coxnet_topk", "coxnet_mid", "rsf")  # HEALNet, then the baselines
 DEFAULT_RECIPE = DEMO.name
 
 

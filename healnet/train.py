@@ -13,13 +13,13 @@ from typing import Any, cast
 import numpy as np
 import torch
 import torch.distributed as dist
-from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from healnet.device import select_device
 from healnet.errors import HEALNetError
+from healnet.linear_path import fit_linear_path
 from healnet.survival import nll_loss, nll_per_sample, survival_from_logits
 from healnet.survival_metrics import harrell_c_or_nan
 from healnet.train_config import TrainConfig
@@ -155,42 +155,6 @@ def score_logits(logits: np.ndarray, targets, alpha: float) -> dict:
     ).item()
     risk = survival_from_logits(torch.from_numpy(logits))[2].numpy()
     return {"loss": loss, "c_index": harrell_c_or_nan(targets.times, targets.events, risk)}
-
-
-def fit_linear_path(model, train_set, config: TrainConfig, device: torch.device) -> None:
-    """Fit the model's linear path and the bins' intercepts alone, then freeze the path.
-
-    The latent path then learns what the linear covariates leave unexplained: the path is an offset fitted
-    to convergence (L-BFGS on the discrete-time NLL plus a ridge penalty) on the training patients only,
-    which a few epochs of Adam at the latent path's learning rate would not reach.
-    """
-    if model.linear_path is None:
-        return
-    tokens = train_set.omics[model.config.linear_path]
-    values = rearrange(torch.from_numpy(tokens.values), "b ... -> b (...)").to(device)
-    present = rearrange(torch.from_numpy(tokens.present), "b -> b 1").to(device)
-    values = torch.where(present, values, 0.0)
-    labels = torch.as_tensor(train_set.targets.labels, dtype=torch.long, device=device)
-    events = torch.as_tensor(train_set.targets.events, dtype=torch.float32, device=device)
-    head = model.to_logits[-1]
-    weight = torch.zeros(values.shape[1], device=device, requires_grad=True)
-    bias = torch.zeros(head.out_features, device=device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        logits = bias + rearrange(values @ weight, "b -> b 1")
-        loss = (
-            nll_loss(logits, labels, events, config.alpha) + config.linear_path_ridge * weight.square().sum()
-        )
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    with torch.no_grad():
-        model.linear_path.weight.copy_(rearrange(weight, "f -> 1 f"))
-        head.bias.copy_(bias)
-    model.linear_path.weight.requires_grad_(False)
 
 
 def rank_batches(train_set, config: TrainConfig, rank: int, world_size: int):

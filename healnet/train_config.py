@@ -23,14 +23,21 @@ class TrainConfig:
     modality_dropout: float = (
         0.0  # per training sample, mark each present modality missing with this probability
     )
-    # ridge penalty of the model's linear path, fitted alone before the latent path trains (see fit_linear_path)
+    # ridge penalties of the model's linear path, fitted alone before the latent path trains
+    # (healnet.linear_path): the clinical weights', and the omic weights' (None: the one of
+    # linear_omics_ridges with the lowest held-out NLL in a linear_ridge_folds-fold CV of the training patients)
     linear_path_ridge: float = 1e-2
+    linear_omics_ridge: float | None = None
+    linear_omics_ridges: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0, 30.0, 100.0)
+    linear_ridge_folds: int = 5
 
     def __post_init__(self) -> None:
         if self.monitor not in {"loss", "c_index"}:
             raise ValueError(f"monitor must be 'loss' or 'c_index', got {self.monitor!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be positive")
+        if not self.linear_omics_ridges or min(self.linear_omics_ridges) <= 0 or self.linear_ridge_folds < 2:
+            raise ValueError("linear_omics_ridges must be positive and linear_ridge_folds at least 2")
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
 

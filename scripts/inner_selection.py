@@ -27,6 +27,8 @@ from healnet.cv import BASELINES, CVConfig, run_fold
 from healnet.data.cohort import ingest
 from healnet.data.splits import kfold_splits
 from healnet.fitting import CohortData
+from healnet.preprocess.clinical import CLINICAL
+from healnet.preprocess.state import OMIC
 from healnet.recipes import TCGA, Recipe
 
 # The `tcga` recipe as rounds 1 and 2 started from: 20 epochs, before round 2 chose 40.
@@ -57,6 +59,10 @@ ROUNDS: dict[int, dict[str, Recipe]] = {
         "reference_choices": _changed(
             {"snn": True, "ff_dropout": 0.3, "attn_dropout": 0.1}, bin_weights=True
         ),
+    },
+    3: {
+        "current": TCGA,
+        "wide_linear": replace(TCGA, model=replace(TCGA.model, linear_path=(CLINICAL, OMIC))),
     },
 }
 

@@ -49,7 +49,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--models",
         default=",".join(CV_MODELS),
         help="comma-separated subset of healnet, age (age alone), coxnet (clinical + all omics), "
-        "coxnet_topk (clinical + top-k omics), rsf (forest on clinical + top-k omics)",
+        "coxnet_topk (clinical + top-k omics), coxnet_mid (clinical + all omics, the middle penalty of "
+        "its path), rsf (forest on clinical + top-k omics)",
     )
     add_recipe_options(parser, RECIPE_FLAGS)
     parser.add_argument("--threads", type=int, default=1, help="torch threads and forest jobs")
