@@ -94,7 +94,7 @@ def train_demo_checkpoint(out_dir: Path, spec: DemoSpec = DemoSpec(), metadata: 
         DEMO,
         name="serving-demo",
         clinical=ClinicalConfig() if spec.clinical else None,
-        model=ModelOptions(**chosen_options, linear_path="clinical" if spec.clinical else None),
+        model=ModelOptions(**chosen_options, linear_path=("clinical",) if spec.clinical else None),
         train=TrainConfig(epochs=spec.epochs, batch_size=16, seed=spec.seed, device="cpu"),
         members=2 if spec.clinical else 1,
     )

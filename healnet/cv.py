@@ -48,7 +48,7 @@ LABELS = {
     "age": "Age alone",
     "coxnet": "CoxNet, clinical + all omics",
     "coxnet_topk": "CoxNet, clinical + top-k omics",
-    "coxnet_mid": "CoxNet, clinical + all omics, mid-path",
+    "coxnet_mid": "CoxNet mid-path, clinical+omics",
     "rsf": "Random survival forest",
 }
 METRICS = ("c_index", "c_index_ipcw", "integrated_brier_score")
@@ -316,6 +316,63 @@ def format_table(report: dict, title: str = "") -> str:
             f"(standard error {paired['standard_error']:.3f}), higher in {paired['folds_higher']}/{n_folds} folds"
         )
     lines.append(f"total {report['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def pool_cohorts(reports: dict[str, dict]) -> dict:
+    """HEALNet's paired difference in Harrell's C, pooled over cohorts: per cohort the mean over its folds
+    and its standard error; pooled, the mean over cohorts with the standard error sqrt(sum se^2) / n
+    (cohorts are independent). Against each cohort's own best baseline, and against each baseline that
+    every cohort has."""
+    if len(reports) < 2:
+        raise CVError(f"pooling needs at least 2 cohorts, got {len(reports)}")
+    missing = [name for name, report in reports.items() if "healnet" not in report["summary"]]
+    if missing:
+        raise CVError(f"reports without HEALNet cannot be pooled: {missing}")
+
+    def pooled(differences: list[dict]) -> dict:
+        errors = np.asarray([d["standard_error"] for d in differences])
+        return {
+            "mean": float(np.mean([d["mean"] for d in differences])),
+            "standard_error": float(np.sqrt(np.sum(errors**2)) / len(errors)),
+            "cohorts_higher": int(sum(d["mean"] > 0 for d in differences)),
+        }
+
+    cohorts = {}
+    for name, report in reports.items():
+        summary = report["summary"]
+        best = summary["best_baseline"]
+        cohorts[name] = {"best_baseline": best, **summary["healnet"][f"c_index_minus_{best}"]}
+    shared = [
+        b for b in BASELINES if all(f"c_index_minus_{b}" in r["summary"]["healnet"] for r in reports.values())
+    ]
+    return {
+        "cohorts": cohorts,
+        "best_baseline": pooled(list(cohorts.values())),
+        "baselines": {
+            b: pooled([r["summary"]["healnet"][f"c_index_minus_{b}"] for r in reports.values()])
+            for b in shared
+        },
+    }
+
+
+def format_pooled(pooled: dict) -> str:
+    """Plain-text lines of `pool_cohorts`' result."""
+    lines = [f"{'cohort':<24} {'best baseline':<40} {'HEALNet − it':>13} {'s.e.':>6}"]
+    for name, cohort in pooled["cohorts"].items():
+        label = LABELS.get(cohort["best_baseline"], cohort["best_baseline"])
+        lines.append(f"{name:<24} {label:<40} {cohort['mean']:>+13.3f} {cohort['standard_error']:>6.3f}")
+    n = len(pooled["cohorts"])
+    best = pooled["best_baseline"]
+    lines.append(
+        f"pooled over {n} cohorts, HEALNet − each cohort's best baseline: {best['mean']:+.3f} "
+        f"(standard error {best['standard_error']:.3f}), higher in {best['cohorts_higher']}/{n} cohorts"
+    )
+    for name, difference in pooled["baselines"].items():
+        lines.append(
+            f"  HEALNet − {LABELS.get(name, name)}: {difference['mean']:+.3f} "
+            f"(standard error {difference['standard_error']:.3f})"
+        )
     return "\n".join(lines)
 
 

@@ -45,9 +45,10 @@ def _targets(dataset, device: torch.device) -> tuple[Tensor, Tensor]:
 
 
 def fit_offset(
-    values: Tensor, labels: Tensor, events: Tensor, ridge: Tensor, n_bins: int, alpha: float
+    values: Tensor, labels: Tensor, events: Tensor, ridge: Tensor | float, n_bins: int, alpha: float
 ) -> tuple[Tensor, Tensor]:
-    """Weights (inputs,) and bin intercepts (n_bins,) minimising the NLL plus sum(ridge * weight**2)."""
+    """Weights (inputs,) and bin intercepts (n_bins,) minimising the NLL plus sum(ridge * weight**2); ridge
+    is one number for every weight, or one per weight."""
     weight = torch.zeros(values.shape[1], device=values.device, requires_grad=True)
     bias = torch.zeros(n_bins, device=values.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=LBFGS_STEPS, line_search_fn="strong_wolfe")
@@ -55,7 +56,10 @@ def fit_offset(
     def closure() -> Tensor:
         optimizer.zero_grad()
         logits = bias + rearrange(values @ weight, "b -> b 1")
-        loss = nll_loss(logits, labels, events, alpha) + (ridge * weight.square()).sum()
+        penalty = (
+            (ridge * weight.square()).sum() if isinstance(ridge, Tensor) else ridge * weight.square().sum()
+        )
+        loss = nll_loss(logits, labels, events, alpha) + penalty
         loss.backward()
         return loss
 
@@ -104,7 +108,9 @@ def fit_linear_path(model, train_set, config: TrainConfig, device: torch.device)
     values, omic = path_inputs(model, train_set, device)
     labels, events = _targets(train_set, device)
     head = model.to_logits[-1]
-    penalty = torch.where(omic, config.linear_omics_ridge or 0.0, config.linear_path_ridge)
+    penalty: Tensor | float = config.linear_path_ridge  # a clinical-only path: one ridge for all
+    if config.linear_omics_ridge is not None:
+        penalty = torch.where(omic, config.linear_omics_ridge, config.linear_path_ridge)
     weight, bias = fit_offset(values, labels, events, penalty, head.out_features, config.alpha)
     with torch.no_grad():
         model.linear_path.weight.copy_(rearrange(weight, "f -> 1 f"))

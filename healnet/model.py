@@ -420,12 +420,12 @@ class HEALNet(nn.Module):
             logits = logits + self._linear_offset(inputs, {name: c.has for name, c in contexts.items()})
         return (logits, attention) if return_attention else logits
 
-    def _linear_offset(self, inputs: dict[str, Tensor], has: dict[str, Tensor]) -> Tensor:
+    def _linear_offset(self, inputs: dict[str, Tensor], has: dict[str, Tensor]) -> Tensor | float:
         """(b, 1) linear term: the sum over the linear-path modalities that a sample has of their values
         times their weights. A modality missing from `inputs`, or from a sample, adds exactly 0."""
         weight = cast(nn.Linear, self.linear_path).weight  # forward calls this only for a model with the path
         names = cast(tuple[str, ...], self.config.linear_path)
-        offset: Tensor | int = 0
+        offset: Tensor | float = 0.0  # (b, 1) once a linear-path modality is given
         start = 0
         for name, size in zip(names, self.config.linear_path_inputs, strict=True):
             end = start + size

@@ -105,6 +105,12 @@ RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (DEMO, TCGA)}
 
 # The predeclared cross-validation protocol of `healnet cv` (docs/results.md): folds x repeats, seed.
 CV_FOLDS, CV_REPEATS, CV_SEED = 5, 5, 0
+# Predeclared protocols (`healnet cv --protocol`): (folds, repeats, seed). "heldout" is how cohorts that
+# no choice has seen are run.
+CV_PROTOCOLS: dict[str, tuple[int, int, int]] = {
+    "predeclared": (CV_FOLDS, CV_REPEATS, CV_SEED),
+    "heldout": (CV_FOLDS, 1, CV_SEED),
+}
 CV_MODELS = ("healnet", "age", "coxnet", "coxnet_topk", "coxnet_mid", "rsf")  # HEALNet, then the baselines
 DEFAULT_RECIPE = DEMO.name
 

@@ -205,7 +205,7 @@ def test_the_linear_term_is_the_weights_times_the_covariates():
     inputs = {"omic": torch.randn(1, 1, 5), "clinical": torch.zeros(1, 3, 1)}
     shifted = {"omic": inputs["omic"], "clinical": torch.tensor([[[1.0], [0.0], [0.0]]])}
     # the latent path sees the covariates too, so compare the linear term alone
-    offset = model._linear_offset(shifted["clinical"], torch.tensor([True]))
+    offset = model._linear_offset({"clinical": shifted["clinical"]}, {"clinical": torch.tensor([True])})
     assert offset.item() == pytest.approx(0.5)
     with pytest.raises(ModelInputError, match="expects 3 values"):
         model({"omic": inputs["omic"], "clinical": torch.zeros(1, 2, 1)})

@@ -19,7 +19,16 @@ from healnet.baselines import (
     fit_forest,
 )
 from healnet.cli import main
-from healnet.cv import CVConfig, CVError, cross_validate, format_table, run_fold, summarize
+from healnet.cv import (
+    CVConfig,
+    CVError,
+    cross_validate,
+    format_pooled,
+    format_table,
+    pool_cohorts,
+    run_fold,
+    summarize,
+)
 from healnet.data.cohort import ingest
 from healnet.data.splits import kfold_splits
 from healnet.fitting import CohortData
@@ -34,7 +43,7 @@ TINY = Recipe(
     name="tiny",
     omics=OmicsConfig(top_k=20, combine=False, signed_log=("rnaseq",)),
     model=ModelOptions(
-        depth=1, n_latents=4, latent_dim=16, cross_dim_head=8, latent_dim_head=8, linear_path="clinical"
+        depth=1, n_latents=4, latent_dim=16, cross_dim_head=8, latent_dim_head=8, linear_path=("clinical",)
     ),
     train=TrainConfig(epochs=4, patience=4, monitor="loss"),
     members=2,
@@ -45,6 +54,7 @@ FAST = CVConfig(
     healnet=TINY,
     coxnet=CoxNetConfig(omics=OmicsConfig(signed_log=("rnaseq",)), n_alphas=10, inner_folds=3),
     coxnet_topk=CoxNetConfig(omics=OmicsConfig(top_k=20, signed_log=("rnaseq",)), n_alphas=10, inner_folds=3),
+    coxnet_mid=CoxNetConfig(omics=OmicsConfig(signed_log=("rnaseq",)), n_alphas=10, penalty="path_middle"),
     forest=ForestConfig(omics=OmicsConfig(top_k=20, signed_log=("rnaseq",)), n_estimators=20),
 )
 
@@ -192,8 +202,8 @@ def test_coxnet_inner_folds_without_a_comparable_pair_do_not_vote():
 
 def test_fold_results_report_every_model(fold_results):
     models = fold_results[0].record["models"]
-    assert set(models) == {"healnet", "healnet_single", "age", "coxnet", "coxnet_topk", "rsf"}
-    for name in ("healnet", "age", "coxnet", "coxnet_topk", "rsf"):
+    assert set(models) == {"healnet", "healnet_single", "age", "coxnet", "coxnet_topk", "coxnet_mid", "rsf"}
+    for name in ("healnet", "age", "coxnet", "coxnet_topk", "coxnet_mid", "rsf"):
         assert 0.0 <= models[name]["c_index"] <= 1.0 and models[name]["seconds"] >= 0
     assert models["coxnet"]["c_index"] > 0.7
     assert models["coxnet"]["features"] > models["coxnet_topk"]["features"]  # all omics against the top-k
@@ -281,6 +291,7 @@ def test_cli_writes_json(table, tmp_path, capsys):
         "age",
         "coxnet",
         "coxnet_topk",
+        "coxnet_mid",
         "rsf",
         "best_baseline",
     }
@@ -379,3 +390,70 @@ def test_cli_names_the_quarantined_rows_and_keeps_them_in_the_report(table, tmp_
     stderr = capsys.readouterr().err
     assert f"rows: {len(rows)} read, {len(rows) - 2} kept, 2 quarantined" in stderr
     assert "TCGA-AB-0001" in stderr and "survival_months must be positive" in stderr
+
+
+def test_coxnet_at_the_middle_of_its_path_tunes_nothing():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 6))
+    times = rng.exponential(30 * np.exp(-x[:, 0]))
+    events = (rng.random(60) < 0.7).astype(int)
+    fit = fit_coxnet(x, times, events, CoxNetConfig(n_alphas=9, penalty="path_middle"))
+    assert fit.alpha == fit.alphas[4] and np.isnan(fit.inner_c_index).all()
+    with pytest.raises(BaselineError, match="penalty"):
+        CoxNetConfig(penalty="best_on_test")
+
+
+def report_with(differences: list[float], baseline: str = "age") -> dict:
+    folds = [
+        {"models": {"healnet": {"c_index": 0.6 + d}, baseline: {"c_index": 0.6}, "rsf": {"c_index": 0.5}}}
+        for d in differences
+    ]
+    return {"summary": summarize(folds)}
+
+
+def test_pooling_averages_each_cohorts_paired_difference_to_its_best_baseline():
+    first, second = report_with([0.02, 0.04, 0.0]), report_with([-0.01, 0.01, -0.03], baseline="coxnet")
+    pooled = pool_cohorts({"a": first, "b": second})
+    assert pooled["cohorts"]["b"]["best_baseline"] == "coxnet"
+    assert pooled["best_baseline"]["mean"] == pytest.approx((0.02 - 0.01) / 2)
+    errors = [
+        r["summary"]["healnet"][f"c_index_minus_{b}"]["standard_error"]
+        for r, b in ((first, "age"), (second, "coxnet"))
+    ]
+    assert pooled["best_baseline"]["standard_error"] == pytest.approx(np.hypot(*errors) / 2)
+    assert pooled["best_baseline"]["cohorts_higher"] == 1
+    assert set(pooled["baselines"]) == {"rsf"}  # the one baseline both cohorts have
+    with pytest.raises(CVError, match="at least 2"):
+        pool_cohorts({"a": first})
+
+
+def test_cli_runs_a_protocol_on_several_cohorts_and_pools_them(table, tmp_path, capsys):
+    other = tmp_path / "tcga_other_all_clean.csv.gz"
+    write_porpoise_table(other, seed=1)
+    out = tmp_path / "pooled.json"
+    args = ["cv", "--table", str(table), "--table", str(other), "--protocol", "heldout"]
+    tiny = ["--models", "healnet,age", "--members", "2", "--epochs", "2", "--top-k", "10", "--no-progress"]
+    assert main(args + tiny + ["--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["protocol"] == "heldout" and len(report["cohorts"]) == 2
+    for cohort in report["cohorts"].values():
+        assert (
+            len(cohort["folds"]) == 5 and cohort["config"]["repeats"] == 1 and cohort["protocol"] == "heldout"
+        )
+    printed = capsys.readouterr().out
+    assert "pooled over 2 cohorts" in printed and format_pooled(report["pooled"]) in printed
+
+    singles = []
+    for name, cohort in report["cohorts"].items():
+        singles.append(tmp_path / f"{name}.json")
+        singles[-1].write_text(json.dumps(cohort))
+    assert main(["cv", "--pool", *map(str, singles)]) == 0
+    assert format_pooled(report["pooled"]) in capsys.readouterr().out
+
+
+def test_a_protocol_refuses_flags_that_would_change_it(table, capsys):
+    assert main(["cv", "--table", str(table), "--protocol", "predeclared", "--repeats", "1"]) == 2
+    error = capsys.readouterr().err
+    assert "fixes the folds, repeats and seed; leave out --repeats 1" in error and "Traceback" not in error
+    assert main(["cv", "--pool", str(table)]) == 2
+    assert "cannot read the report" in capsys.readouterr().err

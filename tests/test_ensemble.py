@@ -157,7 +157,7 @@ def test_single_token_members_equal_but_for_weights_without_a_gradient(data, mon
 
 def test_frozen_linear_path_stays_frozen_and_equal(monkeypatch):
     data = make_data(covariates=True)
-    model = replace(MODEL, linear_path="clinical")
+    model = replace(MODEL, linear_path=("clinical",))
     loop, batched, loop_results, batched_results, test_ids = train_both(
         data, TRAIN, monkeypatch, modalities=("omic", "clinical"), model=model
     )

@@ -101,6 +101,9 @@ def test_every_setting_name_belongs_to_one_part():
 
 def test_model_options_pass_only_what_the_recipe_chooses():
     assert {field.name for field in fields(ModelOptions)} <= {field.name for field in fields(HEALNetConfig)}
-    assert ModelOptions(depth=1, linear_path="clinical").chosen() == {"depth": 1, "linear_path": "clinical"}
+    assert ModelOptions(depth=1, linear_path=("clinical",)).chosen() == {
+        "depth": 1,
+        "linear_path": ("clinical",),
+    }
     settings = json.loads(json.dumps(TCGA.to_dict()))  # as the checkpoint and metrics.json record it
     assert settings["model"]["n_latents"] == 8 and settings["model"]["ff_dropout"] is None

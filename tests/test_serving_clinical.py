@@ -30,7 +30,7 @@ def missing(modality: str) -> float:
 
 def test_the_checkpoint_holds_both_members_and_round_trips(clinical_registry):
     checkpoint = load_checkpoint(clinical_registry.checkpoint)
-    assert len(checkpoint.state_dicts) == 2 and checkpoint.model_config.linear_path == "clinical"
+    assert len(checkpoint.state_dicts) == 2 and checkpoint.model_config.linear_path == ("clinical",)
     assert checkpoint.metadata["recipe"] == "serving-demo" and checkpoint.metadata["members"] == 2
     assert checkpoint.preprocessor.clinical.feature_names == ["age", "is_female"]
     manifest = json.loads((clinical_registry.checkpoint / "checkpoint.json").read_text())

@@ -1,0 +1,159 @@
+"""The wide linear path (clinical covariates and omic tables): fitted on training patients only, a missing
+modality adds nothing, its ridge chosen on the training patients, and checkpoints round-trip."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from test_ensemble import MODEL, OMICS, TRAIN, make_data
+
+from healnet.checkpoint import load_checkpoint, save_checkpoint
+from healnet.ensemble import HEALNetEnsemble
+from healnet.fitting import linear_path_modalities
+from healnet.linear_path import choose_omics_ridge, path_inputs
+from healnet.model import HEALNet, HEALNetConfig, ModalitySpec, ModelInputError
+from healnet.preprocess.clinical import CLINICAL, ClinicalConfig
+from healnet.preprocess.state import OMIC
+from healnet.recipes import Recipe
+
+WIDE = Recipe(
+    name="wide",
+    omics=replace(OMICS, tokens="single"),
+    model=replace(MODEL, linear_path=(CLINICAL, OMIC)),
+    train=TRAIN,
+    clinical=ClinicalConfig(),
+    members=3,
+)
+
+
+def fit_wide(data, train_ids, recipe=WIDE):
+    return HEALNetEnsemble.fit(data, train_ids, [], recipe, modalities=("omic", "clinical"))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_data(n=60, covariates=True)
+
+
+@pytest.fixture(scope="module")
+def fitted(data):
+    train_ids = list(data.clinical.index[:45])
+    return fit_wide(data, train_ids), train_ids
+
+
+def test_the_kinds_name_the_clinical_and_every_omic_modality_in_model_order():
+    modalities = ["mut", "rnaseq", CLINICAL, "wsi"]
+    assert linear_path_modalities((CLINICAL, OMIC), modalities) == ("mut", "rnaseq", CLINICAL)
+    assert linear_path_modalities(CLINICAL, modalities) == (CLINICAL,)  # a recipe written before tuples
+    assert linear_path_modalities((OMIC,), ["wsi"]) == ()
+
+
+def test_the_path_covers_every_table_and_the_covariates_with_a_chosen_omic_ridge(fitted):
+    ensemble, _ = fitted
+    config = ensemble.members[0].model.config
+    assert set(config.linear_path) == {"rnaseq", "mut", CLINICAL}
+    assert sum(config.linear_path_inputs) == ensemble.members[0].model.linear_path.in_features
+    ridges = {member.metadata["train_config"]["linear_omics_ridge"] for member in ensemble.members}
+    assert len(ridges) == 1 and ridges.pop() in TRAIN.linear_omics_ridges
+    for member in ensemble.members:
+        weight = member.model.linear_path.weight
+        assert not weight.requires_grad and weight.abs().sum() > 0
+
+
+def test_the_path_is_fitted_on_training_patients_only(data, fitted):
+    ensemble, train_ids = fitted
+    test_ids = [pid for pid in data.clinical.index if pid not in set(train_ids)]
+    changed = make_data(n=60, covariates=True)
+    changed.clinical.loc[test_ids, "survival_months"] = 0.5
+    changed.clinical.loc[test_ids, "event"] = 1
+    for frame in changed.omics.values():
+        frame.loc[test_ids] = frame.loc[test_ids].to_numpy()[::-1] * 7.0
+    again = fit_wide(changed, train_ids)
+    for first, second in zip(ensemble.members, again.members, strict=True):
+        torch.testing.assert_close(first.model.linear_path.weight, second.model.linear_path.weight)
+        assert first.metadata["train_config"] == second.metadata["train_config"]
+
+
+def wide_model() -> HEALNet:
+    torch.manual_seed(0)
+    specs = [
+        ModalitySpec("mut", 3),
+        ModalitySpec("rnaseq", 4),
+        ModalitySpec(CLINICAL, 1, num_freq_bands=6, max_freq=3.0),
+    ]
+    config = HEALNetConfig(
+        modalities=specs,
+        n_bins=4,
+        depth=1,
+        n_latents=4,
+        latent_dim=16,
+        linear_path=("mut", "rnaseq", CLINICAL),
+        linear_path_inputs=(3, 4, 2),
+    )
+    model = HEALNet(config).eval()
+    with torch.no_grad():
+        model.linear_path.weight.copy_(torch.arange(1.0, 10.0).reshape(1, 9))
+    return model
+
+
+def test_a_table_a_sample_lacks_adds_nothing_to_its_linear_term():
+    model = wide_model()
+    inputs = {"mut": torch.ones(2, 1, 3), "rnaseq": torch.ones(2, 1, 4), CLINICAL: torch.ones(2, 2, 1)}
+    has = {name: torch.tensor([True, True]) for name in inputs}
+    both = model._linear_offset(inputs, has)
+    assert both[:, 0].tolist() == [45.0, 45.0]  # 1 + 2 + ... + 9
+    without_rnaseq = {**has, "rnaseq": torch.tensor([False, True])}
+    garbage = {**inputs, "rnaseq": torch.full((2, 1, 4), float("nan"))}
+    offset = model._linear_offset(garbage, without_rnaseq)
+    assert offset[0, 0].item() == 45.0 - (4 + 5 + 6 + 7)
+    # a modality left out of the request adds nothing either, and the rest of the path still counts
+    no_mut = model._linear_offset({k: v for k, v in inputs.items() if k != "mut"}, has)
+    assert no_mut[:, 0].tolist() == [45.0 - 6, 45.0 - 6]
+    with pytest.raises(ModelInputError, match="rnaseq.*expects 4 values"):
+        model._linear_offset({**inputs, "rnaseq": torch.ones(2, 2, 4)}, has)
+
+
+def test_a_config_needs_a_size_for_every_linear_modality():
+    with pytest.raises(ModelInputError, match="linear_path"):
+        HEALNetConfig(
+            modalities=[ModalitySpec("mut", 3)], n_bins=4, linear_path=("mut",), linear_path_inputs=(3, 4)
+        )
+
+
+def test_a_checkpoint_round_trips_the_wide_path(tmp_path, data, fitted):
+    ensemble, train_ids = fitted
+    save_checkpoint(tmp_path / "model", ensemble.to_checkpoint())
+    loaded = HEALNetEnsemble.from_checkpoint(load_checkpoint(tmp_path / "model"))
+    assert loaded.members[0].model.config.linear_path == ensemble.members[0].model.config.linear_path
+    ids = list(data.clinical.index)
+    np.testing.assert_allclose(loaded.risk(data, ids), ensemble.risk(data, ids), rtol=1e-6)
+
+
+def test_a_one_modality_config_of_older_checkpoints_reads_as_tuples():
+    config = HEALNetConfig.from_dict(
+        {
+            "modalities": [{"name": CLINICAL, "channels": 1, "num_freq_bands": 6, "max_freq": 3.0}],
+            "n_bins": 4,
+            "linear_path": CLINICAL,
+            "linear_path_inputs": 3,
+        }
+    )
+    assert config.linear_path == (CLINICAL,) and config.linear_path_inputs == (3,)
+    assert HEALNet(config).linear_path.in_features == 3
+
+
+def test_the_ridge_is_strong_for_noise_and_weaker_for_a_signal():
+    data = make_data(n=120, covariates=True)
+    recipe = replace(WIDE, members=2)
+    ids = list(data.clinical.index)
+    noise = make_data(n=120, seed=9, covariates=True)
+    noise.omics = {name: frame.set_axis(data.clinical.index) for name, frame in noise.omics.items()}
+    chosen = {}
+    for label, cohort in (("signal", data), ("noise", replace(data, omics=noise.omics))):
+        ensemble = fit_wide(cohort, ids, recipe)
+        member = ensemble.members[0]
+        train_set = member.dataset(cohort, ids)
+        chosen[label] = choose_omics_ridge(member.model, train_set, TRAIN, torch.device("cpu"))
+        assert path_inputs(member.model, train_set, torch.device("cpu"))[1].any()
+    assert chosen["signal"] < chosen["noise"]
