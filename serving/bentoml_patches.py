@@ -38,6 +38,8 @@ from pydantic import TypeAdapter
 from starlette.responses import JSONResponse
 from starlette.routing import Match
 
+from serving.openapi import TIMED_OUT
+
 logger = logging.getLogger("healnet.serving")
 # sha256 of the source of TimeoutMiddleware.__call__ in BentoML 1.4.40.
 LEAKING_TIMEOUT_SOURCE = "fd8b9e3da28ed2b44cfd508d641617e049fcd4986138197ce7bb227332505896"
@@ -73,7 +75,11 @@ async def _call_with_cancelled_timer(self: TimeoutMiddleware, scope, receive, se
         if started.done() and isinstance(started.exception(), TimeoutError):
             if request.cancel():
                 response = JSONResponse(
-                    {"error": f"Not able to process the request in {self.timeout} seconds"}, status_code=504
+                    {
+                        "error": f"Not able to process the request in {self.timeout} seconds",
+                        "reason": TIMED_OUT,
+                    },
+                    status_code=504,
                 )
                 await response(scope, receive, send)
         else:

@@ -27,6 +27,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from serving import metrics
 from serving.config import LARGE_REQUEST_BYTES, Limits
+from serving.openapi import contract_document
 from serving.reasons import Reason
 from serving.validation import RejectedRequest
 
@@ -38,26 +39,6 @@ MULTIPART_PATH = "/predict"
 MULTIPART_JSON_FIELDS = ("omics", "clinical", "wsi_coords", "return_attention")
 MULTIPART_FIELDS = ("wsi_tiles", *MULTIPART_JSON_FIELDS)
 OPENAPI_PATH = "/docs.json"
-# The multipart form of /predict, added to BentoML's OpenAPI document (BentoML never sees that form).
-MULTIPART_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "wsi_tiles": {
-            "type": "array",
-            "items": {"type": "string", "format": "binary"},
-            "description": "Slide tiles as PNG or JPEG files, one part each.",
-        },
-        "omics": {"type": "string", "description": "JSON object: the omics field of the JSON request."},
-        "clinical": {"type": "string", "description": "JSON object: the clinical field of the JSON request."},
-        "wsi_coords": {
-            "type": "string",
-            "description": "JSON array of [x, y], one per tile in upload order: the wsi_coords field.",
-        },
-        "return_attention": {"type": "string", "enum": ["true", "false"]},
-    },
-}
-
-
 Message = dict
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
@@ -102,7 +83,7 @@ class RequestGuard:
 
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET" and scope["path"] == OPENAPI_PATH:
-            await self.app(scope, receive, documenting_multipart(send))
+            await self.app(scope, receive, documenting_contract(send, self.limits))
             return
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
             await self.app(scope, receive, send)
@@ -363,16 +344,13 @@ def _as_rejection_body(body: bytes) -> bytes:
     return json.dumps({"error": error, "reason": Reason.INVALID_SCHEMA}).encode()
 
 
-def documenting_multipart(send: Send) -> Send:
-    """`send` for BentoML's OpenAPI document that adds the multipart form of /predict to it."""
-    return whole_response(send, _with_multipart_form)
+def documenting_contract(send: Send, limits: Limits) -> Send:
+    """`send` for BentoML's OpenAPI document that rewrites it into the service's contract
+    (`serving.openapi.contract_document`)."""
 
+    def rewrite(start: Message, body: bytes) -> bytes:
+        if start["status"] != 200:
+            return body
+        return json.dumps(contract_document(json.loads(body), limits)).encode()
 
-def _with_multipart_form(start: Message, body: bytes) -> bytes:
-    if start["status"] != 200:
-        return body
-    spec = json.loads(body)
-    spec["paths"][MULTIPART_PATH]["post"]["requestBody"]["content"][MULTIPART_MEDIA_TYPE] = {
-        "schema": MULTIPART_SCHEMA
-    }
-    return json.dumps(spec).encode()
+    return whole_response(send, rewrite)

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 
 from healnet.preprocess.clinical import BINARY_RANGE, PLAUSIBLE_RANGES
 
@@ -116,6 +123,16 @@ class PredictResponse(BaseModel):
             "attention['wsi'] (what `healnet.heatmap.SlideAttention.from_response` draws)."
         ),
     )
+
+    @model_serializer(mode="wrap")
+    def leave_out_absent(self, serialize: SerializerFunctionWrapHandler) -> dict:
+        """Leave attention and attention_coords out unless they hold a value: a client decodes a field that
+        is absent, but BentoML's own client cannot decode a null list (serving.openapi)."""
+        data = serialize(self)
+        for name in ("attention", "attention_coords"):
+            if data.get(name) is None:
+                data.pop(name, None)
+        return data
 
 
 class ErrorResponse(BaseModel):

@@ -35,6 +35,7 @@ from serving.bentoml_patches import (
 from serving.config import Limits
 from serving.follower import ChampionFollower
 from serving.middleware import REJECTION_HEADER, RequestGuard
+from serving.openapi import NOT_READY
 from serving.reasons import Reason
 from serving.runtime import ServedModel, champion_poll_seconds, resolve_served_model, serving_device
 from serving.schemas import ErrorResponse, PredictRequest, PredictResponse
@@ -52,10 +53,6 @@ INLINE_PASS_PATCHES = 16_384
 # Requests with up to this many patch-feature values are validated and decoded on the event loop
 # (about 2 ms); the largest accepted batch (64 bags of 6,215 patches × 31 values) took 0.45 s there.
 INLINE_VALIDATION_VALUES = INLINE_PASS_PATCHES * 32
-
-
-# the reason of the 503 answered while the model loads: not a rejection of the request, so no `Reason`
-NOT_READY = "not_ready"
 
 
 def _rejection(rejection: RejectedRequest) -> JSONResponse:
