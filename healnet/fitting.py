@@ -146,9 +146,11 @@ def model_config_for(
             specs.append(omic_spec(name, *cast(OmicsTransform, preprocessor.omics).token_shape(name)))
     chosen = options.chosen()
     linear_path = linear_path_modalities(chosen.pop("linear_path", None), modalities)
-    if linear_path:  # a run without any of those modalities has no linear path
+    linear_blend = chosen.pop("linear_blend", 0.0)
+    if linear_path:  # a run without any of those modalities has no linear path, and nothing to blend
         chosen["linear_path"] = linear_path
         chosen["linear_path_inputs"] = tuple(preprocessor.tabular_token_size(name) for name in linear_path)
+        chosen["linear_blend"] = linear_blend
     return HEALNetConfig(modalities=specs, n_bins=n_bins, **chosen)
 
 

@@ -115,4 +115,6 @@ def fit_linear_path(model, train_set, config: TrainConfig, device: torch.device)
     with torch.no_grad():
         model.linear_path.weight.copy_(rearrange(weight, "f -> 1 f"))
         head.bias.copy_(bias)
+        if model.config.linear_blend:  # kept apart: the head's own bias trains on with the latent path
+            model.linear_intercepts.copy_(bias)
     model.linear_path.weight.requires_grad_(False)

@@ -93,6 +93,9 @@ class HEALNetConfig:
     # path. A checkpoint written with one modality holds a name and a count; both read as one-element tuples.
     linear_path: tuple[str, ...] | None = None
     linear_path_inputs: tuple[int, ...] = ()
+    # weight w of the linear path alone in a prediction's survival curve: S = (1 - w) S(model) +
+    # w S(linear path with its own fitted intercepts); in evaluation mode only (training fits the model)
+    linear_blend: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.modalities:
@@ -120,6 +123,10 @@ class HEALNetConfig:
         for name in _POSITIVE_SIZES:
             if getattr(self, name) < 1:
                 raise ModelInputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.linear_blend < 1.0 or (self.linear_blend and self.linear_path is None):
+            raise ModelInputError(
+                f"linear_blend must be in [0, 1) and needs a linear_path, got {self.linear_blend}"
+            )
         if self.self_per_cross_attn < 0:
             raise ModelInputError(f"self_per_cross_attn must be >= 0, got {self.self_per_cross_attn}")
         for name in ("attn_dropout", "ff_dropout"):
@@ -365,6 +372,8 @@ class HEALNet(nn.Module):
         )
         if self.linear_path is not None:
             nn.init.zeros_(self.linear_path.weight)
+        if config.linear_blend:  # the bins' intercepts of the linear path alone (healnet.linear_path)
+            self.register_buffer("linear_intercepts", torch.zeros(config.n_bins))
 
     @property
     def fusion_layers(self) -> list[HEALNetLayer]:
@@ -417,7 +426,11 @@ class HEALNet(nn.Module):
 
         logits = self.to_logits(latents)
         if self.linear_path is not None:
-            logits = logits + self._linear_offset(inputs, {name: c.has for name, c in contexts.items()})
+            offset = self._linear_offset(inputs, {name: c.has for name, c in contexts.items()})
+            logits = logits + offset
+            if self.config.linear_blend and not self.training:
+                intercepts = cast(Tensor, self.linear_intercepts)  # a buffer of every model with a blend
+                logits = blend_survival(logits, intercepts + offset, self.config.linear_blend)
         return (logits, attention) if return_attention else logits
 
     def _linear_offset(self, inputs: dict[str, Tensor], has: dict[str, Tensor]) -> Tensor | float:
@@ -527,6 +540,19 @@ class HEALNet(nn.Module):
         for name, mask in present.items():
             _check_mask(f"present[{name!r}]", mask, (batch,))
         return batch
+
+
+def blend_survival(logits: Tensor, other: Tensor | float, weight: float) -> Tensor:
+    """The logits (b, n_bins) of the survival curve (1 - weight) S(logits) + weight S(other), where
+    S = cumprod(1 - sigmoid): hazards h_k = 1 - S_k / S_(k-1) of the mixed curve, as logits."""
+    other = torch.as_tensor(other, dtype=logits.dtype, device=logits.device).expand_as(logits)
+    survival = (1 - weight) * torch.cumprod(torch.sigmoid(-logits), 1) + weight * torch.cumprod(
+        torch.sigmoid(-other), 1
+    )
+    before = torch.cat([survival.new_ones(survival.shape[0], 1), survival[:, :-1]], dim=1)
+    tiny = torch.finfo(survival.dtype).tiny
+    hazards = (1 - survival / before.clamp_min(tiny)).clamp(tiny, 1 - torch.finfo(survival.dtype).eps)
+    return torch.logit(hazards)
 
 
 def _check_mask(what: str, mask: Tensor, shape: tuple[int, ...]) -> None:

@@ -41,6 +41,7 @@ class ModelOptions:
     # input kinds that also enter the logits linearly (see HEALNetConfig): "clinical", and "omic" for every
     # omic table's modality (healnet.fitting.linear_path_modalities)
     linear_path: tuple[str, ...] | None = None
+    linear_blend: float | None = None  # weight of the linear path alone in the survival curve
 
     def chosen(self) -> dict[str, Any]:
         """The settings this recipe chooses, as HEALNetConfig keywords."""

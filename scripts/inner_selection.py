@@ -64,6 +64,11 @@ ROUNDS: dict[int, dict[str, Recipe]] = {
         "current": TCGA,
         "wide_linear": replace(TCGA, model=replace(TCGA.model, linear_path=(CLINICAL, OMIC))),
     },
+    4: {
+        "current": TCGA,
+        "blend_0.25": replace(TCGA, model=replace(TCGA.model, linear_blend=0.25)),
+        "blend_0.5": replace(TCGA, model=replace(TCGA.model, linear_blend=0.5)),
+    },
 }
 
 

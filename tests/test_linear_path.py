@@ -12,7 +12,7 @@ from healnet.checkpoint import load_checkpoint, save_checkpoint
 from healnet.ensemble import HEALNetEnsemble
 from healnet.fitting import linear_path_modalities
 from healnet.linear_path import choose_omics_ridge, path_inputs
-from healnet.model import HEALNet, HEALNetConfig, ModalitySpec, ModelInputError
+from healnet.model import HEALNet, HEALNetConfig, ModalitySpec, ModelInputError, blend_survival
 from healnet.preprocess.clinical import CLINICAL, ClinicalConfig
 from healnet.preprocess.state import OMIC
 from healnet.recipes import Recipe
@@ -157,3 +157,31 @@ def test_the_ridge_is_strong_for_noise_and_weaker_for_a_signal():
         chosen[label] = choose_omics_ridge(member.model, train_set, TRAIN, torch.device("cpu"))
         assert path_inputs(member.model, train_set, torch.device("cpu"))[1].any()
     assert chosen["signal"] < chosen["noise"]
+
+
+def test_a_blend_mixes_the_survival_curves():
+    logits, other = torch.randn(5, 4), torch.randn(5, 4)
+    mixed = blend_survival(logits, other, 0.3)
+    survival = lambda x: torch.cumprod(torch.sigmoid(-x), 1)  # noqa: E731
+    torch.testing.assert_close(survival(mixed), 0.7 * survival(logits) + 0.3 * survival(other))
+    torch.testing.assert_close(blend_survival(logits, other, 0.0), logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ModelInputError, match="linear_blend"):
+        HEALNetConfig(modalities=[ModalitySpec("mut", 3)], n_bins=4, linear_blend=0.5)
+
+
+def test_a_blended_ensemble_predicts_the_mix_and_round_trips(tmp_path, data):
+    recipe = replace(WIDE, model=replace(MODEL, linear_path=(CLINICAL,), linear_blend=0.5))
+    ensemble = fit_wide(data, list(data.clinical.index[:45]), recipe)
+    member = ensemble.members[0]
+    assert member.model.linear_intercepts.abs().sum() > 0  # the linear path's own intercepts, kept
+    ids = list(data.clinical.index)
+    blended = ensemble.risk(data, ids)
+    member.model.config.linear_blend = 0.0
+    for other in ensemble.members[1:]:
+        other.model.config.linear_blend = 0.0
+    assert not np.allclose(ensemble.risk(data, ids), blended)
+    for trained in ensemble.members:
+        trained.model.config.linear_blend = 0.5
+    save_checkpoint(tmp_path / "model", ensemble.to_checkpoint())
+    loaded = HEALNetEnsemble.from_checkpoint(load_checkpoint(tmp_path / "model"))
+    np.testing.assert_allclose(loaded.risk(data, ids), blended, rtol=1e-6)
