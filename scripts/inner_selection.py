@@ -34,6 +34,9 @@ from healnet.recipes import TCGA, Recipe
 # The `tcga` recipe as rounds 1 and 2 started from: 20 epochs, before round 2 chose 40.
 ROUND_BASE = replace(TCGA, train=replace(TCGA.train, epochs=20, patience=20))
 
+# The `tcga` recipe as rounds 3 and 4 started from: before round 4 chose the blend.
+ROUND_4_BASE = replace(TCGA, model=replace(TCGA.model, linear_blend=0.0))
+
 
 def _changed(model: dict | None = None, **train: Any) -> Recipe:
     """The rounds' starting recipe with some model settings and training settings changed."""
@@ -61,13 +64,13 @@ ROUNDS: dict[int, dict[str, Recipe]] = {
         ),
     },
     3: {
-        "current": TCGA,
-        "wide_linear": replace(TCGA, model=replace(TCGA.model, linear_path=(CLINICAL, OMIC))),
+        "current": ROUND_4_BASE,
+        "wide_linear": replace(ROUND_4_BASE, model=replace(ROUND_4_BASE.model, linear_path=(CLINICAL, OMIC))),
     },
     4: {
-        "current": TCGA,
-        "blend_0.25": replace(TCGA, model=replace(TCGA.model, linear_blend=0.25)),
-        "blend_0.5": replace(TCGA, model=replace(TCGA.model, linear_blend=0.5)),
+        "current": ROUND_4_BASE,
+        "blend_0.25": replace(ROUND_4_BASE, model=replace(ROUND_4_BASE.model, linear_blend=0.25)),
+        "blend_0.5": replace(ROUND_4_BASE, model=replace(ROUND_4_BASE.model, linear_blend=0.5)),
     },
 }
 
