@@ -31,11 +31,10 @@ from healnet.preprocess.clinical import CLINICAL
 from healnet.preprocess.state import OMIC
 from healnet.recipes import TCGA, Recipe
 
-# The `tcga` recipe as rounds 1 and 2 started from: 20 epochs, before round 2 chose 40.
-ROUND_BASE = replace(TCGA, train=replace(TCGA.train, epochs=20, patience=20))
-
 # The `tcga` recipe as rounds 3 and 4 started from: before round 4 chose the blend.
 ROUND_4_BASE = replace(TCGA, model=replace(TCGA.model, linear_blend=0.0))
+# The `tcga` recipe as rounds 1 and 2 started from: 20 epochs, before round 2 chose 40.
+ROUND_BASE = replace(ROUND_4_BASE, train=replace(TCGA.train, epochs=20, patience=20))
 
 
 def _changed(model: dict | None = None, **train: Any) -> Recipe:
