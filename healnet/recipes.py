@@ -73,8 +73,8 @@ class Recipe:
         return asdict(self)
 
     def without_linear_path(self) -> Recipe:
-        """The same recipe with no modality's linear path."""
-        return replace(self, model=replace(self.model, linear_path=None))
+        """The same recipe with no modality's linear path (and so nothing to blend with it)."""
+        return replace(self, model=replace(self.model, linear_path=None, linear_blend=None))
 
     def seeded(self, seed: int) -> Recipe:
         """The same recipe with another seed (of the weights, the batch order and the members' parts)."""
