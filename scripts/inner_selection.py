@@ -97,21 +97,30 @@ def score(
     return {"candidate": name, "seconds": time.perf_counter() - started, "models": record}
 
 
-def main() -> None:
+def inner_set_parser(description: str | None, default_set: int) -> argparse.ArgumentParser:
+    """The options of a run on inner sets: the table, which sets, parallel jobs and the JSON report."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--table", type=Path, required=True)
-    parser.add_argument("--round", type=int, default=2, choices=sorted(ROUNDS), help="which candidates")
-    parser.add_argument("--set", type=int, default=400, help="inner split seed offset")
+    parser.add_argument("--set", type=int, default=default_set, help="inner split seed offset")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--json", type=Path, required=True)
-    args = parser.parse_args()
+    return parser
 
+
+def load_inner_sets(args: argparse.Namespace) -> tuple[CohortData, list[tuple[list[str], list[str]]]]:
     data = CohortData.from_cohort(ingest(args.table))
-    sets = inner_sets(data, args.folds, args.seed, args.set)
+    return data, inner_sets(data, args.folds, args.seed, args.set)
+
+
+def main() -> None:
+    parser = inner_set_parser(__doc__, default_set=400)
+    parser.add_argument("--round", type=int, default=2, choices=sorted(ROUNDS), help="which candidates")
+    args = parser.parse_args()
+    data, sets = load_inner_sets(args)
     tasks = [
         (name, replace(CVConfig(), models=("healnet",), healnet=recipe))
         for name, recipe in ROUNDS[args.round].items()

@@ -11,21 +11,18 @@ training folds only; no outer test fold is read). Nothing is chosen from it: the
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from inner_selection import inner_sets  # the script's folder, scripts/, is first on sys.path
+from inner_selection import inner_set_parser, load_inner_sets  # scripts/ is first on sys.path
 from joblib import Parallel, delayed
 
 import healnet.model
 from healnet.cv import CVConfig, run_fold
-from healnet.data.cohort import ingest
 from healnet.fitting import CohortData
 from healnet.recipes import TCGA
 
@@ -64,19 +61,8 @@ def score(data: CohortData, variant: str, train: list[str], test: list[str], see
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--table", type=Path, required=True)
-    parser.add_argument("--set", type=int, default=900, help="inner split seed offset")
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--json", type=Path, required=True)
-    args = parser.parse_args()
-
-    data = CohortData.from_cohort(ingest(args.table))
-    sets = inner_sets(data, args.folds, args.seed, args.set)
+    args = inner_set_parser(__doc__, default_set=900).parse_args()
+    data, sets = load_inner_sets(args)
     results = Parallel(n_jobs=args.jobs)(
         delayed(score)(data, variant, train, test, args.seed * 1000 + index)
         for variant in VARIANTS
