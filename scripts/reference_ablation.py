@@ -18,13 +18,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 import torch.nn.functional as F
-from inner_selection import inner_set_parser, load_inner_sets  # scripts/ is first on sys.path
+from inner_selection import ROUND_4_BASE, inner_set_parser, load_inner_sets  # scripts/ is on sys.path
 from joblib import Parallel, delayed
 
 import healnet.model
 from healnet.cv import CVConfig, run_fold
 from healnet.fitting import CohortData
-from healnet.recipes import TCGA
 
 REFERENCE_TEMPERATURE = 0.5
 REFERENCE_LEAKY_SLOPE = 0.01
@@ -55,7 +54,7 @@ def score(data: CohortData, variant: str, train: list[str], test: list[str], see
     torch.set_num_threads(1)
     use_variant(variant)
     started = time.perf_counter()
-    config = replace(CVConfig(), models=("healnet",), healnet=TCGA)
+    config = replace(CVConfig(), models=("healnet",), healnet=ROUND_4_BASE)  # the recipe when it ran
     record = run_fold(data, train, [], test, config, seed=seed).record["models"]["healnet"]
     return {"variant": variant, "seconds": time.perf_counter() - started, "c_index": record["c_index"]}
 
