@@ -2,8 +2,9 @@
 
 The reference divides the attention scores by a temperature of 0.5 and passes each attention update through
 a LeakyReLU(0.01); ours does neither (docs/model.md). This puts each back, alone and together, into the
-`tcga` recipe as it ran then (before round 4's blend) and scores the ensembles on the inner test sets of `scripts/inner_selection.py` (outer
-training folds only; no outer test fold is read). Nothing is chosen from it: the library keeps its model.
+`tcga` recipe as it ran then (before round 4's blend) and scores the ensembles on the inner test sets of
+`scripts/inner_selection.py` (outer training folds only; no outer test fold is read). Nothing is chosen
+from it: the library keeps its model.
 
     python scripts/reference_ablation.py --table ../shared/data/tcga/tcga_blca_all_clean.csv.gz \\
         --set 900 --jobs 2 --json build/inner/blca_reference_900.json
