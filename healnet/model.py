@@ -107,9 +107,9 @@ class HEALNetConfig:
             self.linear_path = (self.linear_path,)
         if isinstance(self.linear_path_inputs, int):
             self.linear_path_inputs = (self.linear_path_inputs,) if self.linear_path_inputs else ()
+        self.linear_path_inputs = tuple(self.linear_path_inputs)  # JSON gives a list
         if self.linear_path is not None:
             self.linear_path = tuple(self.linear_path)
-            self.linear_path_inputs = tuple(self.linear_path_inputs)
             if (
                 not self.linear_path
                 or any(name not in names for name in self.linear_path)

@@ -12,13 +12,13 @@ pydantic models alone. `contract_document` rewrites it into the contract the ser
 
 What JSON Schema cannot state depends on the served model (which omic tables and features it reads, its
 patch-feature width, whether it encodes tiles); such a request is well formed and answered 422 with the
-reason. The checked-in docs/openapi.json is this document for the default limits (tests/test_openapi.py).
+reason. The checked-in docs/openapi.json is this document for the default limits
+(`python -m devtools.openapi_document > docs/openapi.json`; tests/test_openapi.py compares them).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 from healnet import __version__
 from healnet.preprocess.clinical import BINARY_RANGE, PLAUSIBLE_RANGES, ClinicalConfig
@@ -252,19 +252,3 @@ def contract_document(spec: dict, limits: Limits | None = None) -> dict:
             **_error_responses(),
         }
     return spec
-
-
-def main() -> None:
-    """Print the service's OpenAPI document for the default limits: `python -m serving.openapi > docs/openapi.json`."""
-    import json
-
-    from serving.service import HEALNetService
-
-    # @bentoml.service makes the class a bentoml Service, which mypy cannot see
-    service: Any = HEALNetService
-    spec = json.loads(json.dumps(service.openapi_spec.asdict()))
-    print(json.dumps(contract_document(spec), indent=1, ensure_ascii=False))
-
-
-if __name__ == "__main__":
-    main()
