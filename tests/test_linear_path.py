@@ -185,3 +185,32 @@ def test_a_blended_ensemble_predicts_the_mix_and_round_trips(tmp_path, data):
     save_checkpoint(tmp_path / "model", ensemble.to_checkpoint())
     loaded = HEALNetEnsemble.from_checkpoint(load_checkpoint(tmp_path / "model"))
     np.testing.assert_allclose(loaded.risk(data, ids), blended, rtol=1e-6)
+
+
+def test_a_blended_prediction_ignores_what_a_sample_lacks():
+    torch.manual_seed(0)
+    specs = [ModalitySpec("mut", 3), ModalitySpec(CLINICAL, 1, num_freq_bands=6, max_freq=3.0)]
+    config = HEALNetConfig(
+        modalities=specs,
+        n_bins=4,
+        depth=1,
+        n_latents=4,
+        latent_dim=16,
+        linear_path=(CLINICAL,),
+        linear_path_inputs=(2,),
+        linear_blend=0.25,
+    )
+    model = HEALNet(config).eval()
+    with torch.no_grad():
+        model.linear_path.weight.copy_(torch.tensor([[0.7, -0.4]]))
+        model.linear_intercepts.copy_(torch.tensor([-1.0, -0.5, 0.0, 0.5]))
+    inputs = {"mut": torch.randn(3, 1, 3), CLINICAL: torch.randn(3, 2, 1)}
+    present = {CLINICAL: torch.tensor([True, False, True])}
+    logits = model(inputs, present)
+    garbage = model({**inputs, CLINICAL: torch.full((3, 2, 1), 1e30)}, present)
+    assert torch.equal(garbage[1], logits[1]) and not torch.allclose(garbage[0], logits[0])
+    # the sample without covariates: the model's curve mixed with the intercepts' curve alone
+    without = model({"mut": inputs["mut"][1:2]})
+    torch.testing.assert_close(without[0], logits[1])
+    model.train()
+    assert not torch.allclose(model(inputs, present), logits)  # the blend is for predictions only
