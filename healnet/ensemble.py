@@ -123,7 +123,9 @@ class HEALNetEnsemble:
         members = [trained for trained, _, _ in built]
         # the omic linear weights' ridge is chosen once, on all the ensemble's patients, not per member
         device = select_device(recipe.train.device)
-        chosen = with_omics_ridge(members[0].model, members[0].dataset(data, fitted_on), recipe.train, device)
+        chosen = with_omics_ridge(
+            members[0].model, lambda: members[0].dataset(data, fitted_on), recipe.train, device
+        )
         configs = [replace(config, linear_omics_ridge=chosen.linear_omics_ridge) for config in configs]
         for trained, config in zip(members, configs, strict=True):
             trained.metadata["train_config"] = config.to_dict()

@@ -10,7 +10,9 @@ ridge chosen on the training patients by an inner K-fold CV of the held-out NLL
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,12 +69,17 @@ def fit_offset(
     return weight.detach(), bias.detach()
 
 
-def choose_omics_ridge(model, dataset, config: TrainConfig, device: torch.device) -> float:
+def has_omic_inputs(model) -> bool:
+    """Whether the model's linear path reads an omic table (its weights then need a chosen ridge)."""
+    return model.linear_path is not None and any(name != CLINICAL for name in model.config.linear_path)
+
+
+def choose_omics_ridge(
+    values: Tensor, omic: Tensor, labels: Tensor, events: Tensor, n_bins: int, config: TrainConfig
+) -> float:
     """The omic weights' ridge of `config.linear_omics_ridges` with the lowest held-out NLL over an inner
-    stratified K-fold of `dataset` (its patients only); ties go to the stronger ridge."""
-    values, omic = path_inputs(model, dataset, device)
-    labels, events = _targets(dataset, device)
-    n_bins = model.to_logits[-1].out_features
+    stratified K-fold of the patients of `values` (`path_inputs`); ties go to the stronger ridge."""
+    device = values.device
     folds = StratifiedKFold(config.linear_ridge_folds, shuffle=True, random_state=config.seed)
     held_out = np.zeros(len(config.linear_omics_ridges))
     for fit_rows, score_rows in folds.split(np.zeros(len(labels)), events.cpu().numpy()):
@@ -90,27 +97,35 @@ def choose_omics_ridge(model, dataset, config: TrainConfig, device: torch.device
     return float(ridges[held_out == held_out.min()].max())
 
 
-def with_omics_ridge(model, dataset, config: TrainConfig, device: torch.device) -> TrainConfig:
-    """`config` with its omic linear ridge chosen on `dataset` where the model's linear path has omic
-    inputs and the configuration leaves it open; else `config` itself."""
-    if model.linear_path is None or config.linear_omics_ridge is not None:
+def with_omics_ridge(
+    model, build_dataset: Callable[[], Any], config: TrainConfig, device: torch.device
+) -> TrainConfig:
+    """`config` with its omic linear ridge chosen on the dataset `build_dataset` gives (built only when
+    needed) where the model's linear path has omic inputs and the configuration leaves it open; else
+    `config` itself."""
+    if not has_omic_inputs(model) or config.linear_omics_ridge is not None:
         return config
-    if not bool(path_inputs(model, dataset, device)[1].any()):
-        return config
-    return replace(config, linear_omics_ridge=choose_omics_ridge(model, dataset, config, device))
+    patients = build_dataset()
+    values, omic = path_inputs(model, patients, device)
+    ridge = choose_omics_ridge(
+        values, omic, *_targets(patients, device), model.to_logits[-1].out_features, config
+    )
+    return replace(config, linear_omics_ridge=ridge)
 
 
 def fit_linear_path(model, train_set, config: TrainConfig, device: torch.device) -> None:
     """Fit the model's linear path and the bins' intercepts alone on `train_set`, then freeze the path."""
     if model.linear_path is None:
         return
-    config = with_omics_ridge(model, train_set, config, device)
     values, omic = path_inputs(model, train_set, device)
     labels, events = _targets(train_set, device)
     head = model.to_logits[-1]
     penalty: Tensor | float = config.linear_path_ridge  # a clinical-only path: one ridge for all
-    if config.linear_omics_ridge is not None:
-        penalty = torch.where(omic, config.linear_omics_ridge, config.linear_path_ridge)
+    if has_omic_inputs(model):
+        ridge = config.linear_omics_ridge
+        if ridge is None:
+            ridge = choose_omics_ridge(values, omic, labels, events, head.out_features, config)
+        penalty = torch.where(omic, ridge, config.linear_path_ridge)
     weight, bias = fit_offset(values, labels, events, penalty, head.out_features, config.alpha)
     with torch.no_grad():
         model.linear_path.weight.copy_(rearrange(weight, "f -> 1 f"))

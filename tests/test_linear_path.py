@@ -11,7 +11,7 @@ from test_ensemble import MODEL, OMICS, TRAIN, make_data
 from healnet.checkpoint import load_checkpoint, save_checkpoint
 from healnet.ensemble import HEALNetEnsemble
 from healnet.fitting import linear_path_modalities
-from healnet.linear_path import choose_omics_ridge, path_inputs
+from healnet.linear_path import path_inputs, with_omics_ridge
 from healnet.model import HEALNet, HEALNetConfig, ModalitySpec, ModelInputError, blend_survival
 from healnet.preprocess.clinical import CLINICAL, ClinicalConfig
 from healnet.preprocess.state import OMIC
@@ -75,26 +75,32 @@ def test_the_path_is_fitted_on_training_patients_only(data, fitted):
         assert first.metadata["train_config"] == second.metadata["train_config"]
 
 
-def wide_model() -> HEALNet:
+CLINICAL_SPEC = ModalitySpec(CLINICAL, 1, num_freq_bands=6, max_freq=3.0)
+
+
+def linear_model(specs: list[ModalitySpec], sizes: dict[str, int], weight: list[float], **extra) -> HEALNet:
+    """A small seeded model in evaluation mode whose linear path reads `sizes` (modality: values) with
+    the given weights."""
     torch.manual_seed(0)
-    specs = [
-        ModalitySpec("mut", 3),
-        ModalitySpec("rnaseq", 4),
-        ModalitySpec(CLINICAL, 1, num_freq_bands=6, max_freq=3.0),
-    ]
     config = HEALNetConfig(
         modalities=specs,
         n_bins=4,
         depth=1,
         n_latents=4,
         latent_dim=16,
-        linear_path=("mut", "rnaseq", CLINICAL),
-        linear_path_inputs=(3, 4, 2),
+        linear_path=tuple(sizes),
+        linear_path_inputs=tuple(sizes.values()),
+        **extra,
     )
     model = HEALNet(config).eval()
     with torch.no_grad():
-        model.linear_path.weight.copy_(torch.arange(1.0, 10.0).reshape(1, 9))
+        model.linear_path.weight.copy_(torch.tensor([weight]))
     return model
+
+
+def wide_model() -> HEALNet:
+    specs = [ModalitySpec("mut", 3), ModalitySpec("rnaseq", 4), CLINICAL_SPEC]
+    return linear_model(specs, {"mut": 3, "rnaseq": 4, CLINICAL: 2}, list(map(float, range(1, 10))))
 
 
 def test_a_table_a_sample_lacks_adds_nothing_to_its_linear_term():
@@ -154,7 +160,9 @@ def test_the_ridge_is_strong_for_noise_and_weaker_for_a_signal():
         ensemble = fit_wide(cohort, ids, recipe)
         member = ensemble.members[0]
         train_set = member.dataset(cohort, ids)
-        chosen[label] = choose_omics_ridge(member.model, train_set, TRAIN, torch.device("cpu"))
+        chosen[label] = with_omics_ridge(
+            member.model, lambda dataset=train_set: dataset, TRAIN, torch.device("cpu")
+        ).linear_omics_ridge
         assert path_inputs(member.model, train_set, torch.device("cpu"))[1].any()
     assert chosen["signal"] < chosen["noise"]
 
@@ -188,21 +196,9 @@ def test_a_blended_ensemble_predicts_the_mix_and_round_trips(tmp_path, data):
 
 
 def test_a_blended_prediction_ignores_what_a_sample_lacks():
-    torch.manual_seed(0)
-    specs = [ModalitySpec("mut", 3), ModalitySpec(CLINICAL, 1, num_freq_bands=6, max_freq=3.0)]
-    config = HEALNetConfig(
-        modalities=specs,
-        n_bins=4,
-        depth=1,
-        n_latents=4,
-        latent_dim=16,
-        linear_path=(CLINICAL,),
-        linear_path_inputs=(2,),
-        linear_blend=0.25,
-    )
-    model = HEALNet(config).eval()
+    specs = [ModalitySpec("mut", 3), CLINICAL_SPEC]
+    model = linear_model(specs, {CLINICAL: 2}, [0.7, -0.4], linear_blend=0.25)
     with torch.no_grad():
-        model.linear_path.weight.copy_(torch.tensor([[0.7, -0.4]]))
         model.linear_intercepts.copy_(torch.tensor([-1.0, -0.5, 0.0, 0.5]))
     inputs = {"mut": torch.randn(3, 1, 3), CLINICAL: torch.randn(3, 2, 1)}
     present = {CLINICAL: torch.tensor([True, False, True])}
@@ -214,3 +210,12 @@ def test_a_blended_prediction_ignores_what_a_sample_lacks():
     torch.testing.assert_close(without[0], logits[1])
     model.train()
     assert not torch.allclose(model(inputs, present), logits)  # the blend is for predictions only
+
+
+def test_a_clinical_only_path_chooses_no_ridge_and_builds_no_dataset():
+    model = linear_model([ModalitySpec("mut", 3), CLINICAL_SPEC], {CLINICAL: 2}, [0.7, -0.4])
+
+    def no_dataset():
+        raise AssertionError("the dataset was built for a path without omic inputs")
+
+    assert with_omics_ridge(model, no_dataset, TRAIN, torch.device("cpu")) is TRAIN
