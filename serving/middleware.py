@@ -29,16 +29,14 @@ from serving import metrics
 from serving.config import LARGE_REQUEST_BYTES, Limits
 from serving.openapi import contract_document
 from serving.reasons import Reason
+from serving.schemas import JSON_MEDIA_TYPE, MULTIPART_JSON_FIELDS, MULTIPART_MEDIA_TYPE, MULTIPART_PATH
 from serving.validation import RejectedRequest
 
 REJECTION_HEADER = "x-healnet-rejection"  # set on every rejection the service itself answers
-JSON_MEDIA_TYPE = "application/json"
-MULTIPART_MEDIA_TYPE = "multipart/form-data"
-MULTIPART_PATH = "/predict"
-# Text parts, each holding the JSON value of the JSON request's field of the same name.
-MULTIPART_JSON_FIELDS = ("omics", "clinical", "wsi_coords", "return_attention")
 MULTIPART_FIELDS = ("wsi_tiles", *MULTIPART_JSON_FIELDS)
 OPENAPI_PATH = "/docs.json"
+
+
 Message = dict
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]

@@ -24,14 +24,17 @@ from healnet import __version__
 from healnet.preprocess.clinical import BINARY_RANGE, PLAUSIBLE_RANGES, ClinicalConfig
 from serving.config import Limits
 from serving.reasons import Reason
+from serving.schemas import (
+    JSON_MEDIA_TYPE,
+    MULTIPART_JSON_FIELDS,
+    MULTIPART_MEDIA_TYPE,
+    MULTIPART_PATH,
+    SLIDE_INPUTS,
+)
 
 NOT_READY = "not_ready"  # the 503 while the model loads: not a rejection of the request
 TIMED_OUT = "timed_out"  # the 504 of a request that found no answer within the service's timeout
 PREDICTION_PATHS = ("/predict", "/predict_batch")
-MULTIPART_PATH = "/predict"
-MULTIPART_MEDIA_TYPE = "multipart/form-data"
-JSON_MEDIA_TYPE = "application/json"
-SLIDE_FIELDS = {"wsi_features": "array", "wsi_features_base64": "string", "wsi_tiles": "array"}
 # standard base64, padded: what the service decodes (`base64.b64decode(validate=True)`)
 BASE64_PATTERN = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 DEFAULT_CLINICAL = ClinicalConfig()  # the covariates a model can read, with their kinds
@@ -48,9 +51,9 @@ ERROR_STATUSES: dict[str, tuple[str, list[str]]] = {
     "422": (
         "Well formed, but the served model cannot answer it: the reason says why (a modality or features "
         "it does not read, a shape or value it cannot take).",
-        sorted(
-            reason for reason in Reason if reason.http_status == 422 or reason in (Reason.INVALID_SCHEMA,)
-        ),
+        # invalid_schema too: BentoML's own 4xx answers keep their status and are relabelled invalid_schema
+        # (serving.middleware.guarded_send)
+        sorted(reason for reason in Reason if reason.http_status == 422 or reason is Reason.INVALID_SCHEMA),
     ),
     "503": ("The model is still loading (or failed to load): retry later.", [NOT_READY]),
     "504": ("No answer within the service's timeout.", [TIMED_OUT]),
@@ -71,12 +74,11 @@ ERROR_SCHEMA = {
     },
 }
 OPTIONAL_ANSWER_FIELDS = ("attention", "attention_coords")  # left out of an answer unless asked for
-# The multipart form of /predict: BentoML never sees it (serving.middleware turns it into the JSON request).
-MULTIPART_JSON_PARTS = ("omics", "clinical", "wsi_coords", "return_attention")
 
 
 def _multipart_form(request: dict) -> dict:
-    """The form of /predict: tile files, and parts that each hold the JSON value of the JSON request's field
+    """The form of /predict, which BentoML never sees (serving.middleware turns it into the JSON request):
+    tile files, and parts that each hold the JSON value of the JSON request's field
     of the same name (`request`: the rewritten PredictRequest schema)."""
     properties = request["properties"]
     schema = {
@@ -101,7 +103,7 @@ def _multipart_form(request: dict) -> dict:
     }
     return {
         "schema": schema,
-        "encoding": {part: {"contentType": JSON_MEDIA_TYPE} for part in MULTIPART_JSON_PARTS},
+        "encoding": {part: {"contentType": JSON_MEDIA_TYPE} for part in MULTIPART_JSON_FIELDS},
     }
 
 
@@ -125,7 +127,7 @@ def _needs_a_slide(field: str, slide_fields: list[str]) -> dict:
 def _request_rules() -> list[dict]:
     """What the fields say together: at least one modality (a non-empty omics or clinical object, or a
     slide), the slide given at most once, and wsi_coords only with a slide."""
-    slides = list(SLIDE_FIELDS)
+    slides = list(SLIDE_INPUTS)
     one_modality = {"anyOf": [*_non_empty_objects(), *(_given(name) for name in slides)]}
     at_most_one_slide = [
         {"not": {"allOf": [_given(first), _given(second)]}}
@@ -161,7 +163,7 @@ def _request_schema(schema: dict, limits: Limits) -> dict:
         name: _nullable({"type": "integer", "enum": [int(BINARY_RANGE.low), int(BINARY_RANGE.high)]})
         for name in DEFAULT_CLINICAL.binary
     } | {name: _nullable({"type": "string"}) for name in DEFAULT_CLINICAL.categorical}
-    slide = {name: _split_null(properties[name]) for name in (*SLIDE_FIELDS, "wsi_coords")}
+    slide = {name: _split_null(properties[name]) for name in (*SLIDE_INPUTS, "wsi_coords")}
     rows = slide["wsi_features"][0]
     rows["maxItems"] = limits.max_patches
     rows["items"] |= {"minItems": 1}

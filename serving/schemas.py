@@ -16,6 +16,11 @@ from healnet.preprocess.clinical import BINARY_RANGE, PLAUSIBLE_RANGES
 # Strict: numbers must be JSON numbers (not strings or booleans); unknown fields are refused.
 STRICT = ConfigDict(strict=True, extra="forbid")
 SLIDE_INPUTS = ("wsi_features", "wsi_features_base64", "wsi_tiles")
+JSON_MEDIA_TYPE = "application/json"
+MULTIPART_MEDIA_TYPE = "multipart/form-data"
+MULTIPART_PATH = "/predict"  # the one route that also takes a multipart form (serving.middleware)
+# Text parts of that form, each holding the JSON value of the JSON request's field of the same name.
+MULTIPART_JSON_FIELDS = ("omics", "clinical", "wsi_coords", "return_attention")
 
 
 class PredictRequest(BaseModel):

@@ -15,8 +15,6 @@ HELP = (
     "folds (everything fitted on training folds only); print mean ± std c-index, the best baseline and "
     "HEALNet's paired difference to it, and write a JSON report."
 )
-
-
 QUARANTINE_SHOWN = 5  # rows listed on stderr; the JSON report keeps them all
 # the options that override a setting of the HEALNet recipe (healnet.cli.recipe_options)
 RECIPE_FLAGS = ("--members", "--epochs", "--patience", "--batch-size", "--weight-decay", "--top-k")
