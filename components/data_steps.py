@@ -1,7 +1,7 @@
 """Data steps: the cohort's fingerprint and ingest, its validation (which gates the whole run), and the
 slides' patch features (tiled in shards, or imported when computed elsewhere), merged into one folder."""
 
-from kfp.dsl import Dataset, Input, Markdown, Output, OutputPath
+from kfp.dsl import Artifact, Dataset, Input, Markdown, Output, OutputPath
 
 from components.images import cpu_component
 
@@ -91,6 +91,7 @@ def validate(
     mpp: float,
     patch_size: int,
     report: Output[Markdown],
+    validation: Output[Artifact],
     data_hash: OutputPath(str),
     chosen_modalities: OutputPath(str),
     slide_source: OutputPath(str),
@@ -104,13 +105,15 @@ def validate(
     list the run trains on. The slides' features come from `features_dir` when given ("import"), else from
     tiling the slide files ("tile"); without slides in the run, "none". An import's settings are checked
     here too (`encoder_name`, `weights_sha256`, `mpp`, `patch_size`, feature files in `features_dir`), so the
-    retried import step meets no mistake of the user's.
+    retried import step meets no mistake of the user's. The report is validation.md; `validation` holds its
+    JSON (validation.json: the expectations, the row accounting and the quarantine reasons).
 
     Returns the slide loop's items, one per shard (`slide_shards` when tiling, one idle shard otherwise:
     kfp.local cannot gather an empty loop), each with everything its shard needs (`shard_index`,
     `shard_count`, `slide_source`, `data_hash`): kfp.local hands a loop body the loop item in place of any
     other step's output. Writes the data hash, the modalities and the slide source for the later steps.
     """
+    import shutil
     import tempfile
     from pathlib import Path
 
@@ -133,6 +136,7 @@ def validate(
     with tempfile.TemporaryDirectory(prefix="validation-") as scratch:
         result = validate_cohort(loaded, Path(scratch), thresholds, source=cohort.path)
         text = result.markdown_path.read_text(encoding="utf-8")
+        shutil.copyfile(result.json_path, validation.path)  # validation.json, for the model card
     report.metadata["success"] = result.success
     if not result.success:
         Path(report.path).write_text(text, encoding="utf-8")

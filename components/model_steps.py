@@ -1,6 +1,6 @@
 """Model steps: training (on the GPU image) and evaluation on the held-out test patients."""
 
-from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from components.images import cpu_component, gpu_component
 
@@ -97,22 +97,31 @@ def evaluate(
     predictions: Output[Dataset],
     test_features: Output[Dataset],
     report: Output[HTML],
+    evaluation: Output[Artifact],
 ):
     """Evaluate the model on the held-out test patients through the serving path (`Predictor` on the
-    sealed checkpoint, each patient as the case a client would send): c-index with its patient-bootstrap
-    interval (`c_index_ci_low`, `c_index_ci_high`), the test events, IPCW c-index and integrated Brier score
-    as metrics; each patient's outcome and risk as `predictions` (parquet), which the gate re-samples; and an
-    HTML report embedding the Kaplan-Meier plot of the risk groups.
+    sealed checkpoint, each patient as the case a client would send), `healnet.evaluate.evaluate_checkpoint`.
 
-    `test_features` holds the test patients' slide features (when the model reads slides), out of the run's
-    `features`, so that the gate and promote can score a champion on them without the whole cohort's."""
+    Args:
+        cohort: the canonical cohort folder.
+        data_hash: the cohort's data hash (`validate`), shown in the report.
+        split_repeat: the stored holdout split the model was trained on.
+        model: the trained model folder (`train`), whose `checkpoint/` is scored.
+        features: the run's patch features (`merge_features`).
+        metrics: c-index with its patient-bootstrap interval (`c_index_ci_low`, `c_index_ci_high`), Uno's C
+            with its interval, the test events, IPCW c-index and integrated Brier score.
+        predictions: each test patient's outcome and risk (parquet), which the gate re-samples.
+        test_features: the test patients' slide features (when the model reads slides), out of the run's
+            `features`, so that the gate and promote can score a champion without the whole cohort's.
+        report: the evaluation report (HTML, shown by the Kubeflow UI): intervals, time-dependent AUC,
+            Brier curve, calibration, subgroups and their plots (docs/evaluation.md).
+        evaluation: `evaluation.json`, every number of the report."""
     import json
-    import math
     import shutil
     import tempfile
     from pathlib import Path
 
-    from components.support import evaluation_html, finite_metrics
+    from components.support import evaluation_html, evaluation_json, evaluation_metrics
     from healnet.data.cohort import Cohort
     from healnet.evaluate import evaluate_checkpoint
     from healnet.preprocess.state import WSI
@@ -120,7 +129,7 @@ def evaluate(
 
     features_dir = Path(features.path)
     with tempfile.TemporaryDirectory(prefix="evaluation-") as scratch:
-        evaluation = evaluate_checkpoint(
+        result = evaluate_checkpoint(
             Path(model.path) / "checkpoint",
             Path(cohort.path),
             Path(scratch) / "evaluation",
@@ -128,29 +137,22 @@ def evaluate(
             role="test",
             split_repeat=split_repeat,
         )
-        shutil.copyfile(evaluation.pop("predictions_parquet"), predictions.path)
+        shutil.copyfile(result["predictions_parquet"], predictions.path)
         Path(test_features.path).mkdir(parents=True, exist_ok=True)
-        if WSI in evaluation["modalities"]:
+        if WSI in result["modalities"]:
             copy_patient_features(
                 Cohort.load(Path(cohort.path)),
                 ScoredPatients.read_parquet(Path(predictions.path)).patient_ids,
                 features_dir,
                 Path(test_features.path),
             )
-        report_rows = {**evaluation, "data_hash": data_hash}
-        Path(report.path).write_text(
-            evaluation_html(report_rows, "HEALNet evaluation: held-out test patients")
-        )
-    scores = finite_metrics(evaluation, ("c_index", "c_index_ipcw", "integrated_brier_score"))
-    for name, value in scores.items():
+        title = "HEALNet evaluation: held-out test patients"
+        Path(report.path).write_text(evaluation_html(result, title, data_hash))
+    Path(evaluation.path).write_text(json.dumps(evaluation_json(result), indent=2))
+    for name, value in evaluation_metrics(result).items():
         metrics.log_metric(name, value)
-    for bound in ("c_index_ci_low", "c_index_ci_high"):
-        if math.isfinite(evaluation[bound]):  # NaN only when no resample holds a comparable pair
-            metrics.log_metric(bound, evaluation[bound])
-    metrics.log_metric("test_patients", evaluation["patients"])
-    metrics.log_metric("test_events", evaluation["events"])
-    metrics.log_metric("bootstrap_resamples", evaluation["bootstrap_resamples"])
     # their patients were trained and scored without those slides
     metrics.log_metric("slides_quarantined", model.metadata.get("slides_quarantined", 0))
-    predictions.metadata.update({"patients": evaluation["patients"], "events": evaluation["events"]})
+    predictions.metadata.update({"patients": result["patients"], "events": result["events"]})
+    evaluation.metadata.update({"patients": result["patients"], "events": result["events"]})
     Path(metrics.path).write_text(json.dumps(metrics.metadata))  # the file too, not only the metadata

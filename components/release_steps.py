@@ -65,12 +65,21 @@ def promote(
     predictions: Input[Dataset],
     test_features: Input[Dataset],
     gate_json: Input[Artifact],
+    evaluation: Input[Artifact],
+    validation: Input[Artifact],
     report: Output[Markdown],
+    model_card: Output[Markdown],
+    model_card_json: Output[Artifact],
 ) -> str:
     """Register the checkpoint in the BentoML model store with its provenance (metrics, data hash,
-    git sha, pipeline run, weights sha256, the gate's interval and rule) and make it the champion; returns the
-    model tag. The cohort is an immutable artifact of this run, so nothing can change it between the gate and
-    here: its data hash is recorded, not checked again.
+    git sha, pipeline run, weights sha256, the gate's interval and rule) and its model card, and make it the
+    champion; returns the model tag. The cohort is an immutable artifact of this run, so nothing can change it
+    between the gate and here: its data hash is recorded, not checked again.
+
+    The model card (`healnet.model_card`, from the checkpoint, the cohort, `validation`'s validation.json,
+    `evaluation`'s evaluation.json and the gate's gate.json) is stored in the version's folder (`healnet
+    registry card TAG`, the service's GET /model_card) and written to `model_card` (Markdown) and
+    `model_card_json`; the report ends with it.
 
     The champion moves by compare-and-swap: only if it is still the one the gate judged against. If it
     changed, the gate is taken again by the same rules, scoring the new champion on the same test patients
@@ -83,7 +92,8 @@ def promote(
     use_registry(registry_dir)
     from healnet.checkpoint import verify_checkpoint
     from healnet.gate import GatePolicy, promote_if_still_better
-    from healnet.registry import register_model
+    from healnet.model_card import card_files, pipeline_card
+    from healnet.registry import CARD_JSON, CARD_MARKDOWN, register_model
     from healnet.scoring import ScoredPatients
 
     gated = json.loads(Path(gate_json.path).read_text(encoding="utf-8"))
@@ -118,7 +128,31 @@ def promote(
     champion = gated["champion"]
     policy = GatePolicy(**{k: v for k, v in gated["policy"].items() if k != "version"})
     candidate = ScoredPatients.read_parquet(Path(predictions.path))
-    tag = register_model(checkpoint, labels, metadata)
+    card_inputs = {
+        "evaluation_file": evaluation.path,
+        "validation_file": validation.path,
+        "data_hash": data_hash,
+        "git_sha": code_version,
+        "run_id": run_id,
+        "run_name": run_name,
+        "slides_quarantined": model.metadata.get("slides_quarantined"),
+    }
+    cards: dict[str, str] = {}  # the files of the card, made for the new tag inside register_model
+
+    def card_for(version: str) -> dict[str, str]:
+        cards.update(
+            card_files(pipeline_card(checkpoint, cohort.path, gate_json.path, version, **card_inputs))
+        )
+        evaluated = Path(evaluation.path)  # the full report's numbers, kept with the version beside its card
+        return (
+            {**cards, "evaluation.json": evaluated.read_text(encoding="utf-8")}
+            if evaluated.is_file()
+            else cards
+        )
+
+    tag = register_model(checkpoint, labels, metadata, files=card_for)
+    Path(model_card.path).write_text(cards[CARD_MARKDOWN], encoding="utf-8")
+    Path(model_card_json.path).write_text(cards[CARD_JSON], encoding="utf-8")
     outcome = (
         f"passed gate v{gate_version}" if gated["passed"] else f"gate v{gate_version} dry run, checks failed"
     )
@@ -143,6 +177,7 @@ def promote(
             f"| gate taken again against {regated.champion.tag if regated.champion else 'none'} | {regated.rule} |"
         )
     text = "\n".join([f"# Promoted {tag}", "", "| field | value |", "| --- | --- |", *rows]) + "\n"
+    text += ("\n" + cards[CARD_MARKDOWN]).replace("\n#", "\n##")  # the card's headings one level down
     Path(report.path).write_text(text, encoding="utf-8")
     print(text)
     return tag
@@ -150,17 +185,31 @@ def promote(
 
 @cpu_component
 def reject(
-    registry_dir: str, gate_json: Input[Artifact], gate_report: Input[Markdown], report: Output[Markdown]
+    cohort: Input[Dataset],
+    data_hash: str,
+    registry_dir: str,
+    run_id: str,
+    run_name: str,
+    model: Input[Model],
+    gate_json: Input[Artifact],
+    gate_report: Input[Markdown],
+    evaluation: Input[Artifact],
+    validation: Input[Artifact],
+    report: Output[Markdown],
+    model_card: Output[Markdown],
+    model_card_json: Output[Artifact],
 ):
     """The gate's "reject" branch: report why the candidate was not promoted (the rule that decided, with
-    the interval) and which champion stays."""
+    the interval) and which champion stays; write the rejected candidate's model card (`healnet.model_card`,
+    decision "reject" with the gate's rule) to `model_card` (Markdown) and `model_card_json`."""
     import json
     from pathlib import Path
 
-    from components.support import use_registry
+    from components.support import git_sha, use_registry
 
     use_registry(registry_dir)
-    from healnet.registry import get_champion
+    from healnet.model_card import card_files, pipeline_card
+    from healnet.registry import CARD_JSON, CARD_MARKDOWN, get_champion
 
     gated = json.loads(Path(gate_json.path).read_text(encoding="utf-8"))
     champion = get_champion()
@@ -178,6 +227,22 @@ def reject(
     )
     Path(report.path).write_text(text, encoding="utf-8")
     print(text)
+    card = pipeline_card(
+        Path(model.path) / "checkpoint",
+        cohort.path,
+        gate_json.path,
+        None,
+        evaluation_file=evaluation.path,
+        validation_file=validation.path,
+        data_hash=data_hash,
+        git_sha=git_sha(),
+        run_id=run_id,
+        run_name=run_name,
+        slides_quarantined=model.metadata.get("slides_quarantined"),
+    )
+    written = card_files(card)
+    Path(model_card.path).write_text(written[CARD_MARKDOWN], encoding="utf-8")
+    Path(model_card_json.path).write_text(written[CARD_JSON], encoding="utf-8")
 
 
 @cpu_component

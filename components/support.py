@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import html
 import math
 import os
 import shutil
@@ -112,31 +110,41 @@ def finite_metrics(evaluation: dict, names: tuple[str, ...]) -> dict[str, float]
     return values
 
 
-def evaluation_html(evaluation: dict, title: str) -> str:
-    """A self-contained HTML report: the metrics table and the Kaplan-Meier plot as a base64 PNG."""
-    png = Path(evaluation["kaplan_meier_png"]).read_bytes()
-    rows = "\n".join(
-        f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(_shown(value))}</td></tr>"
-        for key, value in evaluation.items()
-        if key != "kaplan_meier_png"
-    )
-    image = base64.b64encode(png).decode("ascii")
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-th,td{{border:1px solid #ccc;padding:4px 10px;text-align:left}}</style></head>
-<body><h1>{html.escape(title)}</h1>
-<table>
-{rows}
-</table>
-<h2>Kaplan-Meier curves of the predicted risk groups</h2>
-<img alt="Kaplan-Meier plot" src="data:image/png;base64,{image}">
-</body></html>
-"""
+def evaluation_html(evaluation: dict, title: str, data_hash: str) -> str:
+    """The self-contained HTML report of `healnet.evaluate.evaluate_checkpoint`'s result (its plots
+    embedded as base64 PNG, `healnet.evaluation_report`), with the run's data hash."""
+    from healnet.evaluation_report import render_html
+
+    return render_html(evaluation, title, {"data_hash": data_hash})
 
 
-def _shown(value: object) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+# evaluation.json keys that name files of the evaluation's scratch folder, left out of the artifact
+EVALUATION_FILES = (
+    "kaplan_meier_png",
+    "calibration_png",
+    "brier_png",
+    "td_auc_png",
+    "predictions_parquet",
+    "evaluation_html",
+)
+
+
+def evaluation_json(evaluation: dict) -> dict:
+    """The evaluation's numbers as the step's `evaluation` artifact holds them: without the file paths."""
+    return {key: value for key, value in evaluation.items() if key not in EVALUATION_FILES}
+
+
+def evaluation_metrics(evaluation: dict) -> dict[str, float]:
+    """The step's KFP metrics: the three scores (non-finite: an error), the c-index interval where it is
+    finite (NaN only when no resample holds a comparable pair), the test patients, events and resamples."""
+    values = finite_metrics(evaluation, ("c_index", "c_index_ipcw", "integrated_brier_score"))
+    for bound in ("c_index_ci_low", "c_index_ci_high"):
+        if math.isfinite(evaluation[bound]):
+            values[bound] = evaluation[bound]
+    values["test_patients"] = evaluation["patients"]
+    values["test_events"] = evaluation["events"]
+    values["bootstrap_resamples"] = evaluation["bootstrap_resamples"]
+    return values
 
 
 def feature_folders(slide_shards: list, imported) -> list[str]:

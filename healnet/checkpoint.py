@@ -37,6 +37,9 @@ class Checkpoint:
     bins: SurvivalBins
     preprocessor: Preprocessor
     metadata: dict = field(default_factory=dict)
+    # the training inputs' bins and counts (healnet.drift.reference.InputReference.to_dict()) for `healnet
+    # drift`; None in checkpoints written before it: that version must be retrained to be watched
+    input_reference: dict | None = None
 
     def build_models(self) -> list[HEALNet]:
         models = []
@@ -71,6 +74,7 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> str:
         "preprocessing": checkpoint.preprocessor.state_dict(),
         "feature_names": checkpoint.feature_names,
         "metadata": checkpoint.metadata,
+        "input_reference": checkpoint.input_reference,
     }
     weights = directory / WEIGHTS_FILE
     torch.save(payload, weights)
@@ -133,4 +137,5 @@ def load_checkpoint(directory: Path, map_location: str | torch.device = "cpu") -
         bins=SurvivalBins.from_dict(payload["bins"]),
         preprocessor=Preprocessor.from_state_dict(payload["preprocessing"]),
         metadata=payload["metadata"],
+        input_reference=payload.get("input_reference"),  # absent from checkpoints written before it
     )

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from healnet.checkpoint import Checkpoint
 from healnet.data.splits import kfold_splits
 from healnet.device import select_device
+from healnet.drift.reference import fit_input_reference
 from healnet.fitting import (
     PREDICT_BATCH,
     CohortData,
@@ -82,6 +83,8 @@ class HEALNetEnsemble:
     members: list[TrainedModel]
     member_splits: list[tuple[list[str], list[str]]]  # (train ids, early-stopping ids) per member
     recipe: str = ""
+    # the fitting patients' inputs, binned for `healnet drift` (InputReference.to_dict())
+    input_reference: dict | None = None
 
     @classmethod
     def fit(
@@ -140,7 +143,8 @@ class HEALNetEnsemble:
         )
         for trained, result in zip(members, results, strict=True):
             trained.result = result
-        return cls(members, parts, recipe.name)
+        reference = fit_input_reference(data.omics, data.clinical, data.wsi_bags, fitted_on, preprocessor)
+        return cls(members, parts, recipe.name, reference.to_dict())
 
     @property
     def bins(self) -> SurvivalBins:
@@ -194,6 +198,7 @@ class HEALNetEnsemble:
             self.bins,
             self.preprocessor,
             {**first.metadata, "recipe": self.recipe, "members": len(self.members), **(metadata or {})},
+            self.input_reference,
         )
 
     @classmethod
@@ -205,7 +210,7 @@ class HEALNetEnsemble:
             )
             for model in checkpoint.build_models()
         ]
-        return cls(members, [], checkpoint.metadata.get("recipe", ""))
+        return cls(members, [], checkpoint.metadata.get("recipe", ""), checkpoint.input_reference)
 
 
 def batching_blocker(train_sets: Sequence, val_sets: Sequence, configs: Sequence[TrainConfig]) -> str | None:

@@ -1,5 +1,7 @@
-"""Evaluation of a trained checkpoint on a cohort split, through the serving path: metrics with the
-bootstrap interval of Harrell's C, each patient's risk, and the Kaplan-Meier plot of the risk groups."""
+"""Evaluation of a trained checkpoint on a cohort split, through the serving path: Harrell's and Uno's C
+with patient-bootstrap intervals, the time-dependent AUC, the Brier curve, calibration, the subgroup table,
+each patient's risk, and the report (`evaluation.json`, `evaluation.html` with the plots). docs/evaluation.md
+says what each number is."""
 
 from __future__ import annotations
 
@@ -8,7 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from healnet.survival import SurvivalBins
 from healnet.survival_metrics import DEFAULT_BOOTSTRAP, Bootstrap
+
+TD_AUC_MONTHS = (12, 24, 36, 60)  # 1, 2, 3 and 5 years
+REPORT_TITLE = "HEALNet evaluation: {role} patients"
 
 
 def risk_groups(risk: np.ndarray, threshold: float) -> np.ndarray:
@@ -67,15 +73,17 @@ def evaluate_checkpoint(
     sealed checkpoint folder loaded by `Predictor`, each patient sent as the `Case` a client would send
     (`healnet.scoring`). Harrell's C with its patient-bootstrap interval (`bootstrap`), the number of events,
     Uno's C, the integrated Brier score and the log-rank p of the risk groups (split at the median risk of
-    the training patients).
+    the training patients), and the survival report of `survival_report`.
 
-    Writes to `out_dir` the Kaplan-Meier PNG, `predictions_<role>.parquet` (each patient's outcome and risk:
-    what the promotion gate re-samples) and `evaluation.json`, the returned dict.
+    Writes to `out_dir` the plots, `predictions_<role>.parquet` (each patient's outcome and risk: what the
+    promotion gate re-samples), `evaluation.json` (the returned dict) and `evaluation.html`.
     """
     from healnet.data.cohort import Cohort
+    from healnet.evaluation_report import render_html
     from healnet.inference import Predictor
     from healnet.preprocess.state import WSI
     from healnet.scoring import CohortPatients, survival_matrix
+    from healnet.subgroups import subgroup_levels
     from healnet.survival_metrics import harrell_c_interval, survival_metrics
 
     cohort = Cohort.load(cohort_dir)
@@ -88,12 +96,12 @@ def evaluate_checkpoint(
     train_ids = cohort.patients("holdout", split_repeat, 0, "train")
     patients = CohortPatients.load(cohort, ids, features_dir)
     training = CohortPatients.load(cohort, train_ids, features_dir)
-    survival = survival_matrix(patients.predict(predictor))
+    predictions = patients.predict(predictor)
+    survival = survival_matrix(predictions)
     scored = patients.scored(survival)
     train_risk = training.score(predictor).risk
-    metrics = survival_metrics(
-        training.times, training.events, scored.times, scored.events, survival, predictor.checkpoint.bins
-    )
+    bins = predictor.checkpoint.bins
+    metrics = survival_metrics(training.times, training.events, scored.times, scored.events, survival, bins)
     low, high = harrell_c_interval(scored.times, scored.events, scored.risk, bootstrap)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,6 +112,17 @@ def evaluate_checkpoint(
         risk_groups(scored.risk, float(np.median(train_risk))),
         plot_path,
         f"HEALNet risk groups, {role} split ({'+'.join(predictor.modalities)})",
+    )
+    variables = subgroup_levels(
+        cohort.clinical.loc[ids], [prediction.modalities_used for prediction in predictions]
+    )
+    report = survival_report(
+        (training.times, training.events),
+        (scored.times, scored.events),
+        survival,
+        bins,
+        variables,
+        bootstrap,
     )
     result = {
         "role": role,
@@ -119,11 +138,91 @@ def evaluate_checkpoint(
         "bootstrap_resamples": bootstrap.resamples,
         "bootstrap_seed": bootstrap.seed,
         "confidence": bootstrap.confidence,
+        **report,
         "kaplan_meier_png": str(plot_path),
+        **report_plots(report, out_dir, role),
         "predictions_parquet": str(scored.to_parquet(out_dir / f"predictions_{role}.parquet")),
+        "evaluation_html": str(out_dir / "evaluation.html"),
     }
     (out_dir / "evaluation.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "evaluation.html").write_text(render_html(result, REPORT_TITLE.format(role=role)))
     return result
+
+
+def survival_report(
+    train: tuple[np.ndarray, np.ndarray],
+    test: tuple[np.ndarray, np.ndarray],
+    survival: np.ndarray,
+    bins: SurvivalBins,
+    variables: dict,
+    bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
+) -> dict:
+    """The survival report of per-bin predictions (n_test, n_bins) on test patients (times, events), with
+    the training patients' outcomes for the censoring weights and the calibration time: the evaluation.json
+    keys c_index_ci, uno_c_ci, td_auc (+ td_auc_excluded), brier_curve, calibration, subgroups (by the
+    `variables` of `healnet.subgroups.subgroup_levels`) and survival_interpolation."""
+    from healnet.calibration import (
+        CALIBRATION_RULE,
+        calibration_groups,
+        calibration_summary,
+        calibration_time,
+        d_calibration,
+    )
+    from healnet.subgroups import SUBGROUP_MIN_EVENTS, subgroup_table
+    from healnet.survival_interpolation import interpolated_survival, interpolation_note, survival_at_own_time
+    from healnet.survival_metrics import brier_curve, concordance_intervals, time_dependent_auc
+
+    (train_times, train_events), (times, events) = train, test
+    risk = -np.asarray(survival).sum(axis=1)
+    intervals = concordance_intervals(train_times, train_events, times, events, risk, bootstrap)
+    auc_times = [float(months) for months in TD_AUC_MONTHS]
+    td_auc, excluded = time_dependent_auc(
+        train_times, train_events, times, events, interpolated_survival(survival, bins, auc_times), auc_times
+    )
+    time = calibration_time(train_times, train_events, times)
+    at_time = interpolated_survival(survival, bins, [time])[:, 0]
+    calibration = {
+        "time": time,
+        "groups": calibration_groups(times, events, at_time, time),
+        **calibration_summary(times, events, at_time, time),
+        "d_calibration": d_calibration(events, survival_at_own_time(survival, bins, times)),
+    }
+    return {
+        "c_index_ci": intervals["c_index_ci"].to_dict(),
+        "uno_c_ci": intervals["uno_c_ci"].to_dict(),
+        "td_auc": td_auc,
+        "td_auc_excluded": excluded,
+        "brier_curve": brier_curve(
+            train_times, train_events, times, events, lambda grid: interpolated_survival(survival, bins, grid)
+        ),
+        "calibration": calibration,
+        "calibration_time_rule": CALIBRATION_RULE,
+        "subgroups": subgroup_table(times, events, risk, variables, SUBGROUP_MIN_EVENTS, bootstrap),
+        "subgroup_min_events": SUBGROUP_MIN_EVENTS,
+        "survival_interpolation": interpolation_note(bins),
+    }
+
+
+def report_plots(report: dict, out_dir: Path, role: str) -> dict[str, str]:
+    """The report's calibration, Brier and td-AUC PNGs in `out_dir`; evaluation.json keys to their paths."""
+    from healnet.evaluation_plots import plot_brier_curve, plot_calibration, plot_td_auc
+
+    return {
+        "calibration_png": str(
+            plot_calibration(report["calibration"], out_dir / f"calibration_{role}.png", "Calibration")
+        ),
+        "brier_png": str(
+            plot_brier_curve(report["brier_curve"], out_dir / f"brier_{role}.png", "Brier score over time")
+        ),
+        "td_auc_png": str(
+            plot_td_auc(
+                report["td_auc"],
+                report["td_auc_excluded"],
+                out_dir / f"td_auc_{role}.png",
+                "Time-dependent AUC",
+            )
+        ),
+    }
 
 
 def c_index_summary(c_index: float, low: float, high: float, confidence: float) -> str:

@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +36,8 @@ MODEL_NAME = "healnet"
 POINTER_FILE = "champion.json"
 LOCK_FILE = "champion.lock"
 POINTER_KEYS = ("tag", "since", "reason", "history")
+# the model card (healnet.model_card) beside the checkpoint in a version's folder; none before cards existed
+CARD_JSON, CARD_MARKDOWN = "model_card.json", "model_card.md"
 PROMOTION, ROLLBACK = "promotion", "rollback"
 # BentoML's version syntax (bentoml._internal.tag); "latest" is its alias for the newest version
 VERSION_PATTERN = re.compile(r"[a-z0-9]([-._a-z0-9]*[a-z0-9])?")
@@ -95,9 +97,14 @@ def version_tag(tag: str) -> str:
 
 
 def register_model(
-    checkpoint_dir: Path, labels: dict[str, str] | None = None, metadata: dict | None = None
+    checkpoint_dir: Path,
+    labels: dict[str, str] | None = None,
+    metadata: dict | None = None,
+    files: Callable[[str], Mapping[str, str]] | None = None,
 ) -> str:
-    """Copy a verified checkpoint into the BentoML store as a new version; returns its tag."""
+    """Copy a verified checkpoint into the BentoML store as a new version; returns its tag. `files(tag)`
+    gives text files (name: text) to store beside the checkpoint, made for the new tag (the model card); if
+    it raises, nothing is registered."""
     import bentoml
 
     sha256 = verify_checkpoint(checkpoint_dir)
@@ -112,6 +119,8 @@ def register_model(
         },
     ) as model:
         shutil.copytree(checkpoint_dir, model.path, dirs_exist_ok=True)
+        for name, text in (files(str(model.tag)) if files else {}).items():
+            Path(model.path, name).write_text(text, encoding="utf-8")
     return str(model.tag)
 
 
@@ -148,17 +157,38 @@ def show_version(tag: str) -> dict:
     return matches[0]
 
 
-def checkpoint_path(tag: str) -> Path:
-    """The checkpoint folder of a registered version (see version_tag), with its weights' sha256 verified."""
+def model_folder(tag: str) -> Path:
+    """The folder of a registered version (see version_tag) in the store, unverified."""
     import bentoml
     from bentoml.exceptions import NotFound
 
     tag = version_tag(tag)
     try:
-        model = bentoml.models.get(tag)
+        return Path(bentoml.models.get(tag).path)
     except NotFound as error:
         raise RegistryError(f"no model version {tag!r} in the registry") from error
-    path = Path(model.path)
+
+
+def model_card(tag: str) -> tuple[dict, str] | None:
+    """The model card of a registered version: its JSON and its Markdown; None for a version registered
+    before model cards were written. An unknown version is a RegistryError."""
+    folder = model_folder(tag)
+    try:
+        text = (folder / CARD_JSON).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        card = json.loads(text)
+        markdown = (folder / CARD_MARKDOWN).read_text(encoding="utf-8")
+    except (OSError, ValueError) as error:
+        raise RegistryError(f"the model card of {version_tag(tag)} cannot be read: {error}") from None
+    return card, markdown
+
+
+def checkpoint_path(tag: str) -> Path:
+    """The checkpoint folder of a registered version (see version_tag), with its weights' sha256 verified."""
+    tag = version_tag(tag)
+    path = model_folder(tag)
     if not (path / MANIFEST_FILE).exists():
         raise RegistryError(f"model {tag} holds no healnet checkpoint")
     verify_checkpoint(path)

@@ -1,11 +1,11 @@
-"""Evaluation metrics of survival predictions via scikit-survival: Harrell's C, Uno's C and the integrated
-Brier score, and a patient-bootstrap interval of Harrell's C. Training and evaluation import it; serving does
-not (scikit-survival stays out of its image).
+"""Evaluation metrics of survival predictions via scikit-survival: Harrell's C, Uno's C, the time-dependent
+AUC, the Brier score over time and its integral, and patient-bootstrap intervals of Harrell's and Uno's C.
+Training and evaluation import it; serving does not (scikit-survival stays out of its image).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,9 +95,13 @@ def concordance_scores(risk: np.ndarray) -> np.ndarray:
     return np.where(np.abs(difference) <= TIED_RISK_TOLERANCE, 0.5, (difference > 0).astype(np.float64))
 
 
-def harrell_c_weighted(times: Any, events: Any, risk: Any, counts: np.ndarray) -> np.ndarray:
+def harrell_c_weighted(
+    times: Any, events: Any, risk: Any, counts: np.ndarray, row_weights: np.ndarray | None = None
+) -> np.ndarray:
     """Harrell's C of the patients repeated `counts` times, for each row of counts (resamples, n) at once:
     a pair of drawn patients counts counts[i] * counts[j] times. NaN for a row without a comparable pair.
+    `row_weights` (n,) weighs each pair by its earlier patient's weight: Uno's IPCW weights make it Uno's C
+    (`uno_c_weights`), with the same pairs and ties as scikit-survival's.
 
     The numerator and denominator are quadratic forms of the counts with the pair matrices, so a thousand
     resamples are two matrix products rather than a thousand calls of scikit-survival."""
@@ -107,6 +111,8 @@ def harrell_c_weighted(times: Any, events: Any, risk: Any, counts: np.ndarray) -
         raise SurvivalDataError(f"risk must have shape {times.shape}, got {risk.shape}")
     weights = np.atleast_2d(np.asarray(counts, dtype=np.float64))
     pairs = comparable_pairs(times, events).astype(np.float64)
+    if row_weights is not None:
+        pairs = pairs * np.asarray(row_weights, dtype=np.float64)[:, None]
     compared = np.einsum("bi,ij,bj->b", weights, pairs, weights, optimize=True)
     concordant = np.einsum("bi,ij,bj->b", weights, pairs * concordance_scores(risk), weights, optimize=True)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -172,6 +178,160 @@ def uno_c(
             f"Uno's C with tau={tau} on {len(test_times)} test samples ({int(test_events.sum())} events) "
             f"and {len(train_times)} training samples: {error}"
         ) from error
+
+
+def uno_c_weights(
+    train_times: Any, train_events: Any, test_times: Any, test_events: Any, tau: float | None = None
+) -> np.ndarray:
+    """Each test patient's weight in Uno's C: 1 / G(t)^2 for a death before `tau` (G: the training set's
+    censoring Kaplan-Meier, as scikit-survival's `concordance_index_ipcw` fits it), 0 otherwise. With
+    `harrell_c_weighted` they give Uno's C of any resample of the test patients."""
+    from sksurv.nonparametric import CensoringDistributionEstimator
+
+    train_times, train_events = check_survival_set(train_times, train_events, "training")
+    test_times, test_events = check_survival_set(test_times, test_events, "test")
+    tau = _ipcw_horizon(train_times, test_times) if tau is None else tau
+    weighted = test_events & (test_times < tau)
+    censoring = CensoringDistributionEstimator().fit(Surv.from_arrays(train_events, train_times))
+    weights = np.zeros(test_times.size)
+    if weighted.any():
+        kept = censoring.predict_proba(test_times[weighted])
+        if (kept <= 0).any():
+            raise SurvivalDataError("the training censoring survival is zero at a test death before tau")
+        weights[weighted] = 1.0 / np.square(kept)
+    return weights
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its patient-bootstrap percentile interval."""
+
+    estimate: float
+    low: float
+    high: float
+    confidence: float
+    resamples: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "estimate": self.estimate,
+            "low": self.low,
+            "high": self.high,
+            "confidence": self.confidence,
+            "resamples": self.resamples,
+        }
+
+
+def concordance_intervals(
+    train_times: Any,
+    train_events: Any,
+    test_times: Any,
+    test_events: Any,
+    risk: Any,
+    bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
+) -> dict[str, Interval]:
+    """Harrell's C ("c_index_ci") and Uno's C ("uno_c_ci") with their percentile intervals over the same
+    patient resamples (`Bootstrap.counts`); Uno's tau and censoring weights stay those of all test patients."""
+    test_times, test_events = check_survival_set(test_times, test_events, "test")
+    counts = bootstrap.counts(len(test_times))
+    uno_weights = uno_c_weights(train_times, train_events, test_times, test_events)
+    estimates = {
+        "c_index_ci": (harrell_c(test_times, test_events, risk), None),
+        "uno_c_ci": (uno_c(train_times, train_events, test_times, test_events, risk), uno_weights),
+    }
+    intervals = {}
+    for name, (estimate, weights) in estimates.items():
+        resampled = harrell_c_weighted(test_times, test_events, risk, counts, weights)
+        low, high = bootstrap.interval(resampled)
+        intervals[name] = Interval(estimate, low, high, bootstrap.confidence, bootstrap.resamples)
+    return intervals
+
+
+def time_dependent_auc(
+    train_times: Any,
+    train_events: Any,
+    test_times: Any,
+    test_events: Any,
+    survival_at: np.ndarray,
+    times: Sequence[float],
+) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Cumulative/dynamic AUC (scikit-survival's `cumulative_dynamic_auc`) at each of `times`, from the
+    survival (n_test, len(times)) at those times: 1 − S(t) ranks the patients. A time outside the follow-up
+    (before the first test time, at or after the last test or training time, or with no test death by then)
+    gets None and a reason. Keys are the times in months as text."""
+    from sksurv.metrics import cumulative_dynamic_auc
+
+    train_times, train_events = check_survival_set(train_times, train_events, "training")
+    test_times, test_events = check_survival_set(test_times, test_events, "test")
+    horizon = _ipcw_horizon(train_times, test_times)
+    values: dict[str, float | None] = {}
+    excluded: dict[str, str] = {}
+    for column, time in enumerate(times):
+        key = f"{time:g}"
+        reason = _outside_follow_up(time, train_times, test_times, test_events, horizon)
+        if reason:
+            values[key], excluded[key] = None, reason
+            continue
+        try:
+            auc, _ = cumulative_dynamic_auc(
+                Surv.from_arrays(train_events, train_times),
+                Surv.from_arrays(test_events, np.minimum(test_times, train_times.max())),
+                1.0 - survival_at[:, column],
+                [time],
+            )
+        except ValueError as error:  # e.g. a censoring survival of zero at a test death before the time
+            values[key], excluded[key] = None, f"not estimable: {error}"
+            continue
+        values[key] = float(auc[0]) if np.isfinite(auc[0]) else None
+        if values[key] is None:
+            excluded[key] = f"not estimable at {time:g} months (no case or no control)"
+    return values, excluded
+
+
+def _outside_follow_up(
+    time: float, train_times: np.ndarray, test_times: np.ndarray, test_events: np.ndarray, horizon: float
+) -> str:
+    """Why the AUC at `time` cannot be estimated, or "" when it can."""
+    if time >= test_times.max():
+        return f"beyond the last test follow-up, {test_times.max():.1f} months"
+    if time >= train_times.max():
+        return f"beyond the last training follow-up (censoring weights), {train_times.max():.1f} months"
+    if time >= horizon or time < test_times.min():
+        return f"outside the test follow-up [{test_times.min():.1f}, {horizon:.1f}) months"
+    if not (test_events & (test_times <= time)).any():
+        return f"no test death by {time:g} months"
+    return ""
+
+
+def brier_curve(
+    train_times: Any,
+    train_events: Any,
+    test_times: Any,
+    test_events: Any,
+    survival_at: Callable[[np.ndarray], np.ndarray],
+    n_times: int = 50,
+) -> dict[str, Any]:
+    """The IPCW Brier score over time and its integral (scikit-survival's `brier_score` and
+    `integrated_brier_score`) on the `_brier_time_grid`; `survival_at(grid)` gives the survival
+    (n_test, len(grid)). Test times beyond the training follow-up are capped as in `integrated_brier`."""
+    from sksurv.metrics import brier_score
+
+    train_times, train_events = check_survival_set(train_times, train_events, "training")
+    test_times, test_events = check_survival_set(test_times, test_events, "test")
+    grid = _brier_time_grid(train_times, test_times, n_times)
+    estimate = survival_at(grid)
+    train = Surv.from_arrays(train_events, train_times)
+    test = Surv.from_arrays(test_events, np.minimum(test_times, train_times.max()))
+    try:
+        _, scores = brier_score(train, test, estimate, grid)
+        integrated = integrated_brier_score(train, test, estimate, grid)
+    except ValueError as error:
+        raise SurvivalDataError(f"Brier score on {len(test_times)} test samples: {error}") from error
+    return {
+        "times": [float(time) for time in grid],
+        "brier": [float(score) for score in scores],
+        "integrated_brier_score": float(integrated),
+    }
 
 
 def _brier_time_grid(train_times: np.ndarray, test_times: np.ndarray, n_times: int) -> np.ndarray:

@@ -23,9 +23,12 @@ REPORTS = {
     "evaluation.html": ("evaluate", "report"),
     "gate.md": ("gate", "report"),
     "gate.json": ("gate", "gate_json"),
+    "evaluation.json": ("evaluate", "evaluation"),
     "promotion.md": ("promote", "report"),
     "rejection.md": ("reject", "report"),
 }
+# the model card, written by whichever release step ran: promote (the registered version's) or reject
+MODEL_CARDS = {"model_card.md": "model_card", "model_card.json": "model_card_json"}
 STEP_LOG = "steps.log"  # the steps' own output (executor logs, progress bars), unless streamed
 
 
@@ -166,7 +169,8 @@ def collect(run_dir: Path, error: str = "") -> LocalRun:
     promoted = _executor_output(run_dir, "promote")
     if promoted:
         result.model_tag = promoted["parameterValues"]["Output"]
-    for name, (task, artifact) in REPORTS.items():
+    cards = [(name, (task, part)) for task in ("promote", "reject") for name, part in MODEL_CARDS.items()]
+    for name, (task, artifact) in [*REPORTS.items(), *cards]:
         source = run_dir / task / artifact
         if source.is_file():
             result.reports[name] = Path(shutil.copyfile(source, run_dir / name))

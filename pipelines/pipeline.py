@@ -241,15 +241,25 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
                     predictions=evaluated.outputs["predictions"],
                     test_features=evaluated.outputs["test_features"],
                     gate_json=decided.outputs["gate_json"],
+                    evaluation=evaluated.outputs["evaluation"],
+                    validation=checked.outputs["validation"],
                 )
                 _mount_registry(_cpu_step(promoted, options), options).set_caching_options(False)
             with dsl.Else(name="keep-champion"):
+                # the rejected candidate's model card reads the cohort and the checkpoint
                 rejected = reject(
+                    cohort=cohort,
+                    data_hash=data_hash,
                     registry_dir=registry_dir,
+                    run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                    run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+                    model=trained.outputs["model"],
                     gate_json=decided.outputs["gate_json"],
                     gate_report=decided.outputs["report"],
+                    evaluation=evaluated.outputs["evaluation"],
+                    validation=checked.outputs["validation"],
                 )
-                _mount_registry(rejected, options).set_caching_options(False)
+                _mount_registry(_cpu_step(rejected, options), options).set_caching_options(False)
 
     return healnet_pipeline
 

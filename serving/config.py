@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
+from healnet.drift.spool import MIN_WINDOW_CASES, SpoolBounds
 from healnet.errors import HEALNetError
 
 MISSING_FEATURE_FRACTION_ENV = "HEALNET_MAX_MISSING_FEATURE_FRACTION"
@@ -80,3 +82,23 @@ class Limits:
                 "HEALNET_ADAPTIVE_BATCH_MAX_CASES", cls.adaptive_batch_max_cases, low=1
             ),
         )
+
+
+DRIFT_SPOOL_DIR_ENV = "HEALNET_DRIFT_SPOOL_DIR"
+
+
+def drift_spool_settings() -> tuple[Path, SpoolBounds] | None:
+    """$HEALNET_DRIFT_SPOOL_DIR: the folder where the service spools per-window input summaries for
+    `healnet drift` (docs/drift.md); None (off, the default) when unset. Its bounds:
+    $HEALNET_DRIFT_WINDOW_CASES (cases per file, at least MIN_WINDOW_CASES), $HEALNET_DRIFT_SPOOL_MAX_FILES
+    and $HEALNET_DRIFT_SPOOL_MAX_BYTES (the oldest files are deleted beyond either)."""
+    directory = os.environ.get(DRIFT_SPOOL_DIR_ENV)
+    if not directory:
+        return None
+    defaults = SpoolBounds()
+    bounds = SpoolBounds(
+        window_cases=env_number("HEALNET_DRIFT_WINDOW_CASES", defaults.window_cases, low=MIN_WINDOW_CASES),
+        max_files=env_number("HEALNET_DRIFT_SPOOL_MAX_FILES", defaults.max_files, low=1),
+        max_bytes=env_number("HEALNET_DRIFT_SPOOL_MAX_BYTES", defaults.max_bytes, low=1),
+    )
+    return Path(directory), bounds

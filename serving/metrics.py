@@ -81,6 +81,11 @@ LAST_SUCCESSFUL_POLL = Gauge(
     multiprocess_mode="livemin",
 )
 VALIDATION_ERRORS = Counter("healnet_validation_errors_total", "Rejected requests by reason.", ["reason"])
+DRIFT_SPOOL_ERRORS = Counter(
+    "healnet_drift_spool_errors_total",
+    "Batches of answered cases the drift spool failed to summarise or write, or dropped because it fell"
+    " behind; the answers were not affected.",
+)
 
 for _rejection in Reason:
     VALIDATION_ERRORS.labels(_rejection)
@@ -210,3 +215,7 @@ def record_stage(stage: str, seconds: float) -> None:
 
 def record_batch(cases: int) -> None:
     BATCH_CASES.observe(cases)
+
+
+def drift_spool_failed() -> None:
+    DRIFT_SPOOL_ERRORS.inc()

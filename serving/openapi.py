@@ -8,7 +8,9 @@ pydantic models alone. `contract_document` rewrites it into the contract the ser
 - the request states what it can: at least one modality, the shapes of the patch arrays, the plausible
   range of each numeric clinical covariate, the batch size limit, and the multipart form's parts;
 - the answer's optional fields are left out when absent, never null (BentoML's own client cannot decode a
-  null array), so the schema has no null for them.
+  null array), so the schema has no null for them;
+- GET /model_card, which BentoML does not document (a mounted route): the answering version's model card,
+  or 404 for a version registered before model cards were written.
 
 What JSON Schema cannot state depends on the served model (which omic tables and features it reads, its
 patch-feature width, whether it encodes tiles); such a request is well formed and answered 422 with the
@@ -34,6 +36,8 @@ from serving.schemas import (
 
 NOT_READY = "not_ready"  # the 503 while the model loads: not a rejection of the request
 TIMED_OUT = "timed_out"  # the 504 of a request that found no answer within the service's timeout
+NO_MODEL_CARD = "no_model_card"  # the 404 of GET /model_card for a version registered without a card
+MODEL_CARD_PATH = "/model_card"
 PREDICTION_PATHS = ("/predict", "/predict_batch")
 # standard base64, padded: what the service decodes (`base64.b64decode(validate=True)`)
 BASE64_PATTERN = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
@@ -68,12 +72,39 @@ ERROR_SCHEMA = {
         "error": {"type": "string", "description": "What is wrong, naming the field or the limit."},
         "reason": {
             "type": "string",
-            "enum": [*(reason.value for reason in Reason), NOT_READY, TIMED_OUT],
+            "enum": [*(reason.value for reason in Reason), NOT_READY, TIMED_OUT, NO_MODEL_CARD],
             "description": "Machine-readable cause; also the x-healnet-rejection header of a rejection.",
         },
     },
 }
 OPTIONAL_ANSWER_FIELDS = ("attention", "attention_coords")  # left out of an answer unless asked for
+# the model card's top-level parts; healnet/schemas/model_card.schema.json is its whole schema (JSON Schema
+# 2020-12, which OpenAPI 3.0 cannot hold)
+MODEL_CARD_SCHEMA = {
+    "type": "object",
+    "title": "ModelCard",
+    "description": "The model card of the version that answers (docs/model_card.md); its whole schema is "
+    "healnet/schemas/model_card.schema.json.",
+    "required": [
+        "schema_version",
+        "model",
+        "intended_use",
+        "cohort",
+        "metrics",
+        "gate",
+        "provenance",
+        "limitations",
+    ],
+    "properties": {
+        "schema_version": {"type": "string"},
+        "model": {
+            "type": "object",
+            "required": ["version"],
+            "properties": {"version": {"type": "string", "description": "healnet:VERSION"}},
+        },
+        "limitations": {"type": "array", "items": {"type": "string"}},
+    },
+}
 
 
 def _multipart_form(request: dict) -> dict:
@@ -203,6 +234,35 @@ def _ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+def _error(description: str) -> dict:
+    return {
+        "description": description,
+        "content": {JSON_MEDIA_TYPE: {"schema": _ref("ErrorResponse")}},
+    }
+
+
+def _model_card_operation() -> dict:
+    return {
+        "get": {
+            "summary": "The model card of the answering version",
+            "operationId": "model_card",
+            "responses": {
+                "200": {
+                    "description": "The card's JSON, as `healnet registry card TAG --json` prints it.",
+                    "content": {JSON_MEDIA_TYPE: {"schema": _ref("ModelCard")}},
+                },
+                "404": _error(
+                    f"The answering version was registered before model cards were written. Reasons: "
+                    f"{NO_MODEL_CARD}."
+                ),
+                "503": _error(
+                    f"The model is still loading (or failed to load): retry later. Reasons: {NOT_READY}."
+                ),
+            },
+        }
+    }
+
+
 def contract_document(spec: dict, limits: Limits | None = None) -> dict:
     """BentoML's OpenAPI document `spec` rewritten into the service's contract (see the module docstring).
 
@@ -229,6 +289,8 @@ def contract_document(spec: dict, limits: Limits | None = None) -> dict:
     ):
         schemas.pop(name, None)
     schemas["ErrorResponse"] = ERROR_SCHEMA
+    schemas["ModelCard"] = MODEL_CARD_SCHEMA
+    spec["paths"][MODEL_CARD_PATH] = _model_card_operation()
     schemas["PredictRequest"] = _request_schema(schemas["PredictRequest"], limits)
     schemas["PredictResponse"] = _answer_schema(schemas["PredictResponse"])
     for path in PREDICTION_PATHS:

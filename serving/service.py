@@ -22,9 +22,13 @@ from pathlib import Path
 
 import bentoml
 import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
 from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from healnet.inference import Case, Prediction
+from healnet.registry import model_card
 from serving import metrics
 from serving.batching import ContinuousBatcher
 from serving.bentoml_patches import (
@@ -33,9 +37,10 @@ from serving.bentoml_patches import (
     parse_list_inputs_with_pydantic,
 )
 from serving.config import Limits
+from serving.drift_spool import DriftSpool
 from serving.follower import ChampionFollower
 from serving.middleware import REJECTION_HEADER, RequestGuard
-from serving.openapi import NOT_READY
+from serving.openapi import MODEL_CARD_PATH, NO_MODEL_CARD, NOT_READY
 from serving.reasons import Reason
 from serving.runtime import ServedModel, champion_poll_seconds, resolve_served_model, serving_device
 from serving.schemas import ErrorResponse, PredictRequest, PredictResponse
@@ -77,6 +82,7 @@ class HEALNetService:
         """Runs once in the `bentoml serve` process before workers start: no model, no server."""
         try:
             Limits.from_env()
+            DriftSpool.from_env()
             serving_device()
             tag, _ = resolve_served_model(PACKED_MODEL_TAG)
         except Exception as error:
@@ -90,6 +96,7 @@ class HEALNetService:
         self.load_error: str | None = None
         self.follower: ChampionFollower | None = None  # started after the first load, when following
         self.limits = Limits.from_env()
+        self.drift_spool = DriftSpool.from_env()  # None: off ($HEALNET_DRIFT_SPOOL_DIR unset)
         tag, checkpoint_dir = resolve_served_model(PACKED_MODEL_TAG)
         self.follow_s = champion_poll_seconds()
         threading.Thread(
@@ -141,6 +148,11 @@ class HEALNetService:
         if previous is not None and previous[0].tag != model.tag:
             metrics.model_unloaded(previous[0].tag)
 
+    @bentoml.on_shutdown
+    def close_drift_spool(self) -> None:
+        if self.drift_spool is not None:
+            self.drift_spool.close()
+
     def __is_ready__(self) -> bool:
         return self.serving is not None
 
@@ -152,6 +164,21 @@ class HEALNetService:
             )
             return False
         return self.load_error is None
+
+    def model_card_answer(self) -> JSONResponse:
+        """GET /model_card: the model card of the version answering now, read from its folder in the store;
+        404 for a version registered before model cards were written."""
+        serving = self.serving
+        if serving is None:
+            return _not_ready(self.load_error or "the model is still loading")
+        tag = serving[0].tag
+        card = model_card(tag)
+        if card is None:
+            error = f"model {tag} has no model card: it was registered before model cards were written"
+            return JSONResponse(
+                ErrorResponse(error=error, reason=NO_MODEL_CARD).model_dump(), status_code=404
+            )
+        return JSONResponse(card[0])
 
     @bentoml.api(route="/predict")
     async def predict(self, request: PredictRequest, /) -> PredictResponse:
@@ -215,6 +242,8 @@ class HEALNetService:
         metrics.record_stage("preprocess", decoding + outcome.preparing)
         metrics.record_stage("forward", outcome.forward)
         metrics.record_batch(outcome.batch_cases)
+        if self.drift_spool is not None:
+            self.drift_spool.record(model.tag, model.predictor.checkpoint.input_reference, cases)
         return outcome.results
 
     def _cases(
@@ -278,4 +307,13 @@ def _response(model: ServedModel, request: PredictRequest, prediction: Predictio
     )
 
 
+async def _model_card(request: Request) -> JSONResponse:
+    service: HEALNetService = bentoml.get_current_service()  # this worker's instance
+    return await asyncio.to_thread(service.model_card_answer)  # a file read, off the event loop
+
+
 HEALNetService.add_asgi_middleware(RequestGuard, paths=("/predict", "/predict_batch"))
+# BentoML's API routes take POST only: the GET route is a mounted app, beside them
+HEALNetService.mount_asgi_app(
+    Starlette(routes=[Route(MODEL_CARD_PATH, _model_card, methods=["GET"])]), path="/"
+)

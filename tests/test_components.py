@@ -26,8 +26,9 @@ from healnet.checkpoint import load_checkpoint, verify_checkpoint
 from healnet.data.cohort import Cohort
 from healnet.data.synth import SynthConfig, synthesize_cohort
 from healnet.gate import ENOUGH_EVENTS, GATE_VERSION, GatePolicy, rule_texts
+from healnet.model_card import validate_card
 from healnet.preprocess.feature_files import feature_file_name
-from healnet.registry import get_champion, list_versions, register_model, set_champion
+from healnet.registry import get_champion, list_versions, model_card, register_model, set_champion
 from healnet.scoring import ScoredPatients
 from healnet.survival_metrics import harrell_c
 from healnet.train import DistributedTrainingError
@@ -62,6 +63,7 @@ def pipeline_outputs(tmp_path_factory):
     cohort_artifact = artifact(Dataset, root, "cohort")  # as the ingest step hands it on: the cohort folder
     imported = artifact(Dataset, out, "imported_features")  # nothing imported: tiled slides
     validation_report = artifact(Markdown, out, "validation.md")
+    validation_json = artifact(Artifact, out, "validation.json")
     plan = {name: str(out / name) for name in ("data_hash", "chosen_modalities", "slide_source")}
     shard_list = validate.python_func(
         cohort=cohort_artifact,
@@ -71,6 +73,7 @@ def pipeline_outputs(tmp_path_factory):
         modalities="",
         **NO_IMPORT,
         report=validation_report,
+        validation=validation_json,
         **plan,
     )
     data_hash, modalities = (Path(plan[name]).read_text() for name in ("data_hash", "chosen_modalities"))
@@ -101,6 +104,7 @@ def pipeline_outputs(tmp_path_factory):
         artifact(Dataset, out, "predictions"),
         artifact(Dataset, out, "test_features"),
     )
+    evaluation = artifact(Artifact, out, "evaluation.json")
     evaluate.python_func(
         cohort=cohort_artifact,
         data_hash=data_hash,
@@ -111,6 +115,7 @@ def pipeline_outputs(tmp_path_factory):
         predictions=predictions,
         test_features=test_features,
         report=report,
+        evaluation=evaluation,
     )
     torch.set_num_threads(threads)
     return {
@@ -118,6 +123,7 @@ def pipeline_outputs(tmp_path_factory):
         "out": out,
         "shard_list": shard_list,
         "validation_report": validation_report,
+        "validation": validation_json,
         "data_hash": data_hash,
         "shards": shards,
         "features": features,
@@ -127,6 +133,7 @@ def pipeline_outputs(tmp_path_factory):
         "predictions": predictions,
         "test_features": test_features,
         "report": report,
+        "evaluation": evaluation,
     }
 
 
@@ -209,6 +216,7 @@ def test_validate_stops_on_a_failing_expectation(pipeline_outputs, tmp_path):
             modalities="",
             **NO_IMPORT,
             report=report,
+            validation=artifact(Artifact, tmp_path, "validation.json"),
             data_hash=str(tmp_path / "h"),
             chosen_modalities=str(tmp_path / "m"),
             slide_source=str(tmp_path / "s"),
@@ -393,6 +401,10 @@ def test_gate_rejects_a_test_split_with_too_few_events(pipeline_outputs, registr
 
 def promote_step(outputs: dict, folder: Path, gate_json: Artifact) -> tuple[str, Markdown]:
     report = artifact(Markdown, folder, "promotion.md")
+    card, card_json = (
+        artifact(Markdown, folder, "model_card.md"),
+        artifact(Artifact, folder, "model_card.json"),
+    )
     tag = promote.python_func(
         cohort=artifact(Dataset, Path(outputs["cohort"]).parent, "cohort"),
         data_hash=outputs["data_hash"],
@@ -404,7 +416,11 @@ def promote_step(outputs: dict, folder: Path, gate_json: Artifact) -> tuple[str,
         predictions=outputs["predictions"],
         test_features=outputs["test_features"],
         gate_json=gate_json,
+        evaluation=outputs["evaluation"],
+        validation=outputs["validation"],
         report=report,
+        model_card=card,
+        model_card_json=card_json,
     )
     return tag, report
 
@@ -427,7 +443,22 @@ def test_promote_registers_with_provenance_and_sets_the_champion(pipeline_output
         row["labels"]["pipeline_run_id"] == "run-123"
         and row["labels"]["data_hash"] == metadata["data_hash"][:12]
     )
-    assert f"# Promoted {tag}" in Path(report.path).read_text()
+    text = Path(report.path).read_text()
+    assert f"# Promoted {tag}" in text and f"## Model card: {tag}" in text
+    # the model card, stored with the version and written as the step's artifacts
+    card, markdown = model_card(tag)
+    validate_card(card)
+    assert card == json.loads((tmp_path / "model_card.json").read_text())
+    assert markdown == (tmp_path / "model_card.md").read_text() and markdown.startswith(
+        f"# Model card: {tag}"
+    )
+    assert (card["model"]["version"], card["model"]["status"]) == (tag, "registered")
+    assert card["model"]["weights_sha256"] == metadata["sha256"]
+    assert card["gate"]["decision"] == "promote" and card["gate"]["rule"] == gated["rule"]
+    assert card["cohort"]["data_hash"] == pipeline_outputs["data_hash"] and card["cohort"]["patients"] == 48
+    assert card["metrics"]["c_index"]["estimate"] == pytest.approx(metadata["c_index"])
+    assert card["validation"]["passed"] and card["validation"]["rows_quarantined"] == 0
+    assert card["provenance"]["pipeline_run_id"] == "run-123" and card["modalities"] == metadata["modalities"]
 
 
 def test_gate_scores_a_comparable_champion_on_the_same_test_patients(pipeline_outputs, registry, tmp_path):
@@ -461,11 +492,35 @@ def test_promote_takes_the_gate_again_when_the_champion_changed(pipeline_outputs
 def test_reject_reports_the_rule_and_the_kept_champion(pipeline_outputs, registry, tmp_path):
     _, gate_report, record, _ = run_gate(pipeline_outputs, tmp_path, min_c_index=1.01, min_test_events=1)
     report = artifact(Markdown, tmp_path, "rejection.md")
-    reject.python_func(registry_dir="", gate_json=record, gate_report=gate_report, report=report)
+    card, card_json = artifact(Markdown, tmp_path, "card.md"), artifact(Artifact, tmp_path, "card.json")
+    reject.python_func(
+        cohort=artifact(Dataset, Path(pipeline_outputs["cohort"]).parent, "cohort"),
+        data_hash=pipeline_outputs["data_hash"],
+        registry_dir="",
+        run_id="run-456",
+        run_name="healnet-training-rejected",
+        model=pipeline_outputs["model"],
+        gate_json=record,
+        gate_report=gate_report,
+        evaluation=pipeline_outputs["evaluation"],
+        validation=pipeline_outputs["validation"],
+        report=report,
+        model_card=card,
+        model_card_json=card_json,
+    )
     text = Path(report.path).read_text()
     assert "Candidate rejected" in text and "no model is promoted yet" in text and "Promotion gate" in text
     assert "95 % CI" in text and "Decided by the rule" in text and "min_c_index" in text
     assert list_versions() == []
+    # the rejected candidate's model card: the gate's decision and rule, no version
+    written = json.loads(Path(card_json.path).read_text())
+    validate_card(written)
+    gated = json.loads(Path(record.path).read_text())
+    assert written["model"]["status"] == "rejected candidate" and written["model"]["version"] is None
+    assert written["gate"]["decision"] == "reject" and written["gate"]["rule"] == gated["rule"]
+    assert written["provenance"]["pipeline_run_name"] == "healnet-training-rejected"
+    markdown = Path(card.path).read_text()
+    assert markdown.startswith("# Model card: rejected candidate") and "Decision: **reject**" in markdown
 
 
 FAILED_RUN = PipelineTaskFinalStatus(

@@ -27,7 +27,7 @@ K8S = REPO_ROOT / "k8s"
 SCHEMAS = K8S / "schemas"
 DASHBOARD = K8S / "components" / "monitoring" / "dashboards" / "healnet.json"
 KUBERNETES_VERSIONS = ("1.29", "1.33")
-TARGETS = ("overlays/dev", "overlays/prod", "overlays/shared-store", "training")
+TARGETS = ("overlays/dev", "overlays/prod", "overlays/shared-store", "overlays/drift", "training")
 CUSTOM_RESOURCE_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): SCHEMAS / "servicemonitor-monitoring-v1.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): SCHEMAS / "prometheusrule-monitoring-v1.json",
@@ -416,7 +416,7 @@ def test_make_pin_image_pins_the_prod_overlay_to_a_digest(tmp_path: Path) -> Non
 
 
 @needs_kubectl
-@pytest.mark.parametrize("overlay", ["dev", "prod", "shared-store"])
+@pytest.mark.parametrize("overlay", ["dev", "prod", "shared-store", "drift"])
 def test_every_object_carries_the_overlays_labels(overlay: str) -> None:
     objects = kustomize(K8S / "overlays" / overlay)
     (deployment,) = by_kind(objects, "Deployment")

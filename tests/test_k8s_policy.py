@@ -209,7 +209,9 @@ def policy_violations(objects: list[Obj]) -> list[str]:
     return found + wiring_violations(objects)
 
 
-@pytest.mark.parametrize("overlay", ["overlays/dev", "overlays/prod", "overlays/shared-store"])
+@pytest.mark.parametrize(
+    "overlay", ["overlays/dev", "overlays/prod", "overlays/shared-store", "overlays/drift"]
+)
 def test_overlay_follows_the_policy(overlay: str) -> None:
     objects = manifests(overlay)
     assert policy_violations(objects) == []

@@ -12,7 +12,7 @@ from referencing import Registry, Resource
 
 from devtools.demo import demo_payload
 from devtools.openapi_document import document
-from serving.openapi import NOT_READY, TIMED_OUT
+from serving.openapi import MODEL_CARD_PATH, NO_MODEL_CARD, NOT_READY, TIMED_OUT
 from serving.reasons import Reason
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,16 @@ def test_every_answer_is_documented_with_the_error_body(path):
             schema = response["content"]["application/json"]["schema"]
             assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
     reasons = DOCUMENT["components"]["schemas"]["ErrorResponse"]["properties"]["reason"]["enum"]
-    assert set(reasons) == {*(reason.value for reason in Reason), NOT_READY, TIMED_OUT}
+    assert set(reasons) == {*(reason.value for reason in Reason), NOT_READY, TIMED_OUT, NO_MODEL_CARD}
+
+
+def test_the_model_card_route_is_documented():
+    responses = DOCUMENT["paths"][MODEL_CARD_PATH]["get"]["responses"]
+    assert sorted(responses) == ["200", "404", "503"]
+    assert responses["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ModelCard"
+    }
+    assert NO_MODEL_CARD in responses["404"]["description"] and NOT_READY in responses["503"]["description"]
 
 
 def validator(path: str, media_type: str = "application/json") -> jsonschema.Draft4Validator:

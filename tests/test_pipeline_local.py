@@ -27,6 +27,9 @@ def cohort(tmp_path_factory) -> Path:
     )
 
 
+EVALUATION_KEYS = {"c_index_ci", "uno_c_ci", "td_auc", "brier_curve", "calibration", "subgroups"}
+
+
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("registry")
@@ -61,6 +64,15 @@ def test_low_threshold_promotes_and_the_model_is_listed(promoted, registry):
     assert promoted.model_tag and promoted.model_tag.startswith("healnet:")
     assert set(promoted.metrics) >= {"c_index", "c_index_ipcw", "integrated_brier_score"}
     assert {"validation.md", "evaluation.html", "gate.md", "promotion.md"} <= set(promoted.reports)
+    card = json.loads(promoted.reports["model_card.json"].read_text())
+    assert card["model"]["version"] == promoted.model_tag and card["gate"]["rule"] == promoted.rule
+    # the report's numbers, in the run folder and kept with the registered version beside its card
+    version = promoted.model_tag.split(":", 1)[1]
+    for evaluation in (
+        promoted.reports["evaluation.json"],
+        registry / "models" / "healnet" / version / "evaluation.json",
+    ):
+        assert set(json.loads(evaluation.read_text())) >= EVALUATION_KEYS
     listed = registry_list(registry)
     assert f"* {promoted.model_tag}" in listed
 
@@ -88,6 +100,7 @@ def test_unreachable_threshold_rejects_and_keeps_the_champion(
     assert "KFP Executor" not in printed and "KFP Executor" in (run_dir / "steps.log").read_text()
     assert f"steps.log: {run_dir / 'steps.log'}" in printed
     assert f"the champion stays {promoted.model_tag}" in (run_dir / "rejection.md").read_text()
+    assert (run_dir / "model_card.md").read_text().startswith("# Model card: rejected candidate")
     assert registry_list(registry) == before
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from kfp.dsl import Dataset, Markdown
+from kfp.dsl import Artifact, Dataset, Markdown
 
 from components.data_steps import fingerprint, ingest, validate
 from components.support import PipelineStepError
@@ -101,6 +101,7 @@ def test_ingest_and_validate_steps_resolve_the_modalities_of_a_table(table, tmp_
             mpp=0.0,
             patch_size=0,
             report=Markdown(name="report", uri=str(out / "validation.md")),
+            validation=Artifact(name="validation", uri=str(out / "validation.json")),
             **outputs,
         )
         return shards, {name: Path(path).read_text() for name, path in outputs.items()}

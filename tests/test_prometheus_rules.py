@@ -155,7 +155,7 @@ def exported_series() -> set[str]:
 
 
 def test_the_exported_metric_names_are_known() -> None:
-    assert len(architecture_metrics()) == 12
+    assert len(architecture_metrics()) == 15  # 13 of the service, 2 of `healnet drift`
     assert bentoml_http_metrics() == {
         "bentoml_service_request_total",
         "bentoml_service_request_duration_seconds",
@@ -163,11 +163,11 @@ def test_the_exported_metric_names_are_known() -> None:
 
 
 def test_queries_are_extracted_from_dashboard_and_rules() -> None:
-    assert len(dashboard_queries(load_dashboard())) == 20
+    assert len(dashboard_queries(load_dashboard())) == 23
     assert [q.origin for q in rule_queries(load_prometheus_rule())] == [
         f"alert {a['alert']}" for a in alerts()
     ]
-    assert len(alerts()) == 10
+    assert len(alerts()) == 11
 
 
 def test_every_query_selects_only_exported_metrics() -> None:

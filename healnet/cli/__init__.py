@@ -26,6 +26,7 @@ COMMANDS = {
     "cv": "healnet.cli.cv",
     "ablate": "healnet.cli.ablate",
     "registry": "healnet.cli.registry",
+    "drift": "healnet.cli.drift",
 }
 
 

@@ -1,4 +1,4 @@
-"""`healnet evaluate`: metrics and a Kaplan-Meier plot for a trained checkpoint."""
+"""`healnet evaluate`: the survival evaluation report of a trained checkpoint."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 
 HELP = (
-    "Evaluate a checkpoint on a cohort split through the serving path: print the metrics (Harrell's C with "
-    "its bootstrap interval, the events) and write each patient's risk and a Kaplan-Meier PNG."
+    "Evaluate a checkpoint on a cohort split through the serving path: print Harrell's and Uno's C with "
+    "bootstrap intervals, the time-dependent AUC, the Brier score, calibration and the subgroup table, and "
+    "write evaluation.json, evaluation.html (with the plots) and each patient's risk (docs/evaluation.md)."
 )
 
 
@@ -33,12 +34,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from healnet.evaluate import c_index_summary, evaluate_checkpoint, format_table
+    from healnet.evaluation_report import format_text
 
     checkpoint = args.run / "checkpoint" if (args.run / "checkpoint").is_dir() else args.run
     out = args.out or args.run / "evaluation"
     result = evaluate_checkpoint(checkpoint, args.cohort, out, args.features, args.role, args.split_repeat)
-    files = ("kaplan_meier_png", "predictions_parquet")
-    print(format_table({k: v for k, v in result.items() if k not in files}))
+    print(format_table({k: v for k, v in result.items() if isinstance(v, int | float | str) and k in TABLE}))
     interval = c_index_summary(
         result["c_index"], result["c_index_ci_low"], result["c_index_ci_high"], result["confidence"]
     )
@@ -46,6 +47,23 @@ def run(args: argparse.Namespace) -> int:
         f"{result['role']} patients: {interval}, {result['events']} events among {result['patients']} "
         f"({result['bootstrap_resamples']} bootstrap resamples of the patients, seed {result['bootstrap_seed']})"
     )
+    print(format_text(result))
     print(f"each patient's risk: {result['predictions_parquet']}")
     print(f"Kaplan-Meier plot: {result['kaplan_meier_png']}")
+    print(f"evaluation.json: {Path(out) / 'evaluation.json'}")
+    print(f"evaluation.html: {result['evaluation_html']}")
     return 0
+
+
+# the scalar metrics printed as a table; the report's sections follow it
+TABLE = (
+    "role",
+    "patients",
+    "events",
+    "c_index",
+    "c_index_ci_low",
+    "c_index_ci_high",
+    "c_index_ipcw",
+    "integrated_brier_score",
+    "logrank_p",
+)
