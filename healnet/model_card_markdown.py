@@ -120,7 +120,8 @@ def render_markdown(card: Mapping[str, Any]) -> str:
             "none (no slide modality)."
             if encoder is None
             else f"{encoder['name']} (weights sha256 {encoder['weights_sha256'] or 'none or unknown'}, "
-            f"{encoder['dim']} features, {encoder['input_size']} px input, {encoder['normalisation']}), "
+            f"{encoder['dim']} features, {encoder['input_size']} px input, normalisation "
+            f"{encoder['normalisation']}), "
             f"{encoder['patch_size']} px patches at {encoder['target_mpp']} µm/px."
         ),
         "",
