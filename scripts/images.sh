@@ -311,8 +311,9 @@ prepare_bento_context
 
 STAGE="service image"
 build "$HEALNET_SERVICE_IMAGE" serving/Dockerfile "$context" --build-arg PYTHON_IMAGE="$PYTHON_BASE"
-# Of pyproject.toml's dependencies, the service image may hold only the service's packages
-# (requirements/service.in, which bentofile.yaml installs locked)
+# Of pyproject.toml's dependencies, the service image may hold only the service's packages and what they
+# depend on: those pinned in requirements/service.lock (service.in locked), which bentofile.yaml installs.
+# Jinja2, for one, is a project dependency (the evaluation report) that BentoML brings in too.
 installed=$(podman run --rm --network none --entrypoint pip "$HEALNET_SERVICE_IMAGE" list --format freeze \
     --disable-pip-version-check)
 training_only=$("$VENV/bin/python" - "$installed" <<'PY'
@@ -326,12 +327,12 @@ def name(requirement: str) -> str:
 
 
 project = {name(r) for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]}
-service = {name(line.partition("#")[0]) for line in open("requirements/service.in") if line.partition("#")[0].strip()}
+service = {name(line) for line in open("requirements/service.lock") if re.match(r"[A-Za-z0-9]", line)}
 installed = {name(line) for line in sys.argv[1].splitlines() if line.strip()}
 print(" ".join(sorted((project - service) & installed)))
 PY
 )
-[ -z "$training_only" ] || fail "the service image holds packages that requirements/service.in does not list: $training_only"
+[ -z "$training_only" ] || fail "the service image holds project packages that requirements/service.lock does not pin: $training_only"
 echo "service image: $(wc -l <<<"$installed") Python distributions, none of pyproject.toml's dependencies beyond requirements/service.in's"
 
 # ---------------------------------------------------------------------------------------------------------
