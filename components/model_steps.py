@@ -32,10 +32,10 @@ def train(
     The model folder holds `checkpoint/` (weights sealed by sha256), `metrics.json` and `history.json`.
     """
     import json
-    import math
     from functools import partial
     from pathlib import Path
 
+    from components.support import record_training
     from healnet.experiment import run_training
     from healnet.preprocess.state import WSI
     from healnet.recipes import pipeline_recipe
@@ -63,27 +63,87 @@ def train(
         result = json.loads((Path(model.path) / "metrics.json").read_text())
     else:
         result = training()
-    model.metadata.update(
+    record_training(result, data_hash, model, metrics)
+
+
+@cpu_component
+def train_trainjob(
+    cohort: Input[Dataset],
+    data_hash: str,
+    split_repeat: int,
+    recipe: str,
+    modalities: str,
+    epochs: int,
+    batch_size: int,
+    patience: int,
+    seed: int,
+    num_nodes: int,
+    gpus_per_node: int,
+    run_id: str,
+    settings: dict,
+    features: Input[Dataset],
+    model: Output[Model],
+    metrics: Output[Metrics],
+):
+    """Train as `train` does, but on several GPU nodes: a Kubeflow Trainer TrainJob on the torch-distributed
+    runtime runs `torchrun -m healnet train` on the cohort volume (`components.trainjob`). This step only
+    stages the inputs there, creates the TrainJob, prints its state as it changes, fails with the job's reason
+    when it fails, and copies the checkpoint into `model`.
+
+    Args:
+        cohort: the canonical cohort folder.
+        data_hash: the cohort's data hash (`validate`), recorded on the model.
+        split_repeat: the stored holdout split to train on.
+        recipe: the named recipe (healnet/recipes.py).
+        modalities: the inputs to train on (resolved by `validate`).
+        epochs: overrides the recipe's when above 0, as do `batch_size`, `patience` and `seed`.
+        batch_size: the global batch, split across every process.
+        patience: early-stopping patience in epochs.
+        seed: the seed of the weights and the batch order.
+        num_nodes: training nodes (pods), each running one process per GPU.
+        gpus_per_node: GPUs, and processes, per node.
+        run_id: the pipeline run's id, which names the TrainJob (`components.trainjob.trainjob_name`).
+        settings: the compile-time cluster settings (`components.trainjob.TrainJobSettings`).
+        features: the run's patch features (`merge_features`).
+        model: the model folder: `checkpoint/`, `metrics.json`, `history.json`, as `train` writes it.
+        metrics: the validation metrics and the epochs run, as `train` logs them."""
+    from pathlib import Path
+
+    from components.support import record_training
+    from components.trainjob import TrainJobSettings, in_cluster_api, train_on_trainer, trainjob_name
+    from healnet.preprocess.state import WSI
+    from healnet.recipes import pipeline_recipe
+    from healnet.train import DistributedTrainingError
+
+    chosen = pipeline_recipe(recipe, epochs=epochs, batch_size=batch_size, patience=patience, seed=seed)
+    if num_nodes * gpus_per_node > 1 and chosen.members > 1:
+        raise DistributedTrainingError(
+            f"recipe {recipe!r} trains {chosen.members} members as one batched model on one GPU; it cannot "
+            "train on several nodes or GPUs (data-parallel training is for single-model recipes)"
+        )
+    api, namespace = in_cluster_api()
+    train_settings = {
+        name: getattr(chosen.train, name) for name in ("epochs", "batch_size", "patience", "seed")
+    }
+    result = train_on_trainer(
+        api,
+        namespace,
+        TrainJobSettings(**settings),
+        trainjob_name(run_id),
         {
-            "sha256": result["sha256"],
-            "modalities": result["modalities"],
-            "recipe": result["recipe"],
-            "members": result["members"],
-            "best_epochs": result["best_epochs"],
-            "device": result["device"],
-            "data_hash": data_hash,
-            # slides trained without (their patients keep other slides or lack the modality)
-            "slides_quarantined": result["slides_quarantined"]["count"],
-            "quarantined_slide_ids": result["slides_quarantined"]["slides"],
-        }
+            "recipe": recipe,
+            "train_settings": train_settings,
+            "modalities": modalities,
+            "split_repeat": split_repeat,
+        },
+        Path(cohort.path),
+        # a run without slides reads no feature folder: its slides may have files but no features
+        Path(features.path) if WSI in modalities.split(",") else None,
+        num_nodes,
+        gpus_per_node,
+        Path(model.path),
     )
-    for name, value in result["val"].items():
-        if math.isfinite(value):
-            metrics.log_metric(f"val_{name}", value)
-        else:
-            print(f"validation {name} is {value}: not logged as a metric")
-    metrics.log_metric("epochs_run", result["epochs_run"])
-    Path(metrics.path).write_text(json.dumps(metrics.metadata))  # the file too, not only the metadata
+    record_training(result, data_hash, model, metrics)
 
 
 @cpu_component

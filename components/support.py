@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -201,3 +202,29 @@ def champion_assessor(checkpoint_dir: Path, cohort_dir: str, candidate, test_fea
     inputs = model_inputs(load_checkpoint(Path(checkpoint_dir)))
     load_patients = test_patients_loader(cohort_dir, candidate, inputs["modalities"], test_features_dir)
     return lambda tag: assess_champion(tag, inputs, load_patients)
+
+
+def record_training(result: dict, data_hash: str, model, metrics) -> None:
+    """Describe a trained model on the step's `model` and `metrics` artifacts from its metrics.json
+    (`result`), the same whichever backend trained it."""
+    model.metadata.update(
+        {
+            "sha256": result["sha256"],
+            "modalities": result["modalities"],
+            "recipe": result["recipe"],
+            "members": result["members"],
+            "best_epochs": result["best_epochs"],
+            "device": result["device"],
+            "data_hash": data_hash,
+            # slides trained without (their patients keep other slides or lack the modality)
+            "slides_quarantined": result["slides_quarantined"]["count"],
+            "quarantined_slide_ids": result["slides_quarantined"]["slides"],
+        }
+    )
+    for name, value in result["val"].items():
+        if math.isfinite(value):
+            metrics.log_metric(f"val_{name}", value)
+        else:
+            print(f"validation {name} is {value}: not logged as a metric")
+    metrics.log_metric("epochs_run", result["epochs_run"])
+    Path(metrics.path).write_text(json.dumps(metrics.metadata))  # the file too, not only the metadata

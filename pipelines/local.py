@@ -13,8 +13,12 @@ import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipelines.options import DEFAULT_OPTIONS, ClusterOptions
+
+if TYPE_CHECKING:
+    from kfp.dsl.graph_component import GraphComponent
 
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")  # kfp.local colours task names in its messages
 # Report artifacts, copied next to the run with a file extension so they open in a browser/editor.
@@ -98,13 +102,39 @@ def run_local(
     (kfp.local's one-line progress per task is printed either way). `runner` is a kfp.local runner; the
     default, SubprocessRunner(use_venv=False), runs every step in this interpreter (a DockerRunner runs
     them in the step images: scripts/pipeline_in_images.py)."""
-    from kfp import local
+    from components.trainjob import POD_BACKEND
+    from pipelines.options import ParamError
+    from pipelines.pipeline import build_pipeline
 
-    from pipelines.pipeline import PIPELINE_NAME, build_pipeline
+    if options.train_backend != POD_BACKEND:  # kfp.local has no cluster to run a TrainJob on
+        raise ParamError(
+            f"run-local trains in one process: train_backend={options.train_backend} needs a cluster"
+        )
+    run_dir, error, step_log = run_pipeline_locally(
+        build_pipeline(options), arguments, pipeline_root, cache, stream_logs, runner
+    )
+    result = collect(run_dir, error)
+    if step_log:
+        result.reports[STEP_LOG] = step_log
+    return result
+
+
+def run_pipeline_locally(
+    pipeline: GraphComponent,
+    arguments: dict,
+    pipeline_root: Path,
+    cache: bool = False,
+    stream_logs: bool = False,
+    runner: object | None = None,
+) -> tuple[Path, str, Path | None]:
+    """Run `pipeline` with kfp.local as `run_local` describes;
+    returns its run folder, the error that ended it ("" when it succeeded) and its steps.log (None when the
+    steps' output was streamed)."""
+    from kfp import local
 
     pipeline_root = Path(pipeline_root).resolve()
     pipeline_root.mkdir(parents=True, exist_ok=True)
-    before = set(pipeline_root.glob(f"{PIPELINE_NAME}-*"))
+    before = set(pipeline_root.glob(f"{pipeline.name}-*"))
     local.init(
         runner=runner or local.SubprocessRunner(use_venv=False),
         pipeline_root=str(pipeline_root),
@@ -124,22 +154,20 @@ def run_local(
         warnings.filterwarnings("ignore", message=".*non-Python base image.*")
         warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
         try:
-            build_pipeline(options)(**arguments)
+            pipeline(**arguments)
         except RuntimeError as failure:  # kfp.local raises when a task fails
             error = ANSI_COLOUR.sub("", str(failure))
         finally:
             # kfp.local indents print() around each task by swapping builtins.print; parallel loop
             # iterations can interleave the swaps and leave it indented
             builtins.print = original_print
-    new_runs = sorted(set(pipeline_root.glob(f"{PIPELINE_NAME}-*")) - before)
+    new_runs = sorted(set(pipeline_root.glob(f"{pipeline.name}-*")) - before)
     if len(new_runs) != 1:
         raise RuntimeError(
             f"expected one new run folder in {pipeline_root}, found {[p.name for p in new_runs]}"
         )
-    result = collect(new_runs[0], error)
-    if not stream_logs:
-        result.reports[STEP_LOG] = Path(shutil.move(pending_log, new_runs[0] / STEP_LOG))
-    return result
+    step_log = None if stream_logs else Path(shutil.move(pending_log, new_runs[0] / STEP_LOG))
+    return new_runs[0], error, step_log
 
 
 def _executor_output(run_dir: Path, task: str) -> dict | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from components.trainjob import POD_BACKEND, TRAIN_BACKENDS, TRAINJOB_BACKEND
 from healnet.errors import HEALNetError
 
 PARAMETER_TYPES = {"String": str, "Integer": int, "Float": float, "Boolean": bool}
@@ -41,6 +42,27 @@ class ClusterOptions:
     # The Secret whose NOTIFY_SECRET_KEY is the exit handler's webhook URL; optional: without it (or with
     # "") the run's end is only logged. kfp.local reads $HEALNET_NOTIFY_WEBHOOK from the environment instead.
     notify_secret: str = "healnet-notify"
+    # "pod": the train step is one pod with gpu_count GPUs. "trainjob": it creates a Kubeflow Trainer TrainJob
+    # of num_nodes nodes with gpus_per_node GPUs each, on the trainjob_runtime ClusterTrainingRuntime, and
+    # needs cohort_pvc, which it shares with the nodes (docs/pipeline.md, multi-node training)
+    train_backend: str = POD_BACKEND
+    num_nodes: int = 1
+    gpus_per_node: int = 1
+    trainjob_runtime: str = "torch-distributed"
+
+    def __post_init__(self) -> None:
+        if self.train_backend not in TRAIN_BACKENDS:
+            raise ParamError(
+                f"train_backend must be one of {', '.join(TRAIN_BACKENDS)}, got {self.train_backend!r}"
+            )
+        if self.num_nodes < 1 or self.gpus_per_node < 1:
+            raise ParamError(
+                f"num_nodes and gpus_per_node must be at least 1, got {self.num_nodes} and {self.gpus_per_node}"
+            )
+        if self.train_backend == TRAINJOB_BACKEND and not self.cohort_pvc:
+            raise ParamError(
+                "train_backend=trainjob needs cohort_pvc: the RWX volume the step shares with the nodes"
+            )
 
 
 DEFAULT_OPTIONS = ClusterOptions()

@@ -6,6 +6,8 @@ One definition serves the cluster and `kfp.local`; `build_pipeline(options)` app
 compile-time Kubernetes settings (which `kfp.local` ignores).
 """
 
+import dataclasses
+
 from kfp import dsl, kubernetes
 from kfp.dsl import PipelineTask
 from kfp.dsl.graph_component import GraphComponent
@@ -18,30 +20,18 @@ from components.data_steps import (
     preprocess_slides,
     validate,
 )
-from components.model_steps import evaluate, train
+from components.images import HEALNET_GPU_IMAGE
+from components.model_steps import evaluate, train, train_trainjob
 from components.notification import NOTIFY_WEBHOOK_ENV
 from components.release_steps import gate, notify, promote, reject
+from components.trainjob import TRAINJOB_BACKEND, TrainJobSettings
 from healnet.gate import PROMOTE, GatePolicy
 from healnet.recipes import DEFAULT_RECIPE
 from healnet.validation.thresholds import DEFAULT_THRESHOLDS
 from pipelines.options import DEFAULT_OPTIONS, NOTIFY_SECRET_KEY, PARAMETER_TYPES, ClusterOptions
+from pipelines.task_settings import cpu_step, mount_cohort, mount_registry, with_retries
 
 PIPELINE_NAME = "healnet-training"
-
-
-def _mount_cohort(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
-    if options.cohort_pvc:
-        kubernetes.mount_pvc(task, pvc_name=options.cohort_pvc, mount_path=options.cohort_mount)
-    return task
-
-
-def _mount_registry(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
-    """The BentoML store and champion pointer on shared storage, so serving sees what was promoted."""
-    if options.registry_pvc:
-        kubernetes.mount_pvc(task, pvc_name=options.registry_pvc, mount_path=options.registry_mount)
-        task.set_env_variable("BENTOML_HOME", options.registry_mount)
-        task.set_env_variable("HEALNET_REGISTRY_DIR", options.registry_mount)
-    return task
 
 
 def _notify_webhook(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
@@ -58,25 +48,6 @@ def _notify_webhook(task: PipelineTask, options: ClusterOptions) -> PipelineTask
     return task
 
 
-def _retry(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
-    """Retries with exponential back-off for steps that can fail transiently (storage, preemption).
-
-    The steps that see a user's mistakes (fingerprint, ingest, validate) are not retried: what a retry
-    would meet again is found there once, before any retried step runs."""
-    if options.retries:
-        task.set_retry(
-            num_retries=options.retries, backoff_duration=options.retry_backoff, backoff_factor=2.0
-        )
-    return task
-
-
-def _cpu_step(task: PipelineTask, options: ClusterOptions, retry: bool = False) -> PipelineTask:
-    task.set_cpu_request(options.step_cpu).set_memory_request(options.step_memory)
-    if retry:
-        _retry(task, options)
-    return _mount_cohort(task, options)
-
-
 def _gpu_training(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
     task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(options.gpu_count)
     task.set_cpu_request(options.train_cpu).set_memory_request(options.train_memory)
@@ -89,7 +60,37 @@ def _gpu_training(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
         task, volume_name="dshm", mount_path="/dev/shm", medium="Memory", size_limit=options.train_shm
     )
     kubernetes.set_timeout(task, options.train_timeout_s)
-    return _mount_cohort(_retry(task, options), options)
+    return mount_cohort(with_retries(task, options), options)
+
+
+def trainjob_settings(options: ClusterOptions) -> dict:
+    """The TrainJob's cluster settings, the same GPU scheduling and sizes as the single training pod's."""
+    return dataclasses.asdict(
+        TrainJobSettings(
+            runtime=options.trainjob_runtime,
+            image=HEALNET_GPU_IMAGE,
+            cpu=options.train_cpu,
+            memory=options.train_memory,
+            shm=options.train_shm,
+            timeout_s=options.train_timeout_s,
+            gpu_node_label=options.gpu_node_label,
+            gpu_node_value=options.gpu_node_value,
+            gpu_taint_key=options.gpu_taint_key,
+            gpu_taint_effect=options.gpu_taint_effect,
+            cohort_pvc=options.cohort_pvc,
+            cohort_mount=options.cohort_mount,
+        )
+    )
+
+
+def _trainjob_training(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
+    """The step that runs the TrainJob only waits on it, on the cohort volume it stages the inputs on. Not
+    retried: a second attempt would meet the first one's TrainJob, whose outcome it cannot know."""
+    task.set_cpu_request(options.step_cpu).set_memory_request(options.step_memory)
+    # the job's own deadline counts from its start; as long again to be scheduled, so that a namespace
+    # without a running Trainer controller (the job never leaves "created") fails the step, not hangs it
+    kubernetes.set_timeout(task, 2 * options.train_timeout_s)
+    return mount_cohort(task, options)
 
 
 def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
@@ -128,12 +129,12 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
         finished.set_caching_options(False)
         with dsl.ExitHandler(finished, name="healnet-run"):
             # never cached: it reads the source, so an unchanged one reuses the cached ingest below
-            fingerprinted = _cpu_step(
+            fingerprinted = cpu_step(
                 fingerprint(source=source, cohort_dir=cohort_dir, slide_dir=slide_dir, split_seed=split_seed),
                 options,
             )
             fingerprinted.set_caching_options(False)
-            ingested = _cpu_step(
+            ingested = cpu_step(
                 ingest(
                     source=source,
                     cohort_dir=cohort_dir,
@@ -152,7 +153,7 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
                 "mpp": mpp,
                 "patch_size": patch_size,
             }
-            checked = _cpu_step(
+            checked = cpu_step(
                 validate(
                     cohort=cohort,
                     slide_shards=slide_shards,
@@ -167,7 +168,7 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
             data_hash = checked.outputs["data_hash"]
             slide_source = checked.outputs["slide_source"]
             chosen_modalities = checked.outputs["chosen_modalities"]
-            imported = _cpu_step(
+            imported = cpu_step(
                 import_features(slide_source=slide_source, data_hash=data_hash, **import_settings),
                 options,
                 retry=True,
@@ -181,8 +182,8 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
                     data_hash=shard.data_hash,
                     slide_dir=slide_dir,
                 )
-                _cpu_step(slides, options, retry=True)
-            merged = _cpu_step(
+                cpu_step(slides, options, retry=True)
+            merged = cpu_step(
                 merge_features(
                     slide_features=dsl.Collected(slides.outputs["features"]),
                     imported_features=imported.outputs["features"],
@@ -191,20 +192,31 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
                 retry=True,
             )
             features = merged.outputs["features"]
-            trained = train(
-                cohort=cohort,
-                data_hash=data_hash,
-                split_repeat=split_repeat,
-                recipe=recipe,
-                modalities=chosen_modalities,
-                epochs=epochs,
-                batch_size=batch_size,
-                patience=patience,
-                seed=seed,
-                gpu_count=options.gpu_count,
-                features=features,
-            )
-            _gpu_training(trained, options)
+            training_inputs = {
+                "cohort": cohort,
+                "data_hash": data_hash,
+                "split_repeat": split_repeat,
+                "recipe": recipe,
+                "modalities": chosen_modalities,
+                "epochs": epochs,
+                "batch_size": batch_size,
+                "patience": patience,
+                "seed": seed,
+                "features": features,
+            }
+            if options.train_backend == TRAINJOB_BACKEND:
+                trained = _trainjob_training(
+                    train_trainjob(
+                        **training_inputs,
+                        num_nodes=options.num_nodes,
+                        gpus_per_node=options.gpus_per_node,
+                        run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                        settings=trainjob_settings(options),
+                    ),
+                    options,
+                )
+            else:
+                trained = _gpu_training(train(**training_inputs, gpu_count=options.gpu_count), options)
             evaluated = evaluate(
                 cohort=cohort,
                 data_hash=data_hash,
@@ -212,7 +224,7 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
                 model=trained.outputs["model"],
                 features=features,
             )
-            _cpu_step(evaluated, options, retry=True)
+            cpu_step(evaluated, options, retry=True)
             # the gate scores a comparable champion on the test patients: it reads the cohort and features
             decided = gate(
                 cohort=cohort,
@@ -228,7 +240,7 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
                 registry_dir=registry_dir,
             )
             # the champion changes between runs
-            _mount_registry(_cpu_step(decided, options), options).set_caching_options(False)
+            mount_registry(cpu_step(decided, options), options).set_caching_options(False)
             with dsl.If(decided.outputs["Output"] == PROMOTE, name="promote-candidate"):
                 promoted = promote(
                     cohort=cohort,
@@ -244,7 +256,7 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
                     evaluation=evaluated.outputs["evaluation"],
                     validation=checked.outputs["validation"],
                 )
-                _mount_registry(_cpu_step(promoted, options), options).set_caching_options(False)
+                mount_registry(cpu_step(promoted, options), options).set_caching_options(False)
             with dsl.Else(name="keep-champion"):
                 # the rejected candidate's model card reads the cohort and the checkpoint
                 rejected = reject(
@@ -259,7 +271,7 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
                     evaluation=evaluated.outputs["evaluation"],
                     validation=checked.outputs["validation"],
                 )
-                _mount_registry(_cpu_step(rejected, options), options).set_caching_options(False)
+                mount_registry(cpu_step(rejected, options), options).set_caching_options(False)
 
     return healnet_pipeline
 

@@ -27,10 +27,19 @@ K8S = REPO_ROOT / "k8s"
 SCHEMAS = K8S / "schemas"
 DASHBOARD = K8S / "components" / "monitoring" / "dashboards" / "healnet.json"
 KUBERNETES_VERSIONS = ("1.29", "1.33")
-TARGETS = ("overlays/dev", "overlays/prod", "overlays/shared-store", "overlays/drift", "training")
+TARGETS = (
+    "overlays/dev",
+    "overlays/prod",
+    "overlays/shared-store",
+    "overlays/drift",
+    "overlays/canary",
+    "training",
+)
 CUSTOM_RESOURCE_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): SCHEMAS / "servicemonitor-monitoring-v1.json",
     ("monitoring.coreos.com/v1", "PrometheusRule"): SCHEMAS / "prometheusrule-monitoring-v1.json",
+    ("argoproj.io/v1alpha1", "Rollout"): SCHEMAS / "rollout-argoproj-v1alpha1.json",
+    ("argoproj.io/v1alpha1", "AnalysisTemplate"): SCHEMAS / "analysistemplate-argoproj-v1alpha1.json",
 }
 DEPRECATED_KUSTOMIZE_FIELDS = {
     "commonLabels",
@@ -140,14 +149,35 @@ def _prose_duration(prometheus_rule: dict[str, Any]) -> None:
     prometheus_rule["spec"]["groups"][0]["rules"][0]["for"] = "5 minutes"
 
 
+def _weight_as_percent(rollout: dict[str, Any]) -> None:
+    rollout["spec"]["strategy"]["canary"]["steps"][0]["setWeight"] = "10%"
+
+
+def _misspell_success_condition(analysis_template: dict[str, Any]) -> None:
+    metric = analysis_template["spec"]["metrics"][0]
+    metric["sucessCondition"] = metric.pop("successCondition")
+
+
 @pytest.mark.parametrize(
     ("file", "break_it", "expected"),
     [
         ("base/deployment.yaml", _misspell_replicas, "'replica' was unexpected"),
         ("components/monitoring/servicemonitor.yaml", _misspell_port, "'prot' was unexpected"),
         ("components/monitoring/prometheusrule.yaml", _prose_duration, "'5 minutes' does not match"),
+        ("overlays/canary/rollout.yaml", _weight_as_percent, "'10%' is not of type 'integer'"),
+        (
+            "overlays/canary/analysistemplate.yaml",
+            _misspell_success_condition,
+            "'sucessCondition' was unexpected",
+        ),
     ],
-    ids=["deployment-typo", "servicemonitor-typo", "prometheusrule-bad-duration"],
+    ids=[
+        "deployment-typo",
+        "servicemonitor-typo",
+        "prometheusrule-bad-duration",
+        "rollout-weight-as-percent",
+        "analysistemplate-typo",
+    ],
 )
 def test_validation_rejects_a_broken_copy(
     file: str, break_it: Callable[[dict[str, Any]], None], expected: str
@@ -370,7 +400,7 @@ DIGEST_PINNED = re.compile(r"^registry\.example\.com/healnet/healnet-service:[^@
 
 
 @needs_kubectl
-@pytest.mark.parametrize("overlay", ["prod", "shared-store"])
+@pytest.mark.parametrize("overlay", ["prod", "shared-store", "canary"])
 def test_production_runs_the_service_image_by_digest(overlay: str) -> None:
     (deployment,) = by_kind(kustomize(K8S / "overlays" / overlay), "Deployment")
     images = [c["image"] for c in deployment["spec"]["template"]["spec"]["containers"]]
@@ -416,7 +446,7 @@ def test_make_pin_image_pins_the_prod_overlay_to_a_digest(tmp_path: Path) -> Non
 
 
 @needs_kubectl
-@pytest.mark.parametrize("overlay", ["dev", "prod", "shared-store", "drift"])
+@pytest.mark.parametrize("overlay", ["dev", "prod", "shared-store", "drift", "canary"])
 def test_every_object_carries_the_overlays_labels(overlay: str) -> None:
     objects = kustomize(K8S / "overlays" / overlay)
     (deployment,) = by_kind(objects, "Deployment")

@@ -14,6 +14,8 @@ from test_k8s_manifests import K8S, manifests
 
 Obj = dict[str, Any]
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet"}
+# Argo Rollouts (overlays/canary): scaled like a workload, running the pod template of a Deployment
+ROLLOUT_KIND = "Rollout"
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 SERVING_PORT = 3000
 PSS_ENFORCE = "pod-security.kubernetes.io/enforce"
@@ -123,7 +125,11 @@ def wiring_violations(objects: list[Obj]) -> list[str]:
     """Services, PDBs, HPAs, NetworkPolicies and ServiceMonitors point at what exists."""
     found = []
     pods = pod_labels(objects)
-    workloads = {(obj["kind"], obj["metadata"]["name"]) for obj in objects if obj["kind"] in WORKLOAD_KINDS}
+    workloads = {
+        (obj["kind"], obj["metadata"]["name"])
+        for obj in objects
+        if obj["kind"] in WORKLOAD_KINDS | {ROLLOUT_KIND}
+    }
     services = [obj for obj in objects if obj["kind"] == "Service"]
     for service in services:
         if not any(selects(service["spec"].get("selector", {}), labels) for labels in pods):
@@ -148,6 +154,8 @@ def wiring_violations(objects: list[Obj]) -> list[str]:
                     f"{name_of(obj)}: ingress is open to ports {sorted(ports)}, not only {SERVING_PORT}"
                 )
             found += egress_violations(obj)
+        if obj["kind"] == ROLLOUT_KIND:
+            found += rollout_violations(obj, objects)
         if obj["kind"] == "HorizontalPodAutoscaler":
             target = obj["spec"]["scaleTargetRef"]
             if (target["kind"], target["name"]) not in workloads:
@@ -169,6 +177,36 @@ def wiring_violations(objects: list[Obj]) -> list[str]:
             found.append(f"{name_of(obj)}: does not enforce the restricted Pod Security Standard")
         if obj["kind"] == "Secret":
             found.append(f"{name_of(obj)}: Secrets must be created in the cluster, never committed")
+    return found
+
+
+def rollout_violations(rollout: Obj, objects: list[Obj]) -> list[str]:
+    """A Rollout runs the pod template of a Deployment of the same overlay, so the workload checks cover its
+    pods, and selects those pods."""
+    where = name_of(rollout)
+    reference = rollout["spec"].get("workloadRef")
+    if reference is None:
+        return [f"{where}: has a pod template of its own instead of a workloadRef to the Deployment"]
+    referenced = [
+        obj
+        for obj in objects
+        if obj["kind"] in WORKLOAD_KINDS
+        and (obj["kind"], obj["metadata"]["name"]) == (reference["kind"], reference["name"])
+    ]
+    if not referenced:
+        return [f"{where}: workloadRef {reference['kind']}/{reference['name']} does not exist"]
+    found = []
+    template_labels = referenced[0]["spec"]["template"]["metadata"].get("labels", {})
+    if not selects(rollout["spec"]["selector"].get("matchLabels", {}), template_labels):
+        found.append(f"{where}: selector does not match the pod template labels of {reference['name']}")
+    found += [
+        f"{name_of(hpa)}: scales {reference['kind']}/{reference['name']}, whose pods {where} runs:"
+        " scale the Rollout instead"
+        for hpa in objects
+        if hpa["kind"] == "HorizontalPodAutoscaler"
+        and (hpa["spec"]["scaleTargetRef"]["kind"], hpa["spec"]["scaleTargetRef"]["name"])
+        == (reference["kind"], reference["name"])
+    ]
     return found
 
 
@@ -210,7 +248,8 @@ def policy_violations(objects: list[Obj]) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "overlay", ["overlays/dev", "overlays/prod", "overlays/shared-store", "overlays/drift"]
+    "overlay",
+    ["overlays/dev", "overlays/prod", "overlays/shared-store", "overlays/drift", "overlays/canary"],
 )
 def test_overlay_follows_the_policy(overlay: str) -> None:
     objects = manifests(overlay)
@@ -384,6 +423,45 @@ def test_policy_checks_init_containers_too(prod_objects: list[Obj]) -> None:
 
 
 def test_training_pvc_is_shared_read_write() -> None:
-    (claim,) = manifests("training")
-    assert claim["kind"] == "PersistentVolumeClaim"
+    (claim,) = [o for o in manifests("training") if o["kind"] == "PersistentVolumeClaim"]
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+ROLLOUT_BREAKAGES: dict[str, tuple[Callable[[list[Obj]], None], str]] = {
+    "own-pod-template": (
+        lambda o: [
+            the(ROLLOUT_KIND, o)["spec"].pop("workloadRef"),
+            the(ROLLOUT_KIND, o)["spec"].update(template=the("Deployment", o)["spec"]["template"]),
+        ],
+        "has a pod template of its own instead of a workloadRef",
+    ),
+    "missing-deployment": (
+        lambda o: the(ROLLOUT_KIND, o)["spec"]["workloadRef"].update(name="healnet"),
+        "workloadRef Deployment/healnet does not exist",
+    ),
+    "selector-mismatch": (
+        lambda o: the(ROLLOUT_KIND, o)["spec"]["selector"]["matchLabels"].update(
+            {"app.kubernetes.io/name": "other"}
+        ),
+        "selector does not match the pod template labels of healnet-service",
+    ),
+    "fights-the-autoscaler": (
+        lambda o: the(ROLLOUT_KIND, o)["spec"].update(replicas=2),
+        "healnet-service also sets spec.replicas",
+    ),
+    "autoscaler-on-the-deployment": (
+        lambda o: the("HorizontalPodAutoscaler", o)["spec"]["scaleTargetRef"].update(
+            apiVersion="apps/v1", kind="Deployment"
+        ),
+        "scales Deployment/healnet-service, whose pods Rollout/healnet-service runs",
+    ),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(ROLLOUT_BREAKAGES))
+def test_policy_reports_a_broken_rollout(breakage: str) -> None:
+    break_it, expected = ROLLOUT_BREAKAGES[breakage]
+    objects = copy.deepcopy(manifests("overlays/canary"))
+    break_it(objects)
+    violations = policy_violations(objects)
+    assert any(expected in violation for violation in violations), violations

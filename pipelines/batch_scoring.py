@@ -1,0 +1,185 @@
+"""The HEALNet batch-scoring pipeline: resolve the model version → ingest → validate → slide features (tiled
+in shards, or imported) when the model reads slides → the patients in shards → each shard scored by
+`Predictor` on the registered version, as the service answers → one parquet and a summary.
+
+Compiled beside the training pipeline (`python -m pipelines compile`) and run locally with
+`python -m pipelines run-local batch-scoring`; the cluster settings are the training pipeline's
+(`pipelines.task_settings`).
+"""
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kfp import dsl
+from kfp.dsl.graph_component import GraphComponent
+
+from components.batch_steps import merge_scores, resolve_model, score_shard, shard_patients
+from components.data_steps import (
+    fingerprint,
+    import_features,
+    ingest,
+    merge_features,
+    preprocess_slides,
+    validate,
+)
+from healnet.validation.thresholds import DEFAULT_THRESHOLDS
+from pipelines.options import DEFAULT_OPTIONS, ClusterOptions
+from pipelines.task_settings import cpu_step, mount_registry
+
+BATCH_SCORING_NAME = "healnet-batch-scoring"
+DEFAULT_SHARDS = 4
+# the splits of an ingested source and their events matter to training, not to scoring
+SCORING_SPLIT_SEED = 0
+NO_EVENTS_CHECK = 0
+
+
+def build_batch_scoring_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
+    @dsl.pipeline(
+        name=BATCH_SCORING_NAME,
+        description="Score every patient of a cohort with a registered HEALNet version (default: the "
+        "champion) in parallel shards, through the service's Predictor, into one parquet.",
+    )
+    def healnet_batch_scoring(
+        source: str = "",
+        cohort_dir: str = "",
+        slide_dir: str = "",
+        features_dir: str = "",
+        encoder_name: str = "",
+        weights_sha256: str = "",
+        mpp: float = 0.0,
+        patch_size: int = 0,
+        model_version: str = "",
+        shards: int = DEFAULT_SHARDS,
+        registry_dir: str = "",
+        slide_shards: int = 2,
+        max_quarantined_fraction: float = DEFAULT_THRESHOLDS.max_quarantined_row_fraction,
+    ):
+        resolved = mount_registry(
+            cpu_step(resolve_model(model_version=model_version, registry_dir=registry_dir), options), options
+        )
+        resolved.set_caching_options(False)  # the champion moves
+        # never cached: it reads the source, so an unchanged one reuses the cached ingest below
+        fingerprinted = cpu_step(
+            fingerprint(
+                source=source, cohort_dir=cohort_dir, slide_dir=slide_dir, split_seed=SCORING_SPLIT_SEED
+            ),
+            options,
+        )
+        fingerprinted.set_caching_options(False)
+        ingested = cpu_step(
+            ingest(
+                source=source,
+                cohort_dir=cohort_dir,
+                slide_dir=slide_dir,
+                split_seed=SCORING_SPLIT_SEED,
+                source_hash=fingerprinted.output,
+            ),
+            options,
+        )
+        cohort = ingested.outputs["cohort"]
+        import_settings = {
+            "features_dir": features_dir,
+            "encoder_name": encoder_name,
+            "weights_sha256": weights_sha256,
+            "mpp": mpp,
+            "patch_size": patch_size,
+        }
+        # the model's modalities: a cohort without one of them fails here, and slides are tiled only for
+        # a model that reads them
+        checked = cpu_step(
+            validate(
+                cohort=cohort,
+                slide_shards=slide_shards,
+                max_quarantined_fraction=max_quarantined_fraction,
+                min_events_per_split=NO_EVENTS_CHECK,
+                modalities=resolved.outputs["model_modalities"],
+                **import_settings,
+            ),
+            options,
+        )
+        checked.set_caching_options(False)  # cheap, and its report belongs in every run
+        imported = cpu_step(
+            import_features(
+                slide_source=checked.outputs["slide_source"],
+                data_hash=checked.outputs["data_hash"],
+                **import_settings,
+            ),
+            options,
+            retry=True,
+        )
+        with dsl.ParallelFor(
+            checked.outputs["Output"], parallelism=options.shard_parallelism, name="slide-shards"
+        ) as slide_shard:
+            slides = preprocess_slides(
+                cohort=cohort,
+                slide_source=slide_shard.slide_source,
+                shard_index=slide_shard.shard_index,
+                shard_count=slide_shard.shard_count,
+                data_hash=slide_shard.data_hash,
+                slide_dir=slide_dir,
+            )
+            cpu_step(slides, options, retry=True)
+        merged = cpu_step(
+            merge_features(
+                slide_features=dsl.Collected(slides.outputs["features"]),
+                imported_features=imported.outputs["features"],
+            ),
+            options,
+            retry=True,
+        )
+        sharded = cpu_step(
+            shard_patients(cohort=cohort, shards=shards, model_version=resolved.outputs["Output"]), options
+        )
+        with dsl.ParallelFor(
+            sharded.outputs["Output"], parallelism=options.shard_parallelism, name="scoring-shards"
+        ) as patient_shard:
+            scored = score_shard(
+                cohort=cohort,
+                features=merged.outputs["features"],
+                assignments=sharded.outputs["assignments"],
+                model_version=patient_shard.model_version,
+                shard_index=patient_shard.shard_index,
+                shard_count=patient_shard.shard_count,
+                registry_dir=registry_dir,
+            )
+            mount_registry(cpu_step(scored, options, retry=True), options)
+        cpu_step(merge_scores(shard_scores=dsl.Collected(scored.outputs["scores"])), options, retry=True)
+
+    return healnet_batch_scoring
+
+
+@dataclass
+class BatchScoringRun:
+    """A finished local batch-scoring run: its folder, the merged table and the summary metrics."""
+
+    run_dir: Path
+    succeeded: bool
+    error: str = ""
+    scores: Path | None = None  # the merged parquet, copied into the run folder as scores.parquet
+    summary: dict = field(default_factory=dict)  # merge_scores' metrics
+    step_log: Path | None = None
+
+
+def run_local_batch_scoring(
+    arguments: dict,
+    pipeline_root: Path,
+    options: ClusterOptions = DEFAULT_OPTIONS,
+    cache: bool = False,
+    stream_logs: bool = False,
+) -> BatchScoringRun:
+    """Run the batch-scoring pipeline with kfp.local (`pipelines.local.run_pipeline_locally`); a failed step
+    ends the run, reported in `error`, not raised."""
+    from pipelines.local import run_pipeline_locally
+
+    run_dir, error, step_log = run_pipeline_locally(
+        build_batch_scoring_pipeline(options), arguments, pipeline_root, cache, stream_logs
+    )
+    result = BatchScoringRun(run_dir, succeeded=not error, error=error, step_log=step_log)
+    merged = run_dir / "merge-scores"
+    if (merged / "executor_output.json").is_file():
+        outputs = json.loads((merged / "executor_output.json").read_text())["artifacts"]
+        result.summary = outputs["metrics"]["artifacts"][0]["metadata"]
+        result.scores = Path(shutil.copyfile(merged / "scores", run_dir / "scores.parquet"))
+    return result

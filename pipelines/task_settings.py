@@ -1,0 +1,41 @@
+"""The Kubernetes settings the pipelines' CPU steps share (`kfp.local` ignores them): requests, retries,
+and the cohort and registry volumes, applied from one `ClusterOptions`."""
+
+from kfp import kubernetes
+from kfp.dsl import PipelineTask
+
+from pipelines.options import ClusterOptions
+
+
+def mount_cohort(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
+    if options.cohort_pvc:
+        kubernetes.mount_pvc(task, pvc_name=options.cohort_pvc, mount_path=options.cohort_mount)
+    return task
+
+
+def mount_registry(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
+    """The BentoML store and champion pointer on shared storage, so serving sees what was promoted."""
+    if options.registry_pvc:
+        kubernetes.mount_pvc(task, pvc_name=options.registry_pvc, mount_path=options.registry_mount)
+        task.set_env_variable("BENTOML_HOME", options.registry_mount)
+        task.set_env_variable("HEALNET_REGISTRY_DIR", options.registry_mount)
+    return task
+
+
+def with_retries(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
+    """Retries with exponential back-off for steps that can fail transiently (storage, preemption).
+
+    The steps that see a user's mistakes (fingerprint, ingest, validate) are not retried: what a retry
+    would meet again is found there once, before any retried step runs."""
+    if options.retries:
+        task.set_retry(
+            num_retries=options.retries, backoff_duration=options.retry_backoff, backoff_factor=2.0
+        )
+    return task
+
+
+def cpu_step(task: PipelineTask, options: ClusterOptions, retry: bool = False) -> PipelineTask:
+    task.set_cpu_request(options.step_cpu).set_memory_request(options.step_memory)
+    if retry:
+        with_retries(task, options)
+    return mount_cohort(task, options)
