@@ -16,15 +16,8 @@ from kfp import dsl
 from kfp.dsl.graph_component import GraphComponent
 
 from components.batch_steps import merge_scores, resolve_model, score_shard, shard_patients
-from components.data_steps import (
-    fingerprint,
-    import_features,
-    ingest,
-    merge_features,
-    preprocess_slides,
-    validate,
-)
 from healnet.validation.thresholds import DEFAULT_THRESHOLDS
+from pipelines.cohort_steps import cohort_steps
 from pipelines.options import DEFAULT_OPTIONS, ClusterOptions
 from pipelines.task_settings import cpu_step, mount_registry
 
@@ -60,75 +53,28 @@ def build_batch_scoring_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> G
             cpu_step(resolve_model(model_version=model_version, registry_dir=registry_dir), options), options
         )
         resolved.set_caching_options(False)  # the champion moves
-        # never cached: it reads the source, so an unchanged one reuses the cached ingest below
-        fingerprinted = cpu_step(
-            fingerprint(
-                source=source, cohort_dir=cohort_dir, slide_dir=slide_dir, split_seed=SCORING_SPLIT_SEED
-            ),
+        # the model's modalities: a cohort without one of them fails at validate, and slides are tiled only
+        # for a model that reads them
+        prepared = cohort_steps(
             options,
+            source=source,
+            cohort_dir=cohort_dir,
+            slide_dir=slide_dir,
+            split_seed=SCORING_SPLIT_SEED,
+            import_settings={
+                "features_dir": features_dir,
+                "encoder_name": encoder_name,
+                "weights_sha256": weights_sha256,
+                "mpp": mpp,
+                "patch_size": patch_size,
+            },
+            slide_shards=slide_shards,
+            max_quarantined_fraction=max_quarantined_fraction,
+            min_events_per_split=NO_EVENTS_CHECK,
+            modalities=resolved.outputs["model_modalities"],
+            slide_loop_name="slide-shards",
         )
-        fingerprinted.set_caching_options(False)
-        ingested = cpu_step(
-            ingest(
-                source=source,
-                cohort_dir=cohort_dir,
-                slide_dir=slide_dir,
-                split_seed=SCORING_SPLIT_SEED,
-                source_hash=fingerprinted.output,
-            ),
-            options,
-        )
-        cohort = ingested.outputs["cohort"]
-        import_settings = {
-            "features_dir": features_dir,
-            "encoder_name": encoder_name,
-            "weights_sha256": weights_sha256,
-            "mpp": mpp,
-            "patch_size": patch_size,
-        }
-        # the model's modalities: a cohort without one of them fails here, and slides are tiled only for
-        # a model that reads them
-        checked = cpu_step(
-            validate(
-                cohort=cohort,
-                slide_shards=slide_shards,
-                max_quarantined_fraction=max_quarantined_fraction,
-                min_events_per_split=NO_EVENTS_CHECK,
-                modalities=resolved.outputs["model_modalities"],
-                **import_settings,
-            ),
-            options,
-        )
-        checked.set_caching_options(False)  # cheap, and its report belongs in every run
-        imported = cpu_step(
-            import_features(
-                slide_source=checked.outputs["slide_source"],
-                data_hash=checked.outputs["data_hash"],
-                **import_settings,
-            ),
-            options,
-            retry=True,
-        )
-        with dsl.ParallelFor(
-            checked.outputs["Output"], parallelism=options.shard_parallelism, name="slide-shards"
-        ) as slide_shard:
-            slides = preprocess_slides(
-                cohort=cohort,
-                slide_source=slide_shard.slide_source,
-                shard_index=slide_shard.shard_index,
-                shard_count=slide_shard.shard_count,
-                data_hash=slide_shard.data_hash,
-                slide_dir=slide_dir,
-            )
-            cpu_step(slides, options, retry=True)
-        merged = cpu_step(
-            merge_features(
-                slide_features=dsl.Collected(slides.outputs["features"]),
-                imported_features=imported.outputs["features"],
-            ),
-            options,
-            retry=True,
-        )
+        cohort = prepared.cohort
         sharded = cpu_step(
             shard_patients(cohort=cohort, shards=shards, model_version=resolved.outputs["Output"]), options
         )
@@ -137,7 +83,7 @@ def build_batch_scoring_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> G
         ) as patient_shard:
             scored = score_shard(
                 cohort=cohort,
-                features=merged.outputs["features"],
+                features=prepared.features,
                 assignments=sharded.outputs["assignments"],
                 model_version=patient_shard.model_version,
                 shard_index=patient_shard.shard_index,

@@ -12,14 +12,6 @@ from kfp import dsl, kubernetes
 from kfp.dsl import PipelineTask
 from kfp.dsl.graph_component import GraphComponent
 
-from components.data_steps import (
-    fingerprint,
-    import_features,
-    ingest,
-    merge_features,
-    preprocess_slides,
-    validate,
-)
 from components.images import HEALNET_GPU_IMAGE
 from components.model_steps import evaluate, train, train_trainjob
 from components.notification import NOTIFY_WEBHOOK_ENV
@@ -28,6 +20,7 @@ from components.trainjob import TRAINJOB_BACKEND, TrainJobSettings
 from healnet.gate import PROMOTE, GatePolicy
 from healnet.recipes import DEFAULT_RECIPE
 from healnet.validation.thresholds import DEFAULT_THRESHOLDS
+from pipelines.cohort_steps import cohort_steps
 from pipelines.options import DEFAULT_OPTIONS, NOTIFY_SECRET_KEY, PARAMETER_TYPES, ClusterOptions
 from pipelines.task_settings import cpu_step, mount_cohort, mount_registry, with_retries
 
@@ -128,70 +121,27 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
         finished = _notify_webhook(notify(run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), options)
         finished.set_caching_options(False)
         with dsl.ExitHandler(finished, name="healnet-run"):
-            # never cached: it reads the source, so an unchanged one reuses the cached ingest below
-            fingerprinted = cpu_step(
-                fingerprint(source=source, cohort_dir=cohort_dir, slide_dir=slide_dir, split_seed=split_seed),
+            prepared = cohort_steps(
                 options,
+                source=source,
+                cohort_dir=cohort_dir,
+                slide_dir=slide_dir,
+                split_seed=split_seed,
+                import_settings={
+                    "features_dir": features_dir,
+                    "encoder_name": encoder_name,
+                    "weights_sha256": weights_sha256,
+                    "mpp": mpp,
+                    "patch_size": patch_size,
+                },
+                slide_shards=slide_shards,
+                max_quarantined_fraction=max_quarantined_fraction,
+                min_events_per_split=min_events_per_split,
+                modalities=modalities,
             )
-            fingerprinted.set_caching_options(False)
-            ingested = cpu_step(
-                ingest(
-                    source=source,
-                    cohort_dir=cohort_dir,
-                    slide_dir=slide_dir,
-                    split_seed=split_seed,
-                    source_hash=fingerprinted.output,
-                ),
-                options,
-            )
-            cohort = ingested.outputs["cohort"]
-            # validate checks what import_features will use, so a mistake in it fails before any retried step
-            import_settings = {
-                "features_dir": features_dir,
-                "encoder_name": encoder_name,
-                "weights_sha256": weights_sha256,
-                "mpp": mpp,
-                "patch_size": patch_size,
-            }
-            checked = cpu_step(
-                validate(
-                    cohort=cohort,
-                    slide_shards=slide_shards,
-                    max_quarantined_fraction=max_quarantined_fraction,
-                    min_events_per_split=min_events_per_split,
-                    modalities=modalities,
-                    **import_settings,
-                ),
-                options,
-            )
-            checked.set_caching_options(False)  # cheap, and its report belongs in every run
+            cohort, checked, features = prepared.cohort, prepared.checked, prepared.features
             data_hash = checked.outputs["data_hash"]
-            slide_source = checked.outputs["slide_source"]
             chosen_modalities = checked.outputs["chosen_modalities"]
-            imported = cpu_step(
-                import_features(slide_source=slide_source, data_hash=data_hash, **import_settings),
-                options,
-                retry=True,
-            )
-            with dsl.ParallelFor(checked.outputs["Output"], parallelism=options.shard_parallelism) as shard:
-                slides = preprocess_slides(
-                    cohort=cohort,
-                    slide_source=shard.slide_source,
-                    shard_index=shard.shard_index,
-                    shard_count=shard.shard_count,
-                    data_hash=shard.data_hash,
-                    slide_dir=slide_dir,
-                )
-                cpu_step(slides, options, retry=True)
-            merged = cpu_step(
-                merge_features(
-                    slide_features=dsl.Collected(slides.outputs["features"]),
-                    imported_features=imported.outputs["features"],
-                ),
-                options,
-                retry=True,
-            )
-            features = merged.outputs["features"]
             training_inputs = {
                 "cohort": cohort,
                 "data_hash": data_hash,

@@ -34,12 +34,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from healnet.evaluate import c_index_summary, evaluate_checkpoint, format_table
-    from healnet.evaluation_report import format_text
+    from healnet.evaluation_report import SUMMARY_KEYS, format_text
 
     checkpoint = args.run / "checkpoint" if (args.run / "checkpoint").is_dir() else args.run
     out = args.out or args.run / "evaluation"
     result = evaluate_checkpoint(checkpoint, args.cohort, out, args.features, args.role, args.split_repeat)
-    print(format_table({k: v for k, v in result.items() if isinstance(v, int | float | str) and k in TABLE}))
+    print(
+        format_table(
+            {k: v for k, v in result.items() if isinstance(v, int | float | str) and k in SUMMARY_KEYS}
+        )
+    )
     interval = c_index_summary(
         result["c_index"], result["c_index_ci_low"], result["c_index_ci_high"], result["confidence"]
     )
@@ -53,17 +57,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"evaluation.json: {Path(out) / 'evaluation.json'}")
     print(f"evaluation.html: {result['evaluation_html']}")
     return 0
-
-
-# the scalar metrics printed as a table; the report's sections follow it
-TABLE = (
-    "role",
-    "patients",
-    "events",
-    "c_index",
-    "c_index_ci_low",
-    "c_index_ci_high",
-    "c_index_ipcw",
-    "integrated_brier_score",
-    "logrank_p",
-)
