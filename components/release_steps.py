@@ -87,13 +87,19 @@ def promote(
     import json
     from pathlib import Path
 
-    from components.support import PipelineStepError, champion_assessor, git_sha, use_registry
+    from components.support import (
+        PipelineStepError,
+        candidate_card_files,
+        champion_assessor,
+        git_sha,
+        use_registry,
+        write_card_artifacts,
+    )
 
     use_registry(registry_dir)
     from healnet.checkpoint import verify_checkpoint
     from healnet.gate import GatePolicy, promote_if_still_better
-    from healnet.model_card import card_files, pipeline_card
-    from healnet.registry import CARD_JSON, CARD_MARKDOWN, register_model
+    from healnet.registry import CARD_MARKDOWN, register_model
     from healnet.scoring import ScoredPatients
 
     gated = json.loads(Path(gate_json.path).read_text(encoding="utf-8"))
@@ -128,20 +134,22 @@ def promote(
     champion = gated["champion"]
     policy = GatePolicy(**{k: v for k, v in gated["policy"].items() if k != "version"})
     candidate = ScoredPatients.read_parquet(Path(predictions.path))
-    card_inputs = {
-        "evaluation_file": evaluation.path,
-        "validation_file": validation.path,
-        "data_hash": data_hash,
-        "git_sha": code_version,
-        "run_id": run_id,
-        "run_name": run_name,
-        "slides_quarantined": model.metadata.get("slides_quarantined"),
-    }
     cards: dict[str, str] = {}  # the files of the card, made for the new tag inside register_model
 
     def card_for(version: str) -> dict[str, str]:
         cards.update(
-            card_files(pipeline_card(checkpoint, cohort.path, gate_json.path, version, **card_inputs))
+            candidate_card_files(
+                version,
+                model=model,
+                cohort_path=cohort.path,
+                gate_file=gate_json.path,
+                evaluation_file=evaluation.path,
+                validation_file=validation.path,
+                data_hash=data_hash,
+                code_version=code_version,
+                run_id=run_id,
+                run_name=run_name,
+            )
         )
         evaluated = Path(evaluation.path)  # the full report's numbers, kept with the version beside its card
         return (
@@ -151,8 +159,7 @@ def promote(
         )
 
     tag = register_model(checkpoint, labels, metadata, files=card_for)
-    Path(model_card.path).write_text(cards[CARD_MARKDOWN], encoding="utf-8")
-    Path(model_card_json.path).write_text(cards[CARD_JSON], encoding="utf-8")
+    write_card_artifacts(cards, model_card.path, model_card_json.path)
     outcome = (
         f"passed gate v{gate_version}" if gated["passed"] else f"gate v{gate_version} dry run, checks failed"
     )
@@ -205,11 +212,10 @@ def reject(
     import json
     from pathlib import Path
 
-    from components.support import git_sha, use_registry
+    from components.support import candidate_card_files, git_sha, use_registry, write_card_artifacts
 
     use_registry(registry_dir)
-    from healnet.model_card import card_files, pipeline_card
-    from healnet.registry import CARD_JSON, CARD_MARKDOWN, get_champion
+    from healnet.registry import get_champion
 
     gated = json.loads(Path(gate_json.path).read_text(encoding="utf-8"))
     champion = get_champion()
@@ -227,22 +233,19 @@ def reject(
     )
     Path(report.path).write_text(text, encoding="utf-8")
     print(text)
-    card = pipeline_card(
-        Path(model.path) / "checkpoint",
-        cohort.path,
-        gate_json.path,
+    files = candidate_card_files(
         None,
+        model=model,
+        cohort_path=cohort.path,
+        gate_file=gate_json.path,
         evaluation_file=evaluation.path,
         validation_file=validation.path,
         data_hash=data_hash,
-        git_sha=git_sha(),
+        code_version=git_sha(),
         run_id=run_id,
         run_name=run_name,
-        slides_quarantined=model.metadata.get("slides_quarantined"),
     )
-    written = card_files(card)
-    Path(model_card.path).write_text(written[CARD_MARKDOWN], encoding="utf-8")
-    Path(model_card_json.path).write_text(written[CARD_JSON], encoding="utf-8")
+    write_card_artifacts(files, model_card.path, model_card_json.path)
 
 
 @cpu_component

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from healnet.errors import HEALNetError
 
@@ -228,3 +229,44 @@ def record_training(result: dict, data_hash: str, model, metrics) -> None:
             print(f"validation {name} is {value}: not logged as a metric")
     metrics.log_metric("epochs_run", result["epochs_run"])
     Path(metrics.path).write_text(json.dumps(metrics.metadata))  # the file too, not only the metadata
+
+
+def candidate_card_files(
+    version: str | None,
+    *,
+    model: Any,
+    cohort_path: str,
+    gate_file: str,
+    evaluation_file: str,
+    validation_file: str,
+    data_hash: str,
+    code_version: str,
+    run_id: str,
+    run_name: str,
+) -> dict[str, str]:
+    """The model card files (model_card.json, model_card.md) of this run's candidate: `version` is its
+    registered tag, None for a rejected candidate. `model` is the train step's Model artifact."""
+    from healnet.model_card import card_files, pipeline_card
+
+    card = pipeline_card(
+        Path(model.path) / "checkpoint",
+        cohort_path,
+        gate_file,
+        version,
+        evaluation_file=evaluation_file,
+        validation_file=validation_file,
+        data_hash=data_hash,
+        git_sha=code_version,
+        run_id=run_id,
+        run_name=run_name,
+        slides_quarantined=model.metadata.get("slides_quarantined"),
+    )
+    return card_files(card)
+
+
+def write_card_artifacts(files: dict[str, str], markdown_path: str, json_path: str) -> None:
+    """The card's Markdown and JSON into the step's two artifacts."""
+    from healnet.registry import CARD_JSON, CARD_MARKDOWN
+
+    Path(markdown_path).write_text(files[CARD_MARKDOWN], encoding="utf-8")
+    Path(json_path).write_text(files[CARD_JSON], encoding="utf-8")
