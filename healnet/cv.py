@@ -143,6 +143,8 @@ def run_fold(
             "best_epochs": [member.training.best_epoch for member in ensemble.members],
             "bin_edges": ensemble.bins.to_dict()["edges"],
         }
+        if "linear_blend_choice" in ensemble.members[0].metadata:
+            models["healnet"]["linear_blend_choice"] = ensemble.members[0].metadata["linear_blend_choice"]
         if len(ensemble.members) > 1:
             models["healnet_single"] = {**ensemble.evaluate(data, test_ids, pool, members=1)}
         result.healnet = ensemble

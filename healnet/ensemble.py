@@ -54,7 +54,7 @@ from healnet.preprocess.clinical import CLINICAL
 from healnet.preprocess.state import WSI, Preprocessor
 from healnet.recipes import Recipe
 from healnet.survival import SurvivalBins, nll_per_sample, survival_from_logits
-from healnet.survival_metrics import survival_metrics
+from healnet.survival_metrics import harrell_c_or_nan, survival_metrics
 from healnet.train import (
     TrainConfig,
     TrainResult,
@@ -143,6 +143,14 @@ class HEALNetEnsemble:
         )
         for trained, result in zip(members, results, strict=True):
             trained.result = result
+        if recipe.train.linear_blend_choices and members[0].model.linear_path is not None:
+            choice = choose_linear_blend(
+                [trained.model for trained in members],
+                [val_set for _, _, val_set in built],
+                recipe.train.linear_blend_choices,
+            )
+            for trained in members:
+                trained.metadata["linear_blend_choice"] = choice
         reference = fit_input_reference(data.omics, data.clinical, data.wsi_bags, fitted_on, preprocessor)
         return cls(members, parts, recipe.name, reference.to_dict())
 
@@ -211,6 +219,42 @@ class HEALNetEnsemble:
             for model in checkpoint.build_models()
         ]
         return cls(members, [], checkpoint.metadata.get("recipe", ""), checkpoint.input_reference)
+
+
+def choose_linear_blend(
+    models: Sequence[torch.nn.Module], stop_sets: Sequence, choices: Sequence[float]
+) -> dict[str, Any]:
+    """Set every member's blend with its linear path to the one of `choices` whose predictions rank the
+    members' early-stopping patients best: each patient is scored by the member that did not train on it
+    (with more than one member, every fitting patient once), and Harrell's C is taken over all of them.
+    Ties go to the smaller weight; with no comparable pair the configured weight stays. Returns the chosen
+    weight and each choice's C.
+
+    The members keep what they learned; only how much their survival curve leans on the linear path's own
+    curve changes. A weight of 0 removes the path's intercepts, which nothing then reads.
+    """
+    first = cast(HEALNet, models[0])
+    if not hasattr(first, "linear_intercepts"):
+        raise ValueError("choosing a linear blend needs members built with a linear_blend above 0")
+    configured = first.config.linear_blend
+    device = next(first.parameters()).device
+    times = np.concatenate([dataset.targets.times for dataset in stop_sets])
+    events = np.concatenate([dataset.targets.events for dataset in stop_sets]).astype(bool)
+    loaders = [make_loader(dataset, PREDICT_BATCH, False, device) for dataset in stop_sets]
+    scores: dict[float, float] = {}
+    for weight in sorted(choices):
+        risks = []
+        for model, loader in zip(models, loaders, strict=True):
+            cast(HEALNet, model).config.linear_blend = weight
+            risks.append(survival_from_logits(torch.from_numpy(predict_logits(model, loader, device)))[2])
+        scores[weight] = harrell_c_or_nan(times, events, torch.cat(risks).numpy())
+    ranked = [weight for weight in scores if np.isfinite(scores[weight])]  # no comparable pair: none is
+    chosen = max(ranked, key=lambda weight: scores[weight]) if ranked else configured
+    for model in models:
+        cast(HEALNet, model).config.linear_blend = chosen
+        if not chosen:
+            del model.linear_intercepts
+    return {"chosen": chosen, "c_index": {str(weight): score for weight, score in scores.items()}}
 
 
 def batching_blocker(train_sets: Sequence, val_sets: Sequence, configs: Sequence[TrainConfig]) -> str | None:

@@ -68,13 +68,22 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.members < 1:
             raise RecipeError(f"members must be at least 1, got {self.members}")
+        if self.train.linear_blend_choices and not self.model.linear_blend:
+            raise RecipeError(
+                "linear_blend_choices need a linear_blend above 0 to train with (the linear path's "
+                "intercepts are fitted for a blend only)"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def without_linear_path(self) -> Recipe:
         """The same recipe with no modality's linear path (and so nothing to blend with it)."""
-        return replace(self, model=replace(self.model, linear_path=None, linear_blend=None))
+        return replace(
+            self,
+            model=replace(self.model, linear_path=None, linear_blend=None),
+            train=replace(self.train, linear_blend_choices=()),
+        )
 
     def seeded(self, seed: int) -> Recipe:
         """The same recipe with another seed (of the weights, the batch order and the members' parts)."""

@@ -30,6 +30,10 @@ class TrainConfig:
     linear_omics_ridge: float | None = None
     linear_omics_ridges: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0, 30.0, 100.0)
     linear_ridge_folds: int = 5
+    # weights of the linear path's own survival curve to choose from once the members are trained, by the
+    # Harrell C of each member's predictions on its own early-stopping patients (healnet.linear_path.
+    # choose_linear_blend); empty: the model keeps its configured linear_blend
+    linear_blend_choices: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.monitor not in {"loss", "c_index"}:
@@ -38,6 +42,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be positive")
         if not self.linear_omics_ridges or min(self.linear_omics_ridges) <= 0 or self.linear_ridge_folds < 2:
             raise ValueError("linear_omics_ridges must be positive and linear_ridge_folds at least 2")
+        if any(not 0.0 <= weight < 1.0 for weight in self.linear_blend_choices):
+            raise ValueError(f"linear_blend_choices must be in [0, 1), got {self.linear_blend_choices}")
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
 

@@ -35,6 +35,8 @@ from healnet.recipes import TCGA, Recipe
 ROUND_4_BASE = replace(TCGA, model=replace(TCGA.model, linear_blend=0.0))
 # The `tcga` recipe as rounds 1 and 2 started from: 20 epochs, before round 2 chose 40.
 ROUND_BASE = replace(ROUND_4_BASE, train=replace(TCGA.train, epochs=20, patience=20))
+# Round 5's grid of blend weights, chosen per training set on the members' early-stopping patients.
+BLEND_CHOICES = (0.0, 0.25, 0.5, 0.75)
 
 
 def _changed(model: dict | None = None, **train: Any) -> Recipe:
@@ -70,6 +72,15 @@ ROUNDS: dict[int, dict[str, Recipe]] = {
         "current": ROUND_4_BASE,
         "blend_0.25": replace(ROUND_4_BASE, model=replace(ROUND_4_BASE.model, linear_blend=0.25)),
         "blend_0.5": replace(ROUND_4_BASE, model=replace(ROUND_4_BASE.model, linear_blend=0.5)),
+    },
+    5: {
+        "current": TCGA,
+        "blend_chosen": replace(TCGA, train=replace(TCGA.train, linear_blend_choices=BLEND_CHOICES)),
+        "wide_blend_chosen": replace(
+            TCGA,
+            model=replace(TCGA.model, linear_path=(CLINICAL, OMIC)),
+            train=replace(TCGA.train, linear_blend_choices=BLEND_CHOICES),
+        ),
     },
 }
 
