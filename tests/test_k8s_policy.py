@@ -21,6 +21,16 @@ SERVING_PORT = 3000
 PSS_ENFORCE = "pod-security.kubernetes.io/enforce"
 DNS_PORTS = [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
 CLUSTER_DNS = {"k8s-app": "kube-dns"}
+# What each NetworkPolicy (by name) may open besides the cluster DNS: its ingress ports, and egress rules
+# (a peer's pod labels, its namespace and the ports). The drift Job serves nothing and pushes its result
+# to the Pushgateway.
+POLICY_INGRESS_PORTS = {"healnet-service": {SERVING_PORT}, "healnet-drift": set()}
+PUSHGATEWAY = (
+    {"app.kubernetes.io/name": "prometheus-pushgateway"},
+    "monitoring",
+    [{"port": 9091, "protocol": "TCP"}],
+)
+POLICY_EGRESS = {"healnet-service": [], "healnet-drift": [PUSHGATEWAY]}
 
 
 def name_of(obj: Obj) -> str:
@@ -107,7 +117,15 @@ def workload_violations(workload: Obj) -> list[str]:
 
 
 def pod_labels(objects: list[Obj]) -> list[dict[str, str]]:
-    return [obj["spec"]["template"]["metadata"]["labels"] for obj in objects if obj["kind"] in WORKLOAD_KINDS]
+    """The pod template labels of the workloads and the CronJobs' Jobs."""
+    labels = [
+        obj["spec"]["template"]["metadata"]["labels"] for obj in objects if obj["kind"] in WORKLOAD_KINDS
+    ]
+    return labels + [
+        obj["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+        for obj in objects
+        if obj["kind"] == "CronJob"
+    ]
 
 
 def container_port_names(objects: list[Obj]) -> set[str]:
@@ -131,6 +149,12 @@ def wiring_violations(objects: list[Obj]) -> list[str]:
         if obj["kind"] in WORKLOAD_KINDS | {ROLLOUT_KIND}
     }
     services = [obj for obj in objects if obj["kind"] == "Service"]
+    policies = [obj for obj in objects if obj["kind"] == "NetworkPolicy"]
+    for labels in pods:
+        if not any(selects(p["spec"]["podSelector"].get("matchLabels", {}), labels) for p in policies):
+            found.append(
+                f"pods labelled {labels.get('app.kubernetes.io/name')}: no NetworkPolicy selects them"
+            )
     for service in services:
         if not any(selects(service["spec"].get("selector", {}), labels) for labels in pods):
             found.append(f"{name_of(service)}: selector matches no pod template")
@@ -149,9 +173,10 @@ def wiring_violations(objects: list[Obj]) -> list[str]:
             ports = {
                 port["port"] for rule in obj["spec"].get("ingress", []) for port in rule.get("ports", [])
             }
-            if ports != {SERVING_PORT}:
+            allowed = POLICY_INGRESS_PORTS.get(obj["metadata"]["name"], set())
+            if ports - allowed or any(not rule.get("ports") for rule in obj["spec"].get("ingress", [])):
                 found.append(
-                    f"{name_of(obj)}: ingress is open to ports {sorted(ports)}, not only {SERVING_PORT}"
+                    f"{name_of(obj)}: ingress is open to ports {sorted(ports)}, not only {sorted(allowed)}"
                 )
             found += egress_violations(obj)
         if obj["kind"] == ROLLOUT_KIND:
@@ -211,17 +236,24 @@ def rollout_violations(rollout: Obj, objects: list[Obj]) -> list[str]:
 
 
 def egress_violations(policy: Obj) -> list[str]:
-    """The service may reach the cluster DNS and nothing else."""
+    """The pods may reach the cluster DNS, and what POLICY_EGRESS allows their policy, and nothing else."""
     if "Egress" not in policy["spec"].get("policyTypes", []):
         return [f"{name_of(policy)}: does not restrict egress"]
+    allowed = [(CLUSTER_DNS, "kube-system", DNS_PORTS), *POLICY_EGRESS.get(policy["metadata"]["name"], [])]
     found = []
     for rule in policy["spec"].get("egress", []):
         peers = rule.get("to", [])
-        to_dns = bool(peers) and all(
-            peer.get("podSelector", {}).get("matchLabels") == CLUSTER_DNS and "ipBlock" not in peer
-            for peer in peers
-        )
-        if not to_dns or rule.get("ports") != DNS_PORTS:
+        if not peers or not any(
+            rule.get("ports") == ports
+            and all(
+                peer.get("podSelector", {}).get("matchLabels") == labels
+                and peer.get("namespaceSelector", {}).get("matchLabels")
+                == {"kubernetes.io/metadata.name": namespace}
+                and "ipBlock" not in peer
+                for peer in peers
+            )
+            for labels, namespace, ports in allowed
+        ):
             found.append(f"{name_of(policy)}: egress is open beyond the cluster DNS: {rule}")
     return found
 
@@ -396,6 +428,37 @@ BREAKAGES: dict[str, tuple[Callable[[list[Obj]], None], str]] = {
         "Secrets must be created in the cluster",
     ),
 }
+
+
+def drift_policy(objects: list[Obj]) -> Obj:
+    return next(
+        o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "healnet-drift"
+    )
+
+
+DRIFT_BREAKAGES: dict[str, tuple[Callable[[list[Obj]], None], str]] = {
+    "drift-job-unguarded": (
+        lambda o: o.remove(drift_policy(o)),
+        "pods labelled healnet-drift: no NetworkPolicy selects them",
+    ),
+    "drift-pushgateway-https-anywhere": (
+        lambda o: drift_policy(o)["spec"]["egress"][1]["to"][0].pop("podSelector"),
+        "NetworkPolicy/healnet-drift: egress is open beyond the cluster DNS",
+    ),
+    "drift-ingress-opened": (
+        lambda o: drift_policy(o)["spec"].update(ingress=[{"from": [{"podSelector": {}}]}]),
+        "NetworkPolicy/healnet-drift: ingress is open to ports [], not only []",
+    ),
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(DRIFT_BREAKAGES))
+def test_policy_reports_a_broken_drift_policy(breakage: str) -> None:
+    break_it, expected = DRIFT_BREAKAGES[breakage]
+    objects = copy.deepcopy(manifests("overlays/drift"))
+    break_it(objects)
+    violations = policy_violations(objects)
+    assert any(expected in violation for violation in violations), violations
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,10 @@ def test_the_choice_reads_training_patients_only(data, fitted):
     changed.clinical.loc[test_ids, "event"] = 1
     changed.clinical.loc[test_ids, "age"] = 99.0
     again = fit_wide(changed, train_ids, CHOOSING)
-    assert again.members[0].metadata["linear_blend_choice"] == ensemble.members[0].metadata["linear_blend_choice"]
+    assert (
+        again.members[0].metadata["linear_blend_choice"]
+        == ensemble.members[0].metadata["linear_blend_choice"]
+    )
 
 
 def test_a_chosen_weight_of_zero_drops_the_intercepts_and_round_trips(tmp_path, data):
