@@ -1,6 +1,7 @@
 """The HEALNet batch-scoring pipeline: resolve the model version → ingest → validate → slide features (tiled
 in shards, or imported) when the model reads slides → the patients in shards → each shard scored by
-`Predictor` on the registered version, as the service answers → one parquet and a summary.
+`Predictor` on the registered version, as the service answers → one parquet and a summary; all inside an
+exit handler that notifies how the run ended, as the training pipeline's does.
 
 Compiled beside the training pipeline (`python -m pipelines compile`) and run locally with
 `python -m pipelines run-local batch-scoring`; the cluster settings are the training pipeline's
@@ -16,10 +17,11 @@ from kfp import dsl
 from kfp.dsl.graph_component import GraphComponent
 
 from components.batch_steps import merge_scores, resolve_model, score_shard, shard_patients
+from components.release_steps import notify
 from healnet.validation.thresholds import DEFAULT_THRESHOLDS
 from pipelines.cohort_steps import cohort_steps
 from pipelines.options import DEFAULT_OPTIONS, ClusterOptions
-from pipelines.task_settings import cpu_step, mount_registry
+from pipelines.task_settings import cpu_step, mount_registry, notify_webhook
 
 BATCH_SCORING_NAME = "healnet-batch-scoring"
 DEFAULT_SHARDS = 4
@@ -49,49 +51,54 @@ def build_batch_scoring_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> G
         slide_shards: int = 2,
         max_quarantined_fraction: float = DEFAULT_THRESHOLDS.max_quarantined_row_fraction,
     ):
-        resolved = mount_registry(
-            cpu_step(resolve_model(model_version=model_version, registry_dir=registry_dir), options), options
-        )
-        resolved.set_caching_options(False)  # the champion moves
-        # the model's modalities: a cohort without one of them fails at validate, and slides are tiled only
-        # for a model that reads them
-        prepared = cohort_steps(
-            options,
-            source=source,
-            cohort_dir=cohort_dir,
-            slide_dir=slide_dir,
-            split_seed=SCORING_SPLIT_SEED,
-            import_settings={
-                "features_dir": features_dir,
-                "encoder_name": encoder_name,
-                "weights_sha256": weights_sha256,
-                "mpp": mpp,
-                "patch_size": patch_size,
-            },
-            slide_shards=slide_shards,
-            max_quarantined_fraction=max_quarantined_fraction,
-            min_events_per_split=NO_EVENTS_CHECK,
-            modalities=resolved.outputs["model_modalities"],
-            slide_loop_name="slide-shards",
-        )
-        cohort = prepared.cohort
-        sharded = cpu_step(
-            shard_patients(cohort=cohort, shards=shards, model_version=resolved.outputs["Output"]), options
-        )
-        with dsl.ParallelFor(
-            sharded.outputs["Output"], parallelism=options.shard_parallelism, name="scoring-shards"
-        ) as patient_shard:
-            scored = score_shard(
-                cohort=cohort,
-                features=prepared.features,
-                assignments=sharded.outputs["assignments"],
-                model_version=patient_shard.model_version,
-                shard_index=patient_shard.shard_index,
-                shard_count=patient_shard.shard_count,
-                registry_dir=registry_dir,
+        finished = notify_webhook(notify(run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), options)
+        finished.set_caching_options(False)
+        with dsl.ExitHandler(finished, name="healnet-batch-scoring-run"):
+            resolved = mount_registry(
+                cpu_step(resolve_model(model_version=model_version, registry_dir=registry_dir), options),
+                options,
             )
-            mount_registry(cpu_step(scored, options, retry=True), options)
-        cpu_step(merge_scores(shard_scores=dsl.Collected(scored.outputs["scores"])), options, retry=True)
+            resolved.set_caching_options(False)  # the champion moves
+            # the model's modalities: a cohort without one of them fails at validate, and slides are tiled only
+            # for a model that reads them
+            prepared = cohort_steps(
+                options,
+                source=source,
+                cohort_dir=cohort_dir,
+                slide_dir=slide_dir,
+                split_seed=SCORING_SPLIT_SEED,
+                import_settings={
+                    "features_dir": features_dir,
+                    "encoder_name": encoder_name,
+                    "weights_sha256": weights_sha256,
+                    "mpp": mpp,
+                    "patch_size": patch_size,
+                },
+                slide_shards=slide_shards,
+                max_quarantined_fraction=max_quarantined_fraction,
+                min_events_per_split=NO_EVENTS_CHECK,
+                modalities=resolved.outputs["model_modalities"],
+                slide_loop_name="slide-shards",
+            )
+            cohort = prepared.cohort
+            sharded = cpu_step(
+                shard_patients(cohort=cohort, shards=shards, model_version=resolved.outputs["Output"]),
+                options,
+            )
+            with dsl.ParallelFor(
+                sharded.outputs["Output"], parallelism=options.shard_parallelism, name="scoring-shards"
+            ) as patient_shard:
+                scored = score_shard(
+                    cohort=cohort,
+                    features=prepared.features,
+                    assignments=sharded.outputs["assignments"],
+                    model_version=patient_shard.model_version,
+                    shard_index=patient_shard.shard_index,
+                    shard_count=patient_shard.shard_count,
+                    registry_dir=registry_dir,
+                )
+                mount_registry(cpu_step(scored, options, retry=True), options)
+            cpu_step(merge_scores(shard_scores=dsl.Collected(scored.outputs["scores"])), options, retry=True)
 
     return healnet_batch_scoring
 

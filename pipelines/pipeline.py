@@ -14,31 +14,16 @@ from kfp.dsl.graph_component import GraphComponent
 
 from components.images import HEALNET_GPU_IMAGE
 from components.model_steps import evaluate, train, train_trainjob
-from components.notification import NOTIFY_WEBHOOK_ENV
 from components.release_steps import gate, notify, promote, reject
 from components.trainjob import TRAINJOB_BACKEND, TrainJobSettings
 from healnet.gate import PROMOTE, GatePolicy
 from healnet.recipes import DEFAULT_RECIPE
 from healnet.validation.thresholds import DEFAULT_THRESHOLDS
 from pipelines.cohort_steps import cohort_steps
-from pipelines.options import DEFAULT_OPTIONS, NOTIFY_SECRET_KEY, PARAMETER_TYPES, ClusterOptions
-from pipelines.task_settings import cpu_step, mount_cohort, mount_registry, with_retries
+from pipelines.options import DEFAULT_OPTIONS, PARAMETER_TYPES, ClusterOptions
+from pipelines.task_settings import cpu_step, mount_cohort, mount_registry, notify_webhook, with_retries
 
 PIPELINE_NAME = "healnet-training"
-
-
-def _notify_webhook(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
-    """The webhook URL, a credential, from the notify Secret into the exit handler's environment. Optional:
-    a missing Secret leaves the variable unset (the run's end is then only logged) instead of keeping the
-    exit handler's pod from starting."""
-    if options.notify_secret:
-        kubernetes.use_secret_as_env(
-            task,
-            secret_name=options.notify_secret,
-            secret_key_to_env={NOTIFY_SECRET_KEY: NOTIFY_WEBHOOK_ENV},
-            optional=True,
-        )
-    return task
 
 
 def _gpu_training(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
@@ -118,7 +103,7 @@ def build_pipeline(options: ClusterOptions = DEFAULT_OPTIONS) -> GraphComponent:
         min_test_events: int = GatePolicy.min_test_events,
         dry_run: bool = GatePolicy.dry_run,
     ):
-        finished = _notify_webhook(notify(run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), options)
+        finished = notify_webhook(notify(run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER), options)
         finished.set_caching_options(False)
         with dsl.ExitHandler(finished, name="healnet-run"):
             prepared = cohort_steps(

@@ -4,7 +4,8 @@ and the cohort and registry volumes, applied from one `ClusterOptions`."""
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
 
-from pipelines.options import ClusterOptions
+from components.notification import NOTIFY_WEBHOOK_ENV
+from pipelines.options import NOTIFY_SECRET_KEY, ClusterOptions
 
 
 def mount_cohort(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
@@ -39,3 +40,17 @@ def cpu_step(task: PipelineTask, options: ClusterOptions, retry: bool = False) -
     if retry:
         with_retries(task, options)
     return mount_cohort(task, options)
+
+
+def notify_webhook(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
+    """The webhook URL, a credential, from the notify Secret into the exit handler's environment. Optional:
+    a missing Secret leaves the variable unset (the run's end is then only logged) instead of keeping the
+    exit handler's pod from starting."""
+    if options.notify_secret:
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=options.notify_secret,
+            secret_key_to_env={NOTIFY_SECRET_KEY: NOTIFY_WEBHOOK_ENV},
+            optional=True,
+        )
+    return task

@@ -31,12 +31,23 @@ from healnet.preprocess.clinical import CLINICAL
 from healnet.preprocess.state import OMIC
 from healnet.recipes import TCGA, Recipe
 
+# The `tcga` recipe as rounds 5 and 6 started from: round 4's choice (clinical linear path, blend 0.25).
+ROUND_5_BASE = replace(
+    TCGA,
+    model=replace(TCGA.model, linear_path=(CLINICAL,), linear_blend=0.25),
+    train=replace(TCGA.train, linear_blend_choices=()),
+)
 # The `tcga` recipe as rounds 3 and 4 started from: before round 4 chose the blend.
-ROUND_4_BASE = replace(TCGA, model=replace(TCGA.model, linear_blend=0.0))
+ROUND_4_BASE = replace(ROUND_5_BASE, model=replace(ROUND_5_BASE.model, linear_blend=0.0))
 # The `tcga` recipe as rounds 1 and 2 started from: 20 epochs, before round 2 chose 40.
-ROUND_BASE = replace(ROUND_4_BASE, train=replace(TCGA.train, epochs=20, patience=20))
-# Round 5's grid of blend weights, chosen per training set on the members' early-stopping patients.
-BLEND_CHOICES = (0.0, 0.25, 0.5, 0.75)
+ROUND_BASE = replace(ROUND_4_BASE, train=replace(ROUND_4_BASE.train, epochs=20, patience=20))
+# Rounds 5 and 6: the blend weight chosen per training set on the members' early-stopping patients.
+CHOSEN_BLEND_TRAINING = replace(ROUND_5_BASE.train, linear_blend_choices=(0.0, 0.25, 0.5, 0.75))
+WIDE_BLEND_CHOSEN = replace(
+    ROUND_5_BASE,
+    model=replace(ROUND_5_BASE.model, linear_path=(CLINICAL, OMIC)),
+    train=CHOSEN_BLEND_TRAINING,
+)
 
 
 def _changed(model: dict | None = None, **train: Any) -> Recipe:
@@ -74,14 +85,11 @@ ROUNDS: dict[int, dict[str, Recipe]] = {
         "blend_0.5": replace(ROUND_4_BASE, model=replace(ROUND_4_BASE.model, linear_blend=0.5)),
     },
     5: {
-        "current": TCGA,
-        "blend_chosen": replace(TCGA, train=replace(TCGA.train, linear_blend_choices=BLEND_CHOICES)),
-        "wide_blend_chosen": replace(
-            TCGA,
-            model=replace(TCGA.model, linear_path=(CLINICAL, OMIC)),
-            train=replace(TCGA.train, linear_blend_choices=BLEND_CHOICES),
-        ),
+        "current": ROUND_5_BASE,
+        "blend_chosen": replace(ROUND_5_BASE, train=CHOSEN_BLEND_TRAINING),
+        "wide_blend_chosen": WIDE_BLEND_CHOSEN,
     },
+    6: {"current": ROUND_5_BASE, "wide_blend_chosen": WIDE_BLEND_CHOSEN},
 }
 
 

@@ -77,9 +77,16 @@ def test_compile_writes_a_batch_scoring_package_with_a_parallel_for_over_the_pat
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     assert inputs["shards"]["defaultValue"] == 8 and "epochs" not in inputs  # each package its own params
     assert inputs["model_version"]["defaultValue"] == ""
+    # every step inside an exit handler that reports how the run ended, as in the training pipeline
+    root = spec["root"]["dag"]["tasks"]
+    assert set(root) == {"exit-handler-1", "notify"}
+    assert root["notify"]["inputs"]["parameters"]["status"] == {
+        "taskFinalStatus": {"producerTask": "exit-handler-1"}
+    }
+    steps = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
     loops = {
         name: task
-        for name, task in spec["root"]["dag"]["tasks"].items()
+        for name, task in steps.items()
         if "parameterIterator" in task and task["taskInfo"]["name"] == "scoring-shards"
     }
     (loop,) = loops.values()
@@ -87,7 +94,7 @@ def test_compile_writes_a_batch_scoring_package_with_a_parallel_for_over_the_pat
     assert loop["iteratorPolicy"]["parallelismLimit"] == 4
     body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
     assert set(body) == {"score-shard"} and body["score-shard"]["retryPolicy"]["maxRetryCount"] == 2
-    assert spec["root"]["dag"]["tasks"]["resolve-model"]["cachingOptions"] == {}
+    assert steps["resolve-model"]["cachingOptions"] == {}
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for step in ("exec-resolve-model", "exec-score-shard"):
         assert [mount["mountPath"] for mount in executors[step]["pvcMount"]] == ["/registry"]
