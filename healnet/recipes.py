@@ -13,6 +13,7 @@ from typing import Any
 from healnet.errors import HEALNetError
 from healnet.preprocess.clinical import CLINICAL, ClinicalConfig
 from healnet.preprocess.omics import RNASEQ, OmicsConfig
+from healnet.preprocess.state import OMIC
 from healnet.train_config import TrainConfig
 
 
@@ -100,8 +101,10 @@ DEMO = Recipe(
 )
 
 # Real TCGA omics and clinical covariates: a small model per table, strong weight decay (few events),
-# an ensemble of 20, and age, sex and subtype both as a modality and as a linear path, whose survival curve
-# alone weighs a quarter of each prediction (round 4 of docs/results.md).
+# an ensemble of 20, and age, sex and subtype as a modality. A linear path over the covariates and each
+# table's features enters every logit; its own survival curve weighs a quarter of each prediction while
+# the members train, and then the weight of the grid that ranks the members' early-stopping patients best
+# (rounds 4 to 6 of docs/results.md).
 TCGA = Recipe(
     name="tcga",
     omics=OmicsConfig(top_k=200, combine=False, tokens="single", signed_log=RNASEQ),
@@ -111,10 +114,17 @@ TCGA = Recipe(
         latent_dim=16,
         cross_dim_head=8,
         latent_dim_head=8,
-        linear_path=(CLINICAL,),
+        linear_path=(CLINICAL, OMIC),
         linear_blend=0.25,
     ),
-    train=TrainConfig(epochs=40, patience=40, monitor="loss", batch_size=64, weight_decay=3e-2),
+    train=TrainConfig(
+        epochs=40,
+        patience=40,
+        monitor="loss",
+        batch_size=64,
+        weight_decay=3e-2,
+        linear_blend_choices=(0.0, 0.25, 0.5, 0.75),
+    ),
     members=20,
 )
 
