@@ -31,8 +31,8 @@ class TrainConfig:
     linear_omics_ridges: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0, 30.0, 100.0)
     linear_ridge_folds: int = 5
     # weights of the linear path's own survival curve to choose from once the members are trained, by the
-    # Harrell C of each member's predictions on its own early-stopping patients (healnet.linear_path.
-    # choose_linear_blend); empty: the model keeps its configured linear_blend
+    # Harrell C of each member's predictions on its own early-stopping patients
+    # (healnet.ensemble.choose_linear_blend); empty: the model keeps its configured linear_blend
     linear_blend_choices: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
