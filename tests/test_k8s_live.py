@@ -103,7 +103,7 @@ def panel_results(results: dict[str, list], titles: set[str]) -> list[list]:
 
 def test_every_dashboard_and_alert_query_evaluates(loaded):
     results = {q.origin: query(loaded, q.expr) for q in all_queries()}  # raises on any PromQL error
-    assert len(results) == len(all_queries()) == 34
+    assert len(results) == len(all_queries()) == 35
     for result in panel_results(results, MISSING_MODALITY_PANELS):
         assert {series["metric"]["modality"] for series in result} == {"omic", "wsi"}
     latency = panel_results(results, LATENCY_PANELS)
