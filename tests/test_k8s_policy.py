@@ -452,15 +452,6 @@ DRIFT_BREAKAGES: dict[str, tuple[Callable[[list[Obj]], None], str]] = {
 }
 
 
-@pytest.mark.parametrize("breakage", sorted(DRIFT_BREAKAGES))
-def test_policy_reports_a_broken_drift_policy(breakage: str) -> None:
-    break_it, expected = DRIFT_BREAKAGES[breakage]
-    objects = copy.deepcopy(manifests("overlays/drift"))
-    break_it(objects)
-    violations = policy_violations(objects)
-    assert any(expected in violation for violation in violations), violations
-
-
 @pytest.fixture(scope="module")
 def prod_objects() -> list[Obj]:
     return manifests("overlays/prod")
@@ -521,10 +512,17 @@ ROLLOUT_BREAKAGES: dict[str, tuple[Callable[[list[Obj]], None], str]] = {
 }
 
 
-@pytest.mark.parametrize("breakage", sorted(ROLLOUT_BREAKAGES))
-def test_policy_reports_a_broken_rollout(breakage: str) -> None:
-    break_it, expected = ROLLOUT_BREAKAGES[breakage]
-    objects = copy.deepcopy(manifests("overlays/canary"))
+# Breakages of the overlays other than prod's: (overlay, breakages)
+OVERLAY_BREAKAGES = [("overlays/drift", DRIFT_BREAKAGES), ("overlays/canary", ROLLOUT_BREAKAGES)]
+
+
+@pytest.mark.parametrize(
+    ("overlay", "breakage"),
+    [(overlay, name) for overlay, breakages in OVERLAY_BREAKAGES for name in sorted(breakages)],
+)
+def test_policy_reports_a_broken_overlay(overlay: str, breakage: str) -> None:
+    break_it, expected = dict(OVERLAY_BREAKAGES)[overlay][breakage]
+    objects = copy.deepcopy(manifests(overlay))
     break_it(objects)
     violations = policy_violations(objects)
     assert any(expected in violation for violation in violations), violations
