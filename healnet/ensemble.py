@@ -254,7 +254,10 @@ def choose_linear_blend(
         cast(HEALNet, model).config.linear_blend = chosen
         if not chosen:
             del model.linear_intercepts
-    return {"chosen": chosen, "c_index": {str(weight): score for weight, score in scores.items()}}
+    return {
+        "chosen": chosen,
+        "c_index": {str(weight): score if np.isfinite(score) else None for weight, score in scores.items()},
+    }
 
 
 def batching_blocker(train_sets: Sequence, val_sets: Sequence, configs: Sequence[TrainConfig]) -> str | None:

@@ -174,6 +174,10 @@ def checkpoint_facts(checkpoint_dir: Path) -> dict:
             "name": metadata.get("recipe"),
             "members": len(checkpoint.state_dicts),
             "settings": metadata.get("recipe_settings"),
+            # the weight the served members blend with their linear path's own curve, and how it was
+            # chosen (healnet.ensemble.choose_linear_blend); the settings hold only the training weight
+            "linear_blend": float(checkpoint.model_config.linear_blend),
+            "linear_blend_choice": metadata.get("linear_blend_choice"),
         },
         "split_repeat": int(metadata.get("split_repeat", 0)),
         "encoder": encoder,

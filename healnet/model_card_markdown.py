@@ -113,7 +113,8 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         "",
         "## Model",
         "",
-        f"Modalities: {', '.join(card['modalities'])}. Recipe: {recipe['name']} ({recipe['members']} member(s)).",
+        f"Modalities: {', '.join(card['modalities'])}. Recipe: {recipe['name']} ({recipe['members']} member(s))."
+        + linear_blend_sentence(recipe),
         "",
         "Slide encoder: "
         + (
@@ -226,3 +227,20 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         *(f"- {limitation}" for limitation in card["limitations"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def linear_blend_sentence(recipe: dict) -> str:
+    """How much each prediction leans on the linear path's own survival curve, and how that was chosen."""
+    weight, choice = recipe.get("linear_blend"), recipe.get("linear_blend_choice")
+    if choice:
+        scores = ", ".join(
+            f"{float(w):g}: {c:.3f}" if c is not None else f"{float(w):g}: –"
+            for w, c in choice["c_index"].items()
+        )
+        return (
+            f" Each prediction blends in the linear path's own survival curve with weight {choice['chosen']:g},"
+            f" chosen on the members' early-stopping patients (Harrell's C by weight: {scores})."
+        )
+    if weight:
+        return f" Each prediction blends in the linear path's own survival curve with weight {weight:g}."
+    return ""

@@ -11,6 +11,8 @@ from test_linear_path import WIDE, fit_wide
 
 from healnet.checkpoint import load_checkpoint, save_checkpoint
 from healnet.ensemble import HEALNetEnsemble
+from healnet.model_card import checkpoint_facts
+from healnet.model_card_markdown import linear_blend_sentence
 from healnet.preprocess.clinical import CLINICAL
 from healnet.recipes import RecipeError
 from healnet.survival_metrics import harrell_c
@@ -99,3 +101,16 @@ def test_choices_need_a_blend_to_train_with_and_weights_below_one():
     with pytest.raises(ValueError, match="linear_blend_choices"):
         TrainConfig(linear_blend_choices=(0.5, 1.0))
     assert CHOOSING.without_linear_path().train.linear_blend_choices == ()
+
+
+def test_the_model_card_names_the_served_weight_and_how_it_was_chosen(tmp_path, fitted):
+    ensemble, _ = fitted
+    save_checkpoint(tmp_path / "model", ensemble.to_checkpoint())
+    recipe = checkpoint_facts(tmp_path / "model")["recipe"]
+    choice = ensemble.members[0].metadata["linear_blend_choice"]
+    assert recipe["linear_blend"] == choice["chosen"] and recipe["linear_blend_choice"] == choice
+    sentence = linear_blend_sentence(recipe)
+    assert f"with weight {choice['chosen']:g}, chosen on the members' early-stopping patients" in sentence
+    assert all(f"{float(weight):g}: " in sentence for weight in choice["c_index"])
+    fixed = linear_blend_sentence({"linear_blend": 0.25, "linear_blend_choice": None})
+    assert fixed == " Each prediction blends in the linear path's own survival curve with weight 0.25."

@@ -222,6 +222,7 @@ def test_the_markdown_shows_each_part(checkpoint, cohort):
     assert "| site | AB | 3 | 1 | – | – | ⚠ |" in markdown
     assert f"Decided by the rule: {GATE['rule']}" in markdown and DATA_HASH in markdown
     assert "unparseable survival 2" in markdown and "Slide encoder: stats" in markdown
+    assert "blends in the linear path" not in markdown  # the demo recipe has no linear path
 
 
 def test_a_rejected_candidate_has_no_version(checkpoint, cohort):
