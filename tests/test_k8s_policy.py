@@ -21,16 +21,18 @@ SERVING_PORT = 3000
 PSS_ENFORCE = "pod-security.kubernetes.io/enforce"
 DNS_PORTS = [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
 CLUSTER_DNS = {"k8s-app": "kube-dns"}
-# What each NetworkPolicy (by name) may open besides the cluster DNS: its ingress ports, and egress rules
-# (a peer's pod labels, its namespace and the ports). The drift Job serves nothing and pushes its result
-# to the Pushgateway.
-POLICY_INGRESS_PORTS = {"healnet-service": {SERVING_PORT}, "healnet-drift": set()}
 PUSHGATEWAY = (
     {"app.kubernetes.io/name": "prometheus-pushgateway"},
     "monitoring",
     [{"port": 9091, "protocol": "TCP"}],
 )
-POLICY_EGRESS = {"healnet-service": [], "healnet-drift": [PUSHGATEWAY]}
+# What each NetworkPolicy (by name) opens besides the cluster DNS: exactly these ingress ports, and egress
+# rules (a peer's pod labels, its namespace and the ports). The drift Job serves nothing and pushes its
+# result to the Pushgateway.
+POLICY_TRAFFIC: dict[str, tuple[set[int], list]] = {
+    "healnet-service": ({SERVING_PORT}, []),
+    "healnet-drift": (set(), [PUSHGATEWAY]),
+}
 
 
 def name_of(obj: Obj) -> str:
@@ -173,8 +175,8 @@ def wiring_violations(objects: list[Obj]) -> list[str]:
             ports = {
                 port["port"] for rule in obj["spec"].get("ingress", []) for port in rule.get("ports", [])
             }
-            allowed = POLICY_INGRESS_PORTS.get(obj["metadata"]["name"], set())
-            if ports - allowed or any(not rule.get("ports") for rule in obj["spec"].get("ingress", [])):
+            allowed = POLICY_TRAFFIC.get(obj["metadata"]["name"], (set(), []))[0]
+            if ports != allowed or any(not rule.get("ports") for rule in obj["spec"].get("ingress", [])):
                 found.append(
                     f"{name_of(obj)}: ingress is open to ports {sorted(ports)}, not only {sorted(allowed)}"
                 )
@@ -236,10 +238,13 @@ def rollout_violations(rollout: Obj, objects: list[Obj]) -> list[str]:
 
 
 def egress_violations(policy: Obj) -> list[str]:
-    """The pods may reach the cluster DNS, and what POLICY_EGRESS allows their policy, and nothing else."""
+    """The pods may reach the cluster DNS, and what POLICY_TRAFFIC allows their policy, and nothing else."""
     if "Egress" not in policy["spec"].get("policyTypes", []):
         return [f"{name_of(policy)}: does not restrict egress"]
-    allowed = [(CLUSTER_DNS, "kube-system", DNS_PORTS), *POLICY_EGRESS.get(policy["metadata"]["name"], [])]
+    allowed = [
+        (CLUSTER_DNS, "kube-system", DNS_PORTS),
+        *POLICY_TRAFFIC.get(policy["metadata"]["name"], (set(), []))[1],
+    ]
     found = []
     for rule in policy["spec"].get("egress", []):
         peers = rule.get("to", [])
