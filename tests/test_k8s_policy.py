@@ -400,6 +400,10 @@ BREAKAGES: dict[str, tuple[Callable[[list[Obj]], None], str]] = {
         ),
         "ingress is open to ports [22, 3000]",
     ),
+    "networkpolicy-serves-nothing": (
+        lambda o: the("NetworkPolicy", o)["spec"].update(ingress=[]),
+        "NetworkPolicy/healnet-service: ingress is open to ports [], not only [3000]",
+    ),
     "networkpolicy-ingress-only": (
         lambda o: the("NetworkPolicy", o)["spec"].update(policyTypes=["Ingress"]),
         "NetworkPolicy/healnet-service: does not restrict egress",
