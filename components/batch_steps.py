@@ -14,8 +14,8 @@ def resolve_model(model_version: str, registry_dir: str, model_modalities: Outpu
     Args:
         model_version: `healnet:VERSION` or `VERSION`; empty: the registry's champion.
         registry_dir: the BentoML store and champion pointer; empty: $BENTOML_HOME / $HEALNET_REGISTRY_DIR.
-        model_modalities: the version's modalities, comma-separated, which validation checks the cohort
-            has (and which decide whether slides are tiled).
+        model_modalities: the input kinds the version reads (omic, clinical, wsi), comma-separated, which
+            validation checks the cohort has (and which decide whether slides are tiled).
 
     Returns the concrete tag, `healnet:VERSION`."""
     from pathlib import Path

@@ -26,12 +26,14 @@ class BatchScoringError(HEALNetError, ValueError):
 
 def resolve_version(model_version: str) -> tuple[str, list[str]]:
     """The registered version to score with (`model_version`, or the champion when empty), its checkpoint's
-    sha256 verified, and the modalities it reads. An unknown version or no champion is a RegistryError."""
+    sha256 verified, and the input kinds it reads (omic, clinical, wsi: what validation checks a cohort
+    has). An unknown version or no champion is a RegistryError."""
     from healnet.checkpoint import read_manifest
+    from healnet.data.modalities import input_kinds
     from healnet.registry import resolve
 
     tag, checkpoint = resolve(model_version or None)
-    return tag, [modality["name"] for modality in read_manifest(checkpoint)["modalities"]]
+    return tag, input_kinds([modality["name"] for modality in read_manifest(checkpoint)["modalities"]])
 
 
 def shard_patient_ids(patient_ids: Sequence[str], shards: int) -> list[list[str]]:

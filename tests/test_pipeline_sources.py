@@ -12,7 +12,13 @@ from kfp.dsl import Artifact, Dataset, Markdown
 from components.data_steps import fingerprint, ingest, validate
 from components.support import PipelineStepError
 from healnet.data.fingerprint import SourceError, source_fingerprint
-from healnet.data.modalities import ModalityError, cohort_modalities, parse_modalities, resolve_modalities
+from healnet.data.modalities import (
+    ModalityError,
+    cohort_modalities,
+    input_kinds,
+    parse_modalities,
+    resolve_modalities,
+)
 from healnet.data.synth import SynthConfig, synthesize_cohort
 from pipelines.__main__ import main as pipelines_main
 from pipelines.local import run_local
@@ -31,6 +37,14 @@ def table(tmp_path_factory) -> Path:
 def run_dirs_tasks(run_dir: Path) -> set[str]:
     """The tasks that ran in this run, failed ones included (one served from the cache has no folder)."""
     return {path.name for path in run_dir.iterdir() if path.is_dir()}
+
+
+def test_a_models_modalities_are_the_input_kinds_validation_takes():
+    """Batch scoring validates a cohort against the model's modalities: each omic table's is the kind omic."""
+    separate_tables = ["mut", "cnv", "rnaseq", "clinical"]
+    assert input_kinds(separate_tables) == ["omic", "clinical"]
+    assert input_kinds(["wsi", "omic"]) == ["omic", "wsi"]
+    assert parse_modalities(",".join(input_kinds([*separate_tables, "wsi"]))) == ["omic", "clinical", "wsi"]
 
 
 def test_modalities_parse_resolve_and_name_what_is_missing():

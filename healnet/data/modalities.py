@@ -28,6 +28,13 @@ def parse_modalities(text: str) -> list[str]:
     return [name for name in MODALITIES if name in names]
 
 
+def input_kinds(model_modalities: Sequence[str]) -> list[str]:
+    """The input kinds a model's modalities come from, in the order of MODALITIES: each omic table's modality
+    (`mut`, `cnv`, `rnaseq`, or `omic` for combined tables) is the kind `omic`."""
+    kinds = {name if name in (CLINICAL, WSI) else OMIC for name in model_modalities}
+    return [kind for kind in MODALITIES if kind in kinds]
+
+
 def cohort_modalities(cohort, slide_features: bool) -> dict[str, str]:
     """Each modality the cohort has, with what provides it. `slide_features`: patch features come from
     elsewhere (an import), so the slides count even when the manifest locates no slide file."""
