@@ -146,7 +146,7 @@ DEFECTS = {
     ),
     "age out of range": (
         lambda t, _: set_value(t, "clinical", 4, "age", 140.0),
-        "age in [0.0, 110.0]",
+        "age in [0.0, 120.0]",
         "age=140.0, patient_id='TCGA-AB-0004'",
     ),
     "constant omics feature": (

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from healnet.errors import HEALNetError
+from healnet.preprocess.clinical import PLAUSIBLE_RANGES
 
 
 class ThresholdError(HEALNetError, ValueError):
@@ -13,12 +14,13 @@ class ThresholdError(HEALNetError, ValueError):
 
 @dataclass(frozen=True)
 class Thresholds:
-    version: str = "1.3.0"
+    version: str = "1.4.0"
     min_patients: int = 1
     event_rate_min: float = 0.02
     event_rate_max: float = 0.95
-    age_min: float = 0.0
-    age_max: float = 110.0
+    # a training cohort takes the ages a served request may carry
+    age_min: float = PLAUSIBLE_RANGES["age"].low
+    age_max: float = PLAUSIBLE_RANGES["age"].high
     age_max_missing_fraction: float = 0.2
     omics_max_missing_fraction: float = 0.2  # per feature, over the patients that have the modality
     omics_min_std: float = 0.0  # a feature's std must be strictly above this
