@@ -88,7 +88,9 @@ def train_trainjob(
     """Train as `train` does, but on several GPU nodes: a Kubeflow Trainer TrainJob on the torch-distributed
     runtime runs `torchrun -m healnet train` on the cohort volume (`components.trainjob`). This step only
     stages the inputs there, creates the TrainJob, prints its state as it changes, fails with the job's reason
-    when it fails, and copies the checkpoint into `model`.
+    when it fails, and copies the checkpoint into `model`. The TrainJob is owned by the step's pod (named by
+    the downward-API variables the pipeline sets, `components.trainjob.StepPod`), so Kubernetes deletes it
+    with that pod.
 
     Args:
         cohort: the canonical cohort folder.
@@ -110,7 +112,7 @@ def train_trainjob(
     from pathlib import Path
 
     from components.support import record_training
-    from components.trainjob import TrainJobSettings, in_cluster_api, train_on_trainer, trainjob_name
+    from components.trainjob import StepPod, TrainJobSettings, in_cluster_api, train_on_trainer, trainjob_name
     from healnet.preprocess.state import WSI
     from healnet.recipes import pipeline_recipe
     from healnet.train import DistributedTrainingError
@@ -122,12 +124,14 @@ def train_trainjob(
             "train on several nodes or GPUs (data-parallel training is for single-model recipes)"
         )
     api, namespace = in_cluster_api()
+    owner = StepPod.from_environment()
     train_settings = {
         name: getattr(chosen.train, name) for name in ("epochs", "batch_size", "patience", "seed")
     }
     result = train_on_trainer(
         api,
         namespace,
+        owner,
         TrainJobSettings(**settings),
         trainjob_name(run_id),
         {

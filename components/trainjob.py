@@ -42,6 +42,11 @@ POLL_SECONDS = 15
 # a pod of the JobSet is named <trainjob>-node-<job index>-<pod index>, and a pod hostname is a DNS label
 MAX_NAME_LENGTH = 63 - len(f"-{TRAINER_NODE}-0-0")
 
+# The pipeline sets these on the step from its pod's metadata (the downward API): the TrainJob's owner.
+STEP_POD_NAME_ENV = "HEALNET_STEP_POD_NAME"
+STEP_POD_UID_ENV = "HEALNET_STEP_POD_UID"
+STEP_POD_FIELD_PATHS = {STEP_POD_NAME_ENV: "metadata.name", STEP_POD_UID_ENV: "metadata.uid"}
+
 CREATED, RUNNING, SUSPENDED, SUCCEEDED, FAILED = "created", "running", "suspended", "succeeded", "failed"
 # TrainJob condition types (trainjob_types.go) that settle its state, the first true one winning
 CONDITION_STATES = {"Failed": FAILED, "Complete": SUCCEEDED, "Suspended": SUSPENDED}
@@ -75,6 +80,45 @@ class TrainJobSettings:
     gpu_taint_effect: str
     cohort_pvc: str  # the RWX claim the step and every node mount at cohort_mount
     cohort_mount: str
+
+
+@dataclass(frozen=True)
+class StepPod:
+    """The pod the step runs in, which owns the TrainJob: Kubernetes' garbage collector deletes the TrainJob
+    (and through it Trainer's JobSet and the node pods) once that pod is deleted: with its run, or when the
+    pipeline backend cleans up a terminated run's pods. A run that is gone then holds no GPU nodes until
+    the job's deadline.
+
+    Garbage-collection rules the reference relies on:
+    - An ownerReference carries no namespace: a namespaced owner is looked up in its dependent's namespace.
+      The TrainJob is created in the namespace of the service account mounted into this pod
+      (`in_cluster_api`), which is the pod's namespace. An owner in another namespace counts as absent, as
+      does one whose uid differs from the live pod's, and a dependent whose owners are all absent is deleted
+      at once; hence the uid comes from the pod itself (the downward API), never from a lookup by name.
+    - `blockOwnerDeletion` is left out: it only makes a foreground deletion of the pod wait for the TrainJob,
+      which nothing needs, and under the OwnerReferencesPermissionEnforcement admission plugin setting it
+      takes `update` on `pods/finalizers`, which the step's service account is not granted. That plugin
+      still takes `delete` on the TrainJob itself to set any ownerReference (k8s/training/trainjob-rbac.yaml).
+    - `controller` is left out: the pod does not manage the TrainJob, Trainer's controller does.
+    """
+
+    name: str
+    uid: str
+
+    @classmethod
+    def from_environment(cls) -> StepPod:
+        missing = [env for env in STEP_POD_FIELD_PATHS if not os.environ.get(env)]
+        if missing:
+            # refused rather than created unowned: an unowned TrainJob outlives its run on the GPU nodes
+            raise TrainJobError(
+                f"{' and '.join(missing)} unset: train_backend=trainjob needs the step's pod name and uid "
+                f"(the TrainJob's owner), which the pipeline sets from the pod's "
+                f"{' and '.join(STEP_POD_FIELD_PATHS[env] for env in missing)}; recompile the pipeline"
+            )
+        return cls(os.environ[STEP_POD_NAME_ENV], os.environ[STEP_POD_UID_ENV])
+
+    def owner_reference(self) -> dict:
+        return {"apiVersion": "v1", "kind": "Pod", "name": self.name, "uid": self.uid}
 
 
 @dataclass(frozen=True)
@@ -123,10 +167,16 @@ def training_command(
 
 
 def trainjob_manifest(
-    name: str, settings: TrainJobSettings, num_nodes: int, gpus_per_node: int, command: list[str]
+    name: str,
+    settings: TrainJobSettings,
+    num_nodes: int,
+    gpus_per_node: int,
+    command: list[str],
+    owner: StepPod,
 ) -> dict:
     """The TrainJob: `num_nodes` nodes of `gpus_per_node` GPUs and one process per GPU, on the GPU nodes,
-    with the cohort volume and a memory-backed /dev/shm patched into the runtime's node pods."""
+    with the cohort volume and a memory-backed /dev/shm patched into the runtime's node pods, owned by the
+    step's pod `owner`."""
     gpus = {"nvidia.com/gpu": gpus_per_node}
     pod_patch = {
         "nodeSelector": {settings.gpu_node_label: settings.gpu_node_value},
@@ -151,7 +201,11 @@ def trainjob_manifest(
     return {
         "apiVersion": TRAINER_API,
         "kind": "TrainJob",
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "healnet"}},
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/part-of": "healnet"},
+            "ownerReferences": [owner.owner_reference()],
+        },
         "spec": {
             "runtimeRef": {
                 "apiGroup": "trainer.kubeflow.org",
@@ -314,6 +368,7 @@ def collect_model(stage: Path, model_dir: Path) -> dict:
 def train_on_trainer(
     api: KubernetesApi,
     namespace: str,
+    owner: StepPod,
     settings: TrainJobSettings,
     job_name: str,
     training: dict,
@@ -323,10 +378,12 @@ def train_on_trainer(
     gpus_per_node: int,
     model_dir: Path,
 ) -> dict:
-    """Stage the inputs, run the TrainJob and collect its model into `model_dir`; returns its metrics.json.
-    `training` holds `training_command`'s recipe, train_settings, modalities and split_repeat."""
+    """Stage the inputs, run the TrainJob (owned by the step's pod `owner`, in its namespace `namespace`) and
+    collect its model into `model_dir`; returns its metrics.json. `training` holds `training_command`'s
+    recipe, train_settings, modalities and split_repeat."""
     stage = staging_dir(settings, job_name)
     stage_inputs(stage, cohort_dir, features_dir)
     command = training_command(stage, with_features=features_dir is not None, **training)
-    run_trainjob(api, namespace, trainjob_manifest(job_name, settings, num_nodes, gpus_per_node, command))
+    manifest = trainjob_manifest(job_name, settings, num_nodes, gpus_per_node, command, owner)
+    run_trainjob(api, namespace, manifest)
     return collect_model(stage, model_dir)

@@ -15,7 +15,7 @@ from kfp.dsl.graph_component import GraphComponent
 from components.images import HEALNET_GPU_IMAGE
 from components.model_steps import evaluate, train, train_trainjob
 from components.release_steps import gate, notify, promote, reject
-from components.trainjob import TRAINJOB_BACKEND, TrainJobSettings
+from components.trainjob import STEP_POD_FIELD_PATHS, TRAINJOB_BACKEND, TrainJobSettings
 from healnet.gate import PROMOTE, GatePolicy
 from healnet.recipes import DEFAULT_RECIPE
 from healnet.validation.thresholds import DEFAULT_THRESHOLDS
@@ -68,6 +68,9 @@ def _trainjob_training(task: PipelineTask, options: ClusterOptions) -> PipelineT
     # the job's own deadline counts from its start; as long again to be scheduled, so that a namespace
     # without a running Trainer controller (the job never leaves "created") fails the step, not hangs it
     kubernetes.set_timeout(task, 2 * options.train_timeout_s)
+    # the step's pod name and uid, which make it the TrainJob's owner
+    for env_name, field_path in STEP_POD_FIELD_PATHS.items():
+        kubernetes.use_field_path_as_env(task, env_name=env_name, field_path=field_path)
     return mount_cohort(task, options)
 
 

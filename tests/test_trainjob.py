@@ -21,7 +21,10 @@ from test_k8s_manifests import KUBERNETES_VERSIONS, by_kind, manifests, schema_e
 import components.trainjob as trainjob
 from components.model_steps import train_trainjob
 from components.trainjob import (
+    STEP_POD_NAME_ENV,
+    STEP_POD_UID_ENV,
     KubernetesApi,
+    StepPod,
     TrainJobError,
     TrainJobSettings,
     training_command,
@@ -35,18 +38,22 @@ REPO = Path(__file__).resolve().parents[1]
 SCHEMA = json.loads((REPO / "k8s" / "schemas" / "trainjob-trainer-v1alpha1.json").read_text())
 RUN_ID = "0F3A9C2E-7B1D-4E8F-9A6B-5C4D3E2F1A0B"  # a KFP run id; upper case, as some back-ends write them
 NAMESPACE = "kubeflow-user"
+STEP_POD = StepPod("healnet-training-abc12-system-container-impl-123", "6c1d9f4e-2b7a-4c3e-9f81-0d5a7e3b2c19")
+OWNER_REFERENCE = {"apiVersion": "v1", "kind": "Pod", "name": STEP_POD.name, "uid": STEP_POD.uid}
 # what the Trainer CRD checks with CEL (x-kubernetes-validations), which jsonschema does not run
 NAME_RULE = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 
-def compiled_trainjob_task(tmp_path: Path, *params: str) -> dict:
+def compiled_package(tmp_path: Path, *params: str) -> tuple[dict, dict]:
+    """The compiled pipeline's body tasks and its Kubernetes executor settings."""
     output = tmp_path / "pipeline.yaml"
     argv = ["compile", "--output", str(output)]
     for param in params:
         argv += ["--param", param]
     assert pipelines_main(argv) == 0
-    spec, _ = yaml.safe_load_all(output.read_text())
-    return spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    spec, platform = yaml.safe_load_all(output.read_text())
+    tasks = spec["components"]["comp-exit-handler-1"]["dag"]["tasks"]
+    return tasks, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
 def constant(task: dict, name: str):
@@ -54,15 +61,20 @@ def constant(task: dict, name: str):
 
 
 @pytest.fixture(scope="module")
-def compiled_manifest(tmp_path_factory) -> dict:
-    """The TrainJob the compiled pipeline's step would create, built from the step's compiled inputs."""
-    tasks = compiled_trainjob_task(
+def compiled_trainjob_package(tmp_path_factory) -> tuple[dict, dict]:
+    return compiled_package(
         tmp_path_factory.mktemp("trainjob"),
         "train_backend=trainjob",
         "num_nodes=2",
         "gpus_per_node=4",
         "cohort_pvc=healnet-data",
     )
+
+
+@pytest.fixture(scope="module")
+def compiled_manifest(compiled_trainjob_package) -> dict:
+    """The TrainJob the compiled pipeline's step would create, built from the step's compiled inputs."""
+    tasks, _ = compiled_trainjob_package
     task = tasks["train-trainjob"]
     assert constant(task, "run_id") == "{{$.pipeline_job_uuid}}"
     settings = TrainJobSettings(**constant(task, "settings"))
@@ -76,7 +88,7 @@ def compiled_manifest(tmp_path_factory) -> dict:
         with_features=True,
     )
     return trainjob_manifest(
-        name, settings, constant(task, "num_nodes"), constant(task, "gpus_per_node"), command
+        name, settings, constant(task, "num_nodes"), constant(task, "gpus_per_node"), command, STEP_POD
     )
 
 
@@ -99,6 +111,19 @@ def test_the_compiled_trainjob_passes_the_trainer_crd_schema(compiled_manifest):
     assert pod_spec["containers"][0]["volumeMounts"][0] == {"name": "cohort", "mountPath": "/data"}
     # every node reads the cohort where the step staged it, on the shared volume
     assert spec["trainer"]["command"][5].startswith("/data/trainjobs/")
+
+
+def test_the_trainjob_is_owned_by_the_steps_pod(compiled_manifest):
+    # no blockOwnerDeletion (it would take update on pods/finalizers) and no controller flag
+    assert compiled_manifest["metadata"]["ownerReferences"] == [OWNER_REFERENCE]
+
+
+def test_the_trainjob_step_gets_its_pod_name_and_uid_from_the_downward_api(compiled_trainjob_package):
+    _, executors = compiled_trainjob_package
+    assert executors["exec-train-trainjob"]["fieldPathAsEnv"] == [
+        {"name": STEP_POD_NAME_ENV, "fieldPath": "metadata.name"},
+        {"name": STEP_POD_UID_ENV, "fieldPath": "metadata.uid"},
+    ]
 
 
 @pytest.mark.parametrize(
@@ -127,12 +152,18 @@ def test_the_trainjob_name_is_a_dns_label_its_pods_can_extend():
     assert re.fullmatch(NAME_RULE, name) and re.fullmatch(NAME_RULE, long_name)
 
 
-def test_the_pipeline_service_account_may_create_and_read_trainjobs_and_nothing_else():
+def test_the_pipeline_service_account_may_create_read_and_delete_trainjobs_and_nothing_else():
     objects = manifests("training")
     (role,), (binding,) = by_kind(objects, "Role"), by_kind(objects, "RoleBinding")
-    # the step's two calls: POST (create) and GET (get) on trainjobs
+    # the step's two calls, POST (create) and GET (get) on trainjobs, and delete, which the
+    # OwnerReferencesPermissionEnforcement admission plugin asks of whoever sets an ownerReference; nothing
+    # on pods: the owner's name and uid come from the downward API
     assert role["rules"] == [
-        {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": ["create", "get"]}
+        {
+            "apiGroups": ["trainer.kubeflow.org"],
+            "resources": ["trainjobs"],
+            "verbs": ["create", "get", "delete"],
+        }
     ]
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
@@ -147,7 +178,7 @@ def test_the_pipeline_service_account_may_create_and_read_trainjobs_and_nothing_
 
 
 def test_single_pod_training_stays_the_default(tmp_path):
-    tasks = compiled_trainjob_task(tmp_path)
+    tasks, _ = compiled_package(tmp_path)
     assert "train" in tasks and "train-trainjob" not in tasks
 
 
@@ -241,6 +272,8 @@ def fake_cluster(tmp_path, monkeypatch):
         api = KubernetesApi(f"http://127.0.0.1:{server.server_port}", "service-account-token")
         monkeypatch.setattr(trainjob, "in_cluster_api", lambda: (api, NAMESPACE))
         monkeypatch.setattr(trainjob, "POLL_SECONDS", 0.01)
+        monkeypatch.setenv(STEP_POD_NAME_ENV, STEP_POD.name)
+        monkeypatch.setenv(STEP_POD_UID_ENV, STEP_POD.uid)
         return fake
 
     yield start
@@ -311,6 +344,7 @@ def test_the_step_follows_a_trainjob_to_success_and_hands_the_checkpoint_on(
     (job,) = fake.created
     jsonschema.validate(job, SCHEMA)
     assert job["metadata"]["name"] == trainjob_name(RUN_ID)
+    assert job["metadata"]["ownerReferences"] == [OWNER_REFERENCE]
     checkpoint = Path(model.path) / "checkpoint"
     assert verify_checkpoint(checkpoint) == model.metadata["sha256"]
     assert model.metadata["data_hash"] == "data-hash" and model.metadata["recipe"] == "demo"
@@ -338,3 +372,16 @@ def test_a_refused_trainjob_is_a_one_line_error(fake_cluster, cohort, tmp_path, 
     with pytest.raises(TrainJobError, match=expected) as raised:
         run_step(cohort, tmp_path / "out", tmp_path / "volume")
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("unset", [[STEP_POD_UID_ENV], [STEP_POD_NAME_ENV, STEP_POD_UID_ENV]])
+def test_a_step_that_cannot_name_its_pod_creates_no_trainjob(
+    fake_cluster, cohort, tmp_path, monkeypatch, unset
+):
+    fake = fake_cluster(FakeTrainer([{}]))
+    for env in unset:
+        monkeypatch.delenv(env)
+    with pytest.raises(TrainJobError, match=f"{' and '.join(unset)} unset: .*recompile the pipeline"):
+        run_step(cohort, tmp_path / "out", tmp_path / "volume")
+    assert fake.created == []
+    assert not (tmp_path / "volume" / "trainjobs").exists()  # refused before staging
