@@ -1,15 +1,26 @@
 """The canary overlay (Argo Rollouts): a Rollout runs the Deployment's pod template, the autoscaler sizes
-the Rollout, and the AnalysisTemplate measures the canary's own pods with the alerts' queries.
+the Rollout, a background AnalysisTemplate measures the canary's own pods with the alerts' queries, and a
+blocking analysis step checks that the canary served enough requests before it takes every pod.
 
 Schema validation of every rendered object is in test_k8s_manifests.py, the queries on a live Prometheus in
 test_canary_analysis.py.
 """
 
+import os
 import re
 from typing import Any
 
 import pytest
-from test_k8s_manifests import K8S, KUBERNETES_VERSIONS, by_kind, kustomize, needs_kubectl, schema_errors
+import yaml
+from test_k8s_manifests import (
+    K8S,
+    KUBERNETES_VERSIONS,
+    REPO_ROOT,
+    by_kind,
+    kustomize,
+    needs_kubectl,
+    schema_errors,
+)
 
 from devtools.k8s_queries import load_prometheus_rule, metric_names
 
@@ -17,6 +28,9 @@ pytestmark = needs_kubectl
 # The label Argo Rollouts puts on the canary's pods, and the label name the operator gives it in Prometheus.
 POD_TEMPLATE_HASH = "rollouts-pod-template-hash"
 POD_TEMPLATE_HASH_SERIES_LABEL = "rollouts_pod_template_hash"
+BACKGROUND_TEMPLATE = "healnet-canary"
+TRAFFIC_TEMPLATE = "healnet-canary-traffic"
+DEPLOY_DOC = REPO_ROOT / "docs" / "deploy.md"
 # each analysis metric, the alert whose query and threshold it reuses, and how the threshold reads there
 ALERT_OF_METRIC = {
     "server-error-ratio": ("HealnetServerErrorRateHigh", "0.05", r"\) > {}$"),
@@ -36,10 +50,23 @@ def the(kind: str, objects: list[dict[str, Any]]) -> dict[str, Any]:
     return obj
 
 
+def analysis_template(name: str, objects: list[dict[str, Any]]) -> dict[str, Any]:
+    (template,) = [obj for obj in by_kind(objects, "AnalysisTemplate") if obj["metadata"]["name"] == name]
+    return template
+
+
+def rollout_analyses(rollout: dict[str, Any]) -> list[dict[str, Any]]:
+    """The background analysis and every analysis step of the Rollout."""
+    strategy = rollout["spec"]["strategy"]["canary"]
+    return [strategy["analysis"], *(step["analysis"] for step in strategy["steps"] if "analysis" in step)]
+
+
 def test_the_rollout_and_its_analysis_validate_against_the_argo_rollouts_schemas(canary) -> None:
-    for kind in ("Rollout", "AnalysisTemplate"):
+    objects = [the("Rollout", canary), *by_kind(canary, "AnalysisTemplate")]
+    assert len(objects) == 3
+    for obj in objects:
         for version in KUBERNETES_VERSIONS:
-            assert schema_errors(the(kind, canary), version) == [], kind
+            assert schema_errors(obj, version) == [], obj["metadata"]["name"]
 
 
 def test_the_rollout_runs_the_deployments_pods_and_the_autoscaler_sizes_it(canary) -> None:
@@ -77,35 +104,82 @@ def test_the_canary_does_not_follow_the_champion_on_a_shared_store(canary) -> No
 
 def test_the_canary_steps_through_10_and_50_percent_with_pauses_under_analysis(canary) -> None:
     strategy = the("Rollout", canary)["spec"]["strategy"]["canary"]
-    steps = strategy["steps"]
+    steps = strategy["steps"][:4]
     assert [step.get("setWeight") for step in steps[::2]] == [10, 50]
-    assert all("pause" in step for step in steps[1::2]) and len(steps) == 4
+    assert all("pause" in step for step in steps[1::2])
     analysis = strategy["analysis"]
-    assert [t["templateName"] for t in analysis["templates"]] == [
-        the("AnalysisTemplate", canary)["metadata"]["name"]
-    ]
+    assert [t["templateName"] for t in analysis["templates"]] == [BACKGROUND_TEMPLATE]
+    analysis_template(BACKGROUND_TEMPLATE, canary)
     assert steps[analysis["startingStep"] - 1] == {"setWeight": 10}, "analysis starts once 10 % runs"
 
 
-def test_the_rollout_gives_every_argument_the_analysis_needs(canary) -> None:
-    template = the("AnalysisTemplate", canary)["spec"]
-    given = {
-        arg["name"]: arg for arg in the("Rollout", canary)["spec"]["strategy"]["canary"]["analysis"]["args"]
+def test_the_traffic_check_blocks_the_last_step_before_the_canary_takes_every_pod(canary) -> None:
+    """After the last step the canary becomes stable on every pod: the check is that last step, after the
+    last pause, so that it counts the requests of both pauses."""
+    steps = the("Rollout", canary)["spec"]["strategy"]["canary"]["steps"]
+    last_pause = max(index for index, step in enumerate(steps) if "pause" in step)
+    assert last_pause == len(steps) - 2
+    assert set(steps[-1]) == {"analysis"}, "a blocking analysis step, not a background one"
+    check = steps[-1]["analysis"]
+    assert [t["templateName"] for t in check["templates"]] == [TRAFFIC_TEMPLATE]
+    analysis_template(TRAFFIC_TEMPLATE, canary)
+    given = {arg["name"]: arg.get("valueFrom") for arg in check["args"]}
+    assert given == {
+        "canary-hash": {"podTemplateHashValue": "Latest"},
+        "namespace": {"fieldRef": {"fieldPath": "metadata.namespace"}},
     }
-    declared = {arg["name"] for arg in template["args"]}
-    required = {arg["name"] for arg in template["args"] if "value" not in arg}
-    assert required <= set(given) <= declared
-    assert given["canary-hash"]["valueFrom"] == {"podTemplateHashValue": "Latest"}
-    for metric in template["metrics"]:
-        used = set(re.findall(r"\{\{args\.([\w-]+)\}\}", str(metric)))
-        assert used <= declared, metric["name"]
+
+
+def test_the_rollout_gives_every_argument_the_analysis_needs(canary) -> None:
+    analyses = rollout_analyses(the("Rollout", canary))
+    assert len(analyses) == 2
+    for analysis in analyses:
+        (reference,) = analysis["templates"]
+        template = analysis_template(reference["templateName"], canary)["spec"]
+        given = {arg["name"]: arg for arg in analysis["args"]}
+        declared = {arg["name"] for arg in template["args"]}
+        required = {arg["name"] for arg in template["args"] if "value" not in arg}
+        assert required <= set(given) <= declared
+        assert given["canary-hash"]["valueFrom"] == {"podTemplateHashValue": "Latest"}
+        for metric in template["metrics"]:
+            used = set(re.findall(r"\{\{args\.([\w-]+)\}\}", str(metric)))
+            assert used <= declared, metric["name"]
+
+
+def test_the_documented_patches_change_the_arguments_they_are_meant_for(canary, tmp_path) -> None:
+    """docs/deploy.md patches AnalysisTemplate arguments by position: applied to the overlay, the
+    Prometheus address moves in both templates and the minimum request count in the traffic check."""
+    blocks = re.findall(r"```yaml\n(.*?)```", DEPLOY_DOC.read_text(), flags=re.DOTALL)
+    patches = [
+        patch
+        for block in blocks
+        if "kind: AnalysisTemplate" in block
+        for patch in yaml.safe_load(block)["patches"]
+    ]
+    kustomization = {
+        "resources": [os.path.relpath(K8S / "overlays" / "canary", tmp_path)],
+        "patches": patches,
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    patched = kustomize(tmp_path)
+
+    def changed(name: str) -> set[str]:
+        before, after = (analysis_template(name, objects)["spec"]["args"] for objects in (canary, patched))
+        return {old["name"] for old, new in zip(before, after, strict=True) if old != new}
+
+    assert changed(BACKGROUND_TEMPLATE) == {"prometheus-address"}
+    assert changed(TRAFFIC_TEMPLATE) == {"prometheus-address", "min-requests"}
 
 
 def test_the_analysis_measures_the_canary_pods_only(canary) -> None:
     monitor = the("ServiceMonitor", canary)["spec"]
     assert POD_TEMPLATE_HASH in monitor["podTargetLabels"]
     assert POD_TEMPLATE_HASH.replace("-", "_") == POD_TEMPLATE_HASH_SERIES_LABEL
-    for metric in the("AnalysisTemplate", canary)["spec"]["metrics"]:
+    metrics = [
+        metric for template in by_kind(canary, "AnalysisTemplate") for metric in template["spec"]["metrics"]
+    ]
+    assert len(metrics) == 5
+    for metric in metrics:
         query = metric["provider"]["prometheus"]["query"]
         selectors = re.findall(r"\{[^{}]*\}", re.sub(r"\{\{[^}]*\}\}", "ARG", query))
         assert selectors, metric["name"]
@@ -116,7 +190,8 @@ def test_the_analysis_measures_the_canary_pods_only(canary) -> None:
 @pytest.mark.parametrize("metric_name", sorted(ALERT_OF_METRIC))
 def test_each_analysis_metric_reuses_its_alerts_metrics_and_threshold(canary, metric_name: str) -> None:
     alert_name, threshold, threshold_in_alert = ALERT_OF_METRIC[metric_name]
-    (metric,) = [m for m in the("AnalysisTemplate", canary)["spec"]["metrics"] if m["name"] == metric_name]
+    metrics = analysis_template(BACKGROUND_TEMPLATE, canary)["spec"]["metrics"]
+    (metric,) = [m for m in metrics if m["name"] == metric_name]
     (alert,) = [
         rule
         for group in load_prometheus_rule()["spec"]["groups"]
