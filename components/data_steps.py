@@ -111,7 +111,8 @@ def validate(
     Returns the slide loop's items, one per shard (`slide_shards` when tiling, one idle shard otherwise:
     kfp.local cannot gather an empty loop), each with everything its shard needs (`shard_index`,
     `shard_count`, `slide_source`, `data_hash`): kfp.local hands a loop body the loop item in place of any
-    other step's output. Writes the data hash, the modalities and the slide source for the later steps.
+    other step's output. Writes the data hash (the one `ingest` recorded on the cohort, else computed over
+    the cohort's folder), the modalities and the slide source for the later steps.
     """
     import shutil
     import tempfile
@@ -161,7 +162,8 @@ def validate(
     )
     Path(report.path).write_text(text, encoding="utf-8")
     report.metadata.update({"modalities": chosen, "slide_source": source})
-    digest = cohort_data_hash(cohort.path)
+    # ingest records the hash of the folder it wrote; a cohort artifact from elsewhere carries none
+    digest = cohort.metadata.get("data_hash") or cohort_data_hash(cohort.path)
     Path(data_hash).write_text(digest)
     Path(chosen_modalities).write_text(",".join(chosen))
     Path(slide_source).write_text(source)

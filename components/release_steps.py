@@ -83,7 +83,9 @@ def promote(
 
     The champion moves by compare-and-swap: only if it is still the one the gate judged against. If it
     changed, the gate is taken again by the same rules, scoring the new champion on the same test patients
-    (a reject fails the step with its reasons, leaving the candidate registered but not the champion)."""
+    (a reject fails the step with its reasons, leaving the candidate registered but not the champion). The
+    card then shows the gate taken again, stored with the version before the candidate can become the
+    champion."""
     import json
     from pathlib import Path
 
@@ -98,8 +100,8 @@ def promote(
 
     use_registry(registry_dir)
     from healnet.checkpoint import verify_checkpoint
-    from healnet.gate import GatePolicy, promote_if_still_better
-    from healnet.registry import CARD_MARKDOWN, register_model
+    from healnet.gate import GatePolicy, GateResult, promote_if_still_better, regate_record
+    from healnet.registry import CARD_MARKDOWN, register_model, replace_model_card
     from healnet.scoring import ScoredPatients
 
     gated = json.loads(Path(gate_json.path).read_text(encoding="utf-8"))
@@ -134,32 +136,37 @@ def promote(
     champion = gated["champion"]
     policy = GatePolicy(**{k: v for k, v in gated["policy"].items() if k != "version"})
     candidate = ScoredPatients.read_parquet(Path(predictions.path))
-    cards: dict[str, str] = {}  # the files of the card, made for the new tag inside register_model
 
-    def card_for(version: str) -> dict[str, str]:
-        cards.update(
-            candidate_card_files(
-                version,
-                model=model,
-                cohort_path=cohort.path,
-                gate_file=gate_json.path,
-                evaluation_file=evaluation.path,
-                validation_file=validation.path,
-                data_hash=data_hash,
-                code_version=code_version,
-                run_id=run_id,
-                run_name=run_name,
-            )
+    def card_for(version: str, gate_record: dict) -> dict[str, str]:
+        return candidate_card_files(
+            version,
+            model=model,
+            cohort_path=cohort.path,
+            gate=gate_record,
+            evaluation_file=evaluation.path,
+            validation_file=validation.path,
+            data_hash=data_hash,
+            code_version=code_version,
+            run_id=run_id,
+            run_name=run_name,
         )
+
+    cards: dict[str, str] = {}  # the card as stored with the version: of the gate that decided
+
+    def files_for(version: str) -> dict[str, str]:  # made for the new tag inside register_model
+        cards.update(card_for(version, gated))
         evaluated = Path(evaluation.path)  # the full report's numbers, kept with the version beside its card
         return (
             {**cards, "evaluation.json": evaluated.read_text(encoding="utf-8")}
             if evaluated.is_file()
-            else cards
+            else dict(cards)
         )
 
-    tag = register_model(checkpoint, labels, metadata, files=card_for)
-    write_card_artifacts(cards, model_card.path, model_card_json.path)
+    def store_regated_card(result: GateResult) -> None:
+        cards.update(card_for(tag, regate_record(gated, result)))
+        replace_model_card(tag, cards)
+
+    tag = register_model(checkpoint, labels, metadata, files=files_for)
     outcome = (
         f"passed gate v{gate_version}" if gated["passed"] else f"gate v{gate_version} dry run, checks failed"
     )
@@ -167,7 +174,13 @@ def promote(
     assess = champion_assessor(checkpoint, cohort.path, candidate, test_features.path)
     # a compare-and-swap: only if the champion is still the one the gate judged against
     regated, pointer = promote_if_still_better(
-        tag, candidate, policy, champion["tag"] if champion else None, reason, assess
+        tag,
+        candidate,
+        policy,
+        champion["tag"] if champion else None,
+        reason,
+        assess,
+        on_regate=store_regated_card,
     )
     if pointer is None:  # the gate, taken again, rejected the candidate
         assert regated is not None and regated.champion is not None
@@ -177,6 +190,7 @@ def promote(
             + "; ".join(regated.reasons)
             + ")"
         )
+    write_card_artifacts(cards, model_card.path, model_card_json.path)
     previous = pointer["history"][-1]["tag"] if pointer["history"] else None
     rows = [f"| {key} | {value} |" for key, value in {**metadata, "previous champion": previous}.items()]
     if regated is not None:
@@ -237,7 +251,7 @@ def reject(
         None,
         model=model,
         cohort_path=cohort.path,
-        gate_file=gate_json.path,
+        gate=gated,
         evaluation_file=evaluation.path,
         validation_file=validation.path,
         data_hash=data_hash,

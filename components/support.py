@@ -236,7 +236,7 @@ def candidate_card_files(
     *,
     model: Any,
     cohort_path: str,
-    gate_file: str,
+    gate: dict,
     evaluation_file: str,
     validation_file: str,
     data_hash: str,
@@ -245,13 +245,14 @@ def candidate_card_files(
     run_name: str,
 ) -> dict[str, str]:
     """The model card files (model_card.json, model_card.md) of this run's candidate: `version` is its
-    registered tag, None for a rejected candidate. `model` is the train step's Model artifact."""
+    registered tag, None for a rejected candidate. `model` is the train step's Model artifact; `gate` the
+    record of the gate that decided (gate.json, or the gate taken again at promotion)."""
     from healnet.model_card import card_files, pipeline_card
 
     card = pipeline_card(
         Path(model.path) / "checkpoint",
         cohort_path,
-        gate_file,
+        gate,
         version,
         evaluation_file=evaluation_file,
         validation_file=validation_file,

@@ -456,14 +456,17 @@ def promote_if_still_better(
     reason: str,
     assess: Callable[[str | None], Champion | None],
     attempts: int = 3,
+    on_regate: Callable[[GateResult], None] | None = None,
 ) -> tuple[GateResult | None, dict | None]:
     """Make `tag` the champion only if the champion is still `gated`, the one the gate judged against.
 
     If another promotion or a rollback changed it meanwhile, the gate decision is taken again by the same
     rules: `assess(new champion tag)` scores the new champion on the candidate's test patients, or says why
-    it is not comparable (None: no champion). A reject stops here, a promote retries the compare-and-swap.
-    Returns the repeated gate result (None when the first comparison still held) and the new pointer (None
-    when not promoted).
+    it is not comparable (None: no champion). `on_regate(result)` is called with each repeated decision
+    before it is acted on, so that what records the decision (the version's model card) is written before
+    the candidate can become the champion; if it raises, nothing is promoted. A reject stops here, a promote
+    retries the compare-and-swap. Returns the repeated gate result (None when the first comparison still
+    held) and the new pointer (None when not promoted).
     """
     from healnet.registry import ChampionChangedError, set_champion
 
@@ -473,9 +476,27 @@ def promote_if_still_better(
             return result, set_champion(tag, reason, expected=expected)
         except ChampionChangedError as changed:
             result = decide(candidate, assess(changed.current), policy)
+            if on_regate is not None:
+                on_regate(result)
             if result.decision != PROMOTE:
                 return result, None
             expected = changed.current
     raise GateError(
         f"the champion changed {attempts} times while {tag} was being promoted; run the gate again"
     )
+
+
+def regate_record(first: Mapping[str, Any], result: GateResult) -> dict[str, Any]:
+    """The gate.json record of the gate taken again at promotion (`promote_if_still_better`): `result`'s
+    decision, numbers and champion over the `first` record (which keeps what the gate step added to it, such
+    as the candidate's metrics), with "taken_again": the champion the first gate judged against and the rule
+    that decided it."""
+    first_champion = first.get("champion")
+    return {
+        **first,
+        **result.to_dict(),
+        "taken_again": {
+            "first_champion": first_champion["tag"] if first_champion else None,
+            "first_rule": first["rule"],
+        },
+    }

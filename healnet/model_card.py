@@ -30,7 +30,7 @@ from healnet.registry import CARD_JSON, CARD_MARKDOWN, MODEL_NAME
 if TYPE_CHECKING:
     from healnet.data.cohort import Cohort
 
-SCHEMA_VERSION = "1.0.0"
+SCHEMA_VERSION = "1.1.0"
 SCHEMA_FILE = "model_card.schema.json"
 REGISTERED, REJECTED = "registered", "rejected candidate"
 PURPOSE = (
@@ -293,6 +293,7 @@ def _gate(gate: Mapping[str, Any]) -> dict:
         "version": str(gate.get("gate_version", "")),
         "policy": dict(gate.get("policy") or {}),
         "champion": champion.get("tag") if isinstance(champion, Mapping) else None,
+        "taken_again": dict(gate["taken_again"]) if gate.get("taken_again") else None,
     }
 
 
@@ -469,20 +470,18 @@ def json_artifact(path: str | Path, name: str) -> dict | None:
 def pipeline_card(
     checkpoint_dir: Path,
     cohort_dir: str | Path,
-    gate_file: str | Path,
+    gate: Mapping[str, Any],
     version: str | None,
     *,
     evaluation_file: str | Path,
     validation_file: str | Path,
     **provenance: Any,
 ) -> dict:
-    """`build_card` from the files of a pipeline run: the cohort folder, gate.json, evaluation.json and
-    validation.json; `provenance`: data_hash, git_sha, run_id, run_name, slides_quarantined."""
+    """`build_card` from the outputs of a pipeline run: the cohort folder, the gate's record (gate.json, or
+    `healnet.gate.regate_record` of the gate taken again at promotion), evaluation.json and validation.json;
+    `provenance`: data_hash, git_sha, run_id, run_name, slides_quarantined."""
     from healnet.data.cohort import Cohort
 
-    gate = json_artifact(gate_file, "gate.json")
-    if gate is None:
-        raise ModelCardError(f"no gate.json at {gate_file}: the card needs the gate's decision")
     return build_card(
         checkpoint_dir,
         Cohort.load(Path(cohort_dir)),

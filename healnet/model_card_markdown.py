@@ -215,6 +215,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         "",
         f"Decided by the rule: {gate['rule']}",
         "",
+        *_taken_again(gate),
         *(f"- {reason}" for reason in gate["reasons"]),
         "",
         "## Provenance",
@@ -227,6 +228,19 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         *(f"- {limitation}" for limitation in card["limitations"]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _taken_again(gate: Mapping[str, Any]) -> list[str]:
+    """The lines saying that the decision above is the gate's taken again at promotion, and why."""
+    again = gate["taken_again"]
+    if not again:
+        return []
+    return [
+        f"Taken again at promotion, because the champion changed from {again['first_champion'] or 'none'} "
+        f"to {gate['champion'] or 'none'} after the first gate (which had decided by the rule: "
+        f"{again['first_rule']}).",
+        "",
+    ]
 
 
 def linear_blend_sentence(recipe: dict) -> str:

@@ -185,6 +185,28 @@ def model_card(tag: str) -> tuple[dict, str] | None:
     return card, markdown
 
 
+def replace_model_card(tag: str, files: Mapping[str, str]) -> None:
+    """Store a registered version's model card anew: `files` are its CARD_JSON and CARD_MARKDOWN texts (the
+    card of a gate taken again at promotion). Each file is replaced whole, by write-to-temp-then-rename, so
+    a reader of the card never sees a half-written file; the checkpoint beside it is left as it is."""
+    if set(files) != {CARD_JSON, CARD_MARKDOWN}:
+        raise RegistryError(f"a model card is {CARD_JSON} and {CARD_MARKDOWN}, not {sorted(files)}")
+    folder = model_folder(tag)
+    for name, text in files.items():
+        _replace_file(folder / name, text)
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write `path` by write-to-temp-then-rename, beside it."""
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix, delete=False, encoding="utf-8"
+    ) as tmp:
+        tmp.write(text)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+
+
 def checkpoint_path(tag: str) -> Path:
     """The checkpoint folder of a registered version (see version_tag), with its weights' sha256 verified."""
     tag = version_tag(tag)
@@ -284,13 +306,7 @@ def _write_champion(
     if keep_corrupt and _pointer_path().exists():
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         os.replace(_pointer_path(), directory / f"{POINTER_FILE}.corrupt-{stamp}")
-    with tempfile.NamedTemporaryFile(
-        "w", dir=directory, prefix=".champion-", suffix=".json", delete=False
-    ) as tmp:
-        json.dump(pointer, tmp, indent=2)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, _pointer_path())
+    _replace_file(_pointer_path(), json.dumps(pointer, indent=2))
     return pointer
 
 

@@ -25,7 +25,7 @@ from components.support import PipelineStepError, cohort_data_hash, merge_featur
 from healnet.checkpoint import load_checkpoint, verify_checkpoint
 from healnet.data.cohort import Cohort
 from healnet.data.synth import SynthConfig, synthesize_cohort
-from healnet.gate import ENOUGH_EVENTS, GATE_VERSION, GatePolicy, rule_texts
+from healnet.gate import ENOUGH_EVENTS, GATE_VERSION, NOT_WORSE, GatePolicy, rule_texts
 from healnet.model_card import validate_card
 from healnet.preprocess.feature_files import feature_file_name
 from healnet.registry import get_champion, list_versions, model_card, register_model, set_champion
@@ -487,6 +487,19 @@ def test_promote_takes_the_gate_again_when_the_champion_changed(pipeline_outputs
     assert pointer["tag"] == tag and pointer["history"][-1]["tag"] == meanwhile
     text = Path(report.path).read_text()
     assert f"gate taken again against {meanwhile}" in text and "paired-bootstrap" in text
+    # the card, stored and handed on, shows the gate that promoted: the one taken again against `meanwhile`
+    first = json.loads(Path(record.path).read_text())
+    retaken_rule = rule_texts(GatePolicy(min_c_index=0.0, tolerance=0.0, min_test_events=1), 0.95)[NOT_WORSE]
+    card, markdown = model_card(tag)
+    validate_card(card)
+    assert card == json.loads((tmp_path / "model_card.json").read_text())
+    assert markdown == (tmp_path / "model_card.md").read_text()
+    assert first["champion"] is None and first["rule"] != retaken_rule
+    assert card["gate"]["champion"] == meanwhile and card["gate"]["rule"] == retaken_rule
+    assert card["gate"]["decision"] == "promote" and any(meanwhile in r for r in card["gate"]["reasons"])
+    assert card["gate"]["taken_again"] == {"first_champion": None, "first_rule": first["rule"]}
+    assert f"the champion changed from none to {meanwhile} after the first gate" in markdown
+    assert f"champion judged against: {meanwhile}" in markdown
 
 
 def test_reject_reports_the_rule_and_the_kept_champion(pipeline_outputs, registry, tmp_path):

@@ -124,6 +124,10 @@ def test_ingest_and_validate_steps_resolve_the_modalities_of_a_table(table, tmp_
     assert written["chosen_modalities"] == "omic,clinical" and written["slide_source"] == "none"
     assert [shard["slide_source"] for shard in shards] == ["none"]  # one idle shard: nothing to tile
     assert shards[0]["data_hash"] == written["data_hash"] == cohort.metadata["data_hash"]
+    # the hash ingest recorded is handed on as it is, not computed again over the folder
+    cohort.metadata["data_hash"] = "recorded-by-ingest"
+    shards, written = run_validate("", "recorded")
+    assert shards[0]["data_hash"] == written["data_hash"] == "recorded-by-ingest"
     with pytest.raises(ModalityError, match="modality wsi is not in this cohort.*give slide_dir"):
         run_validate("omic,clinical,wsi", "with-wsi")
 

@@ -23,13 +23,19 @@ from healnet.preprocess.omics import OmicsConfig
 from healnet.preprocess.state import Preprocessor
 from healnet.recipes import ModelOptions
 from healnet.registry import (
+    CARD_JSON,
+    CARD_MARKDOWN,
     ChampionChangedError,
     ChampionPointerError,
     RegistryError,
     champion_lineage,
+    checkpoint_path,
     get_champion,
     list_versions,
+    model_card,
+    model_folder,
     register_model,
+    replace_model_card,
     resolve,
     rollback,
     set_champion,
@@ -190,10 +196,15 @@ def test_the_gate_is_taken_again_when_the_champion_changed(registry, checkpoints
     def assess(tag):
         return assess_champion(tag, inputs, lambda: test_patients)
 
+    seen = []  # each repeated decision, with the champion at the time it is handed on
+
+    def on_regate(result):
+        seen.append((result.decision, result.champion.tag, get_champion()["tag"]))
+
     set_champion(weak, "first")
     set_champion(strong, "promoted by another run meanwhile")
     result, pointer = promote_if_still_better(
-        candidate, scored, GatePolicy(tolerance=0.02), weak, "run b", assess
+        candidate, scored, GatePolicy(tolerance=0.02), weak, "run b", assess, on_regate=on_regate
     )
     assert pointer is None and result.decision == "reject" and result.champion.tag == strong
     assert result.champion_c_index == 1.0 and result.paired_difference.low < -0.02
@@ -201,9 +212,21 @@ def test_the_gate_is_taken_again_when_the_champion_changed(registry, checkpoints
     # the new champion no better than the tolerance allows: the second decision promotes
     set_champion(weak, "rolled back")
     result, pointer = promote_if_still_better(
-        candidate, scored, GatePolicy(tolerance=1.0), strong, "run c", assess
+        candidate, scored, GatePolicy(tolerance=1.0), strong, "run c", assess, on_regate=on_regate
     )
     assert result.decision == "promote" and result.champion.tag == weak and pointer["tag"] == candidate
+    # handed on before it is acted on: the promoting decision while the candidate is not yet the champion
+    assert seen == [("reject", strong, strong), ("promote", weak, weak)]
+
+
+def test_a_versions_model_card_is_replaced_whole_and_only_the_card(registry, checkpoints):
+    tag = register_model(checkpoints[0], files=lambda _: {CARD_JSON: "{}", CARD_MARKDOWN: "# first"})
+    replace_model_card(tag, {CARD_JSON: '{"gate": "again"}', CARD_MARKDOWN: "# again"})
+    assert model_card(tag) == ({"gate": "again"}, "# again")
+    assert not list(model_folder(tag).glob(".model_card*")), "the temporary files must be renamed away"
+    with pytest.raises(RegistryError, match="a model card is"):
+        replace_model_card(tag, {WEIGHTS_FILE: "overwritten"})
+    checkpoint_path(tag)  # the checkpoint beside the card is untouched
 
 
 def test_a_corrupt_pointer_is_a_clear_error_and_a_named_rollback_repairs_it(registry, checkpoints):
