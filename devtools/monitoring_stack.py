@@ -1,10 +1,12 @@
-"""A real Prometheus on loopback that scrapes a live `bentoml serve` as the k8s manifests configure it.
+"""A real Prometheus on loopback that scrapes a live `bentoml serve` as the k8s manifests configure it,
+and a real Pushgateway for the metrics of `healnet drift`.
 
 Used by the live tests and scripts/render_dashboard.py. The scrape job is the one prometheus-operator
 generates from k8s/components/monitoring/servicemonitor.yaml (job = the Service's name, the target
 labels namespace/service/pod/container/endpoint, the endpoint's metricRelabelings) with a shorter
-interval, and the PrometheusRule's groups are loaded as a rule file. Helpers raise
-MonitoringStackError.
+interval, and the PrometheusRule's groups are loaded as a rule file. A Pushgateway is scraped as the
+ServiceMonitor of the prometheus-community/prometheus-pushgateway chart configures it (honor_labels, so
+the pushed job="healnet-drift" is kept). Helpers raise MonitoringStackError.
 """
 
 from __future__ import annotations
@@ -29,19 +31,29 @@ from devtools.live_server import free_port, stop_server, wait_until
 SERVICE_MONITOR = MONITORING / "servicemonitor.yaml"
 DEPLOYMENT = REPO_ROOT / "k8s" / "base" / "deployment.yaml"
 NAMESPACE = "healnet"
-PROMETHEUS_START_TIMEOUT_S = 30.0
+START_TIMEOUT_S = 30.0
+# the Service and namespace of the prometheus-community/prometheus-pushgateway release that
+# k8s/components/drift expects (PUSHGATEWAY_URL, the NetworkPolicy)
+PUSHGATEWAY_SERVICE = "prometheus-pushgateway"
+PUSHGATEWAY_NAMESPACE = "monitoring"
 REQUEST_TIMEOUT_S = 30.0
 QUERY_TIMEOUT_S = 10.0
 MODALITY_PATTERNS = (("omic", "wsi"), ("omic",), ("wsi",))
 
 
 class MonitoringStackError(RuntimeError):
-    """Prometheus is missing, did not start, or answered a query with an error."""
+    """Prometheus or the Pushgateway is missing or did not start, or a query answered with an error."""
 
 
 def prometheus_binary() -> str | None:
     """The `prometheus` server (Debian/Ubuntu package `prometheus`), or None."""
     return shutil.which("prometheus")
+
+
+def pushgateway_binary() -> str | None:
+    """The Pushgateway: `prometheus-pushgateway` (Debian/Ubuntu package of that name) or `pushgateway`
+    (the upstream release archive), or None."""
+    return shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
 
 
 def _snake_case(key: str) -> str:
@@ -77,6 +89,21 @@ def operator_scrape_config(target: str, interval: str, namespace: str = NAMESPAC
     }
 
 
+def pushgateway_scrape_config(targets: Mapping[str, Mapping[str, str]], interval: str) -> dict[str, Any]:
+    """The scrape job of the Pushgateway chart's ServiceMonitor for `targets` ({host:port: target labels}):
+    honor_labels, so a pushed group's job label wins over the scrape job's name."""
+    return {
+        "job_name": PUSHGATEWAY_SERVICE,
+        "scrape_interval": interval,
+        "scrape_timeout": interval,
+        "honor_labels": True,
+        "static_configs": [
+            {"targets": [target.removeprefix("http://")], "labels": dict(labels)}
+            for target, labels in targets.items()
+        ],
+    }
+
+
 def write_rule_file(path: Path, evaluation_interval: str) -> Path:
     """The PrometheusRule's groups as a Prometheus rule file, each group evaluated every `evaluation_interval`."""
     groups = [group | {"interval": evaluation_interval} for group in load_prometheus_rule()["spec"]["groups"]]
@@ -92,19 +119,31 @@ def _ready(url: str) -> bool:
 
 
 @contextmanager
-def run_prometheus(service_url: str, folder: Path, interval: str = "1s") -> Iterator[str]:
-    """A ready Prometheus on a free loopback port scraping `service_url` and evaluating the alert rules
-    every `interval`; yields its base URL and always stops it. Its log is `folder/prometheus.log`."""
+def _serve_until_ready(name: str, command: Sequence[str], url: str, log: Path) -> Iterator[str]:
+    """Start `command` (listening at `url`, output to `log`) in its own process group, wait for its
+    /-/ready, yield `url`; always stops it."""
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        started = wait_until(lambda: process.poll() is not None or _ready(url), START_TIMEOUT_S, 0.25)
+        if not started or process.poll() is not None:
+            raise MonitoringStackError(
+                f"{name} not ready in {START_TIMEOUT_S} s (exit code {process.poll()}):\n"
+                f"{log.read_text()[-3000:]}"
+            )
+        yield url
+    finally:
+        stop_server(process)
 
+
+@contextmanager
+def run_prometheus_config(config: Mapping[str, Any], folder: Path) -> Iterator[str]:
+    """A ready Prometheus on a free loopback port with `config` (its prometheus.yml, written to `folder`);
+    yields its base URL and always stops it. Its data and its log (`prometheus.log`) are in `folder`."""
     binary = prometheus_binary()
     if binary is None:
         raise MonitoringStackError("prometheus not found: install the Debian/Ubuntu package `prometheus`")
-    config = {
-        "global": {"scrape_interval": interval, "evaluation_interval": interval},
-        "rule_files": [str(write_rule_file(folder / "rules.yaml", interval))],
-        "scrape_configs": [operator_scrape_config(service_url.removeprefix("http://"), interval)],
-    }
-    (folder / "prometheus.yml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(dict(config), sort_keys=False))
     url = f"http://127.0.0.1:{free_port()}"
     command = [
         binary,
@@ -112,21 +151,44 @@ def run_prometheus(service_url: str, folder: Path, interval: str = "1s") -> Iter
         f"--storage.tsdb.path={folder / 'data'}",
         f"--web.listen-address={url.removeprefix('http://')}",
     ]
-    log = folder / "prometheus.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        started = wait_until(
-            lambda: process.poll() is not None or _ready(url), PROMETHEUS_START_TIMEOUT_S, 0.25
-        )
-        if not started or process.poll() is not None:
-            raise MonitoringStackError(
-                f"prometheus not ready in {PROMETHEUS_START_TIMEOUT_S} s (exit code {process.poll()}):\n"
-                f"{log.read_text()[-3000:]}"
-            )
+    with _serve_until_ready("prometheus", command, url, folder / "prometheus.log") as ready_url:
+        yield ready_url
+
+
+@contextmanager
+def run_prometheus(
+    service_url: str, folder: Path, interval: str = "1s", pushgateway_url: str | None = None
+) -> Iterator[str]:
+    """A ready Prometheus on a free loopback port scraping `service_url` (and `pushgateway_url`, labelled
+    like the Pushgateway's Service in the cluster) and evaluating the alert rules every `interval`; yields
+    its base URL and always stops it. Its log is `folder/prometheus.log`."""
+    scrape_configs = [operator_scrape_config(service_url.removeprefix("http://"), interval)]
+    if pushgateway_url is not None:
+        labels = {"namespace": PUSHGATEWAY_NAMESPACE, "service": PUSHGATEWAY_SERVICE, "endpoint": "http"}
+        scrape_configs.append(pushgateway_scrape_config({pushgateway_url: labels}, interval))
+    config = {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "rule_files": [str(write_rule_file(folder / "rules.yaml", interval))],
+        "scrape_configs": scrape_configs,
+    }
+    with run_prometheus_config(config, folder) as url:
         yield url
-    finally:
-        stop_server(process)
+
+
+@contextmanager
+def run_pushgateway(folder: Path) -> Iterator[str]:
+    """A ready Pushgateway on a free loopback port, keeping the pushed groups in memory only; yields its
+    base URL and always stops it. Its log is `folder/pushgateway.log`."""
+    binary = pushgateway_binary()
+    if binary is None:
+        raise MonitoringStackError(
+            "the Pushgateway was not found: install the Debian/Ubuntu package `prometheus-pushgateway`"
+        )
+    url = f"http://127.0.0.1:{free_port()}"
+    # an empty persistence file keeps the groups in memory (Debian's default writes to /var/lib/prometheus)
+    command = [binary, f"--web.listen-address={url.removeprefix('http://')}", "--persistence.file="]
+    with _serve_until_ready("pushgateway", command, url, folder / "pushgateway.log") as ready_url:
+        yield ready_url
 
 
 def _api(url: str, path: str, params: Mapping[str, str | float] | None = None) -> Any:

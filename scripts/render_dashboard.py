@@ -1,9 +1,15 @@
 """Render the Grafana dashboard's panels from a live stack into a PNG (docs/img/dashboard.png).
 
-Registers the demo champion in a temporary BentoML home, starts `bentoml serve` and a Prometheus
-that scrapes it every second like the ServiceMonitor (tests/monitoring_stack.py), and sends a
-bounded load in three phases: normal traffic, a slide feed that stops (requests without WSI), and a
-client on a wrong schema sending partial omics and larger slides. Each panel's PromQL from
+Registers the demo champion in a temporary BentoML home, starts `bentoml serve` with its drift spool
+on, a Pushgateway, and a Prometheus that scrapes the service every second like the ServiceMonitor and
+the Pushgateway like its chart's ServiceMonitor (devtools/monitoring_stack.py), and sends a bounded
+load in three phases: normal traffic (slides the size of the demo model's training slides), a slide
+feed that stops (requests without WSI), and a client on a wrong schema sending partial omics and
+larger slides. Twice per phase, the second time at its end, the CronJob's command
+(k8s/components/drift/cronjob.yaml), `healnet drift --tag champion --current SPOOL --pushgateway URL`,
+compares the spool's windows with the champion's training reference and pushes the drift gauges; the
+spool keeps about the windows answered between two checks, so each check reports the traffic since the
+one before. Each panel's PromQL from
 k8s/components/monitoring/dashboards/healnet.json is then queried over the run
 (/api/v1/query_range; stat and table panels: /api/v1/query) and drawn with matplotlib at its place
 in the dashboard's 24-column grid.
@@ -15,7 +21,10 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +40,14 @@ DEFAULT_OUTPUT = REPO_ROOT / "docs" / "img" / "dashboard.png"
 # Grafana derives $__rate_interval from the scrape interval; 15 s smooths a 1 s scrape over a short run.
 RATE_INTERVAL = "15s"
 MAX_REQUESTS = 2000
+STEP_S = 1.0  # the range queries' resolution
+# request kinds that the service answers with 422: they reach neither the model nor the drift spool
+INVALID_KINDS = ("no_modality", "wrong_dimensions", "missing_features")
+# the demo model's training slides hold 4 to 11 patches (devtools.demo.DemoSpec.patches): normal traffic
+# sends the same, so that only the wrong-schema client's slides differ from training
+TRAINING_PATCHES = (4, 12)
+DRIFT_CHECKS_PER_PHASE = 2
+DRIFT_CHECK_TIMEOUT_S = 120.0
 # Grafana's dark theme and classic palette.
 BACKGROUND, PANEL, TEXT, GRID = "#111217", "#181b1f", "#ccccdc", "#2c3235"
 PALETTE = ("#73bf69", "#f2cc0c", "#8ab8ff", "#ff780a", "#f2495c", "#b877d9", "#6ed0e0", "#ff9eb5")
@@ -50,9 +67,17 @@ class Phase:
 
 
 PHASES = (
-    Phase("normal traffic", {"omic+wsi": 0.72, "omic": 0.13, "wsi": 0.12, "no_modality": 0.03}, 0.1, (8, 32)),
     Phase(
-        "slide feed down", {"omic+wsi": 0.08, "omic": 0.87, "wsi": 0.02, "no_modality": 0.03}, 0.1, (8, 32)
+        "normal traffic",
+        {"omic+wsi": 0.72, "omic": 0.13, "wsi": 0.12, "no_modality": 0.03},
+        0.1,
+        TRAINING_PATCHES,
+    ),
+    Phase(
+        "slide feed down",
+        {"omic+wsi": 0.08, "omic": 0.87, "wsi": 0.02, "no_modality": 0.03},
+        0.1,
+        TRAINING_PATCHES,
     ),
     Phase(
         "client on a wrong schema",
@@ -66,8 +91,8 @@ PHASES = (
 @dataclass(frozen=True)
 class Series:
     name: str
-    times: np.ndarray  # seconds from the start of the load
-    values: np.ndarray
+    times: np.ndarray  # seconds from the start of the load, every STEP_S
+    values: np.ndarray  # NaN where the series has no sample: drawn as a gap, as Grafana does
 
 
 def request_body(kind: str, phase: Phase, rng: np.random.Generator) -> dict:
@@ -123,6 +148,29 @@ def send_paced(service_url: str, plan: list[tuple[float, str, dict]]) -> Counter
         return Counter((kind, future.result().status_code) for kind, future in futures)
 
 
+def spool_windows_between_checks(seconds: float, rate: float) -> int:
+    """About how many spool files the requests answered between two drift checks fill, at least 1: the
+    spool keeps this many, so that a check sees the traffic since the one before."""
+    from healnet.drift.spool import MIN_WINDOW_CASES
+
+    requests = min(seconds * rate, MAX_REQUESTS) / (len(PHASES) * DRIFT_CHECKS_PER_PHASE)
+    answered = min(1.0 - sum(phase.kinds.get(kind, 0.0) for kind in INVALID_KINDS) for phase in PHASES)
+    return max(1, int(requests * answered) // MIN_WINDOW_CASES)
+
+
+def drift_check(spool: Path, pushgateway_url: str, env: dict[str, str]) -> str:
+    """The drift CronJob's command on `spool`, pushing to `pushgateway_url`: its verdict line, or its exit
+    code and error (exit 2 when the spool holds no full window yet)."""
+    command = [sys.executable, "-m", "healnet", "drift", "--tag", "champion", "--current", str(spool)]
+    command += ["--pushgateway", pushgateway_url]
+    done = subprocess.run(
+        command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=DRIFT_CHECK_TIMEOUT_S
+    )
+    if done.returncode != 0:
+        return f"exit {done.returncode}: {done.stderr.strip()[-300:]}"
+    return done.stdout.strip().splitlines()[-1]
+
+
 def legend(template: str, labels: dict[str, str]) -> str:
     """Grafana's legendFormat: `{{label}}` replaced by the series' label value."""
     return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda match: labels.get(match.group(1), ""), template) or "value"
@@ -136,15 +184,15 @@ def panel_data(prometheus_url: str, panel: dict, values: dict[str, str], start: 
     exprs = [(target, substitute_grafana_variables(target["expr"], values)) for target in panel["targets"]]
     if panel["type"] in {"stat", "table"}:
         return [series for _, expr in exprs for series in query(prometheus_url, expr)]
-    return [
-        Series(
-            legend(target.get("legendFormat", ""), series["metric"]),
-            np.array([float(t) - start for t, _ in series["values"]]),
-            np.array([float(v) for _, v in series["values"]]),
-        )
-        for target, expr in exprs
-        for series in query_range(prometheus_url, expr, start, end, 1.0)
-    ]
+    times = np.arange(0.0, end - start + STEP_S / 2, STEP_S)
+    drawn = []
+    for target, expr in exprs:
+        for series in query_range(prometheus_url, expr, start, end, STEP_S):
+            values = np.full(len(times), np.nan)
+            for t, value in series["values"]:
+                values[round((float(t) - start) / STEP_S)] = float(value)
+            drawn.append(Series(legend(target.get("legendFormat", ""), series["metric"]), times, values))
+    return drawn
 
 
 def panel_frame(figure, cell, title: str):
@@ -285,7 +333,8 @@ def render(prometheus_url: str, start: float, phase_ends: list[float], output: P
     figure.text(
         0.01,
         0.945,
-        f"Demo model under a live load (x axes: seconds; 1 s scrape; $__rate_interval = {RATE_INTERVAL}): {phases}",
+        f"Demo model under a live load (x axes: seconds; 1 s scrape; $__rate_interval = {RATE_INTERVAL}; "
+        f"`healnet drift` {DRIFT_CHECKS_PER_PHASE} times per phase): {phases}",
         color=TEXT,
         fontsize=8.5,
         va="center",
@@ -332,28 +381,50 @@ def main() -> int:
 
     from devtools.demo import DemoSpec, register_demo_champion
     from devtools.live_server import DemoRegistry, bentoml_home, live_server
-    from devtools.monitoring_stack import mixed_load, run_prometheus, send_load
+    from devtools.monitoring_stack import mixed_load, run_prometheus, run_pushgateway, send_load
+    from healnet.drift.spool import MIN_WINDOW_CASES
     from healnet.registry import checkpoint_path
 
     plan = planned_requests(args.seconds, args.rate)
+    phase_ends = [args.seconds * (i + 1) / len(PHASES) for i in range(len(PHASES))]
     with tempfile.TemporaryDirectory(prefix="render-dashboard-") as tmp:
-        home, prometheus_dir = Path(tmp) / "bentoml", Path(tmp) / "prometheus"
+        home, spool = Path(tmp) / "bentoml", Path(tmp) / "drift-spool"
+        prometheus_dir, pushgateway_dir = Path(tmp) / "prometheus", Path(tmp) / "pushgateway"
         prometheus_dir.mkdir()
+        pushgateway_dir.mkdir()
         with bentoml_home(home):
             tag = register_demo_champion()
             registry = DemoRegistry(home, tag, checkpoint_path(tag))
+        server_env = registry.server_env(
+            HEALNET_DRIFT_SPOOL_DIR=str(spool),
+            HEALNET_DRIFT_WINDOW_CASES=str(MIN_WINDOW_CASES),
+            HEALNET_DRIFT_SPOOL_MAX_FILES=str(spool_windows_between_checks(args.seconds, args.rate)),
+        )
         with (
-            live_server(registry.server_env(), Path(tmp) / "serve.log") as service,
-            run_prometheus(service, prometheus_dir) as prometheus,
+            live_server(server_env, Path(tmp) / "serve.log") as service,
+            run_pushgateway(pushgateway_dir) as pushgateway,
+            run_prometheus(service, prometheus_dir, pushgateway_url=pushgateway) as prometheus,
         ):
             # One request of each kind first, so that every series exists before the rates start.
             send_load(service, [body for body, _ in mixed_load(DemoSpec(), 1, 1)])
             time.sleep(3.0)
             print(f"sending {len(plan)} requests over {args.seconds:.0f} s to {service} (model {tag})")
+
+            def check_drift() -> None:
+                verdict = drift_check(spool, pushgateway, server_env)
+                print(f"healnet drift at {time.time() - start:.0f} s: {verdict}")
+
+            # the checks during the load run beside it, which keeps its pace; the last one after it
+            checks = len(PHASES) * DRIFT_CHECKS_PER_PHASE
+            timers = [threading.Timer(args.seconds * i / checks, check_drift) for i in range(1, checks)]
             start = time.time()
+            for timer in timers:
+                timer.start()
             sent = send_paced(service, plan)
-            time.sleep(3.0)  # the last scrapes
-            phase_ends = [args.seconds * (i + 1) / len(PHASES) for i in range(len(PHASES))]
+            for timer in timers:
+                timer.join()
+            check_drift()
+            time.sleep(5.0)  # the last check's gauges on a few scrapes
             phase_ends[-1] = time.time() - start - 1.0
             print("sent (kind, status): " + ", ".join(f"{k}={n}" for k, n in sorted(sent.items())))
             render(prometheus, start, phase_ends, args.output)

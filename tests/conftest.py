@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from devtools.monitoring_stack import prometheus_binary
+from devtools.monitoring_stack import prometheus_binary, pushgateway_binary
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -44,4 +44,8 @@ def registry(tmp_path, monkeypatch):
 
 REQUIRES_PROMETHEUS = pytest.mark.skipif(
     prometheus_binary() is None, reason="prometheus not found: install the Debian/Ubuntu package `prometheus`"
+)
+REQUIRES_PUSHGATEWAY = pytest.mark.skipif(
+    pushgateway_binary() is None,
+    reason="the Pushgateway was not found: install the Debian/Ubuntu package `prometheus-pushgateway`",
 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import REQUIRES_PUSHGATEWAY
 
 from devtools.demo import DemoSpec, demo_cohort
 from devtools.k8s_queries import load_prometheus_rule
@@ -326,38 +328,60 @@ def poll_files(folder: Path, count: int) -> bool:
     return wait_until(lambda: len(list(folder.glob("*.drift.json"))) >= count, 10, 0.1)
 
 
-def test_the_metrics_are_pushed_to_a_pushgateway(reference, tmp_path):
-    """A loopback stand-in for the Pushgateway's API: one PUT replacing the job's group."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+def samples(text: str, job: str | None = None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text as {(name, sorted labels but job and instance, which the Pushgateway adds to a pushed
+    group): value}; with `job`, that job's samples only."""
+    from prometheus_client.parser import text_string_to_metric_families
 
-    from healnet.drift.report import MetricsPushError, export_metrics
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if job is None or sample.labels.get("job") == job:
+                labels = {k: v for k, v in sample.labels.items() if k not in {"job", "instance"}}
+                found[(sample.name, tuple(sorted(labels.items())))] = sample.value
+    return found
 
-    received: list[tuple[str, str, bytes]] = []
 
-    class Gateway(BaseHTTPRequestHandler):
-        def do_PUT(self) -> None:
-            received.append((self.command, self.path, self.rfile.read(int(self.headers["Content-Length"]))))
-            self.send_response(200)
-            self.end_headers()
+@REQUIRES_PUSHGATEWAY
+def test_the_metrics_replace_the_job_group_on_a_pushgateway(reference, tmp_path):
+    """A real Pushgateway on loopback: a push holds the metrics file's gauges under job healnet-drift and
+    stamps push_time_seconds; the next push replaces the group (a gauge it lacks is gone); a gateway
+    answering 404 or not listening is a MetricsPushError."""
+    import httpx
 
-        def log_message(self, *args) -> None:
-            pass
+    from devtools.monitoring_stack import run_pushgateway
+    from healnet.drift.compare import DriftReport
+    from healnet.drift.report import PUSHGATEWAY_JOB, MetricsPushError, export_metrics
+
+    def pushed(gateway: str) -> dict:
+        return samples(httpx.get(f"{gateway}/metrics", timeout=10).text, PUSHGATEWAY_JOB)
 
     current = reference.empty_counts()
     current.cases = 60
     for name, bins in reference.modalities.items():
         current.modalities[name] = bins.reference * 2
     report = compare(reference, current)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        export_metrics(report, tmp_path / "drift.prom", f"http://127.0.0.1:{server.server_address[1]}")
-    finally:
-        server.shutdown()
-        server.server_close()
-    ((method, path, body),) = received
-    assert (method, path) == ("PUT", "/metrics/job/healnet-drift")
-    assert b'healnet_input_drift_share{modality="wsi"} 0.0' in body
-    assert body.decode() == (tmp_path / "drift.prom").read_text()
+    assert report.embedding_score is not None
+    without_slides = DriftReport(
+        [m for m in report.modalities if m.modality != "wsi"], None, report.alpha, report.cases
+    )
+    pushed_after = time.time()
+    with run_pushgateway(tmp_path) as gateway:
+        export_metrics(report, tmp_path / "drift.prom", gateway)
+        first = pushed(gateway)
+        export_metrics(without_slides, None, gateway)
+        second = pushed(gateway)
+        with pytest.raises(MetricsPushError, match="cannot push the drift metrics.*404"):
+            export_metrics(report, None, f"{gateway}/not-the-pushgateway")
     with pytest.raises(MetricsPushError, match="cannot push the drift metrics"):
-        export_metrics(report, None, f"http://127.0.0.1:{server.server_address[1]}")
+        export_metrics(report, None, gateway)
+
+    written = samples((tmp_path / "drift.prom").read_text())
+    wsi_share = ("healnet_input_drift_share", (("modality", "wsi"),))
+    assert first[wsi_share] == 0.0
+    assert first[("healnet_embedding_drift_score", ())] == pytest.approx(report.embedding_score)
+    assert {key: first[key] for key in written} == written
+    assert first[("push_time_seconds", ())] >= pushed_after - 1
+    assert wsi_share not in second and ("healnet_embedding_drift_score", ()) not in second
+    assert ("healnet_input_drift_share", (("modality", "cnv"),)) in second
+    assert second[("push_time_seconds", ())] >= first[("push_time_seconds", ())]

@@ -1,7 +1,8 @@
 """Input drift end to end: the held-out patients of a demo cohort sent to the in-process service with its
 drift spool on, then `healnet drift` on the spool; clean, with one omic table shifted by 1 SD, and with
-patch features from another encoder. Then a real Prometheus scrapes the metrics of the clean and the shifted
-run with the real HealnetInputDrift rule loaded: the alert fires for the shifted run only.
+patch features from another encoder. Then the CronJob's `healnet drift --pushgateway` pushes the clean and
+the shifted run to real Pushgateways that a real Prometheus scrapes with the real HealnetInputDrift rule
+loaded: the alert fires for the shifted run only, and the dashboard's drift panels show the pushed values.
 """
 
 from __future__ import annotations
@@ -9,23 +10,33 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack
 from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import REQUIRES_PROMETHEUS
+from conftest import REQUIRES_PROMETHEUS, REQUIRES_PUSHGATEWAY
 
 from devtools.demo import DemoSpec, demo_cohort, train_demo_checkpoint
-from devtools.k8s_queries import load_prometheus_rule
-from devtools.live_server import champion_registry, free_port, stop_server, wait_until
-from devtools.monitoring_stack import by_labels, prometheus_binary, query
+from devtools.k8s_queries import (
+    dashboard_panels,
+    load_dashboard,
+    load_prometheus_rule,
+    substitute_grafana_variables,
+    variable_values,
+)
+from devtools.live_server import champion_registry, wait_until
+from devtools.monitoring_stack import (
+    by_labels,
+    pushgateway_scrape_config,
+    query,
+    run_prometheus_config,
+    run_pushgateway,
+)
 from healnet.drift.compare import DRIFT_SHARE_THRESHOLD
 from serving.drift_spool import DriftSpool
 from serving.schemas import PredictRequest
@@ -39,6 +50,8 @@ TRAINED = 180
 WINDOW = 20  # cases per spool file, the least a file may hold
 SHIFTED_TABLE = "cnv"
 ALERT = "HealnetInputDrift"
+PUSHED_STREAMS = ("clean", "omic_shifted")
+SHARE_PANEL, EMBEDDING_PANEL = "Input drift share by modality", "Embedding drift score"
 
 
 def held_out_requests(shift_table: str | None = None, other_encoder: bool = False) -> list[PredictRequest]:
@@ -101,11 +114,13 @@ def runs(registry, tmp_path_factory) -> dict[str, dict]:
             service.close_drift_spool()
             assert len(list((root / name).glob("*.drift.json"))) == len(requests) // WINDOW
             metrics = root / f"{name}.prom"
-            results[name] = {"report": drift_json(registry.tag, root / name, metrics), "metrics": metrics}
+            report = json.loads(healnet_drift(registry.tag, root / name, "--json", "--metrics-file", metrics))
+            results[name] = {"report": report, "metrics": metrics, "spool": root / name}
     return results
 
 
-def drift_json(tag: str, spool: Path, metrics: Path) -> dict:
+def healnet_drift(tag: str, spool: Path, *options: str | Path) -> str:
+    """`healnet drift --tag TAG --current SPOOL OPTIONS...`; its standard output."""
     out = subprocess.run(
         [
             ".venv/bin/python",
@@ -116,9 +131,7 @@ def drift_json(tag: str, spool: Path, metrics: Path) -> dict:
             tag,
             "--current",
             str(spool),
-            "--json",
-            "--metrics-file",
-            str(metrics),
+            *map(str, options),
         ],
         capture_output=True,
         text=True,
@@ -126,7 +139,7 @@ def drift_json(tag: str, spool: Path, metrics: Path) -> dict:
         cwd=Path(__file__).resolve().parents[1],
     )
     assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
+    return out.stdout
 
 
 def shares(report: dict) -> dict[str, float]:
@@ -159,86 +172,79 @@ def test_the_metrics_file_holds_the_shares(runs):
     assert "healnet_embedding_drift_score " in text
 
 
-@contextmanager
-def serve_file(path: Path) -> Iterator[str]:
-    """`path` on a loopback HTTP server as /metrics (how a Pushgateway would expose the pushed gauges)."""
-    (path.parent / "metrics").write_text(path.read_text())
-    handler = partial(SimpleHTTPRequestHandler, directory=str(path.parent))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@REQUIRES_PROMETHEUS
-def test_the_alert_fires_on_the_shifted_stream_only(runs, tmp_path):
-    """The real rule, evaluated every second with its `for` shortened to 1s; each run's metrics are a
-    target of job healnet-drift, labelled namespace=<stream>."""
+@pytest.fixture(scope="module")
+def drift_prometheus(registry, runs, tmp_path_factory) -> Iterator[str]:
+    """One real Pushgateway per stream of PUSHED_STREAMS, pushed to by the CronJob's command on that stream's
+    spool and scraped as the Pushgateway chart's ServiceMonitor does (honor_labels), its target labelled
+    namespace=<stream>; a real Prometheus evaluating the real rules every second, HealnetInputDrift's `for`
+    shortened to 1s. Its URL, once both groups are scraped."""
+    folder = tmp_path_factory.mktemp("drift-prometheus")
     groups = load_prometheus_rule()["spec"]["groups"]
     for group in groups:
         group["interval"] = "1s"
         for rule in group["rules"]:
             if rule.get("alert") == ALERT:
                 rule["for"] = "1s"
-    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
-    folders = {name: tmp_path / name for name in ("clean", "omic_shifted")}
-    for name, folder in folders.items():
-        folder.mkdir()
-        (folder / "drift.prom").write_text(runs[name]["metrics"].read_text())
-    with (
-        serve_file(folders["clean"] / "drift.prom") as clean,
-        serve_file(folders["omic_shifted"] / "drift.prom") as shifted,
-    ):
+    (folder / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+    with ExitStack() as stack:
+        gateways = {}
+        for name in PUSHED_STREAMS:
+            (folder / name).mkdir()
+            gateways[name] = stack.enter_context(run_pushgateway(folder / name))
+            healnet_drift(registry.tag, runs[name]["spool"], "--pushgateway", gateways[name])
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(tmp_path / "rules.yaml")],
+            "rule_files": [str(folder / "rules.yaml")],
             "scrape_configs": [
-                {
-                    "job_name": "healnet-drift",
-                    "honor_labels": True,
-                    "static_configs": [
-                        {"targets": [clean], "labels": {"namespace": "clean"}},
-                        {"targets": [shifted], "labels": {"namespace": "omic_shifted"}},
-                    ],
-                }
+                pushgateway_scrape_config({url: {"namespace": name} for name, url in gateways.items()}, "1s")
             ],
         }
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-        url = f"http://127.0.0.1:{free_port()}"
-        process = subprocess.Popen(
-            [
-                prometheus_binary(),
-                f"--config.file={tmp_path / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp_path / 'data'}",
-                f"--web.listen-address={url.removeprefix('http://')}",
-            ],
-            stdout=(tmp_path / "prometheus.log").open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
+        url = stack.enter_context(run_prometheus_config(config, folder))
+        scraped = 'count by (namespace) (push_time_seconds{job="healnet-drift"})'
+        log = folder / "prometheus.log"
+        assert wait_until(lambda: len(query(url, scraped)) == len(PUSHED_STREAMS), 20, 0.25), log.read_text()
+        yield url
 
-            def firing() -> dict:
-                try:
-                    return by_labels(query(url, f'ALERTS{{alertname="{ALERT}", alertstate="firing"}}'))
-                except Exception:
-                    return {}
 
-            fired = wait_until(lambda: bool(firing()), 40, 0.5)
-            log = (tmp_path / "prometheus.log").read_text()[-2000:]
-            assert fired, log
-            # both targets scraped and evaluated for a few more rounds: the clean one stays quiet
-            scraped = by_labels(
-                query(url, 'count by (namespace) (healnet_input_drift_share{job="healnet-drift"})')
-            )
-            assert set(scraped) == {("clean",), ("omic_shifted",)}, log
-            wait_until(lambda: False, 3)
-            namespaces = {labels for labels in firing()}
-            assert all("omic_shifted" in labels for labels in namespaces), namespaces
-            assert any(SHIFTED_TABLE in labels for labels in namespaces), namespaces
-            assert not any("clean" in labels for labels in namespaces)
-        finally:
-            stop_server(process)
+@REQUIRES_PROMETHEUS
+@REQUIRES_PUSHGATEWAY
+def test_the_alert_fires_on_the_shifted_stream_only(drift_prometheus):
+    def firing() -> dict:
+        return by_labels(query(drift_prometheus, f'ALERTS{{alertname="{ALERT}", alertstate="firing"}}'))
+
+    assert wait_until(lambda: bool(firing()), 40, 0.5)
+    wait_until(lambda: False, 3)  # a few more evaluations: the clean stream stays quiet
+    namespaces = set(firing())
+    assert all("omic_shifted" in labels for labels in namespaces), namespaces
+    assert any(SHIFTED_TABLE in labels for labels in namespaces), namespaces
+    assert not any("clean" in labels for labels in namespaces)
+
+
+@REQUIRES_PROMETHEUS
+@REQUIRES_PUSHGATEWAY
+def test_the_dashboard_drift_panels_show_the_pushed_values(drift_prometheus, runs):
+    """The panels' PromQL (every namespace selected) against the scraped gateways: per modality the larger
+    share of the two runs, the larger embedding score; and HealnetDriftCheckStale's age of the last push."""
+    dashboard = load_dashboard()
+    values = variable_values(dashboard)
+    panels = {panel["title"]: panel for panel in dashboard_panels(dashboard)}
+
+    def panel_result(title: str) -> dict[tuple[str, ...], float]:
+        (target,) = panels[title]["targets"]
+        return by_labels(query(drift_prometheus, substitute_grafana_variables(target["expr"], values)))
+
+    reports = [runs[name]["report"] for name in PUSHED_STREAMS]
+    expected_shares: dict[tuple[str, ...], float] = {}
+    for report in reports:
+        for modality, share in shares(report).items():
+            if share is not None:  # nothing tested: no gauge pushed
+                expected_shares[(modality,)] = max(share, expected_shares.get((modality,), share))
+    assert panel_result(SHARE_PANEL) == pytest.approx(expected_shares)
+    assert panel_result(SHARE_PANEL)[(SHIFTED_TABLE,)] > DRIFT_SHARE_THRESHOLD
+    expected_score = max(report["embedding_drift_score"] for report in reports)
+    assert panel_result(EMBEDDING_PANEL) == pytest.approx({(): expected_score})
+    ages = by_labels(
+        query(drift_prometheus, 'time() - max by (namespace) (push_time_seconds{job="healnet-drift"})')
+    )
+    assert set(ages) == {(name,) for name in PUSHED_STREAMS}
+    assert all(0 <= age < 120 for age in ages.values()), ages

@@ -31,8 +31,8 @@ QUIET_PANEL = "Server errors (5xx)"
 # the demo model takes no clinical covariates, so no training range is exported for it (the query is still
 # evaluated by test_every_dashboard_and_alert_query_evaluates)
 NO_CLINICAL_PANEL = "Clinical values outside the training range"
-# pushed by the healnet-drift CronJob, which this stack does not run (tests/test_drift_streams.py has a live
-# Prometheus scrape them)
+# pushed by the healnet-drift CronJob, which this stack does not run (tests/test_drift_streams.py pushes them
+# to a real Pushgateway that a live Prometheus scrapes)
 DRIFT_PANELS = {"Input drift share by modality", "Embedding drift score"}
 LATENCY_PANELS = {"Inference latency by stage", "End-to-end request latency"}
 MISSING_MODALITY_PANELS = {"Missing-modality rate", "Missing-modality share of requests"}
