@@ -158,11 +158,11 @@ def spool_windows_between_checks(seconds: float, rate: float) -> int:
     return max(1, int(requests * answered) // MIN_WINDOW_CASES)
 
 
-def drift_check(spool: Path, pushgateway_url: str, env: dict[str, str]) -> str:
-    """The drift CronJob's command on `spool`, pushing to `pushgateway_url`: its verdict line, or its exit
-    code and error (exit 2 when the spool holds no full window yet)."""
+def drift_check(spool: Path, pushgateway_url: str, namespace: str, env: dict[str, str]) -> str:
+    """The drift CronJob's command on `spool`, pushing to `pushgateway_url` as the service's `namespace`: its
+    verdict line, or its exit code and error (exit 2 when the spool holds no full window yet)."""
     command = [sys.executable, "-m", "healnet", "drift", "--tag", "champion", "--current", str(spool)]
-    command += ["--pushgateway", pushgateway_url]
+    command += ["--pushgateway", pushgateway_url, "--namespace", namespace]
     done = subprocess.run(
         command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=DRIFT_CHECK_TIMEOUT_S
     )
@@ -381,7 +381,7 @@ def main() -> int:
 
     from devtools.demo import DemoSpec, register_demo_champion
     from devtools.live_server import DemoRegistry, bentoml_home, live_server
-    from devtools.monitoring_stack import mixed_load, run_prometheus, run_pushgateway, send_load
+    from devtools.monitoring_stack import NAMESPACE, mixed_load, run_prometheus, run_pushgateway, send_load
     from healnet.drift.spool import MIN_WINDOW_CASES
     from healnet.registry import checkpoint_path
 
@@ -411,7 +411,7 @@ def main() -> int:
             print(f"sending {len(plan)} requests over {args.seconds:.0f} s to {service} (model {tag})")
 
             def check_drift() -> None:
-                verdict = drift_check(spool, pushgateway, server_env)
+                verdict = drift_check(spool, pushgateway, NAMESPACE, server_env)
                 print(f"healnet drift at {time.time() - start:.0f} s: {verdict}")
 
             # the checks during the load run beside it, which keeps its pace; the last one after it

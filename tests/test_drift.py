@@ -385,3 +385,38 @@ def test_the_metrics_replace_the_job_group_on_a_pushgateway(reference, tmp_path)
     assert wsi_share not in second and ("healnet_embedding_drift_score", ()) not in second
     assert ("healnet_input_drift_share", (("modality", "cnv"),)) in second
     assert second[("push_time_seconds", ())] >= first[("push_time_seconds", ())]
+
+
+@REQUIRES_PUSHGATEWAY
+def test_each_namespace_keeps_its_own_group_on_a_shared_pushgateway(reference, tmp_path):
+    """`namespace` joins the group's key: every pushed series carries it, and a push from one namespace
+    replaces that namespace's group only."""
+    import httpx
+
+    from devtools.monitoring_stack import run_pushgateway
+    from healnet.drift.compare import DriftReport
+    from healnet.drift.report import PUSHGATEWAY_JOB, export_metrics
+
+    current = reference.empty_counts()
+    current.cases = 60
+    for name, bins in reference.modalities.items():
+        current.modalities[name] = bins.reference * 2
+    report = compare(reference, current)
+    without_slides = DriftReport(
+        [m for m in report.modalities if m.modality != "wsi"], None, report.alpha, report.cases
+    )
+    with run_pushgateway(tmp_path) as gateway:
+        export_metrics(report, None, gateway, namespace="oncology")
+        export_metrics(report, None, gateway, namespace="research")
+        export_metrics(without_slides, None, gateway, namespace="research")
+        pushed = samples(httpx.get(f"{gateway}/metrics", timeout=10).text, PUSHGATEWAY_JOB)
+
+    def wsi_share(namespace: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+        return ("healnet_input_drift_share", (("modality", "wsi"), ("namespace", namespace)))
+
+    assert wsi_share("oncology") in pushed and wsi_share("research") not in pushed
+    assert {labels for name, labels in pushed if name == "push_time_seconds"} == {
+        (("namespace", "oncology"),),
+        (("namespace", "research"),),
+    }
+    assert all(dict(labels).get("namespace") in {"oncology", "research"} for _, labels in pushed)

@@ -31,6 +31,7 @@ from devtools.k8s_queries import (
 )
 from devtools.live_server import champion_registry, wait_until
 from devtools.monitoring_stack import (
+    PUSHGATEWAY_NAMESPACE,
     by_labels,
     pushgateway_scrape_config,
     query,
@@ -174,10 +175,11 @@ def test_the_metrics_file_holds_the_shares(runs):
 
 @pytest.fixture(scope="module")
 def drift_prometheus(registry, runs, tmp_path_factory) -> Iterator[str]:
-    """One real Pushgateway per stream of PUSHED_STREAMS, pushed to by the CronJob's command on that stream's
-    spool and scraped as the Pushgateway chart's ServiceMonitor does (honor_labels), its target labelled
-    namespace=<stream>; a real Prometheus evaluating the real rules every second, HealnetInputDrift's `for`
-    shortened to 1s. Its URL, once both groups are scraped."""
+    """One real Pushgateway, pushed to by the CronJob's command on each stream of PUSHED_STREAMS with the
+    stream's name as its namespace (`--namespace`, as the CronJob passes its pod's), and scraped as the
+    Pushgateway chart's ServiceMonitor does: honor_labels, the target labelled with the Pushgateway's own
+    namespace, which the pushed one overrides. A real Prometheus evaluates the real rules every second,
+    HealnetInputDrift's `for` shortened to 1s. Its URL, once both groups are scraped."""
     folder = tmp_path_factory.mktemp("drift-prometheus")
     groups = load_prometheus_rule()["spec"]["groups"]
     for group in groups:
@@ -187,16 +189,14 @@ def drift_prometheus(registry, runs, tmp_path_factory) -> Iterator[str]:
                 rule["for"] = "1s"
     (folder / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
     with ExitStack() as stack:
-        gateways = {}
+        gateway = stack.enter_context(run_pushgateway(folder))
         for name in PUSHED_STREAMS:
-            (folder / name).mkdir()
-            gateways[name] = stack.enter_context(run_pushgateway(folder / name))
-            healnet_drift(registry.tag, runs[name]["spool"], "--pushgateway", gateways[name])
+            healnet_drift(registry.tag, runs[name]["spool"], "--pushgateway", gateway, "--namespace", name)
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(folder / "rules.yaml")],
             "scrape_configs": [
-                pushgateway_scrape_config({url: {"namespace": name} for name, url in gateways.items()}, "1s")
+                pushgateway_scrape_config({gateway: {"namespace": PUSHGATEWAY_NAMESPACE}}, "1s")
             ],
         }
         url = stack.enter_context(run_prometheus_config(config, folder))
@@ -223,15 +223,17 @@ def test_the_alert_fires_on_the_shifted_stream_only(drift_prometheus):
 @REQUIRES_PROMETHEUS
 @REQUIRES_PUSHGATEWAY
 def test_the_dashboard_drift_panels_show_the_pushed_values(drift_prometheus, runs):
-    """The panels' PromQL (every namespace selected) against the scraped gateways: per modality the larger
-    share of the two runs, the larger embedding score; and HealnetDriftCheckStale's age of the last push."""
+    """The panels' PromQL against the scraped gateway: with every namespace selected, per modality the
+    larger share of the two runs and the larger embedding score; with one namespace selected, that run's
+    values; and HealnetDriftCheckStale's age of the last push, per namespace."""
     dashboard = load_dashboard()
     values = variable_values(dashboard)
     panels = {panel["title"]: panel for panel in dashboard_panels(dashboard)}
 
-    def panel_result(title: str) -> dict[tuple[str, ...], float]:
+    def panel_result(title: str, namespace: str | None = None) -> dict[tuple[str, ...], float]:
         (target,) = panels[title]["targets"]
-        return by_labels(query(drift_prometheus, substitute_grafana_variables(target["expr"], values)))
+        chosen = values if namespace is None else {**values, "namespace": namespace}
+        return by_labels(query(drift_prometheus, substitute_grafana_variables(target["expr"], chosen)))
 
     reports = [runs[name]["report"] for name in PUSHED_STREAMS]
     expected_shares: dict[tuple[str, ...], float] = {}
@@ -243,6 +245,11 @@ def test_the_dashboard_drift_panels_show_the_pushed_values(drift_prometheus, run
     assert panel_result(SHARE_PANEL)[(SHIFTED_TABLE,)] > DRIFT_SHARE_THRESHOLD
     expected_score = max(report["embedding_drift_score"] for report in reports)
     assert panel_result(EMBEDDING_PANEL) == pytest.approx({(): expected_score})
+    for name in PUSHED_STREAMS:
+        report = runs[name]["report"]
+        own = {(modality,): share for modality, share in shares(report).items() if share is not None}
+        assert panel_result(SHARE_PANEL, name) == pytest.approx(own)
+        assert panel_result(EMBEDDING_PANEL, name) == pytest.approx({(): report["embedding_drift_score"]})
     ages = by_labels(
         query(drift_prometheus, 'time() - max by (namespace) (push_time_seconds{job="healnet-drift"})')
     )

@@ -457,3 +457,22 @@ def test_every_object_carries_the_overlays_labels(overlay: str) -> None:
     for obj in objects:
         labels = obj["metadata"].get("labels", {})
         assert common.items() <= labels.items(), f"{obj['kind']}/{obj['metadata']['name']}: {labels}"
+
+
+def test_the_drift_cronjob_pushes_its_metrics_under_its_own_namespace() -> None:
+    """The CronJob's command parses with the real CLI, and its --namespace is the pod's own namespace (the
+    downward API): a Pushgateway scraped with honor_labels then gives the drift series the service's
+    namespace, which the alerts and the dashboard's namespace variable select."""
+    from healnet.cli import build_parser
+
+    (cronjob,) = by_kind(manifests("overlays/drift"), "CronJob")
+    (container,) = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item for item in container["env"]}
+    arguments = container["command"][1:] + container["args"]
+
+    def resolved(value: str) -> str:  # $(NAME) as the kubelet expands it, by the source it names
+        return re.sub(r"\$\((\w+)\)", lambda m: f"<{json.dumps(env[m.group(1)]['valueFrom'])}>", value)
+
+    parsed = build_parser().parse_args([resolved(value) for value in arguments])
+    assert parsed.command == "drift" and parsed.pushgateway and parsed.tag == "champion"
+    assert json.loads(parsed.namespace[1:-1]) == {"fieldRef": {"fieldPath": "metadata.namespace"}}

@@ -56,6 +56,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="push the same metrics to this Pushgateway, replacing the group of job healnet-drift",
     )
     parser.add_argument(
+        "--namespace",
+        default=None,
+        metavar="NAME",
+        help="the Kubernetes namespace of the service whose spool this is: the pushed group's namespace "
+        "label, which the alerts and the dashboard select (the CronJob passes its own namespace)",
+    )
+    parser.add_argument(
         "--fail-on-drift", action="store_true", help=f"exit with {DRIFT_EXIT_CODE} when the verdict is drift"
     )
 
@@ -65,5 +72,5 @@ def run(args: argparse.Namespace) -> int:
 
     result = run_drift(None if args.tag == "champion" else args.tag, args.current, args.alpha)
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_run(result))
-    export_metrics(result.report, args.metrics_file, args.pushgateway)
+    export_metrics(result.report, args.metrics_file, args.pushgateway, args.namespace)
     return DRIFT_EXIT_CODE if args.fail_on_drift and result.report.drifted else 0

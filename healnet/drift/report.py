@@ -108,15 +108,25 @@ def drift_metrics(report: DriftReport):
     return registry
 
 
-def export_metrics(report: DriftReport, metrics_file: Path | None, pushgateway: str | None) -> None:
-    """Write the gauges as a textfile (node-exporter format) and/or replace the job's group on a Pushgateway."""
+def export_metrics(
+    report: DriftReport, metrics_file: Path | None, pushgateway: str | None, namespace: str | None = None
+) -> None:
+    """Write the gauges as a textfile (node-exporter format) and/or replace the job's group on a Pushgateway.
+
+    `namespace`, the Kubernetes namespace of the service whose spool was checked, joins the group's key: a
+    Pushgateway scraped with honor_labels then gives every series that `namespace` label, not its own
+    namespace's, so the alerts and the dashboard's namespace variable find it, and the services of several
+    namespaces pushing to one Pushgateway keep a group each."""
     from prometheus_client import push_to_gateway, write_to_textfile
 
     registry = drift_metrics(report)
     if metrics_file is not None:
         write_to_textfile(str(metrics_file), registry)
     if pushgateway:
+        grouping = {"namespace": namespace} if namespace else None
         try:
-            push_to_gateway(pushgateway, job=PUSHGATEWAY_JOB, registry=registry, timeout=30)
+            push_to_gateway(
+                pushgateway, job=PUSHGATEWAY_JOB, registry=registry, grouping_key=grouping, timeout=30
+            )
         except OSError as error:
             raise MetricsPushError(f"cannot push the drift metrics to {pushgateway}: {error}") from None
