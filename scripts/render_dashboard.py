@@ -188,10 +188,11 @@ def panel_data(prometheus_url: str, panel: dict, values: dict[str, str], start: 
     drawn = []
     for target, expr in exprs:
         for series in query_range(prometheus_url, expr, start, end, STEP_S):
-            values = np.full(len(times), np.nan)
+            # a step without a sample stays NaN: drawn as a gap, as Grafana does
+            samples = np.full(len(times), np.nan)
             for t, value in series["values"]:
-                values[round((float(t) - start) / STEP_S)] = float(value)
-            drawn.append(Series(legend(target.get("legendFormat", ""), series["metric"]), times, values))
+                samples[round((float(t) - start) / STEP_S)] = float(value)
+            drawn.append(Series(legend(target.get("legendFormat", ""), series["metric"]), times, samples))
     return drawn
 
 
