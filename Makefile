@@ -4,6 +4,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REGISTRY ?= build/registry
 PYTEST_ARGS ?=
+# pytest-xdist workers; each test file runs whole in one worker (--dist loadfile), so its module fixtures
+# (a served model, a pipeline run) are built once. The suite's servers and pipeline steps are largely
+# subprocess start-up and waiting, which leaves a core idle in a serial run.
+TEST_WORKERS ?= 2
 
 IMAGE_REGISTRY ?= registry.example.com/healnet
 # the image tag is the package version, defined once in pyproject.toml
@@ -42,10 +46,10 @@ format: venv
 	$(VENV)/bin/ruff format .
 
 test: lint
-	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: venv
-	$(VENV)/bin/pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 bench: venv
 	$(PY) benchmarks/train_throughput.py
