@@ -342,6 +342,22 @@ def samples(text: str, job: str | None = None) -> dict[tuple[str, tuple[tuple[st
     return found
 
 
+def pushed_reports(reference):
+    """Two reports to push: one of every modality at the reference's own proportions (twice the counts),
+    and the same without the slides (no wsi share, no embedding score)."""
+    from healnet.drift.compare import DriftReport
+
+    current = reference.empty_counts()
+    current.cases = 60
+    for name, bins in reference.modalities.items():
+        current.modalities[name] = bins.reference * 2
+    report = compare(reference, current)
+    without_slides = DriftReport(
+        [m for m in report.modalities if m.modality != "wsi"], None, report.alpha, report.cases
+    )
+    return report, without_slides
+
+
 @REQUIRES_PUSHGATEWAY
 def test_the_metrics_replace_the_job_group_on_a_pushgateway(reference, tmp_path):
     """A real Pushgateway on loopback: a push holds the metrics file's gauges under job healnet-drift and
@@ -350,21 +366,13 @@ def test_the_metrics_replace_the_job_group_on_a_pushgateway(reference, tmp_path)
     import httpx
 
     from devtools.monitoring_stack import run_pushgateway
-    from healnet.drift.compare import DriftReport
     from healnet.drift.report import PUSHGATEWAY_JOB, MetricsPushError, export_metrics
 
     def pushed(gateway: str) -> dict:
         return samples(httpx.get(f"{gateway}/metrics", timeout=10).text, PUSHGATEWAY_JOB)
 
-    current = reference.empty_counts()
-    current.cases = 60
-    for name, bins in reference.modalities.items():
-        current.modalities[name] = bins.reference * 2
-    report = compare(reference, current)
+    report, without_slides = pushed_reports(reference)
     assert report.embedding_score is not None
-    without_slides = DriftReport(
-        [m for m in report.modalities if m.modality != "wsi"], None, report.alpha, report.cases
-    )
     pushed_after = time.time()
     with run_pushgateway(tmp_path) as gateway:
         export_metrics(report, tmp_path / "drift.prom", gateway)
@@ -394,17 +402,9 @@ def test_each_namespace_keeps_its_own_group_on_a_shared_pushgateway(reference, t
     import httpx
 
     from devtools.monitoring_stack import run_pushgateway
-    from healnet.drift.compare import DriftReport
     from healnet.drift.report import PUSHGATEWAY_JOB, export_metrics
 
-    current = reference.empty_counts()
-    current.cases = 60
-    for name, bins in reference.modalities.items():
-        current.modalities[name] = bins.reference * 2
-    report = compare(reference, current)
-    without_slides = DriftReport(
-        [m for m in report.modalities if m.modality != "wsi"], None, report.alpha, report.cases
-    )
+    report, without_slides = pushed_reports(reference)
     with run_pushgateway(tmp_path) as gateway:
         export_metrics(report, None, gateway, namespace="oncology")
         export_metrics(report, None, gateway, namespace="research")
