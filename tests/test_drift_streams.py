@@ -1,8 +1,9 @@
 """Input drift end to end: the held-out patients of a demo cohort sent to the in-process service with its
 drift spool on, then `healnet drift` on the spool; clean, with one omic table shifted by 1 SD, and with
-patch features from another encoder. Then the CronJob's `healnet drift --pushgateway` pushes the clean and
-the shifted run to real Pushgateways that a real Prometheus scrapes with the real HealnetInputDrift rule
-loaded: the alert fires for the shifted run only, and the dashboard's drift panels show the pushed values.
+patch features from another encoder. Then the CronJob's `healnet drift --pushgateway --namespace` pushes the
+clean and the shifted run, each as its own namespace, to a real Pushgateway that a real Prometheus scrapes
+with the real HealnetInputDrift rule loaded: the alert fires for the shifted run only, and the dashboard's
+drift panels show the pushed values, per namespace.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import asyncio
 import json
 import subprocess
 from collections.abc import Iterator
-from contextlib import ExitStack
 from functools import partial
 from pathlib import Path
 
@@ -188,8 +188,7 @@ def drift_prometheus(registry, runs, tmp_path_factory) -> Iterator[str]:
             if rule.get("alert") == ALERT:
                 rule["for"] = "1s"
     (folder / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
-    with ExitStack() as stack:
-        gateway = stack.enter_context(run_pushgateway(folder))
+    with run_pushgateway(folder) as gateway:
         for name in PUSHED_STREAMS:
             healnet_drift(registry.tag, runs[name]["spool"], "--pushgateway", gateway, "--namespace", name)
         config = {
@@ -199,11 +198,13 @@ def drift_prometheus(registry, runs, tmp_path_factory) -> Iterator[str]:
                 pushgateway_scrape_config({gateway: {"namespace": PUSHGATEWAY_NAMESPACE}}, "1s")
             ],
         }
-        url = stack.enter_context(run_prometheus_config(config, folder))
-        scraped = 'count by (namespace) (push_time_seconds{job="healnet-drift"})'
-        log = folder / "prometheus.log"
-        assert wait_until(lambda: len(query(url, scraped)) == len(PUSHED_STREAMS), 20, 0.25), log.read_text()
-        yield url
+        with run_prometheus_config(config, folder) as url:
+            scraped = 'count by (namespace) (push_time_seconds{job="healnet-drift"})'
+            log = folder / "prometheus.log"
+            assert wait_until(lambda: len(query(url, scraped)) == len(PUSHED_STREAMS), 20, 0.25), (
+                log.read_text()
+            )
+            yield url
 
 
 @REQUIRES_PROMETHEUS
