@@ -90,6 +90,7 @@ ROUNDS: dict[int, dict[str, Recipe]] = {
         "wide_blend_chosen": WIDE_BLEND_CHOSEN,
     },
     6: {"current": ROUND_5_BASE, "wide_blend_chosen": WIDE_BLEND_CHOSEN},
+    7: {"current": TCGA, "cox_screened": replace(TCGA, omics=replace(TCGA.omics, select="cox"))},
 }
 
 

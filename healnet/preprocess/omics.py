@@ -1,8 +1,8 @@
 """Omics transform: fitted on the training split, saved with the model, applied by serving.
 
 Steps per feature: sign(x)·log1p(|x|) (modalities named in `signed_log`), impute with the training
-median, log1p (raw-RSEM-like modalities), z-score with the training mean/std, keep features by
-variance (min_std, then top-k), group into tokens.
+median, log1p (raw-RSEM-like modalities), z-score with the training mean/std, drop near-constant features
+(min_std), keep the top-k by variance or by univariate Cox score on the training patients, group into tokens.
 Training, evaluation and serving all go through `OmicsTransform.transform`.
 """
 
@@ -27,6 +27,9 @@ READABLE_STATE_VERSIONS = (1, 2)
 # "auto" log1p: every observed value is >= 0 and the maximum exceeds this (raw RSEM counts).
 AUTO_LOG1P_MIN_MAX = 100.0
 LOG1P_MODES = ("auto", "always", "never")
+# How top_k ranks a modality's features: by their spread, or by their univariate association with survival
+# (the absolute Cox score statistic on the training patients; needs their times and events)
+SELECTIONS = ("variance", "cox")
 # PORPOISE's rnaseq values are z-scores that reach 10^4: without sign(x)·log1p(|x|), a variance filter
 # keeps the genes with one extreme patient
 RNASEQ = ("rnaseq",)
@@ -39,7 +42,8 @@ class OmicsTransformError(HEALNetError, ValueError):
 @dataclass(frozen=True)
 class OmicsConfig:
     log1p: str = "auto"  # "auto" | "always" | "never"
-    top_k: int | None = None  # keep the k highest-variance features per input modality
+    top_k: int | None = None  # keep k features per input modality, ranked as `select` says
+    select: str = "variance"  # one of SELECTIONS
     min_std: float = 1e-6  # drop (near-)constant features
     combine: bool = False  # concatenate all omic modalities into one modality named "omic"
     tokens: str = "single"  # "single" | "features" | "groups:N"
@@ -61,6 +65,10 @@ class OmicsConfig:
             )
         if self.top_k is not None and self.top_k < 1:
             raise OmicsTransformError(f"top_k must be a positive integer or None, got {self.top_k}")
+        if self.select not in SELECTIONS:
+            raise OmicsTransformError(f"select must be one of {SELECTIONS}, got {self.select!r}")
+        if self.select == "cox" and self.top_k is None:
+            raise OmicsTransformError("select='cox' ranks features for top_k; give top_k as well")
         if self.min_std < 0:
             raise OmicsTransformError(f"min_std must be >= 0, got {self.min_std}")
         self.channels_per_token(1)  # validates the tokens string
@@ -123,11 +131,22 @@ class OmicsTransform:
         self._modality_of_feature = {f: m for m, s in stats.items() for f in s.features}
 
     @classmethod
-    def fit(cls, frames: dict[str, pd.DataFrame], config: OmicsConfig = OmicsConfig()) -> OmicsTransform:
-        """Fit on training frames (index patient_id, numeric feature columns), one per modality."""
+    def fit(
+        cls,
+        frames: dict[str, pd.DataFrame],
+        config: OmicsConfig = OmicsConfig(),
+        survival: pd.DataFrame | None = None,
+    ) -> OmicsTransform:
+        """Fit on training frames (index patient_id, numeric feature columns), one per modality.
+
+        `survival` (index patient_id; `survival_months`, `event`) holds the training patients' outcomes,
+        which `select="cox"` ranks features by; every patient of every frame needs a row.
+        """
         if not frames:
             raise OmicsTransformError("no omics modality to fit the transform on")
-        stats = {name: _fit_modality(name, frame, config) for name, frame in frames.items()}
+        if config.select == "cox" and survival is None:
+            raise OmicsTransformError("select='cox' ranks features by survival: pass the training outcomes")
+        stats = {name: _fit_modality(name, frame, config, survival) for name, frame in frames.items()}
         if config.combine:
             names = [f for s in stats.values() for f in s.features]
             duplicated = sorted({f for f in names if names.count(f) > 1})
@@ -302,7 +321,9 @@ def _check_unique(name: str, frame: pd.DataFrame) -> None:
             raise OmicsTransformError(f"modality {name!r}: duplicated {axis} {repeated}")
 
 
-def _fit_modality(name: str, frame: pd.DataFrame, config: OmicsConfig) -> _FeatureStats:
+def _fit_modality(
+    name: str, frame: pd.DataFrame, config: OmicsConfig, survival: pd.DataFrame | None
+) -> _FeatureStats:
     _check_unique(name, frame)
     if len(frame) == 0:
         raise OmicsTransformError(f"modality {name!r}: no training rows to fit on")
@@ -325,7 +346,11 @@ def _fit_modality(name: str, frame: pd.DataFrame, config: OmicsConfig) -> _Featu
     std = values.std(axis=0)
     keep = np.flatnonzero((std > 0) & (std >= config.min_std))
     if config.top_k is not None and len(keep) > config.top_k:
-        keep = np.sort(keep[np.argsort(-std[keep], kind="stable")[: config.top_k]])
+        if config.select == "cox":
+            rank_by = np.abs(cox_score_statistic(values[:, keep], *_outcomes_of(name, frame, survival)))
+        else:
+            rank_by = std[keep]
+        keep = np.sort(keep[np.argsort(-rank_by, kind="stable")[: config.top_k]])
     return _FeatureStats(
         log1p=bool(log1p),
         features=[features[i] for i in keep],
@@ -334,6 +359,42 @@ def _fit_modality(name: str, frame: pd.DataFrame, config: OmicsConfig) -> _Featu
         std=std[keep],
         signed_log=signed_log,
     )
+
+
+def _outcomes_of(
+    name: str, frame: pd.DataFrame, survival: pd.DataFrame | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Times and events of the frame's patients, in its row order."""
+    assert survival is not None  # OmicsTransform.fit checks it for select="cox"
+    unknown = frame.index.difference(survival.index)
+    if len(unknown):
+        raise OmicsTransformError(
+            f"modality {name!r}: no survival outcome for training patients {unknown[:5].tolist()}"
+        )
+    rows = survival.loc[frame.index]
+    return rows["survival_months"].to_numpy(np.float64), rows["event"].to_numpy(bool)
+
+
+def cox_score_statistic(values: np.ndarray, times: np.ndarray, events: np.ndarray) -> np.ndarray:
+    """Per column of `values` (patients, features), the standardised score statistic U / sqrt(V) of a
+    univariate Cox model at beta = 0 (Breslow's ties): the log-rank test of that feature.
+
+    U sums, over events, the patient's value minus the mean over its risk set (everyone with a time at least
+    as long); V sums the risk sets' variances. Positive: higher values, higher hazard. A feature constant on
+    every risk set scores 0.
+    """
+    order = np.argsort(-times, kind="stable")
+    times, events, values = times[order], events[order], values[order]
+    # risk set of the patient at position i: positions 0 .. at_risk[i] - 1 (times sorted descending)
+    at_risk = np.searchsorted(-times, -times, side="right")
+    first, second = np.cumsum(values, axis=0), np.cumsum(values**2, axis=0)
+    event_rows = np.flatnonzero(events)
+    size = at_risk[event_rows][:, None].astype(np.float64)
+    mean = first[at_risk[event_rows] - 1] / size
+    variance = np.maximum(second[at_risk[event_rows] - 1] / size - mean**2, 0.0)
+    score = (values[event_rows] - mean).sum(axis=0)
+    spread = np.sqrt(variance.sum(axis=0))
+    return np.divide(score, spread, out=np.zeros_like(score), where=spread > 0)
 
 
 def _signed_log(values: np.ndarray) -> np.ndarray:

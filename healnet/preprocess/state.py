@@ -52,7 +52,9 @@ class Preprocessor:
         omics = None
         if omics_config is not None and omic_frames:
             train_frames = {name: frame[frame.index.isin(train)] for name, frame in omic_frames.items()}
-            omics = OmicsTransform.fit(train_frames, omics_config)
+            # the training patients' outcomes: `select="cox"` ranks omic features by them
+            survival = clinical[clinical.index.isin(train)] if clinical is not None else None
+            omics = OmicsTransform.fit(train_frames, omics_config, survival)
         clinical_transform = None
         if clinical is not None and clinical_config is not None:
             clinical_transform = ClinicalTransform.fit(clinical[clinical.index.isin(train)], clinical_config)
