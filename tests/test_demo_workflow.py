@@ -78,11 +78,14 @@ def test_cli_preprocess_train_evaluate(cohort_dir, tmp_path, capsys):
     run = tmp_path / "run"
     args = ["train", "--cohort", str(cohort_dir), "--out", str(run), "--epochs", "3", "--no-progress"]
     model_args = ["--latents", "4", "--latent-dim", "16", "--depth", "1"]
-    assert main([*args, *model_args, "--top-k", "50", "--signed-log", "rnaseq"]) == 0
+    omics_args = ["--top-k", "50", "--omics-select", "cox", "--signed-log", "rnaseq"]
+    assert main([*args, *model_args, *omics_args]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["modalities"] == ["omic", "wsi"] and metrics["recipe"] == "demo"
     omics = load_trained(run / "checkpoint").preprocessor.omics
-    assert omics.config.signed_log == ("rnaseq",) and omics.config.top_k == 50
+    assert (
+        omics.config.signed_log == ("rnaseq",) and omics.config.top_k == 50 and omics.config.select == "cox"
+    )
     assert len(omics.feature_names["omic"]) == 150  # 50 per table: mut, cnv, rnaseq
     assert set(metrics["test"]) == {"c_index", "c_index_ipcw", "integrated_brier_score"}
     assert (run / "checkpoint" / "model.pt").exists()

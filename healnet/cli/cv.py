@@ -17,7 +17,15 @@ HELP = (
 )
 QUARANTINE_SHOWN = 5  # rows listed on stderr; the JSON report keeps them all
 # the options that override a setting of the HEALNet recipe (healnet.cli.recipe_options)
-RECIPE_FLAGS = ("--members", "--epochs", "--patience", "--batch-size", "--weight-decay", "--top-k")
+RECIPE_FLAGS = (
+    "--members",
+    "--epochs",
+    "--patience",
+    "--batch-size",
+    "--weight-decay",
+    "--top-k",
+    "--omics-select",
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from healnet.cli import recipe_default
+from healnet.preprocess.omics import SELECTIONS
 from healnet.recipes import Recipe, apply_overrides, get_recipe
 
 GROUPINGS = {"combined": True, "per-table": False}  # --omics-grouping -> OmicsConfig.combine
@@ -20,6 +21,12 @@ def _grouping(text: str) -> bool:
     if text not in GROUPINGS:
         raise argparse.ArgumentTypeError(f"choose from {', '.join(GROUPINGS)}, not {text!r}")
     return GROUPINGS[text]
+
+
+def _selection(text: str) -> str:
+    if text not in SELECTIONS:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(SELECTIONS)}, not {text!r}")
+    return text
 
 
 def _table_names(text: str) -> tuple[str, ...]:
@@ -54,8 +61,17 @@ RECIPE_OPTIONS = {
             "--top-k",
             "top_k",
             int,
-            "highest-variance features kept per omic table",
+            "features kept per omic table, ranked as --omics-select says",
             lambda r: r.omics.top_k or "all",
+        ),
+        RecipeOption(
+            "--omics-select",
+            "select",
+            _selection,
+            "how --top-k ranks an omic table's features: variance, or cox (the univariate Cox score on "
+            "the training patients)",
+            lambda r: r.omics.select,
+            metavar="{" + ",".join(SELECTIONS) + "}",
         ),
         RecipeOption(
             "--signed-log",
