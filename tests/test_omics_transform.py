@@ -320,18 +320,18 @@ def test_signed_log_survives_the_state_and_reaches_records():
         assert_tokens_equal(tokens, transform.transform(frames, [patient]))
 
 
-def test_version_1_states_load_without_signed_log():
+def test_version_1_states_load_without_signed_log_and_select():
     frames = make_frames()
     transform = OmicsTransform.fit(frames, OmicsConfig(top_k=4))
     state = json.loads(json.dumps(transform.state_dict()))
     state["format_version"] = 1
-    del state["config"]["signed_log"]
+    del state["config"]["signed_log"], state["config"]["select"]
     for modality in state["modalities"].values():
         del modality["signed_log"]
     old = OmicsTransform.from_state_dict(state)
-    assert old.config.signed_log == ()
+    assert old.config.signed_log == () and old.config.select == "variance"
     ids = list(frames["mut"].index)
     assert_tokens_equal(old.transform(frames, ids), transform.transform(frames, ids))
-    state["format_version"] = 3
-    with pytest.raises(OmicsTransformError, match="format 3"):
+    state["format_version"] = 4
+    with pytest.raises(OmicsTransformError, match="format 4"):
         OmicsTransform.from_state_dict(state)

@@ -22,8 +22,9 @@ if TYPE_CHECKING:  # training passes DataFrames; serving must not import pandas 
     import pandas as pd
 
 COMBINED_MODALITY = "omic"
-STATE_FORMAT_VERSION = 2  # 2 added signed_log; version 1 states load without it
-READABLE_STATE_VERSIONS = (1, 2)
+# 2 added signed_log, 3 the config's select; older states load without them (variance, no signed log)
+STATE_FORMAT_VERSION = 3
+READABLE_STATE_VERSIONS = (1, 2, 3)
 # "auto" log1p: every observed value is >= 0 and the maximum exceeds this (raw RSEM counts).
 AUTO_LOG1P_MIN_MAX = 100.0
 LOG1P_MODES = ("auto", "always", "never")
