@@ -378,7 +378,8 @@ def _outcomes_of(
 
 def cox_score_statistic(values: np.ndarray, times: np.ndarray, events: np.ndarray) -> np.ndarray:
     """Per column of `values` (patients, features), the standardised score statistic U / sqrt(V) of a
-    univariate Cox model at beta = 0 (Breslow's ties): the log-rank test of that feature.
+    univariate Cox model at beta = 0 (Breslow's ties); for a 0/1 feature without tied times, the log-rank
+    test of its two groups.
 
     U sums, over events, the patient's value minus the mean over its risk set (everyone with a time at least
     as long); V sums the risk sets' variances. Positive: higher values, higher hazard. A feature constant on
