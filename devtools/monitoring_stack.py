@@ -104,9 +104,14 @@ def pushgateway_scrape_config(targets: Mapping[str, Mapping[str, str]], interval
     }
 
 
-def write_rule_file(path: Path, evaluation_interval: str) -> Path:
-    """The PrometheusRule's groups as a Prometheus rule file, each group evaluated every `evaluation_interval`."""
+def write_rule_file(path: Path, evaluation_interval: str, alert_for: Mapping[str, str] | None = None) -> Path:
+    """The PrometheusRule's groups as a Prometheus rule file, each group evaluated every `evaluation_interval`;
+    `alert_for` ({alert name: duration}) replaces those alerts' `for`, so that a test sees them fire."""
     groups = [group | {"interval": evaluation_interval} for group in load_prometheus_rule()["spec"]["groups"]]
+    overrides = alert_for or {}
+    for rule in (rule for group in groups for rule in group["rules"]):
+        if rule.get("alert") in overrides:
+            rule["for"] = overrides[rule["alert"]]
     path.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
     return path
 

@@ -18,14 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from conftest import REQUIRES_PROMETHEUS, REQUIRES_PUSHGATEWAY
 
 from devtools.demo import DemoSpec, demo_cohort, train_demo_checkpoint
 from devtools.k8s_queries import (
     dashboard_panels,
     load_dashboard,
-    load_prometheus_rule,
     substitute_grafana_variables,
     variable_values,
 )
@@ -37,6 +35,7 @@ from devtools.monitoring_stack import (
     query,
     run_prometheus_config,
     run_pushgateway,
+    write_rule_file,
 )
 from healnet.drift.compare import DRIFT_SHARE_THRESHOLD
 from serving.drift_spool import DriftSpool
@@ -181,19 +180,13 @@ def drift_prometheus(registry, runs, tmp_path_factory) -> Iterator[str]:
     namespace, which the pushed one overrides. A real Prometheus evaluates the real rules every second,
     HealnetInputDrift's `for` shortened to 1s. Its URL, once both groups are scraped."""
     folder = tmp_path_factory.mktemp("drift-prometheus")
-    groups = load_prometheus_rule()["spec"]["groups"]
-    for group in groups:
-        group["interval"] = "1s"
-        for rule in group["rules"]:
-            if rule.get("alert") == ALERT:
-                rule["for"] = "1s"
-    (folder / "rules.yaml").write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
+    rules = write_rule_file(folder / "rules.yaml", "1s", alert_for={ALERT: "1s"})
     with run_pushgateway(folder) as gateway:
         for name in PUSHED_STREAMS:
             healnet_drift(registry.tag, runs[name]["spool"], "--pushgateway", gateway, "--namespace", name)
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(folder / "rules.yaml")],
+            "rule_files": [str(rules)],
             "scrape_configs": [
                 pushgateway_scrape_config({gateway: {"namespace": PUSHGATEWAY_NAMESPACE}}, "1s")
             ],
