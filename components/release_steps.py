@@ -84,8 +84,8 @@ def promote(
     The champion moves by compare-and-swap: only if it is still the one the gate judged against. If it
     changed, the gate is taken again by the same rules, scoring the new champion on the same test patients
     (a reject fails the step with its reasons, leaving the candidate registered but not the champion). The
-    card then shows the gate taken again, stored with the version before the candidate can become the
-    champion."""
+    card and the version's gate metadata (gate_rule, gate_reasons, c_index_ci, test_events) then show the
+    gate taken again, stored with the version before the candidate can become the champion."""
     import json
     from pathlib import Path
 
@@ -101,7 +101,7 @@ def promote(
     use_registry(registry_dir)
     from healnet.checkpoint import verify_checkpoint
     from healnet.gate import GatePolicy, GateResult, promote_if_still_better, regate_record
-    from healnet.registry import CARD_MARKDOWN, register_model, replace_model_card
+    from healnet.registry import CARD_MARKDOWN, register_model, replace_model_card, update_version_metadata
     from healnet.scoring import ScoredPatients
 
     gated = json.loads(Path(gate_json.path).read_text(encoding="utf-8"))
@@ -119,10 +119,18 @@ def promote(
         "git_sha": code_version[:12],
         "pipeline_run_id": run_id,
     }
+
+    def gate_fields(record: dict) -> dict:  # the version's metadata of the gate that decided
+        return {
+            "c_index_ci": record["c_index_ci"],
+            "test_events": record["test_events"],
+            "gate_rule": record["rule"],
+            "gate_reasons": list(record["reasons"]),
+        }
+
     metadata = {
         **scores,
-        "c_index_ci": gated["c_index_ci"],
-        "test_events": gated["test_events"],
+        **gate_fields(gated),
         "data_hash": data_hash,
         "git_sha": code_version,
         "pipeline_run_id": run_id,
@@ -130,8 +138,6 @@ def promote(
         "cohort": cohort.path,
         "weights_sha256": weights_sha256,
         "gate_version": gate_version,
-        "gate_rule": gated["rule"],
-        "gate_reasons": list(gated["reasons"]),
     }
     champion = gated["champion"]
     policy = GatePolicy(**{k: v for k, v in gated["policy"].items() if k != "version"})
@@ -162,15 +168,25 @@ def promote(
             else dict(cards)
         )
 
-    def store_regated_card(result: GateResult) -> None:
-        cards.update(card_for(tag, regate_record(gated, result)))
+    def store_regated_gate(result: GateResult) -> None:
+        # the card and the version's metadata both describe the gate that decided, as the report does
+        decided = regate_record(gated, result)
+        cards.update(card_for(tag, decided))
         replace_model_card(tag, cards)
+        fields = gate_fields(decided)
+        metadata.update(fields)
+        update_version_metadata(tag, fields)
 
     tag = register_model(checkpoint, labels, metadata, files=files_for)
-    outcome = (
-        f"passed gate v{gate_version}" if gated["passed"] else f"gate v{gate_version} dry run, checks failed"
-    )
-    reason = f"pipeline run {run_name or run_id}: test c-index {scores['c_index']:.4f}, {outcome}"
+
+    def reason(regated: GateResult | None) -> str:  # the pointer's, of the gate that decided
+        passed = regated.passed if regated is not None else gated["passed"]
+        outcome = f"passed gate v{gate_version}" if passed else f"gate v{gate_version} dry run, checks failed"
+        if regated is not None:
+            against = regated.champion.tag if regated.champion else "no champion"
+            outcome += f" taken again against {against}"
+        return f"pipeline run {run_name or run_id}: test c-index {scores['c_index']:.4f}, {outcome}"
+
     assess = champion_assessor(checkpoint, cohort.path, candidate, test_features.path)
     # a compare-and-swap: only if the champion is still the one the gate judged against
     regated, pointer = promote_if_still_better(
@@ -180,7 +196,7 @@ def promote(
         champion["tag"] if champion else None,
         reason,
         assess,
-        on_regate=store_regated_card,
+        on_regate=store_regated_gate,
     )
     if pointer is None:  # the gate, taken again, rejected the candidate
         assert regated is not None and regated.champion is not None

@@ -453,12 +453,13 @@ def promote_if_still_better(
     candidate: ScoredPatients,
     policy: GatePolicy,
     gated: str | None,
-    reason: str,
+    reason: Callable[[GateResult | None], str],
     assess: Callable[[str | None], Champion | None],
     attempts: int = 3,
     on_regate: Callable[[GateResult], None] | None = None,
 ) -> tuple[GateResult | None, dict | None]:
     """Make `tag` the champion only if the champion is still `gated`, the one the gate judged against.
+    `reason(repeated gate result, None when the first comparison held)` is the champion pointer's reason.
 
     If another promotion or a rollback changed it meanwhile, the gate decision is taken again by the same
     rules: `assess(new champion tag)` scores the new champion on the candidate's test patients, or says why
@@ -473,7 +474,7 @@ def promote_if_still_better(
     expected, result = gated, None
     for _ in range(attempts):
         try:
-            return result, set_champion(tag, reason, expected=expected)
+            return result, set_champion(tag, reason(result), expected=expected)
         except ChampionChangedError as changed:
             result = decide(candidate, assess(changed.current), policy)
             if on_regate is not None:

@@ -171,13 +171,16 @@ def apply_overrides(recipe: Recipe, **given: Any) -> Recipe:
     if unknown:
         raise RecipeError(f"no recipe setting is named {unknown}; known: {sorted(SETTING_PARTS)}")
     chosen = {name: value for name, value in given.items() if value is not None}
-    parts = {
-        part: replace(getattr(recipe, part), **values)
-        for part in OVERRIDABLE_PARTS
-        if (values := {name: value for name, value in chosen.items() if SETTING_PARTS[name] == part})
-    }
-    own = {name: value for name, value in chosen.items() if SETTING_PARTS[name] is None}
-    return replace(recipe, **parts, **own)
+    try:  # each part checks its own settings when it is built
+        parts = {
+            part: replace(getattr(recipe, part), **values)
+            for part in OVERRIDABLE_PARTS
+            if (values := {name: value for name, value in chosen.items() if SETTING_PARTS[name] == part})
+        }
+        own = {name: value for name, value in chosen.items() if SETTING_PARTS[name] is None}
+        return replace(recipe, **parts, **own)
+    except ValueError as error:
+        raise RecipeError(f"recipe {recipe.name!r} cannot take {chosen}: {error}") from None
 
 
 def pipeline_recipe(name: str, **overrides: int) -> Recipe:

@@ -18,6 +18,7 @@ would make the champion change whenever a version is registered, without a gate.
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import re
@@ -27,10 +28,13 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, Any, cast
 
 from healnet.checkpoint import MANIFEST_FILE, read_manifest, verify_checkpoint
 from healnet.errors import HEALNetError
+
+if TYPE_CHECKING:  # imported when used: use_registry must point BentoML at the store first
+    import bentoml
 
 MODEL_NAME = "healnet"
 POINTER_FILE = "champion.json"
@@ -157,16 +161,21 @@ def show_version(tag: str) -> dict:
     return matches[0]
 
 
-def model_folder(tag: str) -> Path:
-    """The folder of a registered version (see version_tag) in the store, unverified."""
+def _stored_model(tag: str) -> bentoml.Model:
+    """A registered version (see version_tag) as BentoML stores it, read afresh from its folder."""
     import bentoml
     from bentoml.exceptions import NotFound
 
     tag = version_tag(tag)
     try:
-        return Path(bentoml.models.get(tag).path)
+        return bentoml.models.get(tag)
     except NotFound as error:
         raise RegistryError(f"no model version {tag!r} in the registry") from error
+
+
+def model_folder(tag: str) -> Path:
+    """The folder of a registered version (see version_tag) in the store, unverified."""
+    return Path(_stored_model(tag).path)
 
 
 def model_card(tag: str) -> tuple[dict, str] | None:
@@ -194,6 +203,21 @@ def replace_model_card(tag: str, files: Mapping[str, str]) -> None:
     folder = model_folder(tag)
     for name, text in files.items():
         _replace_file(folder / name, text)
+
+
+def update_version_metadata(tag: str, fields: Mapping[str, Any]) -> None:
+    """Set `fields` in a registered version's metadata, keeping its other fields (the gate taken again at
+    promotion, whose rule and reasons replace the first gate's). The version's model.yaml is replaced whole,
+    by write-to-temp-then-rename, so a reader (list_versions) never sees a half-written one; a value YAML
+    cannot hold fails before anything is written."""
+    from bentoml._internal.models.model import MODEL_YAML_FILENAME
+
+    model = _stored_model(tag)
+    info = model.info  # this read's own copy: changing it changes nothing stored until written below
+    info.metadata.update(fields)
+    text = io.StringIO()
+    info.dump(text)
+    _replace_file(Path(model.path) / MODEL_YAML_FILENAME, text.getvalue())
 
 
 def _replace_file(path: Path, text: str) -> None:

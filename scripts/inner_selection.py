@@ -91,6 +91,13 @@ ROUNDS: dict[int, dict[str, Recipe]] = {
     },
     6: {"current": ROUND_5_BASE, "wide_blend_chosen": WIDE_BLEND_CHOSEN},
     7: {"current": TCGA, "cox_screened": replace(TCGA, omics=replace(TCGA.omics, select="cox"))},
+    8: {
+        "current": TCGA,
+        "elastic_omics": replace(TCGA, train=replace(TCGA.train, linear_omics_l1_ratio=0.5)),
+        "elastic_all": replace(
+            TCGA, train=replace(TCGA.train, linear_omics_l1_ratio=0.5, linear_clinical_shares_penalty=True)
+        ),
+    },
 }
 
 

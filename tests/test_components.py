@@ -28,7 +28,14 @@ from healnet.data.synth import SynthConfig, synthesize_cohort
 from healnet.gate import ENOUGH_EVENTS, GATE_VERSION, NOT_WORSE, GatePolicy, rule_texts
 from healnet.model_card import validate_card
 from healnet.preprocess.feature_files import feature_file_name
-from healnet.registry import get_champion, list_versions, model_card, register_model, set_champion
+from healnet.registry import (
+    get_champion,
+    list_versions,
+    model_card,
+    register_model,
+    set_champion,
+    show_version,
+)
 from healnet.scoring import ScoredPatients
 from healnet.survival_metrics import harrell_c
 from healnet.train import DistributedTrainingError
@@ -485,6 +492,8 @@ def test_promote_takes_the_gate_again_when_the_champion_changed(pipeline_outputs
     tag, report = promote_step(pipeline_outputs, tmp_path, record)
     pointer = get_champion()
     assert pointer["tag"] == tag and pointer["history"][-1]["tag"] == meanwhile
+    gate_version = json.loads(Path(record.path).read_text())["gate_version"]
+    assert pointer["reason"].endswith(f"passed gate v{gate_version} taken again against {meanwhile}")
     text = Path(report.path).read_text()
     assert f"gate taken again against {meanwhile}" in text and "paired-bootstrap" in text
     # the card, stored and handed on, shows the gate that promoted: the one taken again against `meanwhile`
@@ -500,6 +509,11 @@ def test_promote_takes_the_gate_again_when_the_champion_changed(pipeline_outputs
     assert card["gate"]["taken_again"] == {"first_champion": None, "first_rule": first["rule"]}
     assert f"the champion changed from none to {meanwhile} after the first gate" in markdown
     assert f"champion judged against: {meanwhile}" in markdown
+    # the version's metadata, and the report's table of it, show that same gate, not the first one
+    metadata = show_version(tag)["metadata"]
+    assert metadata["gate_rule"] == card["gate"]["rule"]
+    assert metadata["gate_reasons"] == card["gate"]["reasons"] != first["reasons"]
+    assert f"| gate_rule | {retaken_rule} |" in text
 
 
 def test_reject_reports_the_rule_and_the_kept_champion(pipeline_outputs, registry, tmp_path):

@@ -377,8 +377,12 @@ def test_ablation_scores_every_condition():
 
 def test_cli_names_the_quarantined_rows_and_keeps_them_in_the_report(table, tmp_path, capsys):
     damaged = tmp_path / "tcga_damaged_all_clean.csv.gz"
-    rows = pd.read_csv(table, index_col=0)
+    rows = pd.read_csv(table, index_col=0).reset_index(drop=True)  # a second slide repeats its first's label
     rows.loc[[1, 2], "survival_months"] = -1.0  # two patients with one slide each get an unusable time
+    # the second slide row of a patient lacks the age its first holds
+    gap_patient = rows.loc[rows["case_id"].duplicated(), "case_id"].iloc[0]
+    gap_rows = rows.index[rows["case_id"] == gap_patient]
+    rows.loc[gap_rows[-1], "age"] = np.nan
     rows.to_csv(damaged)
     out = tmp_path / "cv.json"
     code = main(["cv", "--table", str(damaged), "--models", "age", "--repeats", "1", "--json", str(out)])
@@ -390,6 +394,9 @@ def test_cli_names_the_quarantined_rows_and_keeps_them_in_the_report(table, tmp_
     stderr = capsys.readouterr().err
     assert f"rows: {len(rows)} read, {len(rows) - 2} kept, 2 quarantined" in stderr
     assert "TCGA-AB-0001" in stderr and "survival_months must be positive" in stderr
+    note = f"{damaged.name}: patient {gap_patient}: age missing on 1 of {len(gap_rows)} rows, taken from the others"
+    assert report["filled"] == [note]
+    assert f"values taken from a patient's other rows: 1 patient(s)\n  {note}" in stderr
 
 
 def test_coxnet_at_the_middle_of_its_path_tunes_nothing():

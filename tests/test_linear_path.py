@@ -1,5 +1,6 @@
-"""The wide linear path (clinical covariates and omic tables): fitted on training patients only, a missing
-modality adds nothing, its ridge chosen on the training patients, and checkpoints round-trip."""
+"""The wide linear path (clinical covariates and omic tables), with a ridge or an elastic net on its omic
+weights: fitted on training patients only, a missing modality adds nothing, its penalty chosen on the
+training patients, and checkpoints round-trip."""
 
 from dataclasses import replace
 
@@ -36,10 +37,14 @@ def data():
     return make_data(n=60, covariates=True)
 
 
-@pytest.fixture(scope="module")
-def fitted(data):
+# the same path with an elastic net on its omic weights instead of a ridge
+ELASTIC = replace(WIDE, train=replace(TRAIN, linear_omics_l1_ratio=0.5))
+
+
+@pytest.fixture(scope="module", params=[WIDE, ELASTIC], ids=["ridge", "elastic-net"])
+def fitted(request, data):
     train_ids = list(data.clinical.index[:45])
-    return fit_wide(data, train_ids), train_ids
+    return fit_wide(data, train_ids, request.param), train_ids, request.param
 
 
 def test_the_kinds_name_the_clinical_and_every_omic_modality_in_model_order():
@@ -50,7 +55,7 @@ def test_the_kinds_name_the_clinical_and_every_omic_modality_in_model_order():
 
 
 def test_the_path_covers_every_table_and_the_covariates_with_a_chosen_omic_ridge(fitted):
-    ensemble, _ = fitted
+    ensemble, _, _ = fitted
     config = ensemble.members[0].model.config
     assert set(config.linear_path) == {"rnaseq", "mut", CLINICAL}
     assert sum(config.linear_path_inputs) == ensemble.members[0].model.linear_path.in_features
@@ -62,14 +67,14 @@ def test_the_path_covers_every_table_and_the_covariates_with_a_chosen_omic_ridge
 
 
 def test_the_path_is_fitted_on_training_patients_only(data, fitted):
-    ensemble, train_ids = fitted
+    ensemble, train_ids, recipe = fitted
     test_ids = [pid for pid in data.clinical.index if pid not in set(train_ids)]
     changed = make_data(n=60, covariates=True)
     changed.clinical.loc[test_ids, "survival_months"] = 0.5
     changed.clinical.loc[test_ids, "event"] = 1
     for frame in changed.omics.values():
         frame.loc[test_ids] = frame.loc[test_ids].to_numpy()[::-1] * 7.0
-    again = fit_wide(changed, train_ids)
+    again = fit_wide(changed, train_ids, recipe)
     for first, second in zip(ensemble.members, again.members, strict=True):
         torch.testing.assert_close(first.model.linear_path.weight, second.model.linear_path.weight)
         assert first.metadata["train_config"] == second.metadata["train_config"]
@@ -128,10 +133,12 @@ def test_a_config_needs_a_size_for_every_linear_modality():
 
 
 def test_a_checkpoint_round_trips_the_wide_path(tmp_path, data, fitted):
-    ensemble, train_ids = fitted
+    ensemble, _, _ = fitted
     save_checkpoint(tmp_path / "model", ensemble.to_checkpoint())
     loaded = HEALNetEnsemble.from_checkpoint(load_checkpoint(tmp_path / "model"))
     assert loaded.members[0].model.config.linear_path == ensemble.members[0].model.config.linear_path
+    for first, second in zip(ensemble.members, loaded.members, strict=True):
+        assert torch.equal(first.model.linear_path.weight, second.model.linear_path.weight)
     ids = list(data.clinical.index)
     np.testing.assert_allclose(loaded.risk(data, ids), ensemble.risk(data, ids), rtol=1e-6)
 

@@ -1,11 +1,14 @@
 import gzip
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from healnet.data.cohort import Cohort
 from healnet.data.readers import (
     DAYS_PER_MONTH,
     DAYS_PER_YEAR,
@@ -463,16 +466,134 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_first_column_name(tmp_path):
     assert raw.omics["cnv"].loc["TCGA-AA-0001"].tolist() == [-1.0, 0.0]
 
 
-def test_rows_of_a_patient_agree_when_both_miss_a_value_and_disagree_when_one_does(tmp_path):
+def test_a_value_missing_on_some_rows_of_a_patient_is_taken_from_its_other_rows(tmp_path):
     rows = [
-        porpoise_row("TCGA-AA-0001", "DX1", age=np.nan, oncotree_code=np.nan),
-        porpoise_row("TCGA-AA-0001", "DX2", age=np.nan, oncotree_code=np.nan),  # same missing values
-        porpoise_row("TCGA-AA-0002", "DX1", age=np.nan),
-        porpoise_row("TCGA-AA-0002", "DX2", age=61, oncotree_code="BLCAB"),  # a value against a missing one
+        porpoise_row("TCGA-AA-0001", "DX1", oncotree_code="BLCAB"),
+        porpoise_row("TCGA-AA-0001", "DX2", oncotree_code=np.nan),  # no subtype on the second slide
+        porpoise_row("TCGA-AA-0001", "DX3", oncotree_code="BLCAB"),
+        porpoise_row("TCGA-AA-0002", "DX1", age=np.nan),  # the first row, the one kept, misses the age
+        porpoise_row("TCGA-AA-0002", "DX2", age=61),
+        porpoise_row("TCGA-AA-0003", "DX1"),
     ]
     raw = read_porpoise_table(write_porpoise(tmp_path / "table.csv", rows))
-    assert raw.clinical.index.tolist() == ["TCGA-AA-0001"]
-    assert (
-        raw.quarantine["reason"].tolist()
-        == ["rows of patient TCGA-AA-0002 disagree on age, oncotree_code"] * 2
+    assert raw.clinical.index.tolist() == ["TCGA-AA-0001", "TCGA-AA-0002", "TCGA-AA-0003"]
+    assert raw.clinical["oncotree_code"].tolist() == ["BLCAB", "BLCA", "BLCA"]
+    assert raw.clinical["age"].tolist() == [60.0, 61.0, 60.0]
+    assert raw.quarantine.empty
+    assert raw.rows_in == len(raw.slides) == len(rows)  # no row lost to a gap
+    assert raw.filled == (
+        "table.csv: patient TCGA-AA-0001: oncotree_code missing on 1 of 3 rows, taken from the others",
+        "table.csv: patient TCGA-AA-0002: age missing on 1 of 2 rows, taken from the others",
     )
+
+
+def test_a_fill_note_names_five_columns_of_a_patient_then_counts_the_rest(tmp_path):
+    genes = {f"G{index}_rnaseq": 0.1 * index for index in range(7)}
+    rows = [
+        porpoise_row("TCGA-AA-0001", "DX1", **genes),
+        porpoise_row("TCGA-AA-0001", "DX2", **dict.fromkeys(genes, np.nan)),
+    ]
+    raw = read_porpoise_table(write_porpoise(tmp_path / "table.csv", rows))
+    assert raw.omics["rnaseq"].loc["TCGA-AA-0001", list(genes)].tolist() == pytest.approx(
+        list(genes.values())
+    )
+    (note,) = raw.filled
+    assert note == (
+        "table.csv: patient TCGA-AA-0001: G0_rnaseq missing on 1 of 2 rows, G1_rnaseq missing on 1 of 2 rows, "
+        "G2_rnaseq missing on 1 of 2 rows, G3_rnaseq missing on 1 of 2 rows, G4_rnaseq missing on 1 of 2 "
+        "rows and 2 more column(s), taken from the others"
+    )
+
+
+def test_rows_of_a_patient_with_different_values_are_quarantined_beside_a_missing_one(tmp_path):
+    rows = [
+        porpoise_row("TCGA-AA-0001", "DX1"),
+        porpoise_row("TCGA-AA-0002", "DX1", oncotree_code="BLCA"),
+        porpoise_row("TCGA-AA-0002", "DX2", oncotree_code=np.nan),
+        porpoise_row("TCGA-AA-0002", "DX3", oncotree_code="BLCAB"),  # two subtypes: not a gap
+        porpoise_row("TCGA-AA-0003", "DX1", age=60),
+        porpoise_row("TCGA-AA-0003", "DX2", age=60.0001),  # ages are compared exactly, as read
+    ]
+    raw = read_porpoise_table(write_porpoise(tmp_path / "table.csv", rows))
+    assert raw.filled == ()  # a disagreement is quarantined, not filled
+    assert raw.clinical.index.tolist() == ["TCGA-AA-0001"]
+    reasons = dict(zip(raw.quarantine["row"], raw.quarantine["reason"], strict=True))
+    assert reasons == {
+        1: "rows of patient TCGA-AA-0002 disagree on oncotree_code",
+        2: "rows of patient TCGA-AA-0002 disagree on oncotree_code",
+        3: "rows of patient TCGA-AA-0002 disagree on oncotree_code",
+        4: "rows of patient TCGA-AA-0003 disagree on age",
+        5: "rows of patient TCGA-AA-0003 disagree on age",
+    }
+    assert raw.rows_in == len(raw.slides) + len(raw.quarantine) == len(rows)
+
+
+def test_a_value_missing_on_every_row_of_a_patient_stays_missing(tmp_path):
+    rows = [
+        porpoise_row("TCGA-AA-0001", "DX1", age=np.nan, oncotree_code=np.nan),
+        porpoise_row("TCGA-AA-0001", "DX2", age=np.nan, oncotree_code=np.nan),
+        porpoise_row("TCGA-AA-0002", "DX1"),
+    ]
+    raw = read_porpoise_table(write_porpoise(tmp_path / "table.csv", rows))
+    assert raw.filled == ()  # nothing to take a value from
+    assert raw.clinical.index.tolist() == ["TCGA-AA-0001", "TCGA-AA-0002"]
+    assert np.isnan(raw.clinical.loc["TCGA-AA-0001", "age"])
+    assert pd.isna(raw.clinical.loc["TCGA-AA-0001", "oncotree_code"])
+    assert raw.quarantine.empty
+    assert raw.rows_in == len(raw.slides) == len(rows)
+
+
+def test_gdc_rows_of_a_patient_take_the_sex_one_of_them_lacks_from_the_other(tmp_path):
+    cases = [
+        ("TCGA-AA-0001", "22000", "300", "'--", "female", "Dead"),
+        ("TCGA-AA-0001", "22000", "300", "'--", "'--", "Dead"),  # gender not reported on this row
+    ]
+    rows = [
+        [f"uuid-{i}", case, "TCGA-BLCA", age, death, follow, gender, status, "Radiation"]
+        for i, (case, age, death, follow, gender, status) in enumerate(cases)
+    ]
+    write_tsv(tmp_path / "clinical.tsv", OLD_GDC, rows)
+    raw = read_gdc_clinical(tmp_path / "clinical.tsv")
+    assert raw.clinical["is_female"].tolist() == [1]
+    assert raw.quarantine.empty
+    assert raw.filled == (
+        "clinical.tsv: patient TCGA-AA-0001: is_female missing on 1 of 2 rows, taken from the others",
+    )
+
+
+def test_ingest_says_and_records_which_values_were_taken_from_other_rows(tmp_path):
+    rows = [
+        porpoise_row("TCGA-AA-0001", "DX1", oncotree_code="BLCAB"),
+        porpoise_row("TCGA-AA-0001", "DX2", oncotree_code=np.nan),
+        # enough patients with and without an event for ingest's splits
+        *(porpoise_row(f"TCGA-AB-{i:04d}", "DX1", censorship=i % 2, months=5.0 + i) for i in range(30)),
+    ]
+    table = write_porpoise(tmp_path / "table.csv", rows)
+    out = tmp_path / "cohort"
+    result = subprocess.run(
+        [sys.executable, "-m", "healnet", "ingest", str(table), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    note = "table.csv: patient TCGA-AA-0001: oncotree_code missing on 1 of 2 rows, taken from the others"
+    lines = result.stdout.splitlines()
+    assert lines[lines.index("values taken from a patient's other rows: 1 patient(s)") + 1] == f"  {note}"
+    cohort = Cohort.load(out)
+    assert cohort.meta["filled"] == [note]
+    assert cohort.clinical.loc["TCGA-AA-0001", "oncotree_code"] == "BLCAB"
+
+
+def test_a_warning_in_a_command_is_one_line_that_names_it(tmp_path):
+    # 3 patients with an event cannot fill 5 test folds: kfold_splits warns, and ingest goes on
+    rows = [
+        porpoise_row(f"TCGA-AB-{i:04d}", "DX1", censorship=int(i >= 3), months=5.0 + i) for i in range(30)
+    ]
+    table = write_porpoise(tmp_path / "table.csv", rows)
+    command = ["-m", "healnet", "ingest", str(table), "--out", str(tmp_path / "cohort"), "--folds", "5"]
+    result = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert result.stderr.splitlines() == [
+        "healnet ingest: warning: 3 patient(s) with an event for 5 folds: at least 2 fold(s) hold none of them"
+    ]

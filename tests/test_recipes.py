@@ -89,6 +89,14 @@ def test_an_unknown_setting_is_refused_and_none_is_not_given():
     assert apply_overrides(TCGA, top_k=50).omics.top_k == 50
 
 
+def test_an_impossible_value_is_a_recipe_error_that_names_it():
+    with pytest.raises(RecipeError, match="cannot take \\{'epochs': 0\\}: epochs and batch_size must be"):
+        apply_overrides(TCGA, epochs=0)
+    with pytest.raises(RecipeError, match="linear_omics_l1_ratio must be in \\[0, 1\\]"):
+        cv_recipe("--recipe", "tcga", "--linear-l1-ratio", "1.5")
+    assert cv_recipe("--recipe", "tcga", "--linear-l1-ratio", "0.5").train.linear_omics_l1_ratio == 0.5
+
+
 def test_every_setting_name_belongs_to_one_part():
     names = [field.name for kind in OVERRIDABLE_PARTS.values() for field in fields(kind)]
     assert len(names) == len(set(names))

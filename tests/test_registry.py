@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from healnet.checkpoint import WEIGHTS_FILE, Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
 from healnet.cli import main as healnet_main
@@ -40,6 +41,7 @@ from healnet.registry import (
     rollback,
     set_champion,
     show_version,
+    update_version_metadata,
     version_tag,
 )
 from healnet.scoring import CohortPatients
@@ -198,13 +200,18 @@ def test_the_gate_is_taken_again_when_the_champion_changed(registry, checkpoints
 
     seen = []  # each repeated decision, with the champion at the time it is handed on
 
+    def reason_of(run):
+        return lambda regated: (
+            run if regated is None else f"{run}, gate taken again against {regated.champion.tag}"
+        )
+
     def on_regate(result):
         seen.append((result.decision, result.champion.tag, get_champion()["tag"]))
 
     set_champion(weak, "first")
     set_champion(strong, "promoted by another run meanwhile")
     result, pointer = promote_if_still_better(
-        candidate, scored, GatePolicy(tolerance=0.02), weak, "run b", assess, on_regate=on_regate
+        candidate, scored, GatePolicy(tolerance=0.02), weak, reason_of("run b"), assess, on_regate=on_regate
     )
     assert pointer is None and result.decision == "reject" and result.champion.tag == strong
     assert result.champion_c_index == 1.0 and result.paired_difference.low < -0.02
@@ -212,9 +219,12 @@ def test_the_gate_is_taken_again_when_the_champion_changed(registry, checkpoints
     # the new champion no better than the tolerance allows: the second decision promotes
     set_champion(weak, "rolled back")
     result, pointer = promote_if_still_better(
-        candidate, scored, GatePolicy(tolerance=1.0), strong, "run c", assess, on_regate=on_regate
+        candidate, scored, GatePolicy(tolerance=1.0), strong, reason_of("run c"), assess, on_regate=on_regate
     )
     assert result.decision == "promote" and result.champion.tag == weak and pointer["tag"] == candidate
+    assert (
+        pointer["reason"] == f"run c, gate taken again against {weak}"
+    )  # the reason of the gate that decided
     # handed on before it is acted on: the promoting decision while the candidate is not yet the champion
     assert seen == [("reject", strong, strong), ("promote", weak, weak)]
 
@@ -227,6 +237,23 @@ def test_a_versions_model_card_is_replaced_whole_and_only_the_card(registry, che
     with pytest.raises(RegistryError, match="a model card is"):
         replace_model_card(tag, {WEIGHTS_FILE: "overwritten"})
     checkpoint_path(tag)  # the checkpoint beside the card is untouched
+
+
+def test_a_versions_metadata_is_updated_in_place_keeping_its_other_fields(registry, checkpoints):
+    first = {"c_index": 0.66, "gate_rule": "no champion: min_c_index", "gate_reasons": ["judged alone"]}
+    tag = register_model(checkpoints[0], {"git_sha": "abc123"}, first)
+    update_version_metadata(tag, {"gate_rule": "paired-bootstrap", "gate_reasons": ["against healnet:b"]})
+    metadata = show_version(tag)["metadata"]
+    assert metadata["gate_rule"] == "paired-bootstrap" and metadata["gate_reasons"] == ["against healnet:b"]
+    assert metadata["c_index"] == 0.66 and metadata["modalities"] == ["omic"] and "sha256" in metadata
+    assert show_version(tag)["labels"] == {"framework": "pytorch", "git_sha": "abc123"}
+    assert not list(model_folder(tag).glob(".model*")), "the temporary file must be renamed away"
+    with pytest.raises(RegistryError, match="no model version"):
+        update_version_metadata("healnet:missing", {"gate_rule": "x"})
+    with pytest.raises(yaml.representer.RepresenterError):  # YAML cannot hold it: the stored file stays whole
+        update_version_metadata(tag, {"gate_rule": object()})
+    assert show_version(tag)["metadata"] == metadata
+    checkpoint_path(tag)  # the checkpoint beside it is untouched
 
 
 def test_a_corrupt_pointer_is_a_clear_error_and_a_named_rollback_repairs_it(registry, checkpoints):

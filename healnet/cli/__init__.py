@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from healnet import __version__
 from healnet.errors import exit_code_of
@@ -78,10 +80,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def one_line_warnings(program: str, enabled: bool) -> Iterator[None]:
+    """Show each warning as one line that names the program, without the source line that raised it; the
+    previous format comes back afterwards (main may run inside another program, as in the tests)."""
+    if not enabled:
+        yield
+        return
+    previous = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"{program}: warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run a sub-command; a library error (HEALNetError) is one line on stderr and exit code 2."""
+    """Run a sub-command; a library error (HEALNetError) is one line on stderr and exit code 2, and so is a
+    warning (both in full with --debug)."""
     args = build_parser().parse_args(argv)
-    return exit_code_of(lambda: args.handler(args), f"healnet {args.command}", args.debug)
+    program = f"healnet {args.command}"
+    with one_line_warnings(program, enabled=not args.debug):
+        return exit_code_of(lambda: args.handler(args), program, args.debug)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from healnet.cli.ingest import quarantine_lines
+from healnet.cli.ingest import filled_lines, quarantine_lines
 from healnet.cli.recipe_options import add_recipe_options, recipe_from_args
 from healnet.recipes import CV_FOLDS, CV_MODELS, CV_PROTOCOLS, CV_REPEATS, CV_SEED, TCGA
 
@@ -25,6 +25,7 @@ RECIPE_FLAGS = (
     "--weight-decay",
     "--top-k",
     "--omics-select",
+    "--linear-l1-ratio",
 )
 
 
@@ -197,15 +198,21 @@ def cross_validate_source(
         healnet=recipe,
         forest=replace(defaults.forest, n_jobs=args.threads),
     )
+
+    def kept_in(field: str) -> str:  # where the rows not listed on stderr are
+        return f"in the report's {field} ({args.json})" if args.json else "(give --json to keep them all)"
+
     if len(cohort.quarantine):
         # rows the reader could not use are left out of every model: say so before the hours of fitting
-        where = f"in the report's quarantine ({args.json})" if args.json else "(give --json to keep them all)"
-        print("\n".join(quarantine_lines(cohort, where, shown=QUARANTINE_SHOWN)), file=sys.stderr)
+        print("\n".join(quarantine_lines(cohort, kept_in("quarantine"), QUARANTINE_SHOWN)), file=sys.stderr)
+    if filled := filled_lines(cohort, kept_in("filled"), QUARANTINE_SHOWN):
+        print("\n".join(filled), file=sys.stderr)
     report = cross_validate(data, config, progress=not args.no_progress, jobs=args.jobs)
     name = cohort.meta.get("name") or Path(str(table or args.cohort)).name
     report["cohort"] = name
     report["protocol"] = args.protocol
     report["source"] = str(table or args.cohort)
     report["quarantine"] = cohort.quarantine.to_dict(orient="records")
+    report["filled"] = cohort.meta.get("filled", [])
     print(format_table(report, title=f"{name}:"))
     return report

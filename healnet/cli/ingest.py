@@ -43,21 +43,37 @@ def summary(cohort) -> str:
         f"{int(cohort.availability['wsi'].sum())} patients with a slide file"
     )
     lines.extend(quarantine_lines(cohort, "in quarantine.parquet"))
+    lines.extend(filled_lines(cohort, "in cohort.json"))
     return "\n".join(lines)
+
+
+def first_listed(header: str, items: list[str], rest_where: str, shown: int) -> list[str]:
+    """`header`, then the first `shown` items indented; `rest_where` says where the others are."""
+    lines = [header, *(f"  {item}" for item in items[:shown])]
+    if len(items) > shown:
+        lines.append(f"  ... {len(items) - shown} more {rest_where}")
+    return lines
+
+
+def filled_lines(cohort, rest_where: str, shown: int = QUARANTINE_SHOWN) -> list[str]:
+    """How many patients had values taken from their other rows, then the first `shown` notes; `rest_where`
+    says where the others are. A cohort written before the readers filled gaps says nothing."""
+    filled = cohort.meta.get("filled", [])
+    if not filled:
+        return []
+    header = f"values taken from a patient's other rows: {len(filled)} patient(s)"
+    return first_listed(header, filled, rest_where, shown)
 
 
 def quarantine_lines(cohort, rest_where: str, shown: int = QUARANTINE_SHOWN) -> list[str]:
     """The row counts, then the first `shown` quarantined rows with their reasons; `rest_where` says where
     the others are."""
     meta, quarantine = cohort.meta, cohort.quarantine
-    lines = [
-        f"rows: {meta['rows_in']} read, {meta['rows_kept']} kept, {meta['rows_quarantined']} quarantined"
+    header = f"rows: {meta['rows_in']} read, {meta['rows_kept']} kept, {meta['rows_quarantined']} quarantined"
+    rows = [
+        f"{row.source} row {row.row} ({row.id}): {row.reason}" for row in quarantine.itertuples(index=False)
     ]
-    for row in quarantine.head(shown).itertuples(index=False):
-        lines.append(f"  {row.source} row {row.row} ({row.id}): {row.reason}")
-    if len(quarantine) > shown:
-        lines.append(f"  ... {len(quarantine) - shown} more {rest_where}")
-    return lines
+    return first_listed(header, rows, rest_where, shown)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ An option not given is None, which `healnet.recipes.apply_overrides` reads as "k
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,16 +17,15 @@ from healnet.recipes import Recipe, apply_overrides, get_recipe
 GROUPINGS = {"combined": True, "per-table": False}  # --omics-grouping -> OmicsConfig.combine
 
 
-def _grouping(text: str) -> bool:
-    if text not in GROUPINGS:
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(GROUPINGS)}, not {text!r}")
-    return GROUPINGS[text]
+def _choice(options: Mapping[str, Any]) -> Callable[[str], Any]:
+    """An option type that takes one of `options`' names and gives its value."""
 
+    def parse(text: str) -> Any:
+        if text not in options:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(options)}, not {text!r}")
+        return options[text]
 
-def _selection(text: str) -> str:
-    if text not in SELECTIONS:
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(SELECTIONS)}, not {text!r}")
-    return text
+    return parse
 
 
 def _table_names(text: str) -> tuple[str, ...]:
@@ -49,7 +48,7 @@ RECIPE_OPTIONS = {
         RecipeOption(
             "--omics-grouping",
             "combine",
-            _grouping,
+            _choice(GROUPINGS),
             "one omic modality, or one per table (mut, cnv, rnaseq)",
             lambda r: "combined" if r.omics.combine else "per-table",
             metavar="{combined,per-table}",
@@ -67,7 +66,7 @@ RECIPE_OPTIONS = {
         RecipeOption(
             "--omics-select",
             "select",
-            _selection,
+            _choice({name: name for name in SELECTIONS}),
             "how --top-k ranks an omic table's features: variance, or cox (the univariate Cox score on "
             "the training patients)",
             lambda r: r.omics.select,
@@ -80,6 +79,14 @@ RECIPE_OPTIONS = {
             "comma-separated omic tables mapped by sign(x)·log1p(|x|) before fitting, e.g. rnaseq; saved with "
             "the model, so serving applies it too",
             lambda r: ",".join(r.omics.signed_log) or "none",
+        ),
+        RecipeOption(
+            "--linear-l1-ratio",
+            "linear_omics_l1_ratio",
+            float,
+            "share of the linear path's omic penalty that is a lasso (an elastic net, which sets most omic "
+            "weights to zero); 0: a ridge alone",
+            lambda r: r.train.linear_omics_l1_ratio,
         ),
         RecipeOption("--members", "members", int, "ensemble members", lambda r: r.members),
         RecipeOption("--epochs", "epochs", int, "training epochs per member", lambda r: r.train.epochs),

@@ -186,6 +186,8 @@ class Cohort:
             "rows_in": raw.rows_in,
             "rows_kept": raw.rows_in - rows_quarantined,
             "rows_quarantined": rows_quarantined,
+            # patients whose rows lacked values their other rows held (taken from those), one note each
+            "filled": list(raw.filled),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "seed": seed,
             "folds": folds,
