@@ -27,7 +27,7 @@ from healnet.cv import BASELINES, CVConfig, run_fold
 from healnet.data.cohort import ingest
 from healnet.data.splits import kfold_splits
 from healnet.fitting import CohortData
-from healnet.preprocess.clinical import CLINICAL
+from healnet.preprocess.clinical import CLINICAL, ClinicalConfig
 from healnet.preprocess.state import OMIC
 from healnet.recipes import TCGA, Recipe
 
@@ -98,6 +98,7 @@ ROUNDS: dict[int, dict[str, Recipe]] = {
             TCGA, train=replace(TCGA.train, linear_omics_l1_ratio=0.5, linear_clinical_shares_penalty=True)
         ),
     },
+    9: {"current": TCGA, "rare_binary_out": replace(TCGA, clinical=ClinicalConfig(pool_rare_binary=True))},
 }
 
 

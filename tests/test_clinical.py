@@ -46,6 +46,23 @@ def test_transform_fits_on_training_rows_and_drops_rare_levels_and_the_site():
     assert tokens.present.all() and not tokens.imputed.any()
 
 
+@pytest.mark.parametrize("men", [4, 5])
+def test_a_binary_covariate_with_a_rare_value_is_left_out_when_rare_levels_pool(men):
+    table = clinical_table()
+    table["is_female"] = pd.array([0] * men + [1] * (len(table) - men), dtype="Int8")
+    table.loc[table.index[-1], "is_female"] = pd.NA  # a missing value counts for neither level
+    kept = ClinicalTransform.fit(table, ClinicalConfig(min_level_count=5))
+    pooled = ClinicalTransform.fit(table, ClinicalConfig(min_level_count=5, pool_rare_binary=True))
+    assert "is_female" in kept.feature_names
+    assert ("is_female" in pooled.feature_names) == (men >= 5)
+    assert pooled.feature_names[0] == "age" and "oncotree_code=ILC" in pooled.feature_names
+    # a saved transform keeps the choice, and a case's sex is then named as a value the model does not use
+    loaded = ClinicalTransform.from_state_dict(json.loads(json.dumps(pooled.state_dict())))
+    assert loaded.feature_names == pooled.feature_names
+    _, unknown = loaded.transform_records([{"age": 60.0, "is_female": 0}])
+    assert unknown == [[] if men >= 5 else ["is_female"]]
+
+
 def test_missing_covariates_are_imputed_and_a_patient_without_any_is_missing():
     table = clinical_table()
     transform = ClinicalTransform.fit(table)

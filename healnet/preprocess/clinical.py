@@ -3,7 +3,8 @@
 Covariates come from the cohort's clinical table (one row per patient): numeric ones (age) and binary
 ones (is_female) are imputed with the training median; categorical ones (histological subtype, stage,
 grade) become one indicator per level seen in at least `min_level_count` training patients, the most
-frequent level being the reference. Every feature is then z-scored with training statistics and
+frequent level being the reference (with `pool_rare_binary`, a binary covariate whose less common value is
+that rare is left out). Every feature is then z-scored with training statistics and
 constant ones are dropped. A patient is missing the modality when none of its covariates is observed.
 The tissue-source site is a batch marker, never a covariate.
 
@@ -84,6 +85,9 @@ class ClinicalConfig:
     categorical: tuple[str, ...] = ("oncotree_code", "stage", "grade")
     # a level seen in fewer training patients joins the reference level: too rare to estimate
     min_level_count: int = 10
+    # the same for a binary covariate: one whose less common value fewer than min_level_count training
+    # patients hold is left out (a handful of men in a breast cohort cannot be estimated either)
+    pool_rare_binary: bool = False
 
     def __post_init__(self) -> None:
         for name in ("numeric", "binary", "categorical"):
@@ -155,6 +159,8 @@ class ClinicalTransform:
                 candidates = [(f"{covariate}={level}", level, 0.0) for level in levels]
             else:
                 values = _numeric(covariate, column)
+                if covariate in config.binary and config.pool_rare_binary and _rare_binary(values, config):
+                    continue
                 candidates = [(covariate, None, float(np.nanmedian(values)))]
                 training_range = float(np.nanmin(values)), float(np.nanmax(values))
             for name, level, fill in candidates:
@@ -267,6 +273,13 @@ class ClinicalTransform:
                 f"(expected one of {READABLE_STATE_VERSIONS})"
             )
         return cls(ClinicalConfig(**state["config"]), [_Feature(**f) for f in state["features"]])
+
+
+def _rare_binary(values: np.ndarray, config: ClinicalConfig) -> bool:
+    """Whether fewer than `config.min_level_count` of a binary covariate's observed values differ from
+    its most common one."""
+    _, counts = np.unique(values[~np.isnan(values)], return_counts=True)
+    return int(counts.sum() - counts.max(initial=0)) < config.min_level_count
 
 
 def _as_objects(column: pd.Series) -> np.ndarray:
