@@ -31,9 +31,11 @@ from healnet.preprocess.clinical import CLINICAL, ClinicalConfig
 from healnet.preprocess.state import OMIC
 from healnet.recipes import TCGA, Recipe
 
+# The `tcga` recipe as rounds 7 to 9 started from: round 6's choice, with every clinical covariate kept.
+ROUND_7_BASE = replace(TCGA, clinical=ClinicalConfig())
 # The `tcga` recipe as rounds 5 and 6 started from: round 4's choice (clinical linear path, blend 0.25).
 ROUND_5_BASE = replace(
-    TCGA,
+    ROUND_7_BASE,
     model=replace(TCGA.model, linear_path=(CLINICAL,), linear_blend=0.25),
     train=replace(TCGA.train, linear_blend_choices=()),
 )
@@ -90,15 +92,22 @@ ROUNDS: dict[int, dict[str, Recipe]] = {
         "wide_blend_chosen": WIDE_BLEND_CHOSEN,
     },
     6: {"current": ROUND_5_BASE, "wide_blend_chosen": WIDE_BLEND_CHOSEN},
-    7: {"current": TCGA, "cox_screened": replace(TCGA, omics=replace(TCGA.omics, select="cox"))},
+    7: {
+        "current": ROUND_7_BASE,
+        "cox_screened": replace(ROUND_7_BASE, omics=replace(ROUND_7_BASE.omics, select="cox")),
+    },
     8: {
-        "current": TCGA,
-        "elastic_omics": replace(TCGA, train=replace(TCGA.train, linear_omics_l1_ratio=0.5)),
+        "current": ROUND_7_BASE,
+        "elastic_omics": replace(ROUND_7_BASE, train=replace(ROUND_7_BASE.train, linear_omics_l1_ratio=0.5)),
         "elastic_all": replace(
-            TCGA, train=replace(TCGA.train, linear_omics_l1_ratio=0.5, linear_clinical_shares_penalty=True)
+            ROUND_7_BASE,
+            train=replace(ROUND_7_BASE.train, linear_omics_l1_ratio=0.5, linear_clinical_shares_penalty=True),
         ),
     },
-    9: {"current": TCGA, "rare_binary_out": replace(TCGA, clinical=ClinicalConfig(pool_rare_binary=True))},
+    9: {
+        "current": ROUND_7_BASE,
+        "rare_binary_out": replace(ROUND_7_BASE, clinical=ClinicalConfig(pool_rare_binary=True)),
+    },
 }
 
 
