@@ -102,10 +102,10 @@ DEMO = Recipe(
 
 # Real TCGA omics and clinical covariates: a small model per table, strong weight decay (few events),
 # an ensemble of 20, and age, sex and subtype as a modality (sex left out where fewer than 10 training
-# patients are of the rarer sex: round 9). A linear path over the covariates and each
+# patients are of the rarer sex: round 9 of docs/results.md). A linear path over the covariates and each
 # table's features enters every logit; its own survival curve weighs a quarter of each prediction while
 # the members train, and then the weight of the grid that ranks the members' early-stopping patients best
-# (rounds 4 to 6 of docs/results.md).
+# (rounds 4 to 6).
 TCGA = Recipe(
     name="tcga",
     omics=OmicsConfig(top_k=200, combine=False, tokens="single", signed_log=RNASEQ),

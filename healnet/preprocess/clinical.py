@@ -4,8 +4,8 @@ Covariates come from the cohort's clinical table (one row per patient): numeric 
 ones (is_female) are imputed with the training median; categorical ones (histological subtype, stage,
 grade) become one indicator per level seen in at least `min_level_count` training patients, the most
 frequent level being the reference (with `pool_rare_binary`, a binary covariate whose less common value is
-that rare is left out). Every feature is then z-scored with training statistics and
-constant ones are dropped. A patient is missing the modality when none of its covariates is observed.
+that rare is left out). Every feature is then z-scored with training statistics and constant ones are
+dropped. A patient is missing the modality when none of its covariates is observed.
 The tissue-source site is a batch marker, never a covariate.
 
 A value outside its covariate's plausible range (an age of 300, `is_female` = 2) is an entry or unit
