@@ -36,8 +36,8 @@ ROUND_7_BASE = replace(TCGA, clinical=ClinicalConfig())
 # The `tcga` recipe as rounds 5 and 6 started from: round 4's choice (clinical linear path, blend 0.25).
 ROUND_5_BASE = replace(
     ROUND_7_BASE,
-    model=replace(TCGA.model, linear_path=(CLINICAL,), linear_blend=0.25),
-    train=replace(TCGA.train, linear_blend_choices=()),
+    model=replace(ROUND_7_BASE.model, linear_path=(CLINICAL,), linear_blend=0.25),
+    train=replace(ROUND_7_BASE.train, linear_blend_choices=()),
 )
 # The `tcga` recipe as rounds 3 and 4 started from: before round 4 chose the blend.
 ROUND_4_BASE = replace(ROUND_5_BASE, model=replace(ROUND_5_BASE.model, linear_blend=0.0))

@@ -222,9 +222,8 @@ def test_the_gate_is_taken_again_when_the_champion_changed(registry, checkpoints
         candidate, scored, GatePolicy(tolerance=1.0), strong, reason_of("run c"), assess, on_regate=on_regate
     )
     assert result.decision == "promote" and result.champion.tag == weak and pointer["tag"] == candidate
-    assert (
-        pointer["reason"] == f"run c, gate taken again against {weak}"
-    )  # the reason of the gate that decided
+    # the pointer's reason is the one of the gate that decided
+    assert pointer["reason"] == f"run c, gate taken again against {weak}"
     # handed on before it is acted on: the promoting decision while the candidate is not yet the champion
     assert seen == [("reject", strong, strong), ("promote", weak, weak)]
 
